@@ -141,6 +141,7 @@ def ensure_snapshot(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}.tmp-"))
         try:
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             build(tmp)
             marker = {"format": CACHE_FORMAT, "created": time.time(), **(info or {})}
             with open(tmp / COMPLETE_MARKER, "w") as fh:
@@ -266,8 +267,11 @@ def _source(model_id: str, settings: Settings) -> tuple[str, bool]:
     if model_id == DEFAULT_MODEL_ID:
         folder, _ = default_snapshot(settings)
         return str(folder), True
-    if Path(model_id).expanduser().is_dir():
-        return str(Path(model_id).expanduser()), True
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if model_id.startswith(("/", ".", "~")) or path.is_absolute() or path.exists():
+        raise ValueError(f"cannot load model {model_id!r}: no such model folder")
     return model_id, False
 
 

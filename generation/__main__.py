@@ -1,0 +1,88 @@
+"""Command line: `python -m generation "What is the capital of France?"` streams the reply to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The CLI's options (see --help)."""
+    p = argparse.ArgumentParser(
+        prog="python -m generation", description="Chat with a 4-bit (NF4) quantized causal LM, streaming the reply."
+    )
+    p.add_argument("message", nargs="?", help="the user message (omit with --info)")
+    p.add_argument("--model", help="HF model id or local folder (default: MODEL_ID or the embedded Gemma 3 270m)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt (default: the built-in one for base models)")
+    p.add_argument("--no-4bit", action="store_true", help="load full precision instead of NF4")
+    p.add_argument("--info", action="store_true", help="print the model report (and then answer, if a message is given)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr after the reply")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    args = parse_args(argv)
+    try:
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        # stdout carries only the reply; keep stderr to one line on error (no progress bars/notices)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+        from .model import load_model
+        from .sampling import SamplingParams
+        from .settings import Settings
+        from .stream import ReplyStats, stream_reply
+
+        if args.message is None and not args.info:
+            raise ValueError("give a message to answer, or --info")
+        if args.message is not None and not args.message.strip():
+            raise ValueError("message must be a non-empty string")
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
+        settings = Settings.from_env()
+        lm = load_model(args.model, load_4bit=settings.load_4bit and not args.no_4bit, settings=settings)
+        if args.info:
+            print(lm.report(), flush=True)
+        if args.message is None:
+            return 0
+        stats = ReplyStats()
+        shown = ""
+        for text in stream_reply(lm, args.message, system=args.system, params=params, stats=stats):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+        sys.stdout.write("\n")
+        if args.stats:
+            print(stats, file=sys.stderr)
+        return 0
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line instead of a stack trace
+        print(f"error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
