@@ -1,0 +1,817 @@
+"""Attention Lab: build self-attention from sliders, then chat with a 4-bit quantized LM.
+
+This file only wires widgets to `attention/` and `generation/`; every tensor operation lives
+there. `import app` does nothing but define things: `build_demo()` makes the Blocks and
+`main()` (run by `python app.py`) starts the model loading in the background and serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Before gradio is imported: gradio reads it at import time. The app must make no internet calls.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
+
+from attention.lab import LabConfig, run_lab, valid_head_counts  # noqa: E402
+from attention.plot import plot_heads, plot_steps  # noqa: E402
+from attention.trace import explain_head  # noqa: E402
+from generation.model import LoadedModel, load_model  # noqa: E402
+from generation.sampling import SamplingParams  # noqa: E402
+from generation.settings import Settings  # noqa: E402
+from generation.stream import ReplyStats, stream_reply  # noqa: E402
+from generation.tokens import preview_tokens  # noqa: E402
+
+TITLE = "Attention Lab"
+
+# Lab events are cheap (T <= 32 toy tensors) and must never queue behind a chat, so they get
+# their own concurrency group with more slots than generation has.
+LAB_CONCURRENCY = 4
+LAB_GROUP = "lab"
+CHAT_GROUP = "chat"
+
+# The notebook's defaults and prompts.
+DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
+EXAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Explain self-attention in one paragraph.",
+    "Write a haiku about transformers.",
+]
+DEFAULT_PARAMS = SamplingParams()
+
+# A single message longer than this is refused before it reaches the tokenizer: generation trims
+# *history* to the token budget, but one giant message cannot be trimmed into something sensible.
+# ~8 characters per token is generous for English, so this never refuses a message that fits.
+CHARS_PER_TOKEN_LIMIT = 8
+
+# Meaning of each row of the debug shape trace, for the table (UI text only).
+TRACE_MEANING = {
+    "Q": "queries: x · W_q, split into heads",
+    "K": "keys: x · W_k (n_kv_heads heads, shared by query groups)",
+    "V": "values: x · W_v",
+    "scores": "Q·Kᵀ / √d_k: one score per query/key pair",
+    "weights": "softmax over keys (each row sums to 1)",
+    "context": "weights · V: a mix of values per query",
+    "concat": "heads side by side again",
+    "out": "output projection W_o",
+}
+
+THEME = gr.themes.Soft(
+    primary_hue="indigo",
+    secondary_hue="sky",
+    # System fonts only: the stock theme would fetch Google Fonts, and the app makes no internet calls.
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+    text_size=gr.themes.sizes.text_lg,
+)
+
+CSS = """
+.gradio-container { max-width: 1400px !important; margin: auto; }
+#status-line { font-size: 0.95em; }
+#status-line p { margin: 0; }
+.token-preview { line-height: 2.1; font-family: ui-monospace, monospace; font-size: 0.95em; }
+.token-preview .tok { padding: 2px 3px; margin-right: 1px; border-radius: 4px; white-space: pre; }
+.token-preview .t0 { background: #e0e7ff; color: #1e1b4b; }
+.token-preview .t1 { background: #fde68a; color: #422006; }
+.token-preview .meta { color: #6b7280; font-family: ui-sans-serif, system-ui, sans-serif; }
+#lab-message p { margin: 0; }
+"""
+
+
+def _dot(colour: str) -> str:
+    # A coloured status dot that needs no emoji font (projectors and CI browsers often lack one).
+    return f"<span style='color:{colour}'>●</span>"
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared model: loaded once, in the background, then only read.
+
+
+@dataclass
+class ModelSlot:
+    """One model loaded at most once in a background thread and then shared read-only."""
+
+    settings: Settings
+    load_4bit: bool = True
+    lm: LoadedModel | None = None
+    error: str | None = None
+    started_at: float | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        """Start loading in a daemon thread (idempotent)."""
+        with self._lock:
+            if self.started_at is not None:
+                return
+            self.started_at = time.perf_counter()
+        threading.Thread(target=self._load, name=f"load-model-{self.load_4bit}", daemon=True).start()
+
+    def _load(self) -> None:
+        what = f"{self.settings.model_id} ({'4-bit NF4' if self.load_4bit else 'full precision'})"
+        print(f"Loading model {what} in the background ...", flush=True)
+        try:
+            self.lm = load_model(self.settings.model_id, load_4bit=self.load_4bit, settings=self.settings)
+        except Exception as exc:  # any failure must become a message in the UI, not a dead thread
+            self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+            print(f"Model failed to load: {self.error}", flush=True)
+        else:
+            print(f"Model ready: {self.lm.summary()}", flush=True)
+        finally:
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.lm is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (or failed); True when the model is usable."""
+        self._ready.wait(timeout)
+        return self.ready
+
+    def require(self) -> LoadedModel:
+        """The model, or a gr.Error saying why it is not there (loading, failed, not started)."""
+        if self.lm is not None:
+            return self.lm
+        raise gr.Error(self.not_ready_message(), title="Model not ready")
+
+    def not_ready_message(self) -> str:
+        if self.error is not None:
+            return f"The chat model could not be loaded: {self.error}"
+        if self.started_at is None:
+            return "The chat model is not loaded (the app was started without loading it)."
+        secs = time.perf_counter() - self.started_at
+        return (
+            f"The chat model is still loading ({secs:.0f} s so far; the first run converts it once, "
+            "about a minute). The Attention Lab works meanwhile."
+        )
+
+    def status(self) -> str:
+        """One line of markdown for the status bar."""
+        if self.lm is not None:
+            lm = self.lm
+            four = "on (NF4)" if lm.quantization == "nf4" else "off"
+            return (
+                f"{_dot('#16a34a')} **{lm.model_id}** · 4-bit: {four} · device: {lm.device} · "
+                f"weights: {lm.weight_bytes / 2**20:.1f} MiB ({lm.weight_bytes:,} bytes)"
+            )
+        if self.error is not None:
+            return f"{_dot('#dc2626')} Model failed to load: {self.error}"
+        if self.started_at is None:
+            return f"{_dot('#9ca3af')} Model not loaded"
+        return f"{_dot('#d97706')} Loading **{self.settings.model_id}** … ({time.perf_counter() - self.started_at:.0f} s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention Lab tab
+
+
+def _as_int(value: Any, name: str) -> int:
+    if value is None or value == "":
+        raise ValueError(f"{name} is empty; pick a value")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if f != int(f):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(f)
+
+
+def lab_config(
+    text: str,
+    emb_dim: float,
+    n_heads: Any,
+    n_kv_heads: Any,
+    dropout: float,
+    seed: float,
+    causal: bool,
+    multi_head: bool,
+) -> LabConfig:
+    """Widget values -> validated LabConfig (ValueError with the reason otherwise)."""
+    return LabConfig(
+        text=text or "",
+        emb_dim=_as_int(emb_dim, "emb_dim"),
+        n_heads=_as_int(n_heads, "n_heads"),
+        n_kv_heads=_as_int(n_kv_heads, "n_kv_heads"),
+        dropout=float(dropout),
+        seed=_as_int(seed, "seed"),
+        causal=bool(causal),
+        multi_head=bool(multi_head),
+    )
+
+
+def lab_figure(cfg: LabConfig, result: Any) -> Any:
+    """The per-head heatmap grid for a lab result."""
+    n_heads = int(result.weights.shape[0])
+    kind = "causal" if cfg.causal else "bidirectional"
+    if cfg.multi_head:
+        title = f"{n_heads} heads × d_k={cfg.emb_dim // n_heads} · {cfg.n_kv_heads} K/V heads · {kind}"
+        groups = list(result.kv_groups) if cfg.n_kv_heads < n_heads else None
+    else:
+        title = f"single head · d_k={cfg.emb_dim} · {kind}"
+        groups = None
+    return plot_heads(result.weights, result.tokens, title=title, kv_groups=groups)
+
+
+def trace_rows(trace: Any) -> list[list[str]]:
+    """The debug-mode shape trace as table rows: step, shape, what it is."""
+    return [
+        [step.name, str(tuple(step.shape)), TRACE_MEANING.get(step.name, "")]
+        for step in trace
+        if step.printed
+    ]
+
+
+def steps_figure(result: Any, head: Any) -> Any:
+    """Step-by-step maths (QKᵀ, ÷√d_k, mask, softmax) for one head of a lab result."""
+    n_heads = int(result.weights.shape[0])
+    h = min(max(_as_int(head, "head"), 0), n_heads - 1)
+    return plot_steps(explain_head(result.trace, h), result.tokens)
+
+
+def lab_notice(cfg: LabConfig, result: Any) -> str:
+    n_tok = len(result.tokens)
+    msg = f"{n_tok} tokens"
+    if getattr(result, "capped", False):
+        msg += f" (the sentence was cut to the first {cfg.max_tokens} tokens)"
+    if cfg.dropout > 0:
+        msg += f" · dropout {cfg.dropout:g} is applied to the weights as in training, so rows no longer sum to 1"
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat tab
+
+
+def _content_text(content: Any) -> str:
+    """Chatbot message content (str or list of parts) -> plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(_content_text(c) for c in content)
+    return "" if content is None else str(content)
+
+
+def model_history(history: list[Any]) -> list[dict[str, str]]:
+    """Chatbot history -> alternating user/assistant turns for the prompt builder.
+
+    Unanswered user turns (a Stop before the first token, an error) are dropped so chat templates
+    that insist on alternating roles never see two user turns in a row.
+    """
+    turns: list[dict[str, str]] = []
+    for msg in history or []:
+        role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
+        text = _content_text(content)
+        if role not in ("user", "assistant"):
+            continue
+        if role == "user":
+            if turns and turns[-1]["role"] == "user":
+                turns.pop()
+            turns.append({"role": "user", "content": text})
+        elif turns and turns[-1]["role"] == "user":
+            turns.append({"role": "assistant", "content": text})
+    return turns
+
+
+def sampling_params(
+    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
+) -> SamplingParams:
+    """Widget values -> validated SamplingParams (ValueError with the reason otherwise)."""
+    seed_val = None if seed is None or seed == "" or float(seed) < 0 else _as_int(seed, "seed")
+    return SamplingParams(
+        max_new_tokens=_as_int(max_new_tokens, "max new tokens"),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=_as_int(top_k, "top-k"),
+        repetition_penalty=float(repetition_penalty),
+        seed=seed_val,
+    )
+
+
+def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False) -> str:
+    """The message as the model's tokenizer cuts it: alternating coloured pieces and a count."""
+    if not text:
+        return "<div class='token-preview'><span class='meta'>Type a message to see its tokens.</span></div>"
+    if lm is None:
+        return "<div class='token-preview'><span class='meta'>The tokenizer arrives with the model …</span></div>"
+    p = preview_tokens(lm.tokenizer, text)
+    pieces = []
+    for i, piece in enumerate(p.pieces):
+        shown = piece.replace("\n", "↵")
+        pieces.append(
+            f"<span class='tok t{i % 2}' title='id {p.ids[i]}'>{html.escape(shown)}</span>"
+        )
+    head = "Just sent" if sent else "Your message"
+    more = " (preview shows the first ones)" if p.truncated else ""
+    return (
+        f"<div class='token-preview'><span class='meta'>{head}: <b>{len(p.ids) if not p.truncated else str(len(p.ids)) + '+'}"
+        f"</b> tokens{more} · hover a token for its id</span><br>{''.join(pieces)}</div>"
+    )
+
+
+def stats_line(stats: ReplyStats) -> str:
+    return (
+        f"last reply: **{stats.tokens_per_s:.1f} tokens/s** ({stats.new_tokens} tokens, "
+        f"first token after {stats.first_token_s:.2f} s, stopped by {stats.stopped_by})"
+    )
+
+
+class StopRegistry:
+    """Per-session stop events, so Stop halts *this* user's generation at the next token."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def new(self, key: str) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._events[key] = ev
+        return ev
+
+    def stop(self, key: str) -> None:
+        with self._lock:
+            ev = self._events.get(key)
+        if ev is not None:
+            ev.set()
+
+    def done(self, key: str, ev: threading.Event) -> None:
+        ev.set()
+        with self._lock:
+            if self._events.get(key) is ev:
+                del self._events[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+class LabApp:
+    """Everything the event handlers need: settings, the shared model, per-session stop events."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.model = ModelSlot(self.settings)
+        self.stops = StopRegistry()
+
+    # -- Attention Lab ------------------------------------------------------------------------
+
+    def head_choices(self, emb_dim: float, n_heads: Any) -> Any:
+        """New n_heads dropdown (divisors of emb_dim), keeping the current value when still valid."""
+        try:
+            choices = valid_head_counts(_as_int(emb_dim, "emb_dim"))
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.skip()
+        try:
+            current = _as_int(n_heads, "n_heads")
+        except ValueError:
+            current = choices[0]
+        if current not in choices:
+            current = min(choices, key=lambda c: (abs(c - current), c))
+        return gr.Dropdown(choices=choices, value=current)
+
+    def lab_update(
+        self,
+        text: str,
+        emb_dim: float,
+        n_heads: Any,
+        n_kv_heads: Any,
+        dropout: float,
+        seed: float,
+        causal: bool,
+        multi_head: bool,
+        head: float,
+    ) -> tuple[Any, Any, Any, Any, Any]:
+        """UI: recompute the lab; bad settings -> gr.Warning and the previous plots stay."""
+        try:
+            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            result = run_lab(cfg)
+            heat = lab_figure(cfg, result)
+            steps = steps_figure(result, head)
+        except ValueError as exc:
+            gr.Warning(str(exc), title="Invalid settings")
+            return gr.skip(), gr.skip(), gr.skip(), f"**Not drawn:** {exc}", gr.skip()
+        n_heads_out = int(result.weights.shape[0])
+        return (
+            heat,
+            trace_rows(result.trace),
+            steps,
+            lab_notice(cfg, result),
+            gr.Slider(maximum=max(n_heads_out - 1, 1), value=min(int(head or 0), n_heads_out - 1),
+                      interactive=n_heads_out > 1),
+        )
+
+    def attention_api(
+        self,
+        text: str = DEFAULT_SENTENCE,
+        emb_dim: float = 32,
+        n_heads: Any = 4,
+        n_kv_heads: Any = 4,
+        dropout: float = 0.0,
+        seed: float = 0,
+        causal: bool = False,
+        multi_head: bool = True,
+    ) -> Any:
+        """API /attention: slider values -> the per-head heatmap figure (gr.Error on bad values)."""
+        try:
+            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            return lab_figure(cfg, run_lab(cfg))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid settings") from None
+
+    def steps_update(self, text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head, head):
+        """UI: only the step-by-step view for another head."""
+        try:
+            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            return steps_figure(run_lab(cfg), head)
+        except ValueError as exc:
+            gr.Warning(str(exc), title="Invalid settings")
+            return gr.skip()
+
+    # -- Chat ---------------------------------------------------------------------------------
+
+    def status_tick(self, user_stats: str) -> tuple[str, Any]:
+        """Timer: the status line; the timer switches itself off once loading is over."""
+        line = self.status_markdown(user_stats)
+        done = self.model.ready or self.model.error is not None
+        return line, gr.Timer(active=not done)
+
+    def status_markdown(self, user_stats: str = "") -> str:
+        line = self.model.status()
+        return f"{line} · {user_stats}" if user_stats and self.model.ready else line
+
+    def preview(self, text: str) -> Any:
+        """Tokenization preview of the message being typed (kept when the box is cleared by Send)."""
+        if not text:
+            return gr.skip()
+        try:
+            return token_preview_html(self.model.lm, text)
+        except ValueError as exc:
+            return f"<div class='token-preview'><span class='meta'>{html.escape(str(exc))}</span></div>"
+
+    def _check_message(self, message: str) -> str:
+        message = (message or "").strip()
+        if not message:
+            raise ValueError("Type a message first: an empty message has nothing to answer.")
+        limit = self.settings.max_input_tokens * CHARS_PER_TOKEN_LIMIT
+        if len(message) > limit:
+            raise ValueError(
+                f"That message is {len(message):,} characters long; the model reads at most "
+                f"{self.settings.max_input_tokens} tokens (about {limit:,} characters). Please shorten it."
+            )
+        return message
+
+    def user_turn(self, message: str, history: list[Any]) -> tuple[Any, Any, Any, bool]:
+        """Send: validate, append the user turn, clear the box. Returns (box, history, preview, go)."""
+        if not self.model.ready:
+            gr.Warning(self.model.not_ready_message(), title="Model loading")
+            return gr.skip(), gr.skip(), gr.skip(), False
+        try:
+            text = self._check_message(message)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.skip(), gr.skip(), gr.skip(), False
+        history = list(history or []) + [{"role": "user", "content": text}]
+        return "", history, token_preview_html(self.model.lm, text, sent=True), True
+
+    def bot_turn(
+        self,
+        go: bool,
+        history: list[Any],
+        system: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        repetition_penalty: float,
+        seed: Any,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        """Stream the assistant's reply to the last user turn into the chatbot."""
+        if not go or not history:
+            return
+        turns = model_history(history)
+        if not turns or turns[-1]["role"] != "user":
+            return
+        lm = self.model.lm
+        if lm is None:
+            gr.Warning(self.model.not_ready_message(), title="Model loading")
+            return
+        try:
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        except ValueError as exc:
+            gr.Warning(str(exc), title="Invalid sampling settings")
+            return
+        key = getattr(request, "session_hash", None) or str(id(request))
+        stop = self.stops.new(key)
+        stats = ReplyStats()
+        history = list(history)
+        reply_at = len(history)
+        try:
+            gen = stream_reply(
+                lm,
+                turns[-1]["content"],
+                turns[:-1],
+                system=(system or "").strip() or None,
+                params=params,
+                max_input_tokens=self.settings.max_input_tokens,
+                stats=stats,
+                stop_event=stop,
+            )
+            try:
+                for text in gen:
+                    history[reply_at:] = [{"role": "assistant", "content": text}]
+                    yield history, gr.skip(), gr.skip()
+            finally:
+                gen.close()  # stops the worker thread within one token
+        except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the worker
+            gr.Warning(str(exc), title="No reply")
+            return
+        finally:
+            self.stops.done(key, stop)
+        if reply_at == len(history):
+            note = "stopped before the first token" if stats.stopped_by == "stopped" else "no text generated"
+            history.append({"role": "assistant", "content": f"*({note})*"})
+        user_stats = stats_line(stats)
+        yield history, self.status_markdown(user_stats), user_stats
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop button: halt this session's generation at the next token (cancels= does the rest)."""
+        key = getattr(request, "session_hash", None) or str(id(request))
+        self.stops.stop(key)
+
+    @staticmethod
+    def retry(history: list[Any]) -> tuple[list[Any], bool]:
+        """Drop the last reply so the last user turn is answered again."""
+        history = list(history or [])
+        while history and _role(history[-1]) == "assistant":
+            history.pop()
+        if not history:
+            gr.Warning("Nothing to retry yet.")
+            return history, False
+        return history, True
+
+    @staticmethod
+    def undo(history: list[Any]) -> tuple[list[Any], Any]:
+        """Remove the last exchange and put the user's message back in the box."""
+        history = list(history or [])
+        while history and _role(history[-1]) == "assistant":
+            history.pop()
+        if not history:
+            return history, gr.skip()
+        last = history.pop()
+        return history, _content_text(last.get("content") if isinstance(last, dict) else last.content)
+
+    def chat_api(
+        self,
+        message: str,
+        system: str = "",
+        max_new_tokens: int = DEFAULT_PARAMS.max_new_tokens,
+        temperature: float = DEFAULT_PARAMS.temperature,
+        top_p: float = DEFAULT_PARAMS.top_p,
+        top_k: int = DEFAULT_PARAMS.top_k,
+        repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
+        seed: int = -1,
+    ) -> str:
+        """API /chat: one message (plus optional system prompt and sampling settings) -> the reply.
+
+        seed < 0 means a random seed. Errors (model loading, empty or oversized message, bad
+        sampling values) come back as a gr.Error with the reason.
+        """
+        lm = self.model.require()
+        try:
+            text = self._check_message(message)
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            reply = ""
+            for reply in stream_reply(
+                lm,
+                text,
+                (),
+                system=(system or "").strip() or None,
+                params=params,
+                max_input_tokens=self.settings.max_input_tokens,
+            ):
+                pass
+            return reply
+        except (ValueError, RuntimeError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    def model_status_api(self) -> dict:
+        """API /model_status: {"ready", "error", "summary"} (tests and benchmarks poll it)."""
+        lm = self.model.lm
+        return {"ready": lm is not None, "error": self.model.error, "summary": lm.summary() if lm else None}
+
+
+def _typed(fn: Callable) -> Callable:
+    """`fn` with its string annotations evaluated: gr.api reads the return type from the raw
+    signature, and `from __future__ import annotations` would leave it as the string "str"."""
+    sig = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__signature__ = sig  # type: ignore[attr-defined]
+    return call
+
+
+def _role(msg: Any) -> str | None:
+    return msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+INTRO = """
+# Attention Lab
+Build **self-attention** from sliders and watch what every head does, then chat with a **4-bit
+quantized** language model. *Attention Lab* turns your sentence into toy embeddings and runs a real
+PyTorch attention module on them: each heatmap is one head; **row = the token that is looking
+(query), column = the token it looks at (key)**, and every row sums to 1. *4-bit Chat* talks to
+a small LM whose weights are stored as 4-bit NF4 codes.
+"""
+
+STEPS_HELP = """
+**QKᵀ**: raw similarity of every query with every key. **÷ √d_k**: scaled so the softmax does not
+saturate as heads get wider. **mask**: blocked cells (causal: the future) become −∞.
+**softmax**: each row turns into weights that sum to 1, the heatmap above.
+"""
+
+LAB_HELP = """
+**Try:** switch on the *causal mask* (a token may only look back), change the *seed* (new random
+projections → new patterns), lower *n_kv_heads* (grouped-query attention: query heads share keys and
+values), or raise *dropout* (training-time noise). `d_k = emb_dim / n_heads` is the size of each head.
+"""
+
+
+def build_demo(settings: Settings | None = None, *, load_model_now: bool = False) -> gr.Blocks:
+    """Build the two-tab Blocks. With load_model_now, start loading the chat model in the background."""
+    state = LabApp(settings)
+    if load_model_now:
+        state.model.start()
+    heads0 = valid_head_counts(32)
+
+    with gr.Blocks(title=TITLE) as demo:
+        demo.lab_app = state  # for tests and main(); gradio ignores extra attributes
+        gr.Markdown(INTRO)
+        status = gr.Markdown(state.status_markdown(), elem_id="status-line")
+        user_stats = gr.State("")
+        timer = gr.Timer(1.0)
+
+        with gr.Tab("Attention Lab", id="lab"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=300):
+                    text = gr.Textbox(
+                        DEFAULT_SENTENCE, label="Sentence (its tokens label the axes)", max_lines=2,
+                        info="Press Enter to redraw. At most 32 tokens.", elem_id="lab-text",
+                    )
+                    multi_head = gr.Radio(
+                        [("Multi-head", True), ("Single head", False)], value=True, label="Module"
+                    )
+                    emb_dim = gr.Slider(4, 128, value=32, step=4, label="emb_dim (embedding size)",
+                                        elem_id="emb-dim")
+                    n_heads = gr.Dropdown(
+                        heads0, value=4, label="n_heads", info="Only divisors of emb_dim are offered.",
+                        elem_id="n-heads", allow_custom_value=True,  # API callers may send any int
+                    )
+                    n_kv_heads = gr.Slider(
+                        1, 16, value=4, step=1, label="n_kv_heads (grouped-query)", elem_id="n-kv-heads",
+                        info="Must divide n_heads; = n_heads is classic multi-head attention.",
+                    )
+                    dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05, label="dropout on the weights")
+                    seed = gr.Slider(0, 100, value=0, step=1, label="seed (random projections)",
+                                     elem_id="lab-seed")
+                    causal = gr.Checkbox(False, label="Causal mask (look back only)", elem_id="causal")
+                with gr.Column(scale=3):
+                    gr.Markdown("### Attention weights, one heatmap per head")
+                    heatmaps = gr.Plot(show_label=False, format="png", elem_id="lab-heatmaps")
+                    lab_msg = gr.Markdown("", elem_id="lab-message")
+                    gr.Markdown(LAB_HELP)
+            gr.Markdown("### One head, step by step")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=300):
+                    head = gr.Slider(0, 3, value=0, step=1, label="Head to explain", elem_id="lab-head")
+                    gr.Markdown(STEPS_HELP)
+                with gr.Column(scale=3):
+                    steps = gr.Plot(show_label=False, format="png", elem_id="lab-steps")
+            with gr.Accordion("Debug trace: the shape of every intermediate", open=True):
+                trace = gr.Dataframe(
+                    headers=["step", "shape", "what it is"], show_label=False,
+                    interactive=False, wrap=True, elem_id="lab-trace", column_widths=["15%", "25%", "60%"],
+                )
+
+        with gr.Tab("4-bit Chat", id="chat"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    chatbot = gr.Chatbot(
+                        label="Chat", height=430, elem_id="chatbot", buttons=["copy"],
+                        placeholder="The model is a small *base* model: it continues text more than it "
+                        "follows instructions. Short questions work best.",
+                    )
+                    with gr.Row():
+                        msg = gr.Textbox(
+                            placeholder="Type a message and press Enter", show_label=False, scale=5,
+                            lines=1, max_lines=6, elem_id="chat-input", autofocus=False,
+                        )
+                        send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
+                    with gr.Row():
+                        stop = gr.Button("■ Stop", variant="stop", elem_id="stop-btn")
+                        retry = gr.Button("↻ Retry", elem_id="retry-btn")
+                        undo = gr.Button("↩ Undo", elem_id="undo-btn")
+                        clear = gr.Button("✕ Clear", elem_id="clear-btn")
+                    gr.Examples(EXAMPLE_PROMPTS, inputs=[msg], label="Try one of these")
+                    tokens = gr.HTML(token_preview_html(None, ""), label="Tokenization", elem_id="token-preview")
+                with gr.Column(scale=1, min_width=280):
+                    system = gr.Textbox(label="System prompt", placeholder="optional", lines=2)
+                    temperature = gr.Slider(0.0, 2.0, value=DEFAULT_PARAMS.temperature, step=0.05,
+                                            label="temperature", info="0 = always the most likely token")
+                    top_p = gr.Slider(0.05, 1.0, value=DEFAULT_PARAMS.top_p, step=0.05, label="top-p")
+                    max_new = gr.Slider(1, 512, value=DEFAULT_PARAMS.max_new_tokens, step=1,
+                                        label="max new tokens")
+                    top_k = gr.Slider(0, 200, value=DEFAULT_PARAMS.top_k, step=1, label="top-k (0 = off)")
+                    rep = gr.Slider(1.0, 2.0, value=DEFAULT_PARAMS.repetition_penalty, step=0.05,
+                                    label="repetition penalty")
+                    seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)")
+        go = gr.State(False)
+
+        # -- wiring: Attention Lab ----------------------------------------------------------
+        lab_inputs = [text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head]
+        lab_outputs = [heatmaps, trace, steps, lab_msg, head]
+        lab_kw = dict(concurrency_id=LAB_GROUP, concurrency_limit=LAB_CONCURRENCY, show_progress="minimal")
+        redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head], outputs=lab_outputs,
+                      api_name="lab_update", api_visibility="undocumented", **lab_kw)
+        gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
+               multi_head.input, n_heads.input], **redraw)
+        emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], queue=False,
+                        api_visibility="private").then(**{**redraw, "api_name": None, "api_visibility": "private"})
+        head.release(state.steps_update, [*lab_inputs, head], [steps], api_visibility="private", **lab_kw)
+        demo.load(**{**redraw, "api_name": None, "api_visibility": "private"})
+        gr.on([], state.attention_api, inputs=lab_inputs, outputs=[heatmaps], api_name="attention", **lab_kw)
+
+        # -- wiring: chat ---------------------------------------------------------------------
+        sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat]
+        chat_kw = dict(concurrency_id=CHAT_GROUP, concurrency_limit=state.settings.chat_concurrency,
+                       api_visibility="private")
+        bot = dict(fn=state.bot_turn, inputs=[go, chatbot, *sampling], outputs=[chatbot, status, user_stats],
+                   show_progress="minimal", **chat_kw)
+        sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [msg, chatbot, tokens, go],
+                     queue=False, api_visibility="private").then(**bot)
+        retried = retry.click(state.retry, [chatbot], [chatbot, go], queue=False, api_visibility="private").then(**bot)
+        stop.click(state.stop, None, None, queue=False, cancels=[sent, retried], api_visibility="private")
+        undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried],
+                   api_visibility="private")
+        clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried],
+                    api_visibility="private")
+        msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
+                   show_progress="hidden", api_visibility="private")
+        timer.tick(state.status_tick, [user_stats], [status, timer], queue=False, show_progress="hidden",
+                   api_visibility="private")
+
+        gr.api(_typed(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
+               concurrency_limit=state.settings.chat_concurrency)
+        gr.api(_typed(state.model_status_api), api_name="model_status", queue=False)
+    return demo
+
+
+def main() -> None:
+    """`python app.py`: start loading the model in the background and serve (blocks)."""
+    settings = Settings.from_env()
+    demo = build_demo(settings, load_model_now=True)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=LAB_CONCURRENCY)
+    demo.launch(
+        server_name=settings.server_name,
+        server_port=settings.server_port,
+        share=False,
+        theme=THEME,
+        css=CSS,
+        footer_links=["api"],
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    print(f"Attention Lab is serving on http://{settings.server_name}:{settings.server_port}", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Start the real app (`python app.py`) once per test session, in a subprocess on a free port.
+
+Used by tests/test_app_api.py and tests/test_browser.py. Both request the session fixture
+`app_server`; the server itself is a process-wide singleton, so the two modules share ONE server
+(and one model load), and it is killed at session end (or at interpreter exit, whatever happens).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Cached snapshot: seconds; first run converts the GGUF (~1 min on 2 cores, more when the box is busy).
+MODEL_READY_TIMEOUT_S = float(os.environ.get("APP_TEST_READY_TIMEOUT", "600"))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class AppServer:
+    """A running `python app.py` and where it listens."""
+
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Kill the server's process group (idempotent)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+
+
+def start_app(env: dict[str, str] | None = None, *, wait_model: bool = True,
+              timeout: float = MODEL_READY_TIMEOUT_S) -> AppServer:
+    """Run `python app.py` on a free port; return once it serves (and, by default, once the model is ready).
+
+    Raises RuntimeError with the server's log if it dies, the model fails, or time runs out.
+    """
+    port = free_port()
+    fd, log_name = tempfile.mkstemp(prefix="attention-lab-app-", suffix=".log")
+    full_env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    with os.fdopen(fd, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    server = AppServer(proc, f"http://127.0.0.1:{port}", Path(log_name))
+    atexit.register(server.stop)
+    deadline = time.monotonic() + timeout
+    try:
+        _wait(server, deadline, lambda: _http_ok(server.url), "serving")
+        if wait_model:
+            _wait(server, deadline, lambda: "Model ready:" in server.log(), "model ready")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _wait(server: AppServer, deadline: float, ok, what: str) -> None:
+    while not ok():
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"app exited (rc={server.proc.returncode}) before {what}:\n{server.log()[-4000:]}")
+        if "Model failed to load" in server.log():
+            raise RuntimeError(f"model failed to load:\n{server.log()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"app not {what} in time:\n{server.log()[-4000:]}")
+        time.sleep(0.25)
+
+
+_shared: AppServer | None = None
+
+
+def shared_server() -> AppServer:
+    """The session's one app server (started on first use)."""
+    global _shared
+    if _shared is None or _shared.proc.poll() is not None:
+        _shared = start_app()
+    return _shared
+
+
+@pytest.fixture(scope="session")
+def app_server():
+    """The running app (default model loaded), shared by every module that imports this fixture."""
+    server = shared_server()
+    yield server
+    server.stop()

@@ -1,0 +1,253 @@
+"""The app's named endpoints through gradio_client, against the real app and the real default model.
+
+One `python app.py` serves the whole session (tests/apputil.py); the in-process tests at the end
+check the wiring logic that a running server cannot reach deterministically (e.g. "still loading").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+
+import pytest
+from apputil import REPO, app_server, start_app  # noqa: F401  (app_server is a fixture)
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def client(app_server):  # noqa: F811
+    return Client(app_server.url, verbose=False)
+
+
+def _png(payload: dict) -> Image.Image:
+    assert payload["type"] == "matplotlib"
+    head, data = payload["plot"].split(",", 1)
+    assert head == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting
+
+
+def test_serves_where_settings_say_and_says_so(app_server):  # noqa: F811
+    port = app_server.url.rsplit(":", 1)[1]
+    assert f"serving on http://127.0.0.1:{port}" in app_server.log()
+    assert "Model ready: google/gemma-3-270m" in app_server.log()
+
+
+def test_import_app_has_no_side_effects():
+    code = (
+        "import threading, app\n"
+        "assert threading.active_count() == 1, threading.enumerate()\n"
+        "import os; assert os.environ['GRADIO_ANALYTICS_ENABLED'] == 'False'\n"
+        "import sys; assert 'gradio' in sys.modules\n"
+        "d = app.build_demo()\n"
+        "assert d.lab_app.model.started_at is None and d.lab_app.model.lm is None\n"
+        "assert not d.is_running\n"
+        "print('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "clean" in out.stdout
+
+
+def test_model_status_reports_the_loaded_model(client):
+    status = client.predict(api_name="/model_status")
+    assert status["ready"] is True and status["error"] is None
+    assert "NF4 4-bit" in status["summary"] and "MiB" in status["summary"]
+
+
+# ---------------------------------------------------------------------------------------------
+# /chat
+
+
+def test_chat_returns_the_reply_text(client):
+    reply = client.predict("What is the capital of France?", max_new_tokens=12, temperature=0.0, api_name="/chat")
+    assert isinstance(reply, str) and reply.strip()
+    assert "What is the capital" not in reply  # the prompt is not echoed back
+    again = client.predict("What is the capital of France?", max_new_tokens=12, temperature=0.0, api_name="/chat")
+    assert again == reply  # greedy decoding is deterministic
+
+
+def test_chat_seed_makes_sampling_repeatable(client):
+    kw = dict(max_new_tokens=8, temperature=1.2, top_p=1.0, seed=7, api_name="/chat")
+    a = client.predict("Write a haiku about transformers.", **kw)
+    b = client.predict("Write a haiku about transformers.", **kw)
+    assert a == b and a.strip()
+
+
+@pytest.mark.parametrize(
+    ("message", "kwargs", "expected"),
+    [
+        ("", {}, "Type a message first"),
+        ("   \n ", {}, "Type a message first"),
+        ("x" * 100_000, {}, "100,000 characters"),
+        ("hello", {"temperature": 5.0}, "temperature must be in"),
+        ("hello", {"top_p": 0.0}, "top_p must be in"),
+        ("hello", {"max_new_tokens": 0}, "max_new_tokens must be"),
+    ],
+)
+def test_chat_bad_input_is_a_clear_error(client, message, kwargs, expected):
+    t0 = time.perf_counter()
+    with pytest.raises(AppError, match=expected):
+        client.predict(message, api_name="/chat", **kwargs)
+    assert time.perf_counter() - t0 < 30  # refused, not a hang
+
+
+def test_message_just_under_the_char_cap_but_over_the_token_budget_is_refused(client):
+    # 7,000 characters pass the cheap length check but need far more than 1024 tokens.
+    with pytest.raises(AppError, match="too long"):
+        client.predict("word " * 1400, max_new_tokens=4, api_name="/chat")
+
+
+def test_chat_still_works_after_bad_input(client):
+    with pytest.raises(AppError):
+        client.predict("", api_name="/chat")
+    assert client.predict("Hello!", max_new_tokens=4, api_name="/chat").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# /attention
+
+
+def test_attention_returns_the_heatmap_figure(client):
+    img = _png(client.predict(api_name="/attention"))
+    assert img.width > 400 and img.height > 150
+    other = _png(client.predict("The cat sat on the mat because it was tired.", 32, 4, 4, 0.0, 5, False, True,
+                                api_name="/attention"))
+    assert other.tobytes() != img.tobytes()  # another seed, other projections, another picture
+
+
+@pytest.mark.parametrize(
+    ("emb_dim", "n_heads", "n_kv_heads", "multi_head"),
+    [(32, 8, 2, True), (12, 3, 3, True), (16, 1, 1, True), (8, 4, 4, False)],
+)
+def test_attention_layouts(client, emb_dim, n_heads, n_kv_heads, multi_head):
+    img = _png(client.predict("Attention is all you need.", emb_dim, n_heads, n_kv_heads, 0.1, 1, True,
+                              multi_head, api_name="/attention"))
+    assert img.width > 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"n_heads": 6}, "n_heads=6 does not divide emb_dim=32"),
+        ({"n_kv_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
+        ({"text": "   "}, "text has no words"),
+        ({"dropout": 1.0}, "greater than maximum value 0.5"),  # the slider's own range check
+    ],
+)
+def test_attention_bad_combination_is_a_clear_error(client, kwargs, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict(api_name="/attention", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many users
+
+
+def test_lab_is_not_stuck_behind_a_chat(app_server):  # noqa: F811
+    chat_client = Client(app_server.url, verbose=False)
+    lab_client = Client(app_server.url, verbose=False)
+    job = chat_client.submit("Write a long story about a dragon.", max_new_tokens=120, temperature=0.0,
+                             api_name="/chat")
+    deadline = time.monotonic() + 30
+    while job.status().code.name not in ("PROCESSING", "ITERATING") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.perf_counter()
+    lab_client.predict(api_name="/attention")
+    lab_s = time.perf_counter() - t0
+    chat_done = job.done()
+    job.result(timeout=300)
+    assert not chat_done, "the chat finished before the lab call; the test proved nothing"
+    assert lab_s < 10
+
+
+def test_full_queue_gives_a_clear_message():
+    server = start_app({"QUEUE_SIZE": "1", "CHAT_CONCURRENCY": "1"})
+    try:
+        clients = [Client(server.url, verbose=False) for _ in range(3)]
+        jobs = [c.submit("Write a long story.", max_new_tokens=60, api_name="/chat") for c in clients[:2]]
+        time.sleep(1.0)  # one generating, one waiting: the queue (max 1 waiting) is full
+        with pytest.raises(Exception, match="[Qq]ueue is full"):
+            clients[2].predict("Hi", max_new_tokens=2, api_name="/chat")
+        for j in jobs:
+            assert isinstance(j.result(timeout=300), str)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: states a running server cannot be held in on purpose
+
+
+def test_chat_says_loading_while_the_model_loads():
+    import gradio as gr
+
+    import app
+
+    lab = app.LabApp()
+    lab.model.started_at = time.perf_counter()  # "loading": started, not finished
+    with pytest.raises(gr.Error, match="still loading"):
+        lab.chat_api("Hello")
+    with pytest.warns(UserWarning, match="still loading"):
+        box, history, _, go = lab.user_turn("Hello", [])
+    assert go is False
+    assert "Loading" in lab.status_markdown()
+    # the Attention Lab works meanwhile
+    heat, rows, steps, notice, _ = lab.lab_update(app.DEFAULT_SENTENCE, 32, 4, 4, 0.0, 0, False, True, 0)
+    assert heat is not None and [r[0] for r in rows][:3] == ["Q", "K", "V"]
+
+
+def test_model_that_fails_to_load_is_reported(tmp_path):
+    import gradio as gr
+
+    import app
+    from generation.settings import Settings
+
+    lab = app.LabApp(Settings(model_id=str(tmp_path / "no-such-model")))
+    lab.model.start()
+    assert lab.model.wait(120) is False
+    assert "Model failed to load" in lab.model.status()
+    with pytest.raises(gr.Error, match="could not be loaded"):
+        lab.chat_api("Hello")
+
+
+def test_history_sent_to_the_model_alternates():
+    import app
+
+    history = [
+        {"role": "user", "content": "first"},  # stopped before any reply
+        {"role": "user", "content": [{"type": "text", "text": "second"}]},
+        {"role": "assistant", "content": "answer"},
+        {"role": "user", "content": "third"},
+    ]
+    assert app.model_history(history) == [
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "answer"},
+        {"role": "user", "content": "third"},
+    ]
+    assert app.LabApp.retry(history[:3]) == (history[:2], True)
+    assert app.LabApp.undo(history[:3]) == (history[:1], "second")
+
+
+def test_stop_registry_is_per_session():
+    import app
+
+    reg = app.StopRegistry()
+    a, b = reg.new("alice"), reg.new("bob")
+    reg.stop("alice")
+    assert a.is_set() and not b.is_set()
+    reg.done("bob", b)  # a finished generation's event is set and forgotten
+    assert b.is_set()
+    c = reg.new("bob")
+    reg.stop("carol")  # someone else's Stop never reaches bob
+    assert not c.is_set()
