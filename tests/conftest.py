@@ -51,13 +51,15 @@ def build_tiny_tokenizer():
     )
 
 
-def save_tiny_qwen(folder: Path) -> Path:
-    """Save a random tiny Qwen2 (hidden 64, 2 layers, 4 heads, 2 KV heads) + tokenizer into `folder`."""
+def save_tiny_lm(folder: Path, config_cls=None, model_cls=None, **overrides) -> Path:
+    """Save a random tiny causal LM + the tiny tokenizer into `folder` (default: Qwen2, hidden 64,
+    2 layers, 4 heads, 2 KV heads); pass e.g. Gemma3TextConfig/Gemma3ForCausalLM and config overrides
+    for another architecture."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tiny_tokenizer()
-    config = Qwen2Config(
+    kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -70,11 +72,17 @@ def save_tiny_qwen(folder: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+    config = (config_cls or Qwen2Config)(**{**kwargs, **overrides})
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
+    model = (model_cls or Qwen2ForCausalLM)(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_tiny_qwen(folder: Path) -> Path:
+    """Save a random tiny Qwen2 (hidden 64, 2 layers, 4 heads, 2 KV heads) + tokenizer into `folder`."""
+    return save_tiny_lm(folder)
 
 
 @pytest.fixture(scope="session")
