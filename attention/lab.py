@@ -117,8 +117,9 @@ class LabResult:
 
 
 def _word_seed(word: str, seed: int) -> int:
-    # crc32 is stable across processes (Python's hash() is salted per process).
-    return (zlib.crc32(word.lower().encode("utf-8")) << 32) | seed
+    # crc32 is stable across processes (Python's hash() is salted per process); it mixes seed and
+    # word into 32 bits because torch's CPU generator (mt19937) only uses the low 32 bits of a seed.
+    return zlib.crc32(f"{seed}:{word.lower()}".encode("utf-8"))
 
 
 def sinusoidal_positions(n: int, dim: int) -> Tensor:
