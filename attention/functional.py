@@ -188,39 +188,43 @@ def scaled_dot_product(
         _check_mask(mask, score_shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    qk = q @ k.transpose(-2, -1)  # (B, H, T, S)
-    scores = qk * scale  # (B, H, T, S)
+    # One name, rebound step by step (as nanoGPT's `att`), so that without a trace each (T, S)
+    # intermediate is freed as soon as the next one exists: the explicit path's peak memory is
+    # what the maths needs, not every step at once.
+    att = q @ k.transpose(-2, -1)  # (B, H, T, S): raw QKᵀ
     if trace is not None:
-        trace.add("qk", qk, printed=False)
-        trace.add("scores", scores)
+        trace.add("qk", att, printed=False)
+    att = att * scale  # (B, H, T, S): scores
+    if trace is not None:
+        trace.add("scores", att)
     if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)  # (B, H, T, S)
+        att = softcap * torch.tanh(att / softcap)  # (B, H, T, S)
         if trace is not None:
-            trace.add("softcapped", scores, printed=False)
+            trace.add("softcapped", att, printed=False)
 
     keep: Tensor | None = None
-    masked = scores
     if mask is not None:
         keep = keep_from_mask(mask)  # broadcastable to (B, H, T, S)
-        masked = masked.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else masked + mask
+        att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask  # (B, H, T, S)
     if sliding_window is not None:
         pos_q = torch.arange(t_q, device=q.device)[:, None] + (t_k - t_q)
         pos_k = torch.arange(t_k, device=q.device)[None, :]
         in_window = pos_q - pos_k < sliding_window  # (T, S)
         keep = in_window if keep is None else keep & in_window
-        masked = masked.masked_fill(~in_window, float("-inf"))  # (B, H, T, S)
+        att = att.masked_fill(~in_window, float("-inf"))  # (B, H, T, S)
     if trace is not None:
-        trace.add("masked", masked, printed=False)
+        trace.add("masked", att, printed=False)
 
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if keep is None:
-        weights = F.softmax(masked, dim=-1, dtype=softmax_dtype).to(q.dtype)  # (B, H, T, S)
+        weights = F.softmax(att, dim=-1, dtype=softmax_dtype).to(q.dtype)  # (B, H, T, S)
     else:
         # A row with no key left would be softmax over all -inf = NaN (and NaN gradients), so give
         # it finite logits first and zero its probabilities afterwards.
         dead = ~keep.any(dim=-1, keepdim=True)  # broadcastable to (B, H, T, 1)
-        weights = F.softmax(masked.masked_fill(dead, 0.0), dim=-1, dtype=softmax_dtype)  # (B, H, T, S)
+        weights = F.softmax(att.masked_fill(dead, 0.0), dim=-1, dtype=softmax_dtype)  # (B, H, T, S)
         weights = weights.masked_fill(dead, 0.0).to(q.dtype)  # (B, H, T, S)
+    del att
     if trace is not None:
         trace.add("weights", weights)
 

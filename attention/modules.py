@@ -161,28 +161,31 @@ class _SelfAttention(nn.Module):
                                       dropout_p=p, training=self.training)  # (B, H, T, hd)
             return self.o_proj(self._merge(context))  # (B, T, D)
 
-        trace = Trace(echo=self.debug)
-        trace.add("Q", q)
-        trace.add("K", k)
-        trace.add("V", v)
+        # The trace is built only when someone will read it: it keeps every (T, T) step alive.
+        trace = Trace(echo=self.debug) if (return_trace or self.debug) else None
+        if trace is not None:
+            trace.add("Q", q)
+            trace.add("K", k)
+            trace.add("V", v)
         mask = make_mask(b, t, t, causal=causal, key_padding_mask=key_padding_mask, device=x.device)  # (B, 1, T, T)
         if mask is not None and not self.multi_head:
             mask = mask[:, 0]  # (B, T, T)
         context, weights = scaled_dot_product(q, k, v, mask, dropout_p=p, training=self.training,
                                               trace=trace, generator=generator)  # (B, H, T, hd), (B, H, T, T)
         concat = self._merge(context)  # (B, T, D)
-        if self.multi_head:
+        if trace is not None and self.multi_head:
             trace.add("concat", concat)
         out = self.o_proj(concat)  # (B, T, D)
-        trace.add("out", out)
+        if trace is not None:
+            trace.add("out", out)
         if not self.multi_head:
             weights = weights.unsqueeze(1)  # (B, 1, T, T): heatmap code always sees a head axis
         if return_weights and return_trace:
-            return out, weights, trace
+            return out, weights, trace  # type: ignore[return-value]
         if return_weights:
             return out, weights
         if return_trace:
-            return out, trace
+            return out, trace  # type: ignore[return-value]
         return out
 
     def _merge(self, context: Tensor) -> Tensor:
