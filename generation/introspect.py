@@ -374,27 +374,28 @@ def next_token_candidates(
     vocab = int(logits.shape[-1])
     _check_int("k", k, 1, vocab)
 
-    probs = logits.softmax(-1)  # (V,)
+    # Filtering runs on float32 logits exactly as generate() does; the reported probabilities are
+    # softmaxes in float64 so that, over 262k tokens, they still sum to 1 within 1e-12.
+    probs = logits.double().softmax(-1)  # (V,)
     penalised = logits
     if params.repetition_penalty != 1.0:
         from transformers import RepetitionPenaltyLogitsProcessor  # what generate() applies
 
         penalised = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, logits[None].clone())[0]
-    removed_by: list[str | None] = [None] * vocab
     if params.greedy:
         best = int(penalised.argmax())
         keep = torch.zeros(vocab, dtype=torch.bool)
         keep[best] = True
-        probs_t = keep.float()  # the T -> 0 limit: all mass on the argmax
+        probs_t = keep.double()  # the T -> 0 limit: all mass on the argmax
         sampling = probs_t
         order = torch.topk(penalised, k).indices
     else:
         scaled = penalised / params.temperature  # (V,)
-        probs_t = scaled.softmax(-1)  # (V,)
+        probs_t = scaled.double().softmax(-1)  # (V,)
         keep_k = top_k_keep(scaled, params.top_k)
         after_k = scaled.masked_fill(~keep_k, float("-inf"))
         keep = top_p_keep(after_k, params.top_p) & keep_k
-        sampling = after_k.masked_fill(~keep, float("-inf")).softmax(-1)  # (V,) renormalised
+        sampling = after_k.masked_fill(~keep, float("-inf")).double().softmax(-1)  # (V,) renormalised
         order = torch.topk(scaled, k).indices
     cands = []
     for i in order.tolist():
@@ -414,7 +415,8 @@ def next_token_candidates(
                 removed_by=why,
             )
         )
-    shown = order
+    rest = torch.ones(vocab, dtype=torch.bool)
+    rest[order] = False  # the tokens not listed: their mass, summed directly (never negative)
     notes = []
     if capped:
         notes.append(f"The prompt is longer than {max_tokens} tokens; the model read its last {max_tokens}.")
@@ -433,9 +435,9 @@ def next_token_candidates(
         repetition_penalty=params.repetition_penalty,
         kept=int(keep.sum()),
         vocab_size=vocab,
-        rest_prob=float(1.0 - probs.double()[shown].sum()),
-        rest_prob_temperature=float(1.0 - probs_t.double()[shown].sum()),
-        rest_sampling_prob=float(1.0 - sampling.double()[shown].sum()),
+        rest_prob=float(probs[rest].sum()),
+        rest_prob_temperature=float(probs_t[rest].sum()),
+        rest_sampling_prob=float(sampling[rest].sum()),
         notice=" ".join(notes),
     )
 
