@@ -308,6 +308,11 @@ def load_model(
 
     # Post-load hook point: changes to the loaded model (e.g. issue 5's attention capture) go here,
     # before the facts below are measured and before the model is shared.
+    # Issue 5: one-time switch to the per-thread "attention_lab" dispatcher (same attention as before;
+    # no-op for models without AttentionInterface support). See generation/attention_capture.py.
+    from .attention_capture import install as install_attention_capture
+
+    install_attention_capture(model)
 
     n4 = count_4bit_layers(model)
     return LoadedModel(
