@@ -164,7 +164,7 @@ def plot_heads(
     subtitles = [f"head {h}" + (f" · KV head {kv_groups[h]}" if kv_groups is not None else "") for h in range(n_heads)]
     rows, cols = _grid(n_heads)
     return _heatmap_grid(weights, tokens, title=title, subtitles=subtitles, cmap=cmap,
-                         cell_w=2.9 if cols <= 4 else 1.9, annotate=n_heads <= 4)
+                         cell_w=(2.9 if n_heads <= 4 else 2.4) if cols <= 4 else 1.9, annotate=n_heads <= 4)
 
 
 def plot_head(weights: Tensor, tokens: Sequence[str], *, title: str | None = None, cmap: str = "viridis") -> Figure:
