@@ -740,48 +740,52 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                 with gr.Column(scale=1, min_width=280):
                     system = gr.Textbox(label="System prompt", placeholder="optional", lines=2)
                     temperature = gr.Slider(0.0, 2.0, value=DEFAULT_PARAMS.temperature, step=0.05,
-                                            label="temperature", info="0 = always the most likely token")
-                    top_p = gr.Slider(0.05, 1.0, value=DEFAULT_PARAMS.top_p, step=0.05, label="top-p")
+                                            label="temperature", info="0 = always the most likely token",
+                                            elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=DEFAULT_PARAMS.top_p, step=0.05, label="top-p", elem_id="top-p")
                     max_new = gr.Slider(1, 512, value=DEFAULT_PARAMS.max_new_tokens, step=1,
-                                        label="max new tokens")
-                    top_k = gr.Slider(0, 200, value=DEFAULT_PARAMS.top_k, step=1, label="top-k (0 = off)")
+                                        label="max new tokens", elem_id="max-new")
+                    top_k = gr.Slider(0, 200, value=DEFAULT_PARAMS.top_k, step=1, label="top-k (0 = off)", elem_id="top-k")
                     rep = gr.Slider(1.0, 2.0, value=DEFAULT_PARAMS.repetition_penalty, step=0.05,
                                     label="repetition penalty")
-                    seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)")
+                    seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="chat-seed")
         go = gr.State(False)
 
         # -- wiring: Attention Lab ----------------------------------------------------------
+        # Its own concurrency group with more slots than the chat has: never stuck behind a reply.
+        lab_kw = dict(concurrency_id=LAB_GROUP, concurrency_limit=LAB_CONCURRENCY)
         lab_inputs = [text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head]
-        lab_outputs = [heatmaps, trace, steps, lab_msg, head]
-        lab_kw = dict(concurrency_id=LAB_GROUP, concurrency_limit=LAB_CONCURRENCY, show_progress="minimal")
-        redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head], outputs=lab_outputs,
-                      api_name="lab_update", api_visibility="undocumented", **lab_kw)
+        redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head],
+                      outputs=[heatmaps, trace, steps, lab_msg, head], show_progress="minimal", **lab_kw)
         gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
-               multi_head.input, n_heads.input], **redraw)
-        emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], queue=False,
-                        api_visibility="private").then(**{**redraw, "api_name": None, "api_visibility": "private"})
-        head.release(state.steps_update, [*lab_inputs, head], [steps], api_visibility="private", **lab_kw)
-        demo.load(**{**redraw, "api_name": None, "api_visibility": "private"})
+               multi_head.input, n_heads.input], **redraw, api_name="lab_update", api_visibility="undocumented")
+        # Handlers that may call gr.Warning go through the queue: toasts travel on its event stream.
+        emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
+                        api_visibility="private", **lab_kw).then(**redraw, api_visibility="private")
+        head.release(state.steps_update, [*lab_inputs, head], [steps], show_progress="minimal",
+                     api_visibility="private", **lab_kw)
+        demo.load(**redraw, api_visibility="private")
         gr.on([], state.attention_api, inputs=lab_inputs, outputs=[heatmaps], api_name="attention", **lab_kw)
 
         # -- wiring: chat ---------------------------------------------------------------------
+        private = dict(api_visibility="private")
         sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat]
-        chat_kw = dict(concurrency_id=CHAT_GROUP, concurrency_limit=state.settings.chat_concurrency,
-                       api_visibility="private")
         bot = dict(fn=state.bot_turn, inputs=[go, chatbot, *sampling], outputs=[chatbot, status, user_stats],
-                   show_progress="minimal", **chat_kw)
+                   show_progress="minimal", concurrency_id=CHAT_GROUP,
+                   concurrency_limit=state.settings.chat_concurrency, **private)
         sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [msg, chatbot, tokens, go],
-                     queue=False, api_visibility="private").then(**bot)
-        retried = retry.click(state.retry, [chatbot], [chatbot, go], queue=False, api_visibility="private").then(**bot)
-        stop.click(state.stop, None, None, queue=False, cancels=[sent, retried], api_visibility="private")
-        undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried],
-                   api_visibility="private")
+                     show_progress="hidden", **lab_kw, **private).then(**bot)
+        retried = retry.click(state.retry, [chatbot], [chatbot, go], show_progress="hidden",
+                              **lab_kw, **private).then(**bot)
+        # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
+        stop.click(state.stop, None, None, queue=False, cancels=[sent, retried], **private)
+        undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried], **private)
         clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried],
-                    api_visibility="private")
+                    **private)
         msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
-                   show_progress="hidden", api_visibility="private")
+                   show_progress="hidden", **private)
         timer.tick(state.status_tick, [user_stats], [status, timer], queue=False, show_progress="hidden",
-                   api_visibility="private")
+                   **private)
 
         gr.api(_typed(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
                concurrency_limit=state.settings.chat_concurrency)

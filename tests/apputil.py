@@ -120,3 +120,66 @@ def app_server():
     server = shared_server()
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Browser helpers (Debian's chromium driven by Playwright; never `playwright install`)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1400, "height": 1000}
+
+
+def launch_chromium(playwright):
+    """The system chromium, headless, with nothing phoning home."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def open_app(browser, url: str, timeout_ms: int = 60_000):
+    """A fresh context (= its own Gradio session) and page, once the first heatmaps are drawn.
+
+    Returns (context, page, off_host_requests): the list collects every request that left 127.0.0.1.
+    """
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    off_host: list[str] = []
+    page.on("request", lambda r: off_host.append(r.url)
+            if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+    page.goto(url)
+    page.wait_for_selector("#lab-heatmaps img", timeout=timeout_ms)
+    return context, page, off_host
+
+
+def set_number(page, elem_id: str, value: float) -> None:
+    """Type into a slider's number box and leave it: Gradio fires the slider's `release` on blur."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator("#chatbot [data-testid='bot']").all_inner_texts()
+
+
+def user_texts(page) -> list[str]:
+    return page.locator("#chatbot [data-testid='user']").all_inner_texts()
+
+
+def send_chat(page, message: str) -> None:
+    page.get_by_role("tab", name="4-bit Chat").click()
+    page.fill("#chat-input textarea", message)
+    page.press("#chat-input textarea", "Enter")
+
+
+def wait_reply_done(page, n_bot: int, timeout_s: float = 180) -> str:
+    """Wait until the chat shows `n_bot` assistant messages and generation is over; return the last."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        texts = bot_texts(page)
+        # The chatbot's status tracker loses its "hide" class while an event writes to it.
+        busy = page.locator("#chatbot [data-testid='status-tracker']:not(.hide)")
+        if len(texts) >= n_bot and texts[-1].strip() and busy.count() == 0:
+            return texts[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no finished reply #{n_bot} within {timeout_s} s; bot messages: {bot_texts(page)}")

@@ -1,0 +1,185 @@
+"""The app in a real browser: Debian's chromium driven by Playwright against `python app.py`.
+
+Covers what a classroom does: both tabs load, sliders redraw the heatmaps, a bad combination
+explains itself, the real 4-bit model streams a reply, Stop halts it, two users chat at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from apputil import app_server, bot_texts, launch_chromium, open_app, send_chat, set_number  # noqa: F401
+from apputil import user_texts, wait_reply_done
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.timeout(600)
+
+# A seeded, hot sampling setting under which the base model rambles on (no "User:" turn) well past
+# 100 tokens: a reply long enough to be stopped in the middle.
+LONG_PROMPT = "Tell me a long story about a dragon who learns to fly."
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, app_server):  # noqa: F811
+    context, pg, off_host = open_app(browser, app_server.url)
+    yield pg
+    context.close()
+    assert off_host == [], f"the page made requests off this machine: {off_host}"
+
+
+def trace_column(pg, col: int) -> list[str]:
+    """One column of the debug-trace table (Gradio draws it as a virtual grid of cells)."""
+    cells = pg.locator(f"#lab-trace [role='gridcell'][data-col='{col}']")
+    return [c.strip() for c in cells.all_inner_texts()]
+
+
+def heatmap_src(pg) -> str:
+    return pg.locator("#lab-heatmaps img").get_attribute("src")
+
+
+def wait_changed(get, old, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = get()
+        if new and new != old:
+            return new
+        time.sleep(0.1)
+    raise AssertionError(f"value did not change within {timeout_s} s")
+
+
+def test_page_loads_with_both_tabs(page):
+    assert page.get_by_role("tab", name="Attention Lab").is_visible()
+    assert page.get_by_role("tab", name="4-bit Chat").is_visible()
+    assert page.locator("#lab-steps img").is_visible()
+    page.locator("#lab-trace").scroll_into_view_if_needed()
+    assert trace_column(page, 0) == ["Q", "K", "V", "scores", "weights", "context", "concat", "out"]
+    assert trace_column(page, 1)[3] == "(1, 4, 11, 11)"  # scores: (B, H, T, T) for the 11-token sentence
+    status = page.locator("#status-line").inner_text()
+    assert "google/gemma-3-270m" in status and "4-bit: on" in status and "MiB" in status
+
+
+def test_moving_a_slider_redraws_the_heatmaps(page):
+    before = heatmap_src(page)
+    set_number(page, "lab-seed", 7)
+    after = wait_changed(lambda: heatmap_src(page), before)
+    assert after.startswith("data:image/png;base64,")
+    # a narrower model: the trace follows (emb_dim 12 / 4 heads = d_k 3) and n_heads choices follow emb_dim
+    set_number(page, "emb-dim", 12)
+    page.locator("#lab-trace").scroll_into_view_if_needed()
+    assert wait_changed(lambda: trace_column(page, 1)[:1], ["(1, 4, 11, 8)"]) == ["(1, 4, 11, 3)"]
+    page.locator("#n-heads input").click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert [o.replace("✓", "").strip() for o in options] == ["1", "2", "3", "4", "6", "12"]  # ✓ marks 4
+
+
+def test_invalid_combination_shows_a_message(page):
+    before = heatmap_src(page)
+    set_number(page, "n-kv-heads", 3)  # 3 K/V heads cannot be shared evenly by 4 query heads
+    toast = page.get_by_text("n_kv_heads=3 does not divide n_heads=4")
+    toast.first.wait_for(timeout=30_000)
+    assert "does not divide" in page.locator("#lab-message").inner_text()
+    assert heatmap_src(page) == before  # the last valid picture stays
+    set_number(page, "n-kv-heads", 2)  # and a valid value draws again
+    wait_changed(lambda: heatmap_src(page), before)
+    assert page.locator("#lab-message").inner_text().startswith("11 tokens")
+
+
+def test_typed_message_gets_a_streamed_reply(page):
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 40)
+    set_number(page, "temperature", 1.3)
+    set_number(page, "top-p", 1.0)
+    page.locator("#chat-seed input").fill("1")  # seeded: a reply that runs the full 40 tokens
+    send_chat(page, LONG_PROMPT)
+    seen: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        texts = bot_texts(page)
+        if texts and (not seen or texts[-1] != seen[-1]):
+            seen.append(texts[-1])
+        if texts and page.locator("#chatbot [data-testid='status-tracker']:not(.hide)").count() == 0:
+            break
+        time.sleep(0.03)
+    final = wait_reply_done(page, 1)
+    assert user_texts(page) == [LONG_PROMPT]
+    assert final.strip()
+    assert page.locator("#chat-input textarea").input_value() == ""
+    # the tokenization preview shows what was just sent, as the model's tokenizer cut it
+    preview = page.locator("#token-preview").inner_text()
+    assert "Just sent" in preview and "dragon" in preview
+    assert "last reply" in page.locator("#status-line").inner_text()
+    assert len(final) > 80
+    growing = [s for s in seen if s.strip()]
+    assert len(growing) >= 3, growing  # it arrived in pieces, each extending the last
+    assert all(b.startswith(a[:-1]) for a, b in zip(growing, growing[1:])), growing
+
+
+def test_stop_halts_a_long_reply_and_the_next_message_works(page):
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 400)
+    set_number(page, "temperature", 1.3)
+    set_number(page, "top-p", 1.0)
+    page.locator("#chat-seed input").fill("1")
+    send_chat(page, LONG_PROMPT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (bot_texts(page) and len(bot_texts(page)[-1]) > 20):
+        time.sleep(0.05)
+    page.click("#stop-btn")
+    time.sleep(1.0)  # at most one more token may land
+    stopped = bot_texts(page)[-1]
+    time.sleep(3.0)
+    assert bot_texts(page)[-1] == stopped, "the reply kept growing after Stop"
+    assert len(stopped) < 1500  # 400 tokens would be far longer
+    # the worker is free again: a new message gets its own reply
+    set_number(page, "max-new", 12)
+    send_chat(page, "What is the capital of France?")
+    reply = wait_reply_done(page, 2, timeout_s=120)
+    assert reply.strip() and reply != stopped
+    assert user_texts(page)[-1] == "What is the capital of France?"
+
+
+def test_two_pages_chatting_at_once_each_get_their_own_reply(browser, app_server):  # noqa: F811
+    ctx_a, a, _ = open_app(browser, app_server.url)
+    ctx_b, b, _ = open_app(browser, app_server.url)
+    try:
+        for pg in (a, b):
+            pg.get_by_role("tab", name="4-bit Chat").click()
+            set_number(pg, "max-new", 24)
+        send_chat(a, "What is the capital of France?")
+        send_chat(b, "Write a haiku about transformers.")
+        reply_a = wait_reply_done(a, 1)
+        reply_b = wait_reply_done(b, 1)
+        assert user_texts(a) == ["What is the capital of France?"]
+        assert user_texts(b) == ["Write a haiku about transformers."]
+        assert len(bot_texts(a)) == 1 and len(bot_texts(b)) == 1
+        assert reply_a.strip() and reply_b.strip()
+    finally:
+        ctx_a.close()
+        ctx_b.close()
+
+
+def test_empty_message_warns_and_clear_empties_the_chat(page):
+    page.get_by_role("tab", name="4-bit Chat").click()
+    send_chat(page, "   ")
+    page.get_by_text("Type a message first").first.wait_for(timeout=30_000)
+    assert bot_texts(page) == [] and user_texts(page) == []
+    set_number(page, "max-new", 8)
+    send_chat(page, "Hello!")
+    wait_reply_done(page, 1)
+    page.click("#undo-btn")
+    page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='user']\").length === 0")
+    assert page.locator("#chat-input textarea").input_value() == "Hello!"  # back in the box
+    page.press("#chat-input textarea", "Enter")
+    wait_reply_done(page, 1)
+    page.click("#clear-btn")
+    page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0")
