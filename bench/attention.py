@@ -115,7 +115,7 @@ def measure_time(t: int, reps: int) -> dict[str, dict[str, float]]:
 def _reps_for(t: int, reps: int | None) -> int:
     if reps is not None:
         return reps
-    return 10 if t <= 512 else 5 if t <= 1024 else 3
+    return 10 if t <= 512 else 5 if t <= 2048 else 3
 
 
 def machine() -> str:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Machine: {machine()}")
     print(f"B={BATCH}, D={EMB_DIM}, H={N_HEADS}, float32, no mask, forward + backward; "
-          f"best of {args.reps or '10/5/3'} interleaved rounds; peak = growth of peak RSS over one fwd+bwd "
+          f"best of {args.reps or '10 (T<=512), 5 (T<=2048), 3'} interleaved rounds; peak = growth of peak RSS over one fwd+bwd "
           f"in a fresh process{' (CUDA: max_memory_allocated)' if torch.cuda.is_available() else ''}.")
     print()
     print("| T | explicit fwd / bwd ms | fused fwd / bwd ms | nn.MHA fwd / bwd ms | fused ÷ nn.MHA time "
