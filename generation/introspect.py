@@ -51,6 +51,7 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 64  # a 64 x 64 map is still readable; beyond that labels overlap
 MAX_MAP_TOKENS = 256
 DEFAULT_MAX_PROMPT_TOKENS = 1024  # Settings.max_input_tokens' default
+MAX_CANDIDATES = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,13 +367,14 @@ def next_token_candidates(
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     model, tok = lm.model, lm.tokenizer
-    ids = _prompt_ids(tok, prompt)  # (1, N)
+    _check_int("k", k, 1, MAX_CANDIDATES)
     _check_int("max_tokens", max_tokens, 1, 1_000_000)
+    ids = _prompt_ids(tok, prompt)  # (1, N)
     capped = ids.shape[1] > max_tokens
     ids = ids[:, -max_tokens:]  # (1, T)
     logits = _last_logits(model, ids)  # (V,) float32, as generate() upcasts
     vocab = int(logits.shape[-1])
-    _check_int("k", k, 1, vocab)
+    k = min(k, vocab)
 
     # Filtering runs on float32 logits exactly as generate() does; the reported probabilities are
     # softmaxes in float64 so that, over 262k tokens, they still sum to 1 within 1e-12.
@@ -546,7 +548,7 @@ def compare_quantization(
     `decode_tokens` single-token decode steps with the KV cache after one prefill forward (what a
     chat spends per generated token); other requests running at the same time slow it down.
     """
-    _check_int("k", k, 1, 1000)
+    _check_int("k", k, 1, MAX_CANDIDATES)
     _check_int("decode_tokens", decode_tokens, 1, 64)
     _check_int("max_tokens", max_tokens, 1, 1_000_000)
     if lm4.tokenizer.get_vocab() != lm_full.tokenizer.get_vocab():

@@ -159,6 +159,7 @@ def test_tiny_qwen_maps_equal_eager(tiny_qwen, bits):
 
 def test_sliding_window_layer_shows_its_window(tiny_gemma_window):
     lm = tiny_gemma_window
+    assert attention_capture.is_installed(lm.model)  # by load_model's post-load hook
     text = "Attention weights are a softmax over scaled dot products."
     ids = ids_of(lm, text)
     t = ids.shape[1]
@@ -277,6 +278,23 @@ def test_dispatcher_leaves_generation_unchanged(lm4):
     finally:
         model.set_attn_implementation(attention_capture.IMPL_NAME)
     assert with_dispatcher == plain
+
+
+def test_dispatcher_over_an_eager_model(tiny_qwen_dir):
+    """A model loaded with attn_implementation="eager" keeps eager (and its float masks) after install."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, attn_implementation="eager").eval()
+    lm = LoadedModel(model, AutoTokenizer.from_pretrained(tiny_qwen_dir), "tiny", "cpu", "float32", "none", 0, 0, 0.0, True)
+    ids = ids_of(lm, "The capital of France is")
+    before = greedy_tokens(lm, ids, 8)
+    with torch.inference_mode():
+        ref = [a[0] for a in model(input_ids=ids, output_attentions=True).attentions]
+    assert attention_capture.install(model) and model.config._attn_implementation == attention_capture.IMPL_NAME
+    assert greedy_tokens(lm, ids, 8) == before
+    ours = project_maps(lm, ids)
+    for a, b in zip(ours, ref):
+        assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_capture_and_generation_in_two_threads(lm4, monkeypatch):
@@ -419,7 +437,9 @@ def test_four_bit_vs_full_kl_is_small_but_not_zero(lm4, lm_full):
     l4, lf = _last_logits(lm4, ids).double(), _last_logits(lm_full, ids).double()
     kl = torch.nn.functional.kl_div(l4.log_softmax(-1), lf.log_softmax(-1), log_target=True, reduction="sum")
     assert qc.kl_full_to_4bit == pytest.approx(float(kl), rel=1e-6)
-    assert 1e-4 < qc.kl_full_to_4bit < 0.5
+    # Measured here: 0.37 nats on this prompt (0.03 to 3.3 over other short prompts), while a bf16 copy
+    # without NF4 stays at ~0.0006: the cost is NF4 itself, re-quantising the already-Q4_K_M weights.
+    assert 1e-3 < qc.kl_full_to_4bit < 1.0
     assert qc.quantized.quantization == "nf4" and qc.full.quantization == "none"
     assert qc.quantized.weight_bytes < qc.full.weight_bytes / 2 and qc.size_ratio > 2
     assert qc.quantized.seconds_per_token > 0 and qc.full.seconds_per_token > 0

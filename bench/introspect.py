@@ -1,0 +1,134 @@
+"""Benchmark of generation/introspect.py: what the "inside the chat model" views cost.
+
+    python bench/introspect.py               # ~1-2 min on 2 CPU cores, prints markdown tables
+
+On the default model (Gemma 3 270m, NF4 4-bit, as the app loads it):
+  dispatcher   greedy decode tokens/s with the "attention_lab" dispatcher installed vs the same
+               model switched to plain sdpa: the cost every chat pays for being inspectable
+  map          model_attention at 64 tokens (one forward, every layer through attention/'s explicit code)
+  next token   next_token_candidates on a short prompt (one forward + filtering over 262k tokens)
+  4-bit cost   FullPrecisionCache.get (the first use of the comparison loads the fp32 copy) and
+               compare_quantization (two prefills + 8 timed decode steps each), plus its figures
+Runs alternate (A, B, A, B, ...) and report medians, so a busy shared machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from generation import attention_capture  # noqa: E402
+from generation.introspect import (  # noqa: E402
+    FullPrecisionCache,
+    compare_quantization,
+    model_attention,
+    next_token_candidates,
+)
+from generation.model import load_model  # noqa: E402
+from generation.sampling import SamplingParams  # noqa: E402
+from generation.settings import Settings  # noqa: E402
+
+PROMPT = "The capital of France is"
+TEXT_64 = (
+    "Attention lets every token look back at the tokens before it and decide how much of each one to "
+    "use. In a small model such as this one, a few heads specialise: some look at the previous token, "
+    "some at the first token, and some at words that repeat earlier in the text."
+)
+
+
+def _decode_tps(lm, ids: torch.Tensor, n: int) -> float:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        dt = time.perf_counter() - t0
+    return (out.shape[1] - ids.shape[1]) / dt
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    settings = Settings.from_env()
+    lm4 = load_model(settings.model_id, load_4bit=True, settings=settings)
+    model = lm4.model
+    if not attention_capture.is_installed(model):
+        raise SystemExit("load_model did not install the attention_lab dispatcher")
+    ids = lm4.tokenizer(PROMPT, return_tensors="pt").input_ids
+    _decode_tps(lm4, ids, 4)  # warm-up
+
+    lab, plain = [], []
+    for _ in range(args.reps):
+        lab.append(_decode_tps(lm4, ids, args.new_tokens))
+        model.set_attn_implementation("sdpa")
+        try:
+            plain.append(_decode_tps(lm4, ids, args.new_tokens))
+        finally:
+            model.set_attn_implementation(attention_capture.IMPL_NAME)
+    tps_lab, tps_plain = statistics.median(lab), statistics.median(plain)
+
+    n_map = len(lm4.tokenizer(TEXT_64).input_ids)
+    model_attention(lm4, TEXT_64, layer=0)  # warm-up
+    t_map0 = _median_time(lambda: model_attention(lm4, TEXT_64, layer=0), args.reps)
+    t_map17 = _median_time(lambda: model_attention(lm4, TEXT_64, layer=17), args.reps)
+    t_next = _median_time(lambda: next_token_candidates(lm4, PROMPT, SamplingParams()), args.reps)
+
+    cache = FullPrecisionCache()
+    t0 = time.perf_counter()
+    lm_full = cache.get(settings)
+    t_load_full = time.perf_counter() - t0
+    compare_quantization(lm4, lm_full, PROMPT, decode_tokens=2)  # warm-up
+    t0 = time.perf_counter()
+    qc = compare_quantization(lm4, lm_full, PROMPT)
+    t_cmp = time.perf_counter() - t0
+
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"model {lm4.model_id}; medians of {args.reps} alternating runs.\n")
+    print("| measurement | value |")
+    print("|---|---|")
+    print(f"| greedy decode, NF4, attention_lab dispatcher | {tps_lab:.1f} tok/s |")
+    print(f"| greedy decode, NF4, plain sdpa | {tps_plain:.1f} tok/s |")
+    print(f"| dispatcher overhead | {100 * (tps_plain / tps_lab - 1):+.1f} % time |")
+    print(f"| model_attention, {min(n_map, 64)} tokens, layer 0 | {1000 * t_map0:.0f} ms |")
+    print(f"| model_attention, {min(n_map, 64)} tokens, layer 17 | {1000 * t_map17:.0f} ms |")
+    print(f"| next_token_candidates, {len(ids[0])} tokens | {1000 * t_next:.0f} ms |")
+    print(f"| FullPrecisionCache.get, first use (fp32 load) | {t_load_full:.1f} s |")
+    print(f"| compare_quantization (8 decode steps per model) | {t_cmp:.1f} s |")
+    print()
+    print(f'4-bit vs full precision on "{PROMPT}":\n')
+    print("| | NF4 4-bit | full |")
+    print("|---|---|---|")
+    print(f"| weights | {qc.quantized.weight_bytes / 2**20:.0f} MiB | {qc.full.weight_bytes / 2**20:.0f} MiB "
+          f"({qc.full.dtype}) |")
+    print(f"| prefill | {1000 * qc.quantized.prefill_seconds:.0f} ms | {1000 * qc.full.prefill_seconds:.0f} ms |")
+    print(f"| time per token (median decode step) | {1000 * qc.quantized.seconds_per_token:.0f} ms | "
+          f"{1000 * qc.full.seconds_per_token:.0f} ms |")
+    print(f"| KL(full ‖ 4-bit), next token | {qc.kl_full_to_4bit:.4f} nats | |")
+    print(f"| same top-1 token | {'yes' if qc.top1_agree else 'no'} | |")
+    print()
+    print("| token | P 4-bit | P full |")
+    print("|---|---|---|")
+    for r in qc.rows[:5]:
+        print(f"| {r.token!r} | {r.prob_4bit:.3f} | {r.prob_full:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
