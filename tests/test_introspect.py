@@ -92,29 +92,17 @@ def tiny_gemma_window(tmp_path_factory):
     checked here."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from tests.conftest import build_tiny_tokenizer
+    from tests.conftest import save_tiny_lm
 
-    tok = build_tiny_tokenizer()
-    config = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    folder = save_tiny_lm(
+        tmp_path_factory.mktemp("tiny_gemma3_window"),
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
     )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_gemma3_window")
-    Gemma3ForCausalLM(config).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
     return load_model(str(folder), load_4bit=False)
 
 
