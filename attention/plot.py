@@ -21,9 +21,10 @@ from torch import Tensor
 
 from .functional import keep_from_mask
 
-__all__ = ["plot_heads", "plot_head", "plot_steps", "ANNOTATE_MAX_TOKENS", "DPI", "MASKED_COLOUR"]
+__all__ = ["plot_heads", "plot_head", "plot_steps", "ANNOTATE_MAX_TOKENS", "ANNOTATE_MAX_CELLS", "DPI", "MASKED_COLOUR"]
 
 ANNOTATE_MAX_TOKENS = 10  # write the value in every cell up to this many tokens
+ANNOTATE_MAX_CELLS = 256  # ... and up to this many cells over all heads of a grid
 DPI = 80
 MASKED_COLOUR = "#d0d0d0"
 _MAX_LABEL = 12
@@ -153,7 +154,8 @@ def plot_heads(
     the bottom heatmap of each column. kv_groups: the KV head each query head reads; when given,
     every subplot title names it (grouped-query attention). Cells whose weight is exactly 0
     (masked, or removed by dropout) are grey. Values are written in the cells when
-    T <= ANNOTATE_MAX_TOKENS and there are at most 4 heads (cells big enough to read).
+    T <= ANNOTATE_MAX_TOKENS and the grid has at most ANNOTATE_MAX_CELLS cells (each written value
+    is a text artist, ~0.4 ms to draw here; more would also be too small to read).
     """
     weights = _check_matrix(weights, 3, "weights")
     n_heads = weights.shape[0]
@@ -162,9 +164,10 @@ def plot_heads(
     ):
         raise ValueError(f"kv_groups must list one KV-head index per query head ({n_heads}), got {kv_groups!r}")
     subtitles = [f"head {h}" + (f" · KV head {kv_groups[h]}" if kv_groups is not None else "") for h in range(n_heads)]
-    rows, cols = _grid(n_heads)
-    return _heatmap_grid(weights, tokens, title=title, subtitles=subtitles, cmap=cmap,
-                         cell_w=(2.9 if n_heads <= 4 else 2.4) if cols <= 4 else 1.9, annotate=n_heads <= 4)
+    _, cols = _grid(n_heads)
+    cell_w = (2.9 if n_heads <= 4 else 2.4) if cols <= 4 else 1.9
+    return _heatmap_grid(weights, tokens, title=title, subtitles=subtitles, cmap=cmap, cell_w=cell_w,
+                         annotate=weights.numel() <= ANNOTATE_MAX_CELLS)
 
 
 def plot_head(weights: Tensor, tokens: Sequence[str], *, title: str | None = None, cmap: str = "viridis") -> Figure:
