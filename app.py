@@ -24,8 +24,15 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 
 from attention.lab import LabConfig, run_lab, valid_head_counts  # noqa: E402
-from attention.plot import plot_heads, plot_steps  # noqa: E402
+from attention.plot import plot_head, plot_heads, plot_steps  # noqa: E402
 from attention.trace import explain_head  # noqa: E402
+from generation.introspect import (  # noqa: E402
+    FullPrecisionCache,
+    compare_quantization,
+    model_attention,
+    model_layers,
+    next_token_candidates,
+)
 from generation.model import LoadedModel, load_model  # noqa: E402
 from generation.sampling import SamplingParams  # noqa: E402
 from generation.settings import Settings  # noqa: E402
@@ -39,6 +46,13 @@ TITLE = "Attention Lab"
 LAB_CONCURRENCY = 4
 LAB_GROUP = "lab"
 CHAT_GROUP = "chat"
+# Forward passes of the shared model for the "inside the chat model" views: bounded apart from chats.
+INSPECT_GROUP = "inspect"
+INSPECT_CONCURRENCY = 2
+DEFAULT_INSPECT_TEXT = "The cat sat on the mat because it was tired."
+DEFAULT_NEXT_PROMPT = "The capital of France is"
+REMOVED_BY = {None: "kept", "top_k": "removed by top-k", "top_p": "removed by top-p",
+              "greedy": "not taken (greedy)"}
 
 # The notebook's defaults and prompts.
 DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
@@ -330,6 +344,40 @@ def stats_line(stats: ReplyStats) -> str:
     )
 
 
+def last_exchange(history: list[Any]) -> str:
+    """The last user message and the reply to it, as one text (for the model-attention view)."""
+    turns = model_history(history)
+    if turns and turns[-1]["role"] == "assistant":
+        return f"{turns[-2]['content']}\n{turns[-1]['content']}" if len(turns) > 1 else turns[-1]["content"]
+    return turns[-1]["content"] if turns else ""
+
+
+def _pct(p: float) -> str:
+    return f"{p * 100:.2f} %" if p >= 0.0001 else f"{p * 100:.1e} %"
+
+
+def next_token_table(nt: Any) -> list[list[str]]:
+    """NextToken -> table rows: token, model p, after temperature, chance to be drawn, status."""
+    rows = [[repr(c.token)[1:-1], _pct(c.prob), _pct(c.prob_temperature), _pct(c.sampling_prob),
+             REMOVED_BY.get(c.removed_by, str(c.removed_by))] for c in nt.candidates]
+    rows.append([f"(the other {nt.vocab_size - len(nt.candidates):,} tokens)", _pct(nt.rest_prob),
+                 _pct(nt.rest_prob_temperature), _pct(nt.rest_sampling_prob), ""])
+    return rows
+
+
+def quant_markdown(cmp: Any) -> str:
+    q, f = cmp.quantized, cmp.full
+    return (
+        f"| | {q.label} | {f.label} |\n|---|---|---|\n"
+        f"| weights | {q.weight_bytes / 2**20:.1f} MiB | {f.weight_bytes / 2**20:.1f} MiB |\n"
+        f"| time per token | {q.seconds_per_token * 1000:.0f} ms | {f.seconds_per_token * 1000:.0f} ms |\n"
+        f"| prompt ({cmp.prompt_tokens} tokens) | {q.prefill_seconds * 1000:.0f} ms | {f.prefill_seconds * 1000:.0f} ms |\n\n"
+        f"**KL(full ‖ 4-bit) = {cmp.kl_full_to_4bit:.4f} nats** · most likely token "
+        f"{'the same' if cmp.top1_agree else 'differs'} · the full-precision weights are "
+        f"{cmp.size_ratio:.1f}× larger. {cmp.notice}"
+    )
+
+
 class StopRegistry:
     """Per-session stop events, so Stop halts *this* user's generation at the next token."""
 
@@ -367,6 +415,7 @@ class LabApp:
         self.settings = settings or Settings.from_env()
         self.model = ModelSlot(self.settings)
         self.stops = StopRegistry()
+        self.full_precision = FullPrecisionCache()  # loaded on the first "What 4-bit costs" click
 
     # -- Attention Lab ------------------------------------------------------------------------
 
@@ -445,11 +494,11 @@ class LabApp:
 
     # -- Chat ---------------------------------------------------------------------------------
 
-    def status_tick(self, user_stats: str) -> tuple[str, Any]:
-        """Timer: the status line; the timer switches itself off once loading is over."""
+    def status_tick(self, user_stats: str) -> tuple[str, Any, Any]:
+        """Timer: the status line (and the layer slider once the model is there); stops when loading is over."""
         line = self.status_markdown(user_stats)
         done = self.model.ready or self.model.error is not None
-        return line, gr.Timer(active=not done)
+        return line, gr.Timer(active=not done), self.layer_slider()
 
     def status_markdown(self, user_stats: str = "") -> str:
         line = self.model.status()
@@ -611,6 +660,114 @@ class LabApp:
         except (ValueError, RuntimeError) as exc:
             raise gr.Error(str(exc)) from None
 
+    # -- Inside the chat model (issue 5) -------------------------------------------------------
+
+    def _map(self, text: str, layer: Any, hide_special: bool, history: list[Any] | None = None) -> Any:
+        lm = self.model.require()
+        text = (text or "").strip() or last_exchange(history or [])
+        if not text:
+            raise ValueError("Type a text (or chat first): there is nothing to run the model on.")
+        return model_attention(lm, text, layer=_as_int(layer, "layer"), hide_special=bool(hide_special))
+
+    @staticmethod
+    def _map_figures(att: Any, head: Any) -> tuple[Any, Any, int]:
+        title = f"{att.model_id} · layer {att.layer} ({att.layer_kind})"
+        grid = plot_heads(att.weights, att.tokens, title=title, kv_groups=list(att.kv_groups))
+        h = min(max(_as_int(head, "head"), 0), att.n_heads - 1)
+        big = plot_head(att.weights[h], att.tokens, title=f"head {h} · reads KV head {att.kv_groups[h]}")
+        return grid, big, h
+
+    def inspect_update(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any]):
+        """UI: the model's attention for one layer: all heads, one large, notes. Errors -> gr.Warning."""
+        try:
+            att = self._map(text, layer, hide_special, history)
+            grid, big, h = self._map_figures(att, head)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(getattr(exc, "message", None) or str(exc), title="Cannot show the attention")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        notes = f"**{att.describe()}.** {html.escape(att.notice)}".strip()  # "<bos>" is not markup
+        share = ", ".join(
+            f"heads {', '.join(str(q) for q, g in enumerate(att.kv_groups) if g == kv)} share KV head {kv}"
+            for kv in sorted(set(att.kv_groups))
+        )
+        notes += f"  \nGrouped-query attention: {share}."
+        return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
+
+    def model_attention_api(self, text: str, layer: Any = 0, hide_special: bool = True) -> Any:
+        """API /model_attention: the chat model's attention grid for `text` at `layer` (gr.Error on bad input)."""
+        try:
+            att = self._map(text, layer, hide_special)
+            return self._map_figures(att, 0)[0]
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def layer_slider(self) -> Any:
+        """Layer slider fitted to the loaded model (unchanged while it loads)."""
+        if self.model.lm is None:
+            return gr.skip()
+        info = model_layers(self.model.lm)
+        kinds = info["layer_kinds"]
+        glob = [str(i) for i, k in enumerate(kinds) if k == "global"]
+        return gr.Slider(maximum=info["n_layers"] - 1,
+                         info=f"{info['n_layers']} layers; global ones: {', '.join(glob) or 'none'}, "
+                         f"the others use a sliding window of {info['window']} tokens" if info["window"]
+                         else f"{info['n_layers']} layers")
+
+    def _next_token(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
+                    k: int = 10) -> Any:
+        lm = self.model.require()
+        if not (prompt or "").strip():
+            raise ValueError("Type a text whose next token you want to see.")
+        params = sampling_params(1, temperature, top_p, top_k, repetition_penalty, -1)
+        return next_token_candidates(lm, prompt, params, k=k)
+
+    def next_token_update(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any):
+        """UI: next-token table for the chat tab's current sampling settings."""
+        try:
+            nt = self._next_token(prompt, temperature, top_p, top_k, repetition_penalty)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(getattr(exc, "message", None) or str(exc), title="Next token")
+            return gr.skip(), gr.skip()
+        head = (f"**temperature {nt.temperature:g} · top-p {nt.top_p:g} · top-k {nt.top_k or 'off'} · "
+                f"repetition penalty {nt.repetition_penalty:g}** ({nt.prompt_tokens} prompt tokens).")
+        return next_token_table(nt), f"{head} {html.escape(nt.notice)}".strip()
+
+    def next_token_api(
+        self,
+        prompt: str,
+        temperature: float = DEFAULT_PARAMS.temperature,
+        top_p: float = DEFAULT_PARAMS.top_p,
+        top_k: int = DEFAULT_PARAMS.top_k,
+        repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
+        k: int = 10,
+    ) -> list[dict]:
+        """API /next_token: the k most likely next tokens, each {token, token_id, prob, prob_temperature,
+        sampling_prob, removed_by} (removed_by: null, "top_k", "top_p" or "greedy")."""
+        try:
+            nt = self._next_token(prompt, temperature, top_p, top_k, repetition_penalty, k=_as_int(k, "k"))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return [dict(token=c.token, token_id=c.token_id, prob=c.prob, prob_temperature=c.prob_temperature,
+                     sampling_prob=c.sampling_prob, removed_by=c.removed_by) for c in nt.candidates]
+
+    def quant_update(self, prompt: str, progress: gr.Progress = gr.Progress()):
+        """UI: 4-bit beside full precision (loads the full-precision copy on first use)."""
+        try:
+            lm4 = self.model.require()
+            if not (prompt or "").strip():
+                raise ValueError("Type a text to compare the two models on.")
+            if not self.full_precision.loaded():
+                progress(0.1, desc="Loading the full-precision model (first time only) …")
+            full = self.full_precision.get(self.settings)
+            progress(0.8, desc="Running both models …")
+            cmp = compare_quantization(lm4, full, prompt)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(getattr(exc, "message", None) or str(exc), title="What 4-bit costs")
+            return gr.skip(), gr.skip()
+        rows = [[repr(r.token)[1:-1], _pct(r.prob_4bit), _pct(r.prob_full), str(r.rank_4bit), str(r.rank_full)]
+                for r in cmp.rows]
+        return quant_markdown(cmp), rows
+
     def model_status_api(self) -> dict:
         """API /model_status: {"ready", "error", "summary"} (tests and benchmarks poll it)."""
         lm = self.model.lm
@@ -651,6 +808,28 @@ STEPS_HELP = """
 **QKᵀ**: raw similarity of every query with every key. **÷ √d_k**: scaled so the softmax does not
 saturate as heads get wider. **mask**: blocked cells (causal: the future) become −∞.
 **softmax**: each row turns into weights that sum to 1, the heatmap above.
+"""
+
+INSIDE_HELP = """
+## Inside the chat model
+The same mechanism inside the real 4-bit language model. Its attention is computed by **this
+project's own attention code**, plugged into the model: pick a layer and see every head at once,
+and one head large. Gemma 3 mixes *sliding-window* layers (each token sees only recent tokens) with
+*global* ones, and several query heads share one key/value head (grouped-query attention).
+"""
+
+INSIDE_READ = """
+**How to read it.** Row = the token that is looking, column = the token it looks at. Grey cells
+are masked: a language model never looks at the future (causal), and in a sliding-window layer
+not further back than the window. Much of each row usually goes to the first token (`<bos>`),
+a "resting place" for heads with nothing better to do; it is hidden by default, and the note above
+says how much of each row it takes.
+"""
+
+QUANT_HELP = """
+### What 4-bit costs
+The 4-bit model beside a full-precision copy of the same model: memory, speed, and how much the
+next-token distribution moves (KL divergence).
 """
 
 LAB_HELP = """
@@ -716,6 +895,37 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                     interactive=False, wrap=True, elem_id="lab-trace", column_widths=["15%", "25%", "60%"],
                 )
 
+            gr.Markdown(INSIDE_HELP, elem_id="inside-title")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=300):
+                    inspect_text = gr.Textbox(DEFAULT_INSPECT_TEXT, label="Text (empty = the last chat exchange)",
+                                              lines=3, max_lines=6, elem_id="inspect-text")
+                    use_chat = gr.Button("Use the last chat exchange", size="sm", elem_id="use-chat-btn")
+                    layer = gr.Slider(0, 17, value=0, step=1, label="Layer", elem_id="inspect-layer")
+                    inspect_head = gr.Slider(0, 3, value=0, step=1, label="Head shown large",
+                                             elem_id="inspect-head")
+                    hide_special = gr.Checkbox(True, label="Hide special tokens such as <bos>")
+                    show_map = gr.Button("Show the model's attention", variant="primary", elem_id="inspect-btn")
+                with gr.Column(scale=3):
+                    inspect_notes = gr.Markdown("Press *Show the model's attention* once the model has loaded.",
+                                                elem_id="inspect-notes")
+                    inspect_grid = gr.Plot(show_label=False, format="png", elem_id="inspect-grid")
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3):
+                            inspect_big = gr.Plot(show_label=False, format="png", elem_id="inspect-big")
+                        with gr.Column(scale=2):
+                            gr.Markdown(INSIDE_READ)
+            gr.Markdown(QUANT_HELP)
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=300):
+                    quant_prompt = gr.Textbox(DEFAULT_NEXT_PROMPT, label="Prompt", elem_id="quant-prompt")
+                    quant_btn = gr.Button("Compare 4-bit with full precision", elem_id="quant-btn")
+                with gr.Column(scale=3):
+                    quant_md = gr.Markdown("The full-precision copy loads on the first click (it takes a while).",
+                                           elem_id="quant-summary")
+                    quant_table = gr.Dataframe(headers=["token", "4-bit p", "full p", "4-bit rank", "full rank"],
+                                               show_label=False, interactive=False, elem_id="quant-table")
+
         with gr.Tab("4-bit Chat", id="chat"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
@@ -737,6 +947,17 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                         clear = gr.Button("✕ Clear", elem_id="clear-btn")
                     gr.Examples(EXAMPLE_PROMPTS, inputs=[msg], label="Try one of these")
                     tokens = gr.HTML(token_preview_html(None, ""), label="Tokenization", elem_id="token-preview")
+                    with gr.Accordion("What comes next? Next-token probabilities under these sliders", open=True):
+                        with gr.Row():
+                            next_prompt = gr.Textbox(DEFAULT_NEXT_PROMPT, show_label=False, scale=4,
+                                                     elem_id="next-prompt")
+                            next_btn = gr.Button("Show", scale=1, elem_id="next-btn")
+                        next_md = gr.Markdown("Press *Show*, then move temperature, top-p or top-k: "
+                                              "the table follows.", elem_id="next-notes")
+                        next_table = gr.Dataframe(
+                            headers=["token", "model p", "after temperature", "chance to be drawn", "status"],
+                            show_label=False, interactive=False, elem_id="next-table",
+                        )
                 with gr.Column(scale=1, min_width=280):
                     system = gr.Textbox(label="System prompt", placeholder="optional", lines=2)
                     temperature = gr.Slider(0.0, 2.0, value=DEFAULT_PARAMS.temperature, step=0.05,
@@ -784,8 +1005,22 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                     **private)
         msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
                    show_progress="hidden", **private)
-        timer.tick(state.status_tick, [user_stats], [status, timer], queue=False, show_progress="hidden",
+        timer.tick(state.status_tick, [user_stats], [status, timer, layer], queue=False, show_progress="hidden",
                    **private)
+
+        # -- wiring: inside the chat model (forward passes of the shared model, bounded) ----------
+        inspect_kw = dict(concurrency_id=INSPECT_GROUP, concurrency_limit=INSPECT_CONCURRENCY)
+        show = dict(fn=state.inspect_update, inputs=[inspect_text, layer, inspect_head, hide_special, chatbot],
+                    outputs=[inspect_grid, inspect_big, inspect_notes, inspect_head], **inspect_kw, **private)
+        gr.on([show_map.click, inspect_text.submit, layer.release, inspect_head.release, hide_special.input], **show)
+        use_chat.click(last_exchange, [chatbot], [inspect_text], queue=False, **private).then(**show)
+        gr.on([], state.model_attention_api, inputs=[inspect_text, layer, hide_special], outputs=[inspect_grid],
+              api_name="model_attention", **inspect_kw)
+        gr.on([next_btn.click, next_prompt.submit, temperature.release, top_p.release, top_k.release, rep.release],
+              state.next_token_update, [next_prompt, temperature, top_p, top_k, rep], [next_table, next_md],
+              show_progress="minimal", trigger_mode="always_last", **inspect_kw, **private)
+        gr.api(_typed(state.next_token_api), api_name="next_token", **inspect_kw)
+        quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **inspect_kw, **private)
 
         gr.api(_typed(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
                concurrency_limit=state.settings.chat_concurrency)

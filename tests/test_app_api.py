@@ -151,6 +151,41 @@ def test_attention_bad_combination_is_a_clear_error(client, kwargs, expected):
 
 
 # ---------------------------------------------------------------------------------------------
+# /model_attention and /next_token (issue 5)
+
+
+def test_model_attention_returns_the_grid_and_follows_the_layer(client):
+    a = _png(client.predict("The cat sat on the mat.", 0, True, api_name="/model_attention"))
+    b = _png(client.predict("The cat sat on the mat.", 5, True, api_name="/model_attention"))
+    assert a.width > 400 and a.tobytes() != b.tobytes()
+
+
+@pytest.mark.parametrize(("args", "expected"), [(("   ", 0, True), "Type a text"),
+                                                (("hello", 99, True), "greater than maximum value 17")])
+def test_model_attention_bad_input_is_a_clear_error(client, args, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict(*args, api_name="/model_attention")
+
+
+def test_next_token_follows_the_sampling_settings(client):
+    free = client.predict("The capital of France is", temperature=1.0, top_p=1.0, k=5, api_name="/next_token")
+    assert len(free) == 5 and all(c["removed_by"] is None for c in free)
+    assert [c["prob"] for c in free] == sorted((c["prob"] for c in free), reverse=True)
+    greedy = client.predict("The capital of France is", temperature=0.0, k=5, api_name="/next_token")
+    assert greedy[0]["sampling_prob"] == 1.0 and all(c["removed_by"] == "greedy" for c in greedy[1:])
+    top2 = client.predict("The capital of France is", temperature=1.0, top_p=1.0, top_k=2, k=5, api_name="/next_token")
+    assert [c["removed_by"] for c in top2] == [None, None, "top_k", "top_k", "top_k"]
+    assert abs(sum(c["sampling_prob"] for c in top2) - 1.0) < 1e-6
+
+
+def test_next_token_bad_input_is_a_clear_error(client):
+    with pytest.raises(AppError, match="Type a text"):
+        client.predict("", api_name="/next_token")
+    with pytest.raises(AppError, match="temperature must be in"):
+        client.predict("Hi", temperature=9.0, api_name="/next_token")
+
+
+# ---------------------------------------------------------------------------------------------
 # Many users
 
 

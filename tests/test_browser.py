@@ -183,3 +183,29 @@ def test_empty_message_warns_and_clear_empties_the_chat(page):
     wait_reply_done(page, 1)
     page.click("#clear-btn")
     page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0")
+
+
+def test_inside_the_chat_model_renders_and_follows_a_layer_change(page):
+    page.click("#inspect-btn")
+    page.wait_for_selector("#inspect-big img", timeout=120_000)
+    notes = page.locator("#inspect-notes").inner_text()
+    assert "layer 0 of 0-17" in notes and "share 1 KV head" in notes and "<bos>" in notes
+    before = page.locator("#inspect-grid img").get_attribute("src")
+    set_number(page, "inspect-layer", 5)  # Gemma 3 270m: layer 5 is a global one
+    page.wait_for_function(
+        "document.querySelector('#inspect-notes').innerText.includes('layer 5 of 0-17 · global attention')",
+        timeout=120_000,
+    )
+    wait_changed(lambda: page.locator("#inspect-grid img").get_attribute("src"), before)
+
+
+def test_next_token_table_follows_the_chat_sliders(page):
+    page.get_by_role("tab", name="4-bit Chat").click()
+    page.click("#next-btn")
+    page.wait_for_function("document.querySelector('#next-notes').innerText.includes('temperature 0.7')",
+                           timeout=60_000)
+    set_number(page, "temperature", 0)
+    page.wait_for_function("document.querySelector('#next-notes').innerText.includes('temperature 0 ')",
+                           timeout=60_000)
+    statuses = page.locator("#next-table [role='gridcell'][data-col='4']").all_inner_texts()
+    assert statuses[0].strip() == "kept" and "not taken (greedy)" in [s.strip() for s in statuses[1:]]
