@@ -249,14 +249,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def from_pretrained_kwargs(*, load_4bit: bool, cuda: bool, trust_remote_code: bool) -> dict[str, Any]:
+def from_pretrained_kwargs(
+    *, load_4bit: bool, cuda: bool, trust_remote_code: bool, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
     """kwargs for `AutoModelForCausalLM.from_pretrained` for the current hardware."""
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if load_4bit:
         kw["quantization_config"] = bnb_config()
         kw["dtype"] = torch.bfloat16  # the non-quantised parts (embeddings, norms) match the compute dtype
     else:
-        kw["dtype"] = torch.bfloat16 if cuda else CPU_FULL_DTYPE
+        kw["dtype"] = dtype or (torch.bfloat16 if cuda else CPU_FULL_DTYPE)
     if cuda:
         kw["device_map"] = "auto"
     return kw
@@ -276,21 +278,33 @@ def _source(model_id: str, settings: Settings) -> tuple[str, bool]:
 
 
 def load_model(
-    model_id: str | None = None, *, load_4bit: bool = True, settings: Settings | None = None
+    model_id: str | None = None,
+    *,
+    load_4bit: bool = True,
+    settings: Settings | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load `model_id` (default: settings.model_id, i.e. the embedded Gemma 3 270m) for generation.
 
     4-bit NF4 through bitsandbytes unless `load_4bit=False`; `device_map="auto"` when CUDA is present.
+    `dtype` picks the full-precision dtype (default bf16 on CUDA, CPU_FULL_DTYPE on CPU); it is an
+    error together with load_4bit=True, where the non-quantised parts follow the bf16 compute dtype.
     Raises ValueError with a one-line reason when the model cannot be found or loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if load_4bit and dtype is not None:
+        raise ValueError("dtype applies to full precision only: pass load_4bit=False with it")
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     settings = settings or Settings.from_env()
     model_id = (model_id or settings.model_id).strip()
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
     source, local_only = _source(model_id, settings)
-    kwargs = from_pretrained_kwargs(load_4bit=load_4bit, cuda=cuda, trust_remote_code=settings.trust_remote_code)
+    kwargs = from_pretrained_kwargs(
+        load_4bit=load_4bit, cuda=cuda, trust_remote_code=settings.trust_remote_code, dtype=dtype
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=settings.trust_remote_code, local_files_only=local_only

@@ -91,3 +91,21 @@ def test_cuda_path_kwargs(monkeypatch, tiny_qwen_dir):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot load model"):
         load_model("no-such-org/no-such-model", settings=Settings(cache_dir=tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_precision_dtype(tiny_qwen_dir, dtype):
+    lm = load_model(str(tiny_qwen_dir), load_4bit=False, dtype=dtype)
+    assert lm.quantization == "none" and lm.n_4bit_layers == 0
+    assert lm.dtype == str(dtype).removeprefix("torch.")
+    assert {p.dtype for p in lm.model.parameters()} == {dtype}
+    n = sum(p.numel() for p in lm.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in lm.model.buffers())  # rotary inv_freq
+    assert lm.weight_bytes == n * dtype.itemsize + buffers
+
+
+def test_dtype_with_4bit_is_an_error(tiny_qwen_dir):
+    with pytest.raises(ValueError, match="full precision only"):
+        load_model(str(tiny_qwen_dir), dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_model(str(tiny_qwen_dir), load_4bit=False, dtype=torch.int8)
