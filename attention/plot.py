@@ -8,15 +8,21 @@ what costs (~0.4 ms per label on this machine).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from matplotlib import colormaps
+from matplotlib.artist import Artist, allow_rasterization
 from matplotlib.axes import Axes
+from matplotlib.backend_bases import RendererBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox, Transform
 from torch import Tensor
 
 from .functional import keep_from_mask
@@ -74,6 +80,108 @@ def _xlabel_inches(labels: Sequence[str], size: float) -> float:
     return _text_inches(labels, size) * 0.87 + size / 72 * 0.6 + 0.08  # labels rotated by 60 degrees
 
 
+@functools.lru_cache(maxsize=4096)
+def _bitmap(text: str, size: float, rotation: float, ha: str, va: str, rotation_mode: str,
+            dpi: float) -> tuple[np.ndarray, float, float]:
+    """A string as matplotlib's own ``Text`` draws it: (coverage (h, w) uint8, dx, dy).
+
+    (dx, dy) is the offset in pixels (y down) of the bitmap's top-left corner from the text's
+    anchor point. Cached: a heatmap grid repeats the same few tokens, titles and values over and
+    over, across heads, panels and requests. The arrays are read-only, so threads can share them.
+    """
+    half = math.ceil(size * dpi / 72 * (len(text) + 2)) + 4  # wider than the text, at any rotation
+    fig = Figure(figsize=(2 * half / dpi, 2 * half / dpi), dpi=dpi)
+    fig.patch.set_visible(False)
+    fig.text(0.5, 0.5, text, fontsize=size, rotation=rotation, ha=ha, va=va, rotation_mode=rotation_mode)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    alpha = np.asarray(canvas.buffer_rgba())[..., 3]
+    anchor_x, anchor_y = fig.transFigure.transform((0.5, 0.5))
+    rows, cols = np.nonzero(alpha)
+    if rows.size == 0:
+        return np.zeros((0, 0), np.uint8), 0.0, 0.0
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return np.ascontiguousarray(alpha[r0:r1, c0:c1]), float(c0 - anchor_x), float(r0 - (alpha.shape[0] - anchor_y))
+
+
+class _Labels(Artist):
+    """Many short strings (token labels, titles, cell values) drawn as one artist.
+
+    matplotlib 3.11 positions and rasterizes every glyph of every ``Text`` in Python: ~0.5 ms a
+    label here, and a grid of 8 heads x 32 tokens has ~200 labels. On the Agg renderer (PNG, as
+    gradio's gr.Plot saves it) each string is drawn from a cached bitmap that ``Text`` itself
+    rendered once, i.e. the same pixels for ~20 us; on other renderers (PDF, SVG) every string is
+    drawn as a plain ``Text``. xy are anchor points in ``transform``'s coordinates.
+    """
+
+    zorder = 3  # as Text: above the heatmap image
+
+    def __init__(self, xy: Sequence[tuple[float, float]], texts: Sequence[str], transform: Transform, *,
+                 size: float, colors: str | Sequence[str] = "black", rotation: float = 0.0, ha: str = "center",
+                 va: str = "center", rotation_mode: str = "default") -> None:
+        super().__init__()
+        self._xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        self._texts = list(texts)
+        self._colors = [colors] * len(self._texts) if isinstance(colors, str) else list(colors)
+        if not len(self._xy) == len(self._texts) == len(self._colors):
+            raise ValueError("_Labels needs one position and one colour per string")
+        self._style = (float(size), float(rotation), ha, va, rotation_mode)
+        self.set_transform(transform)
+
+    def get_texts(self) -> list[str]:
+        """The strings drawn, in order."""
+        return list(self._texts)
+
+    def _placed(self, renderer: RendererBase) -> list[tuple[int, int, np.ndarray, str]]:
+        # (left, top, bitmap, colour) in pixels, y down, as the Agg buffer is laid out.
+        height = renderer.get_canvas_width_height()[1]
+        points = self.get_transform().transform(self._xy)
+        placed = []
+        for (x, y), text, colour in zip(points, self._texts, self._colors):
+            bitmap, dx, dy = _bitmap(text, *self._style, renderer.points_to_pixels(72.0))
+            if bitmap.size:
+                placed.append((round(x + dx), round(height - y + dy), bitmap, colour))
+        return placed
+
+    @allow_rasterization
+    def draw(self, renderer: RendererBase) -> None:
+        if not self.get_visible() or not self._texts:
+            return
+        if not isinstance(renderer, RendererAgg):
+            for text in self._as_text():
+                text.draw(renderer)
+            self.stale = False
+            return
+        gc = renderer.new_gc()
+        gc.set_alpha(self.get_alpha())
+        for left, top, bitmap, colour in self._placed(renderer):
+            gc.set_foreground(colour)
+            # the Agg call Text uses, glyph by glyph; its y is the bitmap's bottom edge
+            renderer._renderer.draw_text_image(bitmap, left, top + bitmap.shape[0], 0, gc)
+        gc.restore()
+        self.stale = False
+
+    def _as_text(self) -> list[Text]:
+        size, rotation, ha, va, rotation_mode = self._style
+        texts = []
+        for (x, y), text, colour in zip(self._xy, self._texts, self._colors):
+            t = Text(x, y, text, fontsize=size, rotation=rotation, ha=ha, va=va, rotation_mode=rotation_mode,
+                     color=colour, transform=self.get_transform(), alpha=self.get_alpha())
+            t.set_figure(self.get_figure(root=False))
+            texts.append(t)
+        return texts
+
+    def get_window_extent(self, renderer: RendererBase | None = None) -> Bbox:
+        if renderer is None:
+            renderer = self.get_figure(root=True)._get_renderer()
+        if not isinstance(renderer, RendererAgg):
+            return Bbox.union([t.get_window_extent(renderer) for t in self._as_text()] or [Bbox.null()])
+        height = renderer.get_canvas_width_height()[1]
+        boxes = [Bbox.from_extents(left, height - top - bitmap.shape[0], left + bitmap.shape[1], height - top)
+                 for left, top, bitmap, _ in self._placed(renderer)]
+        return Bbox.union(boxes) if boxes else Bbox.null()
+
+
 class _Layout:
     """Axes rectangles in inches measured from the figure's top-left corner."""
 
@@ -89,26 +197,20 @@ class _Layout:
 
 
 def _decorate(ax: Axes, tokens_q: list[str], tokens_k: list[str], size: float, *, xlabels: bool, ylabels: bool) -> None:
-    # Labels as plain text artists instead of ticks: a Tick is five artists and costs ~0.5 ms to
-    # build, which was a third of a head grid's time.
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    # No ticks at all: a Tick is five artists (~0.5 ms to build); labels are one _Labels artist per axis.
+    ax.set_axis_off()
     if ylabels:
-        at_left = ax.get_yaxis_transform()  # x in axes fraction, y in data
-        for i, tok in enumerate(tokens_q):
-            ax.text(-0.015, i, _label(tok), transform=at_left, ha="right", va="center", fontsize=size)
+        ax.add_artist(_Labels([(-0.015, i) for i in range(len(tokens_q))], [_label(t) for t in tokens_q],
+                              ax.get_yaxis_transform(), size=size, ha="right", va="center"))  # x: axes, y: data
     if xlabels:
-        below = ax.get_xaxis_transform()  # x in data, y in axes fraction
-        for j, tok in enumerate(tokens_k):
-            ax.text(j, -0.015, _label(tok), transform=below, ha="right", va="top", rotation=60,
-                    rotation_mode="anchor", fontsize=size)
+        ax.add_artist(_Labels([(j, -0.015) for j in range(len(tokens_k))], [_label(t) for t in tokens_k],
+                              ax.get_xaxis_transform(), size=size, ha="right", va="top", rotation=60,
+                              rotation_mode="anchor"))  # x: data, y: axes
 
 
 def _title(ax: Axes, text: str, size: float) -> None:
-    # A plain text artist: ax.set_title re-measures the tick labels to dodge them, which is slow.
-    ax.text(0.5, 1.0 + 0.02, text, transform=ax.transAxes, ha="center", va="bottom", fontsize=size)
+    # Not ax.set_title: it re-measures the axes' decorations to dodge them, which is slow.
+    ax.add_artist(_Labels([(0.5, 1.02)], [text], ax.transAxes, size=size, ha="center", va="bottom"))
 
 
 def _prob_text(v: float) -> str:
@@ -117,17 +219,25 @@ def _prob_text(v: float) -> str:
 
 def _annotate(ax: Axes, values: np.ndarray, norm: Normalize, cmap: Colormap, size: float, *, probs: bool,
               hidden: np.ndarray | None = None, hidden_text: str = "") -> None:
+    xy: list[tuple[int, int]] = []
+    texts: list[str] = []
+    colours: list[str] = []
+    rgb = cmap(norm(np.where(np.isfinite(values), values, 0.0)))  # (T, T, 4); -inf cells are hidden anyway
+    dark = rgb[..., :3] @ np.array([0.299, 0.587, 0.114]) < 0.5  # white text on dark cells
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             if hidden is not None and hidden[i, j]:
                 if hidden_text:
-                    ax.text(j, i, hidden_text, ha="center", va="center", fontsize=size, color="#555555")
+                    xy.append((j, i))
+                    texts.append(hidden_text)
+                    colours.append("#555555")
                 continue
             v = float(values[i, j])
-            r, g, b, _ = cmap(norm(v))
-            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(j, i, _prob_text(v) if probs else f"{v:.1f}", ha="center", va="center", fontsize=size,
-                    color="white" if dark else "black")
+            xy.append((j, i))
+            texts.append(_prob_text(v) if probs else f"{v:.1f}")
+            colours.append("white" if dark[i, j] else "black")
+    if texts:
+        ax.add_artist(_Labels(xy, texts, ax.transData, size=size, colors=colours))
 
 
 def _grid(n: int) -> tuple[int, int]:

@@ -16,7 +16,9 @@ SENTENCE = "The cat sat on the mat, and the dog barked."
 
 
 def _texts(fig: Figure) -> list[str]:
-    return [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+    """Every string the figure draws: Text artists, and the batched labels of attention.plot."""
+    batched = [s for ax in fig.axes for a in ax.artists if hasattr(a, "get_texts") for s in a.get_texts()]
+    return [t.get_text() for ax in fig.axes for t in ax.texts] + batched + [t.get_text() for t in fig.texts]
 
 
 def _heatmap_axes(fig: Figure) -> list:
@@ -158,8 +160,7 @@ def test_plot_head_and_steps():
     fig = plot_steps(steps, result.tokens)
     heatmaps = _heatmap_axes(fig)
     assert len(heatmaps) == 4
-    assert [t.get_text() for ax in heatmaps for t in ax.texts if t.get_text() in {"QKᵀ", "÷ √d_k", "mask", "softmax"}] \
-        == ["QKᵀ", "÷ √d_k", "mask", "softmax"]
+    assert [t for t in _texts(fig) if t in {"QKᵀ", "÷ √d_k", "mask", "softmax"}] == ["QKᵀ", "÷ √d_k", "mask", "softmax"]
     texts = _texts(fig)
     assert texts.count("−∞") == 21  # 7 tokens: 21 future cells, written only in the "mask" panel
     mask_image = heatmaps[2].images[0].get_array()

@@ -1,0 +1,100 @@
+"""Benchmark: server time of one Attention Lab update, the way the app and gradio do it.
+
+    python bench/lab_update.py               # T in {8, 16, 32} x heads {1, 4, 8}, 30 reps each
+    python bench/lab_update.py --reps 10 --tokens 32 --heads 8
+
+One update = run_lab + plot_heads (the grid) + plot_steps (the step-by-step view of head 0), each
+figure turned into a PNG data URL by ``gr.Plot(format="png").postprocess`` itself (gradio 6:
+``processing_utils.encode_plot_to_base64``, a plain ``Figure.savefig(format="png")`` at the
+figure's dpi, no tight bbox, then ``plt.close``). "grid" columns time run_lab + plot_heads +
+its PNG only; "update" adds plot_steps and its PNG. The machine is shared, so CPU time
+(time.process_time, all threads of this process) is reported as best and median over --reps
+runs after two warm-up runs, next to wall time (median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr  # noqa: E402
+import matplotlib  # noqa: E402
+import torch  # noqa: E402
+
+from attention.lab import LabConfig, run_lab  # noqa: E402
+from attention.plot import plot_heads, plot_steps  # noqa: E402
+
+WORDS = ("The teacher wrote a short sentence on the board , and every student in the room watched how each "
+         "word looked back at the words before it while the heads of attention lit up one by one .").split()
+
+
+def _sentence(n: int) -> str:
+    return " ".join((WORDS * (n // len(WORDS) + 1))[:n])
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), load {load}; "
+            f"matplotlib {matplotlib.__version__} ({matplotlib.get_backend()}), gradio {gr.__version__}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def _update(cfg: LabConfig, plot: gr.Plot, steps: bool) -> int:
+    result = run_lab(cfg)
+    heads = int(result.weights.shape[0])
+    title = f"{heads} heads × d_k={cfg.emb_dim // heads} · {cfg.n_kv_heads} K/V heads · causal"
+    size = len(plot.postprocess(plot_heads(result.weights, result.tokens, title=title)).plot)
+    if steps:
+        size += len(plot.postprocess(plot_steps(result.explain(0), result.tokens)).plot)
+    return size
+
+
+def _measure(cfg: LabConfig, plot: gr.Plot, steps: bool, reps: int) -> tuple[float, float, float]:
+    for _ in range(2):
+        _update(cfg, plot, steps)
+    cpu, wall = [], []
+    for _ in range(reps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        _update(cfg, plot, steps)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return min(cpu) * 1e3, statistics.median(cpu) * 1e3, statistics.median(wall) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--heads", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    plot = gr.Plot(format="png")
+    print(f"Machine: {_machine()}\n")
+    print("| T | heads | grid CPU ms best | grid CPU ms median | grid wall ms median "
+          "| update CPU ms best | update CPU ms median | update wall ms median |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in args.tokens:
+        for h in args.heads:
+            cfg = LabConfig(_sentence(t), emb_dim=64, n_heads=h, n_kv_heads=h, causal=True, multi_head=h > 1)
+            grid = _measure(cfg, plot, False, args.reps)
+            full = _measure(cfg, plot, True, args.reps)
+            print(f"| {t} | {h} | " + " | ".join(f"{v:.0f}" for v in (*grid, *full)) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
