@@ -446,24 +446,38 @@ class LabApp:
         multi_head: bool,
         head: float,
     ) -> tuple[Any, Any, Any, Any, Any]:
-        """UI: recompute the lab; bad settings -> gr.Warning and the previous plots stay."""
+        """UI: recompute the lab -> (heatmaps, trace rows, notice, head slider, result for `steps_update`).
+
+        The step-by-step figure follows in a chained event from the stored result, so the heatmaps
+        show up without waiting for it. Bad settings -> gr.Warning and the previous plots stay.
+        """
         try:
             cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
             result = run_lab(cfg)
             heat = lab_figure(cfg, result)
-            steps = steps_figure(result, head)
         except ValueError as exc:
             gr.Warning(str(exc), title="Invalid settings")
-            return gr.skip(), gr.skip(), gr.skip(), f"**Not drawn:** {exc}", gr.skip()
+            return gr.skip(), gr.skip(), f"**Not drawn:** {exc}", gr.skip(), None
         n_heads_out = int(result.weights.shape[0])
         return (
             heat,
             trace_rows(result.trace),
-            steps,
             lab_notice(cfg, result),
             gr.Slider(maximum=max(n_heads_out - 1, 1), value=min(int(head or 0), n_heads_out - 1),
                       interactive=n_heads_out > 1),
+            result,
         )
+
+    @staticmethod
+    def steps_update(result: Any, head: float) -> Any:
+        """UI: the step-by-step view of one head of the last lab result (nothing recomputed)."""
+        if result is None:
+            return gr.skip()
+        try:
+            return steps_figure(result, head)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.skip()
 
     def attention_api(
         self,
@@ -482,15 +496,6 @@ class LabApp:
             return lab_figure(cfg, run_lab(cfg))
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid settings") from None
-
-    def steps_update(self, text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head, head):
-        """UI: only the step-by-step view for another head."""
-        try:
-            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
-            return steps_figure(run_lab(cfg), head)
-        except ValueError as exc:
-            gr.Warning(str(exc), title="Invalid settings")
-            return gr.skip()
 
     # -- Chat ---------------------------------------------------------------------------------
 
@@ -971,21 +976,24 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                                     label="repetition penalty")
                     seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="chat-seed")
         go = gr.State(False)
+        lab_result = gr.State(None)  # this user's last LabResult, for the step-by-step view
 
         # -- wiring: Attention Lab ----------------------------------------------------------
         # Its own concurrency group with more slots than the chat has: never stuck behind a reply.
         lab_kw = dict(concurrency_id=LAB_GROUP, concurrency_limit=LAB_CONCURRENCY)
         lab_inputs = [text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head]
         redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head],
-                      outputs=[heatmaps, trace, steps, lab_msg, head], show_progress="minimal", **lab_kw)
+                      outputs=[heatmaps, trace, lab_msg, head, lab_result], show_progress="minimal", **lab_kw)
+        explain = dict(fn=state.steps_update, inputs=[lab_result, head], outputs=[steps], show_progress="minimal",
+                       api_visibility="private", **lab_kw)
         gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
-               multi_head.input, n_heads.input], **redraw, api_name="lab_update", api_visibility="undocumented")
+               multi_head.input, n_heads.input], **redraw, api_name="lab_update",
+              api_visibility="undocumented").then(**explain)
         # Handlers that may call gr.Warning go through the queue: toasts travel on its event stream.
         emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
-                        api_visibility="private", **lab_kw).then(**redraw, api_visibility="private")
-        head.release(state.steps_update, [*lab_inputs, head], [steps], show_progress="minimal",
-                     api_visibility="private", **lab_kw)
-        demo.load(**redraw, api_visibility="private")
+                        api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
+        head.release(**explain)
+        demo.load(**redraw, api_visibility="private").then(**explain)
         gr.on([], state.attention_api, inputs=lab_inputs, outputs=[heatmaps], api_name="attention", **lab_kw)
 
         # -- wiring: chat ---------------------------------------------------------------------
@@ -1005,8 +1013,9 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                     **private)
         msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
                    show_progress="hidden", **private)
-        timer.tick(state.status_tick, [user_stats], [status, timer, layer], queue=False, show_progress="hidden",
-                   **private)
+        # On page load too: the Markdown's initial value is frozen at build time ("Loading ...").
+        gr.on([demo.load, timer.tick], state.status_tick, [user_stats], [status, timer, layer], queue=False,
+              show_progress="hidden", **private)
 
         # -- wiring: inside the chat model (forward passes of the shared model, bounded) ----------
         inspect_kw = dict(concurrency_id=INSPECT_GROUP, concurrency_limit=INSPECT_CONCURRENCY)

@@ -238,8 +238,9 @@ def test_chat_says_loading_while_the_model_loads():
     assert go is False
     assert "Loading" in lab.status_markdown()
     # the Attention Lab works meanwhile
-    heat, rows, steps, notice, _ = lab.lab_update(app.DEFAULT_SENTENCE, 32, 4, 4, 0.0, 0, False, True, 0)
+    heat, rows, notice, _, result = lab.lab_update(app.DEFAULT_SENTENCE, 32, 4, 4, 0.0, 0, False, True, 0)
     assert heat is not None and [r[0] for r in rows][:3] == ["Q", "K", "V"]
+    assert notice.startswith("11 tokens") and lab.steps_update(result, 2) is not None
 
 
 def test_model_that_fails_to_load_is_reported(tmp_path):

@@ -60,10 +60,11 @@ def wait_changed(get, old, timeout_s: float = 30):
 def test_page_loads_with_both_tabs(page):
     assert page.get_by_role("tab", name="Attention Lab").is_visible()
     assert page.get_by_role("tab", name="4-bit Chat").is_visible()
-    assert page.locator("#lab-steps img").is_visible()
+    page.wait_for_selector("#lab-steps img", timeout=30_000)  # drawn by the chained step-view event
     page.locator("#lab-trace").scroll_into_view_if_needed()
     assert trace_column(page, 0) == ["Q", "K", "V", "scores", "weights", "context", "concat", "out"]
     assert trace_column(page, 1)[3] == "(1, 4, 11, 11)"  # scores: (B, H, T, T) for the 11-token sentence
+    page.wait_for_function("document.querySelector('#status-line').innerText.includes('4-bit: on')")
     status = page.locator("#status-line").inner_text()
     assert "google/gemma-3-270m" in status and "4-bit: on" in status and "MiB" in status
 
