@@ -1,9 +1,11 @@
 """Classroom-friendly attention heatmaps, built on ``matplotlib.figure.Figure`` (never pyplot).
 
-Rows are queries ("who is looking"), columns are keys ("who is looked at"). Axes are placed by
-hand (constrained layout measured ~0.3 s for 8 heads here) at a low dpi, and only the outer
-heatmaps carry tick labels, so that an Attention Lab update stays cheap on a small CPU: text is
-what costs (~0.4 ms per label on this machine).
+Rows are queries ("who is looking"), columns are keys ("who is looked at"). Made to be cheap
+enough to redraw on every slider release on a 2-core CPU (bench/lab_update.py): the layout is
+computed by hand in inches (constrained layout measured ~0.3 s for 8 heads), every heatmap is an
+image in one Axes that spans the figure (an Axes costs ~3 ms to build, a colour bar ~8 ms), and
+all text is drawn by ``_Labels`` from cached bitmaps (a ``Text`` costs ~0.5 ms in matplotlib
+3.11, and a grid of 8 heads x 32 tokens has ~200 labels). Only the outer heatmaps carry labels.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from matplotlib.backend_bases import RendererBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox, Transform
 from torch import Tensor
@@ -87,7 +93,8 @@ def _bitmap(text: str, size: float, rotation: float, ha: str, va: str, rotation_
 
     (dx, dy) is the offset in pixels (y down) of the bitmap's top-left corner from the text's
     anchor point. Cached: a heatmap grid repeats the same few tokens, titles and values over and
-    over, across heads, panels and requests. The arrays are read-only, so threads can share them.
+    over, across heads, panels and requests. Threads share the arrays, so nothing may write to them
+    (they are not flagged read-only only because Agg's draw_text_image insists on a mutable buffer).
     """
     half = math.ceil(size * dpi / 72 * (len(text) + 2)) + 4  # wider than the text, at any rotation
     fig = Figure(figsize=(2 * half / dpi, 2 * half / dpi), dpi=dpi)
@@ -117,8 +124,8 @@ class _Labels(Artist):
     zorder = 3  # as Text: above the heatmap image
 
     def __init__(self, xy: Sequence[tuple[float, float]], texts: Sequence[str], transform: Transform, *,
-                 size: float, colors: str | Sequence[str] = "black", rotation: float = 0.0, ha: str = "center",
-                 va: str = "center", rotation_mode: str = "default") -> None:
+                 size: float, colors: str | Sequence[str] = "black", rotation: float = 0.0, ha: str = "left",
+                 va: str = "baseline", rotation_mode: str = "default") -> None:
         super().__init__()
         self._xy = np.asarray(xy, dtype=float).reshape(-1, 2)
         self._texts = list(texts)
@@ -132,14 +139,14 @@ class _Labels(Artist):
         """The strings drawn, in order."""
         return list(self._texts)
 
-    def _placed(self, renderer: RendererBase) -> list[tuple[int, int, np.ndarray, str]]:
+    def _placed(self, renderer: RendererBase, keep_empty: bool = False) -> list[tuple[int, int, np.ndarray, str]]:
         # (left, top, bitmap, colour) in pixels, y down, as the Agg buffer is laid out.
         height = renderer.get_canvas_width_height()[1]
         points = self.get_transform().transform(self._xy)
         placed = []
         for (x, y), text, colour in zip(points, self._texts, self._colors):
             bitmap, dx, dy = _bitmap(text, *self._style, renderer.points_to_pixels(72.0))
-            if bitmap.size:
+            if bitmap.size or keep_empty:
                 placed.append((round(x + dx), round(height - y + dy), bitmap, colour))
         return placed
 
@@ -171,55 +178,71 @@ class _Labels(Artist):
             texts.append(t)
         return texts
 
-    def get_window_extent(self, renderer: RendererBase | None = None) -> Bbox:
+    def get_window_extents(self, renderer: RendererBase | None = None) -> list[Bbox]:
+        """The display box of every string, in order (empty strings get a null box)."""
         if renderer is None:
             renderer = self.get_figure(root=True)._get_renderer()
         if not isinstance(renderer, RendererAgg):
-            return Bbox.union([t.get_window_extent(renderer) for t in self._as_text()] or [Bbox.null()])
+            return [t.get_window_extent(renderer) for t in self._as_text()]
         height = renderer.get_canvas_width_height()[1]
-        boxes = [Bbox.from_extents(left, height - top - bitmap.shape[0], left + bitmap.shape[1], height - top)
-                 for left, top, bitmap, _ in self._placed(renderer)]
-        return Bbox.union(boxes) if boxes else Bbox.null()
+        return [Bbox.from_extents(left, height - top - bitmap.shape[0], left + bitmap.shape[1], height - top)
+                if bitmap.size else Bbox.null() for left, top, bitmap, _ in self._placed(renderer, keep_empty=True)]
+
+    def get_window_extent(self, renderer: RendererBase | None = None) -> Bbox:
+        # what bbox_inches="tight" and constrained layouts ask for
+        return Bbox.union([b for b in self.get_window_extents(renderer) if b.width > 0] or [Bbox.null()])
 
 
-class _Layout:
-    """Axes rectangles in inches measured from the figure's top-left corner."""
+def _canvas(width: float, height: float) -> tuple[Figure, Axes]:
+    """A figure (inches) and one Axes spanning it whose data coordinates are inches from the top-left corner.
 
-    def __init__(self, width: float, height: float) -> None:
-        self.width, self.height = width, height
-
-    def rect(self, x: float, y_top: float, w: float, h: float) -> list[float]:
-        """[left, bottom, width, height] in figure fractions."""
-        return [x / self.width, 1 - (y_top + h) / self.height, w / self.width, h / self.height]
-
-    def text(self, fig: Figure, x: float, y_top: float, s: str, **kw: object) -> None:
-        fig.text(x / self.width, 1 - y_top / self.height, s, ha="center", va="center", **kw)
-
-
-def _decorate(ax: Axes, tokens_q: list[str], tokens_k: list[str], size: float, *, xlabels: bool, ylabels: bool) -> None:
-    # No ticks at all: a Tick is five artists (~0.5 ms to build); labels are one _Labels artist per axis.
+    Every heatmap is an image placed in this one Axes, every label a _Labels artist in it: an
+    Axes costs ~3 ms to build here (ticks, spines, callbacks) and a colour bar ~8 ms, which was
+    most of a figure's time once the labels were cheap.
+    """
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     ax.set_axis_off()
+    ax.set_xlim(0.0, width)
+    ax.set_ylim(height, 0.0)  # y grows downwards, as the layout is written
+    return fig, ax
+
+
+def _text(ax: Axes, x: float, y: float, text: str, size: float, *, va: str = "center", **kw: object) -> None:
+    """One string centred on x (inches from the top-left corner)."""
+    ax.add_artist(_Labels([(x, y)], [text], ax.transData, size=size, ha="center", va=va, **kw))
+
+
+def _heatmap(ax: Axes, x: float, y: float, w: float, h: float, data: np.ndarray, cmap: Colormap, norm: Normalize,
+             label: str) -> AxesImage:
+    # extent (left, right, bottom, top): row 0 at the top edge y, as in a matrix
+    return ax.imshow(data, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto", extent=(x, x + w, y + h, y),
+                     label=label)
+
+
+def _decorate(ax: Axes, x: float, y: float, w: float, h: float, tokens_q: list[str], tokens_k: list[str],
+              size: float, *, xlabels: bool, ylabels: bool) -> None:
+    """Query labels left of the heatmap at (x, y, w, h), key labels under it (rotated), one per cell."""
     if ylabels:
-        ax.add_artist(_Labels([(-0.015, i) for i in range(len(tokens_q))], [_label(t) for t in tokens_q],
-                              ax.get_yaxis_transform(), size=size, ha="right", va="center"))  # x: axes, y: data
+        dy = h / len(tokens_q)
+        ax.add_artist(_Labels([(x - 0.015 * w, y + (i + 0.5) * dy) for i in range(len(tokens_q))],
+                              [_label(t) for t in tokens_q], ax.transData, size=size, ha="right", va="center"))
     if xlabels:
-        ax.add_artist(_Labels([(j, -0.015) for j in range(len(tokens_k))], [_label(t) for t in tokens_k],
-                              ax.get_xaxis_transform(), size=size, ha="right", va="top", rotation=60,
-                              rotation_mode="anchor"))  # x: data, y: axes
-
-
-def _title(ax: Axes, text: str, size: float) -> None:
-    # Not ax.set_title: it re-measures the axes' decorations to dodge them, which is slow.
-    ax.add_artist(_Labels([(0.5, 1.02)], [text], ax.transAxes, size=size, ha="center", va="bottom"))
+        dx = w / len(tokens_k)
+        ax.add_artist(_Labels([(x + (j + 0.5) * dx, y + h * 1.015) for j in range(len(tokens_k))],
+                              [_label(t) for t in tokens_k], ax.transData, size=size, ha="right", va="top",
+                              rotation=60, rotation_mode="anchor"))
 
 
 def _prob_text(v: float) -> str:
     return f"{v:.2f}".removeprefix("0")  # ".43" fits a small cell better than "0.43"
 
 
-def _annotate(ax: Axes, values: np.ndarray, norm: Normalize, cmap: Colormap, size: float, *, probs: bool,
-              hidden: np.ndarray | None = None, hidden_text: str = "") -> None:
-    xy: list[tuple[int, int]] = []
+def _annotate(ax: Axes, x: float, y: float, w: float, h: float, values: np.ndarray, norm: Normalize, cmap: Colormap,
+              size: float, *, probs: bool, hidden: np.ndarray | None = None, hidden_text: str = "") -> None:
+    """The value of every cell of the heatmap at (x, y, w, h), white on dark cells."""
+    dx, dy = w / values.shape[1], h / values.shape[0]
+    xy: list[tuple[float, float]] = []
     texts: list[str] = []
     colours: list[str] = []
     rgb = cmap(norm(np.where(np.isfinite(values), values, 0.0)))  # (T, T, 4); -inf cells are hidden anyway
@@ -228,16 +251,16 @@ def _annotate(ax: Axes, values: np.ndarray, norm: Normalize, cmap: Colormap, siz
         for j in range(values.shape[1]):
             if hidden is not None and hidden[i, j]:
                 if hidden_text:
-                    xy.append((j, i))
+                    xy.append((x + (j + 0.5) * dx, y + (i + 0.5) * dy))
                     texts.append(hidden_text)
                     colours.append("#555555")
                 continue
             v = float(values[i, j])
-            xy.append((j, i))
+            xy.append((x + (j + 0.5) * dx, y + (i + 0.5) * dy))
             texts.append(_prob_text(v) if probs else f"{v:.1f}")
             colours.append("white" if dark[i, j] else "black")
     if texts:
-        ax.add_artist(_Labels(xy, texts, ax.transData, size=size, colors=colours))
+        ax.add_artist(_Labels(xy, texts, ax.transData, size=size, colors=colours, ha="center", va="center"))
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -304,8 +327,7 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     grid_w = cols * cell_w + (cols - 1) * gap_w
     grid_h = rows * cell_h + (rows - 1) * gap_h
     width, height = left + grid_w + 0.2 + 0.15 + 0.75, top + head_title + grid_h + bottom
-    lay = _Layout(width, height)
-    fig = Figure(figsize=(width, height), dpi=DPI)
+    fig, ax = _canvas(width, height)
 
     values = _as_numpy(weights)
     norm = Normalize(0.0, max(1.0, float(values.max())))  # dropout scales survivors by 1/(1-p): keep them on scale
@@ -316,21 +338,40 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     image = None
     for h in range(n_heads):
         r, c = divmod(h, cols)
-        ax = fig.add_axes(lay.rect(left + c * (cell_w + gap_w), top + head_title + r * (cell_h + gap_h), cell_w, cell_h))
-        image = ax.imshow(shown[h], cmap=colours, norm=norm, interpolation="nearest", aspect="auto")
-        _decorate(ax, tokens_q, toks, size, xlabels=h + cols >= n_heads, ylabels=c == 0)
+        x, y = left + c * (cell_w + gap_w), top + head_title + r * (cell_h + gap_h)
+        image = _heatmap(ax, x, y, cell_w, cell_h, shown[h], colours, norm, subtitles[h] if subtitles else "head")
+        _decorate(ax, x, y, cell_w, cell_h, tokens_q, toks, size, xlabels=h + cols >= n_heads, ylabels=c == 0)
         if subtitles:
-            _title(ax, subtitles[h], 10)
+            _text(ax, x + cell_w / 2, y - 0.02 * cell_h, subtitles[h], 10, va="bottom")
         if annotate:
-            _annotate(ax, values[h], norm, colours, max(6.0, size - 1), probs=True, hidden=zero[h])
-    cax = fig.add_axes(lay.rect(left + grid_w + 0.2, top + head_title, 0.15, grid_h))
+            _annotate(ax, x, y, cell_w, cell_h, values[h], norm, colours, max(6.0, size - 1), probs=True,
+                      hidden=zero[h])
+    # The one real colour bar (its own Axes): shared by all heads, 0..1.
+    cax = fig.add_axes(((left + grid_w + 0.2) / width, 1 - (top + head_title + grid_h) / height, 0.15 / width,
+                        grid_h / height), label="colour bar")
     fig.colorbar(image, cax=cax, label="attention weight")
     if title:
-        lay.text(fig, width / 2, 0.25, title, fontsize=12)
+        _text(ax, width / 2, 0.25, title, 12)
     caption = "key (attended to)" + ("      grey = weight 0 (masked or dropped)" if zero.any() else "")
-    lay.text(fig, left + grid_w / 2, height - 0.2, caption, fontsize=9)
-    lay.text(fig, 0.15, top + head_title + grid_h / 2, "query (attending)", rotation=90, fontsize=9)
+    _text(ax, left + grid_w / 2, height - 0.2, caption, 9)
+    _text(ax, 0.15, top + head_title + grid_h / 2, "query (attending)", 9, rotation=90)
     return fig
+
+
+def _colour_strip(ax: Axes, x: float, y: float, w: float, h: float, cmap: Colormap, norm: Normalize,
+                  label: str) -> None:
+    """A horizontal colour bar drawn in ax (an image, an outline, ticks): a real one costs an Axes."""
+    lo, hi = float(norm.vmin), float(norm.vmax)
+    ax.imshow(np.linspace(lo, hi, 256)[None], cmap=cmap, norm=norm, interpolation="nearest", aspect="auto",
+              extent=(x, x + w, y + h, y), label=label)
+    ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="black", linewidth=0.8))
+    ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 5, 10]).tick_values(lo, hi)
+             if lo - 1e-9 * (hi - lo) <= t <= hi + 1e-9 * (hi - lo)]
+    at = [x + w * (t - lo) / (hi - lo) for t in ticks]
+    ax.add_line(Line2D([v for t in at for v in (t, t, np.nan)], [v for _ in at for v in (y + h, y + h + 0.05, np.nan)],
+                       color="black", linewidth=0.8))
+    ax.add_artist(_Labels([(t, y + h + 0.07) for t in at], [f"{t:g}".replace("-", "−") for t in ticks],
+                          ax.transData, size=8, ha="center", va="top"))
 
 
 def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Figure:
@@ -363,8 +404,7 @@ def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Fi
     left, top, cbar_gap, cbar_h = _text_inches(tokens_q, size) + 0.15, 0.75, xlab + 0.1, 0.12
     width = left + n * panel_w + (n - 1) * gap_w + 0.2
     height = top + panel_h + cbar_gap + cbar_h + 0.35
-    lay = _Layout(width, height)
-    fig = Figure(figsize=(width, height), dpi=DPI)
+    fig, ax = _canvas(width, height)
     hidden: np.ndarray | None = None
     for idx, (label, mat) in enumerate(checked):
         values = _as_numpy(mat)
@@ -382,18 +422,16 @@ def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Fi
             bound = float(np.abs(finite).max()) if finite.size else 1.0
             norm = TwoSlopeNorm(0.0, -(bound or 1.0), bound or 1.0)
         x = left + idx * (panel_w + gap_w)
-        ax = fig.add_axes(lay.rect(x, top, panel_w, panel_h))
-        image = ax.imshow(shown, cmap=colours, norm=norm, interpolation="nearest", aspect="auto")
-        _decorate(ax, tokens_q, toks, size, xlabels=True, ylabels=idx == 0)
-        _title(ax, label, 12)
+        _heatmap(ax, x, top, panel_w, panel_h, shown, colours, norm, label)
+        _decorate(ax, x, top, panel_w, panel_h, tokens_q, toks, size, xlabels=True, ylabels=idx == 0)
+        _text(ax, x + panel_w / 2, top - 0.02 * panel_h, label, 12, va="bottom")
         if t_k <= ANNOTATE_MAX_TOKENS:
-            _annotate(ax, values, norm, colours, max(6.0, size - 1), probs=probs, hidden=hidden,
-                      hidden_text="" if probs else "−∞")
-        cax = fig.add_axes(lay.rect(x + 0.1 * panel_w, top + panel_h + cbar_gap, 0.8 * panel_w, cbar_h))
-        fig.colorbar(image, cax=cax, orientation="horizontal")
-        cax.tick_params(labelsize=8)
+            _annotate(ax, x, top, panel_w, panel_h, values, norm, colours, max(6.0, size - 1), probs=probs,
+                      hidden=hidden, hidden_text="" if probs else "−∞")
+        _colour_strip(ax, x + 0.1 * panel_w, top + panel_h + cbar_gap, 0.8 * panel_w, cbar_h, colours, norm,
+                      f"colour bar: {label}")
     note = "rows: queries · columns: keys"
     if hidden is not None and bool(hidden.any()):
         note += " · grey = masked (−∞ before softmax, weight 0 after)"
-    lay.text(fig, width / 2, 0.2, note, fontsize=9, color="#444444")
+    _text(ax, width / 2, 0.2, note, 9, colors="#444444")
     return fig

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 from torch.testing import assert_close
 
 from attention.lab import LabConfig, run_lab, tokenize, toy_embeddings, valid_head_counts
@@ -21,8 +25,9 @@ def _texts(fig: Figure) -> list[str]:
     return [t.get_text() for ax in fig.axes for t in ax.texts] + batched + [t.get_text() for t in fig.texts]
 
 
-def _heatmap_axes(fig: Figure) -> list:
-    return [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+def _heatmaps(fig: Figure) -> list:
+    """The heatmap images, in drawing order (plot_steps' colour bars excluded)."""
+    return [im for ax in fig.axes for im in ax.images if not im.get_label().startswith("colour bar")]
 
 
 def test_valid_head_counts():
@@ -122,25 +127,63 @@ def test_single_head_ignores_head_sliders():
     assert cfg.heads == 1 and run_lab(cfg).weights.shape == (1, 12, 12)
 
 
+def _extents(images) -> list[tuple[float, float, float, float]]:
+    return [tuple(float(v) for v in im.get_extent()) for im in images]
+
+
+def _label_boxes(fig: Figure, strings: list[str]) -> list[list]:
+    """Display boxes of every batched label artist drawing exactly these strings, after a draw."""
+    renderer = fig._get_renderer()
+    return [a.get_window_extents(renderer) for ax in fig.axes for a in ax.artists
+            if hasattr(a, "get_texts") and a.get_texts() == strings]
+
+
 @pytest.mark.parametrize("n_heads,grid", [(1, (1, 1)), (4, (1, 4)), (6, (2, 3)), (8, (2, 4)), (16, (4, 4))])
 def test_plot_heads_axes_titles_labels(n_heads, grid):
     result = run_lab(LabConfig(SENTENCE, emb_dim=48, n_heads=n_heads, n_kv_heads=1 if n_heads > 1 else None,
                                causal=True))
     fig = plot_heads(result.weights, result.tokens, title="Attention", kv_groups=result.kv_groups)
     assert isinstance(fig, Figure)
-    heatmaps = _heatmap_axes(fig)
-    assert len(heatmaps) == n_heads
-    assert len(fig.axes) == n_heads + 1  # plus the one shared colour bar
+    heatmaps = _heatmaps(fig)
+    assert [im.get_label() for im in heatmaps] == [f"head {h} · KV head 0" for h in range(n_heads)]
+    for h, im in enumerate(heatmaps):
+        assert_close(torch.as_tensor(im.get_array().filled(0.0)), result.weights[h])
+    # one image per head, all the same size, laid out in a rows x cols grid without overlap
+    rows, cols = grid
+    boxes = _extents(heatmaps)
+    assert len({round(b[0], 6) for b in boxes}) == cols and len({round(b[3], 6) for b in boxes}) == rows
+    assert len({(round(b[1] - b[0], 6), round(b[2] - b[3], 6)) for b in boxes}) == 1
+    for i, (l1, r1, b1, t1) in enumerate(boxes):
+        for l2, r2, b2, t2 in boxes[i + 1:]:
+            assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1
+    # one shared colour bar, 0..1, in its own Axes
+    assert len(fig.axes) == 2 and fig.axes[-1].get_label() == "colour bar"
     cbar = fig.axes[-1]
     assert cbar.get_ylabel() == "attention weight" and cbar.get_ylim() == (0.0, 1.0)
     texts = _texts(fig)
-    assert "Attention" in texts
+    assert "Attention" in texts and "query (attending)" in texts
     assert [f"head {h} · KV head 0" for h in range(n_heads)] == [t for t in texts if t.startswith("head ")]
-    rows, cols = grid
     # query labels on the left column, key labels under the bottom row: every token on both axes
     assert texts.count("cat") == rows + cols
     assert any("masked" in t for t in texts)  # causal zeros are explained
     fig.savefig(io.BytesIO(), format="png")
+
+
+def test_plot_heads_labels_sit_on_their_cells():
+    result = run_lab(LabConfig(SENTENCE, n_heads=1, multi_head=False))
+    fig = plot_heads(result.weights, result.tokens)
+    fig.canvas.draw()
+    (image,) = _heatmaps(fig)
+    box = image.get_window_extent()
+    t = len(result.tokens)
+    row_h, col_w = box.height / t, box.width / t
+    ylabels, xlabels = sorted(_label_boxes(fig, result.tokens), key=lambda boxes: boxes[0].x0)
+    for i, lab in enumerate(ylabels):  # right of each query label just left of the image, centred on its row
+        assert box.x0 - 8 < lab.x1 <= box.x0
+        assert abs((lab.y0 + lab.y1) / 2 - (box.y1 - (i + 0.5) * row_h)) < 0.2 * row_h  # ink, not line, centre
+        assert lab.height > 5 or not result.tokens[i].isalnum()  # drawn, and big enough to read ("," is small)
+    for j, lab in enumerate(xlabels):  # rotated key labels end under their column
+        assert lab.y1 <= box.y0 and abs(lab.x1 - (box.x0 + (j + 0.5) * col_w)) < 0.5 * col_w
 
 
 def test_plot_heads_annotates_small_inputs_only():
@@ -152,21 +195,96 @@ def test_plot_heads_annotates_small_inputs_only():
     assert not [t for t in _texts(plot_heads(big.weights, big.tokens)) if t.startswith(".")]
 
 
+def test_plot_heads_32_tokens_8_heads_labels_every_token():
+    words = [f"w{i}" for i in range(32)]
+    result = run_lab(LabConfig(" ".join(words), n_heads=8))
+    fig = plot_heads(result.weights, result.tokens)
+    texts = _texts(fig)
+    assert all(texts.count(w) == 2 + 4 for w in words)  # 2 rows of query labels, 4 columns of key labels
+    assert len(_heatmaps(fig)) == 8
+
+
 def test_plot_head_and_steps():
     result = run_lab(LabConfig("The cat sat on the mat .", causal=True))
     fig = plot_head(result.weights[0], result.tokens, title="head 0")
-    assert len(_heatmap_axes(fig)) == 1 and "head 0" in _texts(fig)
+    assert len(_heatmaps(fig)) == 1 and "head 0" in _texts(fig)
     steps = result.explain(0)
     fig = plot_steps(steps, result.tokens)
-    heatmaps = _heatmap_axes(fig)
-    assert len(heatmaps) == 4
-    assert [t for t in _texts(fig) if t in {"QKᵀ", "÷ √d_k", "mask", "softmax"}] == ["QKᵀ", "÷ √d_k", "mask", "softmax"]
+    heatmaps = _heatmaps(fig)
+    assert [im.get_label() for im in heatmaps] == ["QKᵀ", "÷ √d_k", "mask", "softmax"]
+    for im, (_, mat) in zip(heatmaps, steps):
+        assert im.get_array().shape == mat.shape
     texts = _texts(fig)
+    assert [t for t in texts if t in {"QKᵀ", "÷ √d_k", "mask", "softmax"}] == ["QKᵀ", "÷ √d_k", "mask", "softmax"]
     assert texts.count("−∞") == 21  # 7 tokens: 21 future cells, written only in the "mask" panel
-    mask_image = heatmaps[2].images[0].get_array()
+    mask_image = heatmaps[2].get_array()
     assert mask_image.mask.sum() == 21  # masked cells drawn as "bad" (grey)
-    assert heatmaps[2].images[0].get_cmap().get_bad().tolist() == list(_rgba(MASKED_COLOUR))
-    fig.savefig(io.BytesIO(), format="png")
+    assert heatmaps[2].get_cmap().get_bad().tolist() == list(_rgba(MASKED_COLOUR))
+    # a colour bar under every panel, on that panel's scale: symmetric around 0 for scores, 0..1 for softmax
+    strips = [im for ax in fig.axes for im in ax.images if im.get_label().startswith("colour bar")]
+    assert [im.get_label() for im in strips] == [f"colour bar: {label}" for label, _ in steps]
+    for strip, im in zip(strips, heatmaps):
+        assert (strip.norm.vmin, strip.norm.vmax) == (im.norm.vmin, im.norm.vmax)
+    assert strips[0].norm.vmin == -strips[0].norm.vmax and (strips[3].norm.vmin, strips[3].norm.vmax) == (0, 1)
+    assert "0" in texts and "1" in texts  # tick labels
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    grey = np.all(pixels == np.round(np.array(_rgba(MASKED_COLOUR)[:3]) * 255), axis=-1)
+    assert grey.sum() > 21 * 4 * 50  # masked cells of the mask and softmax panels really are grey
+
+
+@pytest.mark.parametrize("kw", [{"ha": "right", "va": "center"}, {"va": "bottom", "size": 12},
+                                {"ha": "right", "va": "top", "rotation": 60, "rotation_mode": "anchor"},
+                                {"rotation": 90}])
+def test_batched_labels_draw_what_text_draws(kw):
+    from attention.plot import _Labels
+
+    def render(batched: bool) -> np.ndarray:
+        fig = Figure(figsize=(2.0, 1.5), dpi=80)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_axis_off()
+        style = {"size": 9, **kw}
+        if batched:
+            ax.add_artist(_Labels([(0.513, 0.47)], ["sentence"], ax.transAxes, **style))
+        else:
+            ax.text(0.513, 0.47, "sentence", transform=ax.transAxes, fontsize=style.pop("size"), **style)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        return np.asarray(Image.open(png).convert("L"), dtype=float)
+
+    text, batched = render(False), render(True)
+    ink_t, ink_b = np.argwhere(text < 160), np.argwhere(batched < 160)
+    assert len(ink_t) > 20
+    assert np.abs(ink_t.min(0) - ink_b.min(0)).max() <= 1 and np.abs(ink_t.max(0) - ink_b.max(0)).max() <= 1
+    assert np.abs(text - batched).mean() < 2.0
+
+
+def test_plot_vector_output_keeps_the_text():
+    result = run_lab(LabConfig("The cat sat on the mat .", causal=True))
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        for fig in (plot_heads(result.weights, result.tokens, title="Attention"),
+                    plot_steps(result.explain(0), result.tokens)):
+            svg = io.StringIO()
+            fig.savefig(svg, format="svg")
+            assert ">cat<" in svg.getvalue() and "query" in svg.getvalue() or "rows: queries" in svg.getvalue()
+    fig = plot_heads(result.weights, result.tokens)
+    fig.savefig(io.BytesIO(), format="pdf")
+
+
+def test_plot_is_safe_for_concurrent_users():
+    sentences = [SENTENCE, "Colourless green ideas sleep furiously .", "A B C D", "the the the cat"]
+
+    def draw(text: str) -> bytes:
+        result = run_lab(LabConfig(text, n_heads=4, causal=True))
+        png = io.BytesIO()
+        plot_heads(result.weights, result.tokens, title=text).savefig(png, format="png")
+        return png.getvalue()
+
+    alone = [draw(s) for s in sentences]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(draw, sentences * 3))
+    assert together == alone * 3
 
 
 def _rgba(colour: str) -> tuple[float, ...]:
