@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from matplotlib.text import Text
-from matplotlib.transforms import Bbox, Transform
+from matplotlib.transforms import Bbox, IdentityTransform, Transform
 from torch import Tensor
 
 from .functional import keep_from_mask
@@ -97,18 +97,23 @@ def _bitmap(text: str, size: float, rotation: float, ha: str, va: str, rotation_
     (they are not flagged read-only only because Agg's draw_text_image insists on a mutable buffer).
     """
     half = math.ceil(size * dpi / 72 * (len(text) + 2)) + 4  # wider than the text, at any rotation
-    fig = Figure(figsize=(2 * half / dpi, 2 * half / dpi), dpi=dpi)
-    fig.patch.set_visible(False)
-    fig.text(0.5, 0.5, text, fontsize=size, rotation=rotation, ha=ha, va=va, rotation_mode=rotation_mode)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    alpha = np.asarray(canvas.buffer_rgba())[..., 3]
-    anchor_x, anchor_y = fig.transFigure.transform((0.5, 0.5))
+    renderer = RendererAgg(2 * half, 2 * half, dpi)  # transparent; no Figure or canvas needed to draw one Text
+    label = Text(half, half, text, fontsize=size, rotation=rotation, ha=ha, va=va, rotation_mode=rotation_mode,
+                 transform=IdentityTransform())
+    label.set_figure(_dpi_figure(dpi))  # Text reads the dpi from its figure
+    label.draw(renderer)
+    alpha = np.asarray(renderer.buffer_rgba())[..., 3]
     rows, cols = np.nonzero(alpha)
     if rows.size == 0:
         return np.zeros((0, 0), np.uint8), 0.0, 0.0
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    return np.ascontiguousarray(alpha[r0:r1, c0:c1]), float(c0 - anchor_x), float(r0 - (alpha.shape[0] - anchor_y))
+    return np.ascontiguousarray(alpha[r0:r1, c0:c1]), float(c0 - half), float(r0 - half)
+
+
+@functools.lru_cache(maxsize=8)
+def _dpi_figure(dpi: float) -> Figure:
+    # Never drawn or changed: only lends its dpi to the Text artists _bitmap renders.
+    return Figure(dpi=dpi)
 
 
 class _Labels(Artist):
