@@ -1,6 +1,10 @@
 """Benchmark of generation/: load time, time to first token, decode speed, peak RSS, perplexity.
 
-    python bench/generation.py            # the whole run (~5-10 min on 2 CPU cores), prints markdown tables
+    python bench/generation.py [--threads N]   # the whole run (~5-10 min on 2 CPU cores), markdown tables
+
+--threads (default 1) sets torch's intra-op threads in every child. On this 2-core box, shared with
+other processes, 2 threads collapsed decode to ~1 tok/s (threads waiting on each other whenever a
+core is taken) while 1 thread gave a steady ~25 tok/s; on an idle machine try --threads 2.
 
 Every configuration runs in its own subprocess so its peak RSS is its own (ru_maxrss of the child):
   convert   first load ever: GGUF -> bf16 snapshot in a fresh temporary cache, then NF4 load
@@ -112,6 +116,7 @@ def worker(config: str) -> dict:
 
     import torch
 
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     load_4bit = config in ("convert", "nf4", "notebook")
     dtype = None if load_4bit else {"bf16": torch.bfloat16, "fp32": torch.float32}[config]
     lm = load_model(load_4bit=load_4bit, dtype=dtype)
@@ -140,8 +145,8 @@ def worker(config: str) -> dict:
     return res
 
 
-def run_child(config: str, cache: str) -> dict:
-    env = {**os.environ, "ATTN_LAB_CACHE": cache, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+def run_child(config: str, cache: str, threads: int) -> dict:
+    env = {**os.environ, "BENCH_THREADS": str(threads), "ATTN_LAB_CACHE": cache, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, __file__, "--worker", config], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -149,7 +154,7 @@ def run_child(config: str, cache: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
+def machine(threads: int) -> str:
     import torch
 
     cpu = platform.processor() or "?"
@@ -161,19 +166,25 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}, Python {platform.python_version()}")
+            f"torch threads {threads}, Python {platform.python_version()}")
 
 
 def main() -> None:
+    import argparse
+
     import transformers
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per child (default 1)")
+    threads = ap.parse_args().threads
 
     rows = {}
     with tempfile.TemporaryDirectory(prefix="attn-lab-bench-") as cache:
         for config in ("convert", "nf4", "bf16", "fp32", "notebook"):
             print(f"running {config} ...", file=sys.stderr, flush=True)
-            rows[config] = run_child(config, cache)
+            rows[config] = run_child(config, cache, threads)
 
-    print(f"Machine: {machine()}, transformers {transformers.__version__}\n")
+    print(f"Machine: {machine(threads)}, transformers {transformers.__version__}\n")
     print("| config | load s | weights MiB | TTFT s | decode tok/s (128 greedy) | app stream tok/s (3 prompts) "
           "| peak RSS MiB | ppl (2,000 tok) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -105,7 +105,11 @@ def lm4():
 
 @pytest.fixture(scope="session")
 def lm_full():
-    """The default model in full precision (load_4bit=False), loaded once per session on first use."""
+    """The default model in full precision as fp32 (the exact upcast of the cached bf16 snapshot: the
+    highest-precision reference for 4-bit comparisons), loaded once per session on first use.
+    Note: load_model(load_4bit=False) on CPU gives bf16 (faster here); this fixture asks for fp32."""
+    import torch
+
     from generation import DEFAULT_MODEL_ID, Settings, load_model
 
-    return load_model(DEFAULT_MODEL_ID, load_4bit=False, settings=Settings.from_env())
+    return load_model(DEFAULT_MODEL_ID, load_4bit=False, settings=Settings.from_env(), dtype=torch.float32)

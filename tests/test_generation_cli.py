@@ -31,7 +31,7 @@ def test_cli_streams_the_answer_with_info(lm4):  # lm4: the cache exists, so thi
 def test_cli_local_folder_full_precision(tiny_qwen_dir):
     r = run_cli("hello", "--model", str(tiny_qwen_dir), "--no-4bit", "--info", "--max-new-tokens", "4", "--seed", "1")
     assert r.returncode == 0, r.stderr
-    assert "quantization:   none" in r.stdout and "dtype:          float32" in r.stdout
+    assert "quantization:   none" in r.stdout and "dtype:          bfloat16" in r.stdout
     assert "prompt format:  chat template" in r.stdout
 
 
