@@ -1037,9 +1037,18 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
     return demo
 
 
-def main() -> None:
+def main() -> int:
     """`python app.py`: start loading the model in the background and serve (blocks)."""
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"attention-lab: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    # Wiring, not maths: cap torch's intra-op threads (see Settings.torch_threads) before any
+    # model work starts, so a chat and Attention Lab updates don't oversubscribe the cores.
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
     demo = build_demo(settings, load_model_now=True)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=LAB_CONCURRENCY)
     demo.launch(
@@ -1059,6 +1068,7 @@ def main() -> None:
         pass
     finally:
         demo.close()
+    return 0
 
 
 if __name__ == "__main__":

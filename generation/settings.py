@@ -29,6 +29,13 @@ def _default_concurrency() -> int:
     return 2 if torch.cuda.is_available() else 1
 
 
+def _default_torch_threads() -> int:
+    # Half the cores: decoding is memory-bound, so a second intra-op thread buys little, while
+    # two requests (a chat and an Attention Lab update) that each spin up every core fight over
+    # them and both crawl. On a 2-core Space this leaves one core for the chat, one for the rest.
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -47,6 +54,7 @@ class Settings:
     server_port: int = 7860
     queue_size: int = 64
     chat_concurrency: int = field(default_factory=_default_concurrency)
+    torch_threads: int = field(default_factory=_default_torch_threads)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
@@ -59,6 +67,7 @@ class Settings:
         _check_int("server_port", self.server_port, 1, 65535)
         _check_int("queue_size", self.queue_size, 1, 10_000)
         _check_int("chat_concurrency", self.chat_concurrency, 1, 64)
+        _check_int("torch_threads", self.torch_threads, 1, 1024)
         if not isinstance(self.server_name, str) or not self.server_name.strip():
             raise ValueError(f"server_name must be a host name or address, got {self.server_name!r}")
 
@@ -100,6 +109,7 @@ class Settings:
             ("GRADIO_SERVER_PORT", "server_port", as_int),
             ("QUEUE_SIZE", "queue_size", as_int),
             ("CHAT_CONCURRENCY", "chat_concurrency", as_int),
+            ("TORCH_NUM_THREADS", "torch_threads", as_int),
         ):
             raw = get(var)
             if raw is None:

@@ -15,6 +15,7 @@ import time
 import pytest
 from apputil import REPO, app_server, start_app  # noqa: F401  (app_server is a fixture)
 from gradio_client import Client
+from gradio_client.utils import Status
 from gradio_client.exceptions import AppError
 from PIL import Image
 
@@ -210,8 +211,18 @@ def test_full_queue_gives_a_clear_message():
     server = start_app({"QUEUE_SIZE": "1", "CHAT_CONCURRENCY": "1"})
     try:
         clients = [Client(server.url, verbose=False) for _ in range(3)]
-        jobs = [c.submit("Write a long story.", max_new_tokens=60, api_name="/chat") for c in clients[:2]]
-        time.sleep(1.0)  # one generating, one waiting: the queue (max 1 waiting) is full
+        first = clients[0].submit("Write a long story.", max_new_tokens=200, api_name="/chat")
+        # Wait until the first job holds the only chat slot (not a fixed sleep: a short reply could
+        # already be over), then fill the one waiting place and knock at the full queue at once.
+        deadline = time.monotonic() + 60
+        while first.status().code not in (Status.PROCESSING, Status.ITERATING, Status.FINISHED):
+            assert time.monotonic() < deadline, "the first chat never started"
+            time.sleep(0.02)
+        second = clients[1].submit("Write a long story.", max_new_tokens=20, api_name="/chat")
+        while second.status().code not in (Status.IN_QUEUE, Status.PROCESSING, Status.ITERATING, Status.FINISHED):
+            assert time.monotonic() < deadline, "the second chat never joined the queue"
+            time.sleep(0.01)
+        jobs = [first, second]
         with pytest.raises(Exception, match="[Qq]ueue is full"):
             clients[2].predict("Hi", max_new_tokens=2, api_name="/chat")
         for j in jobs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -191,19 +192,21 @@ def test_settings_defaults_and_parsing(tmp_path):
     assert (s.server_name, s.server_port, s.queue_size) == ("127.0.0.1", 7860, 64)
     assert s.chat_concurrency == (2 if torch.cuda.is_available() else 1)
     assert s.cache_dir.name == "attention-lab"
+    assert s.torch_threads == max(1, (os.cpu_count() or 2) // 2)
     s = Settings.from_env({
         "MODEL_ID": "Qwen/Qwen2.5-3B-Instruct", "ATTN_LAB_CACHE": str(tmp_path), "LOAD_IN_4BIT": "false",
         "TRUST_REMOTE_CODE": "1", "MAX_INPUT_TOKENS": "2048", "GRADIO_SERVER_NAME": "0.0.0.0",
         "GRADIO_SERVER_PORT": "8080", "QUEUE_SIZE": "8", "CHAT_CONCURRENCY": "3",
+        "TORCH_NUM_THREADS": "4",
     })
-    assert s == Settings("Qwen/Qwen2.5-3B-Instruct", tmp_path, False, True, 2048, "0.0.0.0", 8080, 8, 3)
+    assert s == Settings("Qwen/Qwen2.5-3B-Instruct", tmp_path, False, True, 2048, "0.0.0.0", 8080, 8, 3, 4)
     assert Settings.from_env({"MAX_INPUT_TOKENS": "  "}).max_input_tokens == 1024  # blank = default
 
 
 @pytest.mark.parametrize("var, value", [
     ("LOAD_IN_4BIT", "maybe"), ("TRUST_REMOTE_CODE", "2"), ("MAX_INPUT_TOKENS", "many"), ("MAX_INPUT_TOKENS", "8"),
     ("GRADIO_SERVER_PORT", "0"), ("GRADIO_SERVER_PORT", "70000"), ("QUEUE_SIZE", "-1"), ("CHAT_CONCURRENCY", "0"),
-    ("CHAT_CONCURRENCY", "1.5"),
+    ("CHAT_CONCURRENCY", "1.5"), ("TORCH_NUM_THREADS", "0"), ("TORCH_NUM_THREADS", "all"),
 ])
 def test_settings_bad_env_raises_naming_the_variable(var, value):
     with pytest.raises(ValueError, match=var):
