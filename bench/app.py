@@ -14,8 +14,6 @@ Usage: python bench/app.py [--skip-first-run] [--repeats N]
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchutil import describe  # noqa: E402
 import app  # noqa: E402
 from apputil import start_app  # noqa: E402
 from generation.settings import Settings  # noqa: E402
@@ -35,13 +34,7 @@ SENTENCE_32 = ("The quick brown fox jumps over the lazy dog while the cat sleeps
 
 
 def machine() -> str:
-    import torch
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), CUDA {'yes' if torch.cuda.is_available() else 'no'}, "
-            f"load average {load:.1f} at start (the box is shared)")
-
+    return describe()
 
 def lab_update_ms(lab: app.LabApp, n_tokens: int, emb_dim: int, n_heads: int, causal: bool,
                   repeats: int) -> tuple[float, float]:

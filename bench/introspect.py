@@ -16,7 +16,6 @@ machine only ever slow a run down), the other times are medians.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import describe  # noqa: E402
 from generation import attention_capture  # noqa: E402
 from generation.introspect import (  # noqa: E402
     FullPrecisionCache,
@@ -127,8 +127,7 @@ def main() -> None:
     qc = compare_quantization(lm4, lm_full, PROMPT)
     t_cmp = time.perf_counter() - t0
 
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"model {lm4.model_id}; {args.reps} alternating runs.\n")
+    print(f"Machine: {describe()}; model {lm4.model_id}; {args.reps} alternating runs.\n")
     print("| measurement | value |")
     print("|---|---|")
     print(f"| greedy decode, NF4, attention_lab dispatcher (best run) | {tps_lab:.1f} tok/s |")
@@ -139,7 +138,7 @@ def main() -> None:
     print(f"| model_attention, {min(n_map, 64)} tokens, layer 0 | {1000 * t_map0:.0f} ms |")
     print(f"| model_attention, {min(n_map, 64)} tokens, layer 17 | {1000 * t_map17:.0f} ms |")
     print(f"| next_token_candidates, {len(ids[0])} tokens | {1000 * t_next:.0f} ms |")
-    print(f"| FullPrecisionCache.get, first use (fp32 load) | {t_load_full:.1f} s |")
+    print(f"| FullPrecisionCache.get, first use ({lm_full.dtype} load) | {t_load_full:.1f} s |")
     print(f"| compare_quantization (8 decode steps per model) | {t_cmp:.1f} s |")
     print()
     print(f'4-bit vs full precision on "{PROMPT}":\n')

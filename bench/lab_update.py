@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import describe  # noqa: E402
 import gradio as gr  # noqa: E402
 import matplotlib  # noqa: E402
 import torch  # noqa: E402
@@ -48,19 +48,8 @@ def _sentence(n: int, fresh: int | None = None) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), load {load}; "
-            f"matplotlib {matplotlib.__version__} ({matplotlib.get_backend()}), gradio {gr.__version__}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
-
+    return (f"{describe()}; matplotlib {matplotlib.__version__} ({matplotlib.get_backend()}), "
+            f"gradio {gr.__version__}")
 
 def _update(cfg: LabConfig, plot: gr.Plot, steps: bool) -> int:
     result = run_lab(cfg)

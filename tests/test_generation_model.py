@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from generation import DEFAULT_MODEL_ID, SamplingParams, Settings, load_model, stream_reply
-from generation import model as model_mod
 
 
 def test_default_model_is_nf4(lm4):
