@@ -1044,8 +1044,8 @@ def main() -> int:
     except ValueError as exc:
         print(f"attention-lab: bad configuration: {exc}", file=sys.stderr)
         return 2
-    # Wiring, not maths: cap torch's intra-op threads (see Settings.torch_threads) before any
-    # model work starts, so a chat and Attention Lab updates don't oversubscribe the cores.
+    # Wiring, not maths: torch's intra-op threads as configured (Settings.torch_threads), set
+    # before any model work starts.
     import torch
 
     torch.set_num_threads(settings.torch_threads)

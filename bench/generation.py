@@ -2,9 +2,9 @@
 
     python bench/generation.py [--threads N]   # the whole run (~5-10 min on 2 CPU cores), markdown tables
 
---threads (default 1) sets torch's intra-op threads in every child. On this 2-core box, shared with
-other processes, 2 threads collapsed decode to ~1 tok/s (threads waiting on each other whenever a
-core is taken) while 1 thread gave a steady ~25 tok/s; on an idle machine try --threads 2.
+--threads (default: all cores, like the app) sets torch's intra-op threads in every child. On the
+idle 2-core box 2 threads decode NF4 at ~36 tok/s and 1 thread at ~21; on a box shared with other
+busy processes 2 threads can collapse (threads waiting on a taken core), and --threads 1 is steadier.
 
 Every configuration runs in its own subprocess so its peak RSS is its own (ru_maxrss of the child):
   convert   first load ever: GGUF -> bf16 snapshot in a fresh temporary cache, then NF4 load
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import describe
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -155,19 +156,7 @@ def run_child(config: str, cache: str, threads: int) -> dict:
 
 
 def machine(threads: int) -> str:
-    import torch
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"torch threads {threads}, Python {platform.python_version()}")
-
+    return describe(threads)
 
 def main() -> None:
     import argparse
@@ -175,7 +164,8 @@ def main() -> None:
     import transformers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per child (default 1)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch intra-op threads per child (default: all cores, like the app)")
     threads = ap.parse_args().threads
 
     rows = {}

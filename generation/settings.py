@@ -30,10 +30,11 @@ def _default_concurrency() -> int:
 
 
 def _default_torch_threads() -> int:
-    # Half the cores: decoding is memory-bound, so a second intra-op thread buys little, while
-    # two requests (a chat and an Attention Lab update) that each spin up every core fight over
-    # them and both crawl. On a 2-core Space this leaves one core for the chat, one for the rest.
-    return max(1, (os.cpu_count() or 2) // 2)
+    # All cores, as torch itself would: measured on the 2-core box (bench/generation.py), NF4
+    # decode runs at ~36 tok/s with 2 threads vs ~21 with 1, and a storm of Attention Lab updates
+    # (matplotlib, GIL-bound) slows a chat about equally either way. Lower it on a host shared with
+    # other busy processes, where intra-op threads waiting on a taken core can stall decoding.
+    return max(1, os.cpu_count() or 1)
 
 
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:
