@@ -677,9 +677,11 @@ class LabApp:
     @staticmethod
     def _map_figures(att: Any, head: Any) -> tuple[Any, Any, int]:
         title = f"{att.model_id} · layer {att.layer} ({att.layer_kind})"
-        grid = plot_heads(att.weights, att.tokens, title=title, kv_groups=list(att.kv_groups))
+        # Colour scale up to the largest weight shown: with <bos> hidden, rows keep only part of their
+        # mass and a fixed 0..1 scale would leave the maps nearly black.
+        grid = plot_heads(att.weights, att.tokens, title=title, kv_groups=list(att.kv_groups), vmax=None)
         h = min(max(_as_int(head, "head"), 0), att.n_heads - 1)
-        big = plot_head(att.weights[h], att.tokens, title=f"head {h} · reads KV head {att.kv_groups[h]}")
+        big = plot_head(att.weights[h], att.tokens, title=f"head {h} · reads KV head {att.kv_groups[h]}", vmax=None)
         return grid, big, h
 
     def inspect_update(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any]):

@@ -285,8 +285,12 @@ def plot_heads(
     title: str | None = None,
     kv_groups: Sequence[int] | None = None,
     cmap: str = "viridis",
+    vmax: float | None = 1.0,
 ) -> Figure:
     """Grid of per-head heatmaps of weights (H, T, T) (or (H, T, S), T <= S) with one shared 0..1 colour bar.
+
+    vmax: top of the colour scale; None = the largest weight shown (for maps whose rows lose most
+    of their mass to hidden tokens, which a fixed 0..1 scale would leave nearly black).
 
     tokens: one label per key position; query labels run down the left column, key labels under
     the bottom heatmap of each column. kv_groups: the KV head each query head reads; when given,
@@ -305,21 +309,25 @@ def plot_heads(
     _, cols = _grid(n_heads)
     cell_w = (2.9 if n_heads <= 4 else 2.4) if cols <= 4 else 1.9
     return _heatmap_grid(weights, tokens, title=title, subtitles=subtitles, cmap=cmap, cell_w=cell_w,
-                         annotate=weights.numel() <= ANNOTATE_MAX_CELLS)
+                         annotate=weights.numel() <= ANNOTATE_MAX_CELLS, vmax=vmax)
 
 
-def plot_head(weights: Tensor, tokens: Sequence[str], *, title: str | None = None, cmap: str = "viridis") -> Figure:
-    """One large heatmap of a single head's weights (T, T), with values written in when T <= 10."""
+def plot_head(weights: Tensor, tokens: Sequence[str], *, title: str | None = None, cmap: str = "viridis",
+              vmax: float | None = 1.0) -> Figure:
+    """One large heatmap of a single head's weights (T, T), with values written in when T <= 10 (vmax as plot_heads)."""
     weights = _check_matrix(weights, 2, "weights")
-    return _heatmap_grid(weights[None], tokens, title=title, subtitles=None, cmap=cmap, cell_w=5.5, annotate=True)
+    return _heatmap_grid(weights[None], tokens, title=title, subtitles=None, cmap=cmap, cell_w=5.5, annotate=True,
+                         vmax=vmax)
 
 
 def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, subtitles: list[str] | None,
-                  cmap: str, cell_w: float, annotate: bool) -> Figure:
+                  cmap: str, cell_w: float, annotate: bool, vmax: float | None) -> Figure:
     n_heads, t_q, t_k = weights.shape
     toks = _check_tokens(tokens, t_q, t_k)
     if cmap not in colormaps:
         raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap; try 'viridis', 'magma' or 'Blues'")
+    if vmax is not None and (isinstance(vmax, bool) or not isinstance(vmax, (int, float)) or not vmax > 0):
+        raise ValueError(f"vmax={vmax!r} must be a positive number, or None for the largest weight shown")
     tokens_q = toks[t_k - t_q:]
 
     rows, cols = _grid(n_heads)
@@ -335,7 +343,10 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     fig, ax = _canvas(width, height)
 
     values = _as_numpy(weights)
-    norm = Normalize(0.0, max(1.0, float(values.max())))  # dropout scales survivors by 1/(1-p): keep them on scale
+    if vmax is None:
+        norm = Normalize(0.0, max(float(values.max()), 1e-6))
+    else:  # dropout scales survivors by 1/(1-p): keep them on scale
+        norm = Normalize(0.0, max(float(vmax), float(values.max())))
     colours = colormaps[cmap].with_extremes(bad=MASKED_COLOUR)
     zero = values == 0.0
     shown = np.ma.masked_array(values, mask=zero)
@@ -351,10 +362,10 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
         if annotate:
             _annotate(ax, x, y, cell_w, cell_h, values[h], norm, colours, max(6.0, size - 1), probs=True,
                       hidden=zero[h])
-    # The one real colour bar (its own Axes): shared by all heads, 0..1.
+    # The one real colour bar (its own Axes): shared by all heads.
     cax = fig.add_axes(((left + grid_w + 0.2) / width, 1 - (top + head_title + grid_h) / height, 0.15 / width,
                         grid_h / height), label="colour bar")
-    fig.colorbar(image, cax=cax, label="attention weight")
+    fig.colorbar(image, cax=cax, label="attention weight" + (" (scale: 0 to the largest shown)" if vmax is None else ""))
     if title:
         _text(ax, width / 2, 0.25, title, 12)
     caption = "key (attended to)" + ("      grey = weight 0 (masked or dropped)" if zero.any() else "")

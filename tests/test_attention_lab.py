@@ -293,6 +293,18 @@ def _rgba(colour: str) -> tuple[float, ...]:
     return to_rgba(colour)
 
 
+def test_plot_heads_auto_scale_follows_the_largest_weight():
+    # A real model's rows can give most of their mass to a hidden <bos>: with vmax=None the scale
+    # ends at the largest weight shown instead of 1, so the structure stays visible.
+    result = run_lab(LabConfig("The cat sat on the mat .", causal=True))
+    faint = result.weights * 0.3
+    fixed, auto = plot_heads(faint, result.tokens), plot_heads(faint, result.tokens, vmax=None)
+    assert fixed.axes[-1].get_ylim() == (0.0, 1.0)
+    assert auto.axes[-1].get_ylim()[1] == pytest.approx(float(faint.max()))
+    assert "largest shown" in auto.axes[-1].get_ylabel()
+    assert plot_head(faint[0], result.tokens, vmax=None).axes[-1].get_ylim()[1] == pytest.approx(float(faint[0].max()))
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -301,6 +313,7 @@ def _rgba(colour: str) -> tuple[float, ...]:
         (lambda w, t: plot_heads(w, "abc"), r"tokens must be a list of strings"),
         (lambda w, t: plot_heads(w, t, kv_groups=[0]), r"kv_groups must list one KV-head index per query head \(8\)"),
         (lambda w, t: plot_heads(w, t, cmap="nope"), r"cmap='nope' is not a matplotlib colormap"),
+        (lambda w, t: plot_heads(w, t, vmax=0), r"vmax=0 must be a positive number, or None"),
         (lambda w, t: plot_heads(w.numpy(), t), r"weights must be a torch.Tensor"),
         (lambda w, t: plot_head(w, t), r"weights has shape \(8, 7, 7\); expected \(T, T\)"),
         (lambda w, t: plot_steps([], t), r"steps must be a non-empty list"),
