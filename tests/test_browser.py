@@ -210,3 +210,14 @@ def test_next_token_table_follows_the_chat_sliders(page):
                            timeout=60_000)
     statuses = page.locator("#next-table [role='gridcell'][data-col='4']").all_inner_texts()
     assert statuses[0].strip() == "kept" and "not taken (greedy)" in [s.strip() for s in statuses[1:]]
+
+
+def test_what_4bit_costs_loads_full_precision_on_demand(page):
+    # The full-precision copy (bf16 on CPU, ~0.5 GB) loads on this first click, not at start.
+    page.click("#quant-btn")
+    page.wait_for_function("document.querySelector('#quant-summary').innerText.includes('nats')", timeout=180_000)
+    summary = page.locator("#quant-summary").inner_text()
+    kl = float(summary.split("=", 1)[1].split("nats", 1)[0].strip())
+    assert 1e-3 < kl < 1.0, summary  # NF4 moves the distribution, measurably but not wildly
+    table = page.locator("#quant-table").inner_text()
+    assert "Paris" in table and "%" in table
