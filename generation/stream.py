@@ -49,9 +49,9 @@ def visible_text(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 
     Cuts at the first complete stop string; while streaming, holds back a tail that could still
     become a stop string (e.g. "\\nUs") and trailing whitespace, so what is shown only ever grows.
-    Leading whitespace is dropped. At the end of a reply the held-back tail is simply never shown.
+    Leading whitespace is dropped, after the search: a reply that opens with "\nUser:" is a stop,
+    not a user line to show. At the end of a reply the held-back tail is simply never shown.
     """
-    text = text.lstrip()
     cut = len(text)
     hit = False
     for s in stop_strings:
@@ -67,7 +67,7 @@ def visible_text(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
                     hold = n
                     break
         text = text[: len(text) - hold]
-    return text.rstrip(), hit
+    return text.strip(), hit
 
 
 class _StopCriteria(StoppingCriteria):

@@ -113,6 +113,11 @@ def test_chat_template_trimming(tiny_tok):
     (" Paris.\n\nUser:", "Paris.", True),
     (" Paris.\nUsually", "Paris.\nUsually", False),
     ("A\nAssistant: B", "A", True),
+    # a reply that opens a new turn straight away shows nothing of it
+    (" \nUser: hi", "", True),
+    ("\nUser:", "", True),
+    ("\nUs", "", False),
+    ("\n\nAssistant: x", "", True),
 ])
 def test_visible_text(raw, shown, hit):
     assert visible_text(raw, PLAIN_STOP_STRINGS) == (shown, hit)
