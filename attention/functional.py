@@ -260,6 +260,7 @@ def fused_attention(
     (True = keep). Same result as :func:`scaled_dot_product`'s ``out`` (fully masked rows -> 0).
     """
     _check_qkv(q, k, v)
+    _check_options(scale, dropout_p, None, None)
     b, t_q, t_k = q.shape[0], q.shape[-2], k.shape[-2]
     p = dropout_p if training else 0.0
     gqa = q.dim() == 4 and q.shape[1] != k.shape[1]

@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; the CLI's errors are one clear line (see --help for usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The CLI's options (see --help)."""
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m generation", description="Chat with a 4-bit (NF4) quantized causal LM, streaming the reply."
     )
     p.add_argument("message", nargs="?", help="the user message (omit with --info)")

@@ -505,17 +505,24 @@ def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, 
     """
     dev = _device(model)
     ids = ids.to(dev)
+
+    def clock() -> float:
+        # CUDA kernels run asynchronously: without a sync the clock would time the launches only.
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = clock()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - t0
+        prefill = clock() - t0
         logits = out.logits[0, -1].float().cpu()  # (V,)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
         steps = []
         for _ in range(decode_tokens):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
-            steps.append(time.perf_counter() - t0)
+            steps.append(clock() - t0)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return logits, prefill, statistics.median(steps)
 

@@ -251,6 +251,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _cuda_full_dtype() -> torch.dtype:
+    """bf16 where the GPU has it natively (Ampere and newer); fp16 on older cards such as a T4."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def from_pretrained_kwargs(
     *, load_4bit: bool, cuda: bool, trust_remote_code: bool, dtype: torch.dtype | None = None
 ) -> dict[str, Any]:
@@ -260,7 +265,7 @@ def from_pretrained_kwargs(
         kw["quantization_config"] = bnb_config()
         kw["dtype"] = torch.bfloat16  # the non-quantised parts (embeddings, norms) match the compute dtype
     else:
-        kw["dtype"] = dtype or (torch.bfloat16 if cuda else CPU_FULL_DTYPE)
+        kw["dtype"] = dtype or (_cuda_full_dtype() if cuda else CPU_FULL_DTYPE)
     if cuda:
         kw["device_map"] = "auto"
     return kw

@@ -34,7 +34,9 @@ def _default_torch_threads() -> int:
     # decode runs at ~36 tok/s with 2 threads vs ~21 with 1, and a storm of Attention Lab updates
     # (matplotlib, GIL-bound) slows a chat about equally either way. Lower it on a host shared with
     # other busy processes, where intra-op threads waiting on a taken core can stall decoding.
-    return max(1, os.cpu_count() or 1)
+    # The CPUs this process may run on (a container's limit), not the host's count.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cpus or 1)
 
 
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:

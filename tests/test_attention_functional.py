@@ -223,6 +223,8 @@ def test_make_mask():
         (lambda q, k, v: make_mask(1, 6, 5, causal=True), r"causal mask needs t_q <= t_k"),
         (lambda q, k, v: fused_attention(q, k, v, key_padding_mask=torch.ones(2, 4, dtype=torch.bool)),
          r"key_padding_mask has shape \(2, 4\); expected \(batch, seq_len\) = \(2, 5\)"),
+        (lambda q, k, v: fused_attention(q, k, v, dropout_p=-0.1), r"dropout_p=-0.1 must be in \[0, 1\)"),
+        (lambda q, k, v: fused_attention(q, k, v, scale=-2.0), r"scale=-2.0 must be a positive number"),
     ],
 )
 def test_bad_arguments_raise_value_error(call, match):

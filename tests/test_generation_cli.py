@@ -41,6 +41,8 @@ def test_cli_local_folder_full_precision(tiny_qwen_dir):
     (["   "], {}, "message must be a non-empty string"),
     ([], {}, "give a message to answer, or --info"),
     (["hi"], {"MAX_INPUT_TOKENS": "lots"}, "MAX_INPUT_TOKENS must be an integer"),
+    (["hi", "--temperature", "warm"], {}, "argument --temperature: invalid float value: 'warm'"),
+    (["hi", "--no-such-option"], {}, "unrecognized arguments: --no-such-option"),
 ])
 def test_cli_errors_are_one_clear_line(args, env, msg):
     r = run_cli(*args, env=env, timeout=60)

@@ -197,7 +197,7 @@ def test_settings_defaults_and_parsing(tmp_path):
     assert (s.server_name, s.server_port, s.queue_size) == ("127.0.0.1", 7860, 64)
     assert s.chat_concurrency == (2 if torch.cuda.is_available() else 1)
     assert s.cache_dir.name == "attention-lab"
-    assert s.torch_threads == max(1, os.cpu_count() or 1)
+    assert s.torch_threads == len(os.sched_getaffinity(0))
     s = Settings.from_env({
         "MODEL_ID": "Qwen/Qwen2.5-3B-Instruct", "ATTN_LAB_CACHE": str(tmp_path), "LOAD_IN_4BIT": "false",
         "TRUST_REMOTE_CODE": "1", "MAX_INPUT_TOKENS": "2048", "GRADIO_SERVER_NAME": "0.0.0.0",
