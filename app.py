@@ -1025,7 +1025,11 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                     outputs=[inspect_grid, inspect_big, inspect_notes, inspect_head], **inspect_kw, **private)
         gr.on([show_map.click, inspect_text.submit, layer.release, inspect_head.release, hide_special.input], **show)
         use_chat.click(last_exchange, [chatbot], [inspect_text], queue=False, **private).then(**show)
-        gr.on([], state.model_attention_api, inputs=[inspect_text, layer, hide_special], outputs=[inspect_grid],
+        # The API takes the layer as a plain integer (a hidden Number has no maximum): the slider's
+        # bound is frozen at build time, before the model says how many layers it has, and gradio
+        # validates API inputs against it. model_attention does the range check for the real model.
+        api_layer = gr.Number(0, visible=False, label="layer")  # no precision: 2.5 is refused, not rounded
+        gr.on([], state.model_attention_api, inputs=[inspect_text, api_layer, hide_special], outputs=[inspect_grid],
               api_name="model_attention", **inspect_kw)
         gr.on([next_btn.click, next_prompt.submit, temperature.release, top_p.release, top_k.release, rep.release],
               state.next_token_update, [next_prompt, temperature, top_p, top_k, rep], [next_table, next_md],

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import math
+import re
 import subprocess
 import sys
 import time
@@ -161,11 +163,23 @@ def test_model_attention_returns_the_grid_and_follows_the_layer(client):
     assert a.width > 400 and a.tobytes() != b.tobytes()
 
 
-@pytest.mark.parametrize(("args", "expected"), [(("   ", 0, True), "Type a text"),
-                                                (("hello", 99, True), "greater than maximum value 17")])
+@pytest.mark.parametrize(("args", "expected"), [
+    (("   ", 0, True), "Type a text"),
+    # The range check is the library's, from the loaded model's own layer count (18 for Gemma 3
+    # 270m), not a slider bound frozen at build time: another MODEL_ID reaches all its layers.
+    (("hello", 18, True), "layer 18 is out of range: this model has 18 layers, valid 0 to 17"),
+    (("hello", 99, True), "layer 99 is out of range: this model has 18 layers, valid 0 to 17"),
+    (("hello", -1, True), "layer -1 is out of range: this model has 18 layers, valid 0 to 17"),
+    (("hello", 2.5, True), "layer must be a whole number"),
+])
 def test_model_attention_bad_input_is_a_clear_error(client, args, expected):
-    with pytest.raises(AppError, match=expected):
+    with pytest.raises(AppError, match=re.escape(expected)):
         client.predict(*args, api_name="/model_attention")
+
+
+def test_model_attention_reaches_the_last_layer(client):
+    img = _png(client.predict("The cat sat on the mat.", 17, True, api_name="/model_attention"))
+    assert img.width > 400
 
 
 def test_next_token_follows_the_sampling_settings(client):
