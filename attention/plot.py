@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from matplotlib import colormaps
 from matplotlib.artist import Artist, allow_rasterization
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import RendererBase
-from matplotlib.backends.backend_agg import RendererAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
@@ -39,7 +40,17 @@ ANNOTATE_MAX_TOKENS = 10  # write the value in every cell up to this many tokens
 ANNOTATE_MAX_CELLS = 256  # ... and up to this many cells over all heads of a grid
 DPI = 80
 MASKED_COLOUR = "#d0d0d0"
-_MAX_LABEL = 12
+# gr.Plot shows a PNG at one CSS pixel per pixel, scaled down to its column: ~900 px on a 1400-px
+# screen (the app's plot columns; less on a laptop). A wider figure is shrunk, and its labels with
+# it, so grids and step views take fewer columns (more rows) rather than grow past this width.
+FIT_WIDTH = 11.5  # inches (920 px at DPI)
+_MAX_LABEL = 12  # characters; a longer token is cut with "…" so one long word can't widen the layout
+_PITCH = 1.3  # label pitch / font size: a row per label with ~2 px between neighbours at 7 pt
+_MAX_SIDE = 5.0  # inches: heatmap side beyond which, for T > 32, the labels shrink instead
+_VALUE_SIZE = 7.0  # pt, values written in cells
+_VALUE_CELL = 0.25  # inches: a cell that holds "1.00" or "−3.2" at _VALUE_SIZE
+_TICK_GAP = 0.05  # inches between a heatmap and its labels
+_XROTATION = 60.0  # key labels: slanted, readable without turning one's head
 
 
 def _label(token: str) -> str:
@@ -71,19 +82,58 @@ def _check_matrix(weights: object, ndim: int, what: str) -> Tensor:
     return weights
 
 
-def _font_size(n: int, cell_inches: float) -> float:
-    # Shrink labels as tokens crowd the axis, but keep them legible on a projector.
-    return float(max(5.0, min(10.0, 72 * cell_inches / max(n, 1) * 0.9)))
+def _label_size(t: int) -> float:
+    """Font size (pt) of the token labels of a T-token figure.
+
+    A function of T alone, so the grid and the step view draw the same labels at the same size and
+    a new sentence's label bitmaps are drawn once for both (the first update after typing it).
+    Up to 32 tokens (the lab's cap) at least 7 pt, i.e. ~8 px at DPI; the heatmaps grow with T
+    instead. Beyond that (the model's maps go to 64 tokens) the labels shrink, down to 5 pt.
+    """
+    if t <= 12:
+        return 9.0
+    if t <= 24:
+        return 8.0
+    if t <= 32:
+        return 7.0
+    return max(5.0, math.floor(2 * _MAX_SIDE * 72 / (t * _PITCH)) / 2)
 
 
-def _text_inches(labels: Sequence[str], size: float) -> float:
-    # Rough width of the longest label; asking the renderer is what makes automatic layouts slow.
-    longest = max((len(_label(t)) for t in labels), default=1)
-    return longest * size * 0.62 / 72
+def _side(t: int, size: float, minimum: float, annotate: bool) -> float:
+    """Width (inches) of a heatmap of T columns: one label pitch per column, a value's width if annotated."""
+    return max(minimum, t * size * _PITCH / 72, t * _VALUE_CELL if annotate else 0.0)
 
 
-def _xlabel_inches(labels: Sequence[str], size: float) -> float:
-    return _text_inches(labels, size) * 0.87 + size / 72 * 0.6 + 0.08  # labels rotated by 60 degrees
+def _ink(texts: Sequence[str], size: float, rotation: float, ha: str, va: str,
+         rotation_mode: str = "default") -> np.ndarray:
+    """(left, top, right, bottom) of each string's ink, in inches from its anchor (y down), as _Labels draws it.
+
+    Measured on the very bitmaps that will be drawn (same cache key), so the layout costs no
+    extra rendering and leaves room for wide strings ("WWW…") that a per-character guess would clip.
+    """
+    boxes = np.zeros((len(texts), 4))
+    for i, text in enumerate(texts):
+        bitmap, dx, dy = _bitmap(text, float(size), float(rotation), ha, va, rotation_mode, float(DPI))
+        boxes[i] = dx, dy, dx + bitmap.shape[1], dy + bitmap.shape[0]
+    return boxes / DPI
+
+
+def _label_room(tokens_q: Sequence[str], tokens_k: Sequence[str], size: float, dx: float) -> tuple[float, float]:
+    """(left, below): inches the query labels need left of a heatmap, and its rotated key labels under it.
+
+    dx is the column width: the first key labels, slanting left, may reach past the heatmap's left edge.
+    """
+    ylab = _ink([_label(t) for t in tokens_q], size, 0.0, "right", "center")
+    xlab = _ink([_label(t) for t in tokens_k], size, _XROTATION, "right", "top", "anchor")
+    overhang = -((np.arange(len(tokens_k)) + 0.5) * dx + xlab[:, 0])
+    return max(_TICK_GAP - float(ylab[:, 0].min()), float(overhang.max())), _TICK_GAP + max(float(xlab[:, 3].max()), 0.0)
+
+
+def _fit_columns(n: int, cols: int, width: Callable[[int], float]) -> int:
+    """The most columns (at most cols) whose figure fits FIT_WIDTH, then as few as keep that many rows."""
+    while cols > 1 and width(cols) > FIT_WIDTH:
+        cols -= 1
+    return math.ceil(n / math.ceil(n / cols))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,6 +248,22 @@ class _Labels(Artist):
         return Bbox.union([b for b in self.get_window_extents(renderer) if b.width > 0] or [Bbox.null()])
 
 
+class _PngCanvas(FigureCanvasAgg):
+    """Agg canvas whose PNGs use zlib level 3 (Pillow's default is 6), unless pil_kwargs say otherwise.
+
+    gr.Plot saves with a bare ``savefig(buffer, format="png")``, and the taller layouts of many
+    heads at 32 tokens made PNG encoding the largest cost of an update: for 16 heads (~800 x 2900
+    px) level 6 took ~55 ms, level 3 ~41 ms for ~15% more bytes (lossless either way). A canvas,
+    not a Figure subclass: gradio recognises a matplotlib figure by its class's module.
+    """
+
+    def print_png(self, filename_or_obj: Any, *, metadata: dict[str, str] | None = None,
+                  pil_kwargs: dict[str, Any] | None = None, **applied: Any) -> None:
+        # applied: dpi, facecolor, ... which print_figure passes to a third-party canvas but has
+        # already set on the figure (matplotlib drops them for its own print_png)
+        super().print_png(filename_or_obj, metadata=metadata, pil_kwargs={"compress_level": 3, **(pil_kwargs or {})})
+
+
 def _canvas(width: float, height: float) -> tuple[Figure, Axes]:
     """A figure (inches) and one Axes spanning it whose data coordinates are inches from the top-left corner.
 
@@ -206,6 +272,7 @@ def _canvas(width: float, height: float) -> tuple[Figure, Axes]:
     most of a figure's time once the labels were cheap.
     """
     fig = Figure(figsize=(width, height), dpi=DPI)
+    _PngCanvas(fig)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     ax.set_axis_off()
     ax.set_xlim(0.0, width)
@@ -230,13 +297,13 @@ def _decorate(ax: Axes, x: float, y: float, w: float, h: float, tokens_q: list[s
     """Query labels left of the heatmap at (x, y, w, h), key labels under it (rotated), one per cell."""
     if ylabels:
         dy = h / len(tokens_q)
-        ax.add_artist(_Labels([(x - 0.015 * w, y + (i + 0.5) * dy) for i in range(len(tokens_q))],
+        ax.add_artist(_Labels([(x - _TICK_GAP, y + (i + 0.5) * dy) for i in range(len(tokens_q))],
                               [_label(t) for t in tokens_q], ax.transData, size=size, ha="right", va="center"))
     if xlabels:
         dx = w / len(tokens_k)
-        ax.add_artist(_Labels([(x + (j + 0.5) * dx, y + h * 1.015) for j in range(len(tokens_k))],
+        ax.add_artist(_Labels([(x + (j + 0.5) * dx, y + h + _TICK_GAP) for j in range(len(tokens_k))],
                               [_label(t) for t in tokens_k], ax.transData, size=size, ha="right", va="top",
-                              rotation=60, rotation_mode="anchor"))
+                              rotation=_XROTATION, rotation_mode="anchor"))
 
 
 def _prob_text(v: float) -> str:
@@ -306,9 +373,8 @@ def plot_heads(
     ):
         raise ValueError(f"kv_groups must list one KV-head index per query head ({n_heads}), got {kv_groups!r}")
     subtitles = [f"head {h}" + (f" · KV head {kv_groups[h]}" if kv_groups is not None else "") for h in range(n_heads)]
-    _, cols = _grid(n_heads)
-    cell_w = (2.9 if n_heads <= 4 else 2.4) if cols <= 4 else 1.9
-    return _heatmap_grid(weights, tokens, title=title, subtitles=subtitles, cmap=cmap, cell_w=cell_w,
+    min_side = 3.6 if n_heads == 1 else 2.2 if n_heads <= 4 else 1.9
+    return _heatmap_grid(weights, tokens, title=title, subtitles=subtitles, cmap=cmap, min_side=min_side,
                          annotate=weights.numel() <= ANNOTATE_MAX_CELLS, vmax=vmax)
 
 
@@ -316,12 +382,12 @@ def plot_head(weights: Tensor, tokens: Sequence[str], *, title: str | None = Non
               vmax: float | None = 1.0) -> Figure:
     """One large heatmap of a single head's weights (T, T), with values written in when T <= 10 (vmax as plot_heads)."""
     weights = _check_matrix(weights, 2, "weights")
-    return _heatmap_grid(weights[None], tokens, title=title, subtitles=None, cmap=cmap, cell_w=5.5, annotate=True,
+    return _heatmap_grid(weights[None], tokens, title=title, subtitles=None, cmap=cmap, min_side=5.5, annotate=True,
                          vmax=vmax)
 
 
 def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, subtitles: list[str] | None,
-                  cmap: str, cell_w: float, annotate: bool, vmax: float | None) -> Figure:
+                  cmap: str, min_side: float, annotate: bool, vmax: float | None) -> Figure:
     n_heads, t_q, t_k = weights.shape
     toks = _check_tokens(tokens, t_q, t_k)
     if cmap not in colormaps:
@@ -330,16 +396,23 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
         raise ValueError(f"vmax={vmax!r} must be a positive number, or None for the largest weight shown")
     tokens_q = toks[t_k - t_q:]
 
-    rows, cols = _grid(n_heads)
+    annotate = annotate and t_k <= ANNOTATE_MAX_TOKENS
+    size = _label_size(t_k)
+    cell_w = _side(t_k, size, min_side, annotate)
     cell_h = cell_w * t_q / t_k
-    size = _font_size(t_k, cell_w)
-    xlab = _xlabel_inches(toks, size)
-    head_title, gap_w = (0.3 if subtitles else 0.0), 0.12
-    left, top, bottom = _text_inches(tokens_q, size) + 0.45, (0.45 if title else 0.1), xlab + 0.5
+    room, xlab = _label_room(tokens_q, toks, size, cell_w / t_k)
+    head_title, gap_w, bar = (0.3 if subtitles else 0.0), 0.12, 0.2 + 0.15 + 0.7  # bar: gap, colour bar, its ticks
+    left, top, bottom = room + 0.3, (0.45 if title else 0.1), xlab + 0.4
+
+    def grid_width(cols: int) -> float:
+        return left + cols * cell_w + (cols - 1) * gap_w + bar
+
+    cols = _fit_columns(n_heads, _grid(n_heads)[1], grid_width)
+    rows = math.ceil(n_heads / cols)
     gap_h = head_title + (xlab if rows * cols != n_heads else 0.05)  # room for labels above an empty cell
     grid_w = cols * cell_w + (cols - 1) * gap_w
     grid_h = rows * cell_h + (rows - 1) * gap_h
-    width, height = left + grid_w + 0.2 + 0.15 + 0.75, top + head_title + grid_h + bottom
+    width, height = grid_width(cols), top + head_title + grid_h + bottom
     fig, ax = _canvas(width, height)
 
     values = _as_numpy(weights)
@@ -350,7 +423,6 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     colours = colormaps[cmap].with_extremes(bad=MASKED_COLOUR)
     zero = values == 0.0
     shown = np.ma.masked_array(values, mask=zero)
-    annotate = annotate and t_k <= ANNOTATE_MAX_TOKENS
     image = None
     for h in range(n_heads):
         r, c = divmod(h, cols)
@@ -360,8 +432,7 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
         if subtitles:
             _text(ax, x + cell_w / 2, y - 0.02 * cell_h, subtitles[h], 10, va="bottom")
         if annotate:
-            _annotate(ax, x, y, cell_w, cell_h, values[h], norm, colours, max(6.0, size - 1), probs=True,
-                      hidden=zero[h])
+            _annotate(ax, x, y, cell_w, cell_h, values[h], norm, colours, _VALUE_SIZE, probs=True, hidden=zero[h])
     # The one real colour bar (its own Axes): shared by all heads.
     cax = fig.add_axes(((left + grid_w + 0.2) / width, 1 - (top + head_title + grid_h) / height, 0.15 / width,
                         grid_h / height), label="colour bar")
@@ -413,13 +484,20 @@ def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Fi
     tokens_q = toks[t_k - t_q:]
 
     n = len(checked)
-    panel_w, gap_w = 3.2, 0.25
+    annotate = t_k <= ANNOTATE_MAX_TOKENS
+    size = _label_size(t_k)  # as plot_heads: the same label bitmaps serve both figures
+    panel_w, gap_w, title_h = _side(t_k, size, 2.3, annotate), 0.25, 0.3
     panel_h = panel_w * t_q / t_k
-    size = _font_size(t_k, panel_w)
-    xlab = _xlabel_inches(toks, size)
-    left, top, cbar_gap, cbar_h = _text_inches(tokens_q, size) + 0.15, 0.75, xlab + 0.1, 0.12
-    width = left + n * panel_w + (n - 1) * gap_w + 0.2
-    height = top + panel_h + cbar_gap + cbar_h + 0.35
+    room, xlab = _label_room(tokens_q, toks, size, panel_w / t_k)
+    left, top, cbar_gap, cbar_h = room + 0.1, 0.4, xlab + 0.1, 0.12
+    block_h = title_h + panel_h + cbar_gap + cbar_h + 0.4  # a row of panels: title, heatmap, labels, colour bar, ticks
+
+    def steps_width(cols: int) -> float:
+        return left + cols * panel_w + (cols - 1) * gap_w + 0.2
+
+    cols = _fit_columns(n, n, steps_width)  # at T > 16, QKᵀ ÷√d_k above mask softmax: still read left to right
+    rows = math.ceil(n / cols)
+    width, height = steps_width(cols), top + rows * block_h - 0.1
     fig, ax = _canvas(width, height)
     hidden: np.ndarray | None = None
     for idx, (label, mat) in enumerate(checked):
@@ -437,14 +515,15 @@ def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Fi
             finite = shown.compressed()
             bound = float(np.abs(finite).max()) if finite.size else 1.0
             norm = TwoSlopeNorm(0.0, -(bound or 1.0), bound or 1.0)
-        x = left + idx * (panel_w + gap_w)
-        _heatmap(ax, x, top, panel_w, panel_h, shown, colours, norm, label)
-        _decorate(ax, x, top, panel_w, panel_h, tokens_q, toks, size, xlabels=True, ylabels=idx == 0)
-        _text(ax, x + panel_w / 2, top - 0.02 * panel_h, label, 12, va="bottom")
-        if t_k <= ANNOTATE_MAX_TOKENS:
-            _annotate(ax, x, top, panel_w, panel_h, values, norm, colours, max(6.0, size - 1), probs=probs,
+        r, c = divmod(idx, cols)
+        x, y = left + c * (panel_w + gap_w), top + r * block_h + title_h
+        _heatmap(ax, x, y, panel_w, panel_h, shown, colours, norm, label)
+        _decorate(ax, x, y, panel_w, panel_h, tokens_q, toks, size, xlabels=True, ylabels=c == 0)
+        _text(ax, x + panel_w / 2, y - 0.04, label, 12, va="bottom")
+        if annotate:
+            _annotate(ax, x, y, panel_w, panel_h, values, norm, colours, _VALUE_SIZE, probs=probs,
                       hidden=hidden, hidden_text="" if probs else "−∞")
-        _colour_strip(ax, x + 0.1 * panel_w, top + panel_h + cbar_gap, 0.8 * panel_w, cbar_h, colours, norm,
+        _colour_strip(ax, x + 0.1 * panel_w, y + panel_h + cbar_gap, 0.8 * panel_w, cbar_h, colours, norm,
                       f"colour bar: {label}")
     note = "rows: queries · columns: keys"
     if hidden is not None and bool(hidden.any()):

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 from attention.lab import LabConfig, run_lab, tokenize, toy_embeddings, valid_head_counts
-from attention.plot import MASKED_COLOUR, plot_head, plot_heads, plot_steps
+from attention.plot import DPI, FIT_WIDTH, MASKED_COLOUR, plot_head, plot_heads, plot_steps
 
 SENTENCE = "The cat sat on the mat, and the dog barked."
 
@@ -200,8 +200,118 @@ def test_plot_heads_32_tokens_8_heads_labels_every_token():
     result = run_lab(LabConfig(" ".join(words), n_heads=8))
     fig = plot_heads(result.weights, result.tokens)
     texts = _texts(fig)
-    assert all(texts.count(w) == 2 + 4 for w in words)  # 2 rows of query labels, 4 columns of key labels
-    assert len(_heatmaps(fig)) == 8
+    # 32 readable rows make a heatmap ~4 in wide: 2 columns x 4 rows fit the app's plot column, 4 x 2 would not
+    assert all(texts.count(w) == 4 + 2 for w in words)  # 4 rows of query labels, 2 columns of key labels
+    boxes = _extents(_heatmaps(fig))
+    assert len(boxes) == 8 and len({b[0] for b in boxes}) == 2 and len({b[3] for b in boxes}) == 4
+
+
+def _ink_boxes(fig: Figure) -> list[tuple[str, float, object]]:
+    """(string, font size in pt, display box) of every string the figure draws (batched labels and Text)."""
+    fig.canvas.draw()
+    renderer = fig._get_renderer()
+    out = []
+    for ax in fig.axes:
+        for a in ax.artists:
+            if hasattr(a, "get_texts"):
+                out += [(s, a._style[0], box) for s, box in zip(a.get_texts(), a.get_window_extents(renderer))]
+        for t in [*ax.texts, *([*ax.get_yticklabels(), ax.yaxis.label] if ax.axison else [])]:  # the colour bar
+            if t.get_visible() and t.get_text():
+                out.append((t.get_text(), t.get_fontsize(), t.get_window_extent(renderer)))
+    return out
+
+
+def _overlap(a, b) -> bool:
+    return min(a.x1, b.x1) - max(a.x0, b.x0) > 0.5 and min(a.y1, b.y1) - max(a.y0, b.y0) > 0.5
+
+
+LONG = ("The teacher wrote a short sentence on the board , and every student in the room watched how "
+        "internationalization looked back at the WWWWWWWWWWWWWWWW before it while the heads of attention lit up")
+
+
+@pytest.mark.parametrize("n_tokens", [8, 16, 32])
+@pytest.mark.parametrize("n_heads", [1, 4, 8, 16])
+def test_labels_readable_unclipped_and_apart(n_tokens, n_heads):
+    # A projector or a laptop: every string at least 7 pt, i.e. ~8 px at the figure's dpi, where
+    # 5 pt (~5.5 px) used to be unreadable at 32 tokens; inside the figure, not on top of another;
+    # and the PNG no wider than the app's plot column, which would shrink it (and its labels) again.
+    tokens = LONG.split()[:n_tokens]
+    result = run_lab(LabConfig(" ".join(tokens), emb_dim=64, n_heads=n_heads, n_kv_heads=n_heads, causal=True,
+                               multi_head=n_heads > 1))
+    figures = [plot_heads(result.weights, result.tokens, title=f"{n_heads} heads"), plot_head(result.weights[0], tokens)]
+    if n_heads == 1:
+        figures.append(plot_steps(result.explain(0), tokens))
+    for fig in figures:
+        width, height = fig.canvas.get_width_height()
+        assert width <= FIT_WIDTH * DPI
+        boxes = _ink_boxes(fig)
+        labels = [(s, box) for s, size, box in boxes if s in tokens or s.endswith("…")]
+        assert len(labels) >= 2 * n_tokens
+        assert min(size for _, size, _ in boxes) * DPI / 72 >= 7.7  # 7 pt
+        # the ink itself: a token with a capital and a descender ("The"/"teacher") is at least 7 px tall
+        assert min(box.height for s, box in labels if s in {"The", "teacher"}) >= 7
+        for s, _, box in boxes:
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, (s, box)
+        for i, (s1, box1) in enumerate(labels):
+            for s2, box2 in labels[i + 1:]:
+                # rotated key labels' boxes overlap as boxes; query labels and their row neighbours must not
+                if box1.height < 12 and box2.height < 12:
+                    assert not _overlap(box1, box2), (s1, s2)
+        if n_tokens == 32:  # long words cut: "internationalization", "WWWWWWWWWWWWWWWW" (the widest glyphs)
+            assert {"internation…", "WWWWWWWWWWW…"} <= set(_texts(fig)) and "internationalization" not in _texts(fig)
+
+
+def test_plot_steps_two_rows_when_four_panels_would_not_fit():
+    result = run_lab(LabConfig(" ".join(LONG.split()[:32]), causal=True))
+    fig = plot_steps(result.explain(0), result.tokens)
+    boxes = _extents(_heatmaps(fig))  # QKᵀ ÷√d_k on top, mask softmax under them
+    assert boxes[0][3] == boxes[1][3] < boxes[2][3] == boxes[3][3]
+    assert boxes[0][0] == boxes[2][0] < boxes[1][0] == boxes[3][0]
+    assert fig.canvas.get_width_height()[0] <= FIT_WIDTH * DPI
+    small = run_lab(LabConfig("The cat sat on the mat .", causal=True))
+    assert len({b[3] for b in _extents(_heatmaps(plot_steps(small.explain(0), small.tokens)))}) == 1  # one row
+
+
+def test_grid_and_steps_share_label_bitmaps():
+    # the first update after typing a new sentence draws each token's bitmaps once, for both figures
+    from attention.plot import _bitmap
+
+    result = run_lab(LabConfig("Zyxal qwopper frindle snorb " * 8, n_heads=8))
+    _bitmap.cache_clear()
+    for fig in (plot_heads(result.weights, result.tokens), plot_steps(result.explain(0), result.tokens)):
+        fig.savefig(io.BytesIO(), format="png")
+    keys = _bitmap_keys(_bitmap)  # (word, size, rotation) drawn: one size, upright (queries) and slanted (keys)
+    assert len(keys) == 8 and {(w, r) for w, _, r in keys} == {(w, r) for w in ("Zyxal", "qwopper", "frindle", "snorb")
+                                                              for r in (0.0, 60.0)}
+
+
+def _bitmap_keys(cached) -> list[tuple]:
+    # functools.lru_cache keeps no public key list; probe with the sizes the module may use
+    from attention.plot import _label_size
+
+    keys = []
+    for size in {_label_size(t) for t in range(1, 65)}:
+        for text in ("Zyxal", "qwopper", "frindle", "snorb"):
+            for style in ((0.0, "right", "center", "default"), (60.0, "right", "top", "anchor")):
+                before = cached.cache_info().hits
+                cached(text, size, *style, float(DPI))
+                if cached.cache_info().hits > before:
+                    keys.append((text, size, style[0]))
+    return keys
+
+
+def test_png_is_lossless_and_faster_to_encode():
+    # gr.Plot's bare savefig(format="png"): zlib level 3 (FLEVEL 1 in the zlib header), same pixels as level 6
+    result = run_lab(LabConfig(SENTENCE, n_heads=4))
+    fast, default = io.BytesIO(), io.BytesIO()
+    plot_heads(result.weights, result.tokens).savefig(fast, format="png")
+    plot_heads(result.weights, result.tokens).savefig(default, format="png", pil_kwargs={"compress_level": 6})
+
+    def flevel(png: bytes) -> int:
+        return png[png.index(b"IDAT") + 5] >> 6
+
+    assert (flevel(fast.getvalue()), flevel(default.getvalue())) == (1, 2)
+    assert np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(default)))
 
 
 def test_plot_head_and_steps():
