@@ -401,7 +401,7 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     cell_w = _side(t_k, size, min_side, annotate)
     cell_h = cell_w * t_q / t_k
     room, xlab = _label_room(tokens_q, toks, size, cell_w / t_k)
-    head_title, gap_w, bar = (0.3 if subtitles else 0.0), 0.12, 0.2 + 0.15 + 0.7  # bar: gap, colour bar, its ticks
+    head_title, gap_w, bar = (0.3 if subtitles else 0.0), 0.12, 0.2 + 0.15 + 0.6  # bar: gap, colour bar, its ticks
     left, top, bottom = room + 0.3, (0.45 if title else 0.1), xlab + 0.4
 
     def grid_width(cols: int) -> float:
@@ -409,9 +409,11 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
 
     cols = _fit_columns(n_heads, _grid(n_heads)[1], grid_width)
     rows = math.ceil(n_heads / cols)
-    gap_h = head_title + (xlab if rows * cols != n_heads else 0.05)  # room for labels above an empty cell
+    row_y = [top + head_title]
+    for r in range(rows - 1):  # key labels under a head with an empty cell below it (last row part-full) need room
+        row_y.append(row_y[-1] + cell_h + head_title + (xlab if (r + 2) * cols > n_heads else 0.05))
     grid_w = cols * cell_w + (cols - 1) * gap_w
-    grid_h = rows * cell_h + (rows - 1) * gap_h
+    grid_h = row_y[-1] + cell_h - row_y[0]
     width, height = grid_width(cols), top + head_title + grid_h + bottom
     fig, ax = _canvas(width, height)
 
@@ -426,7 +428,7 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     image = None
     for h in range(n_heads):
         r, c = divmod(h, cols)
-        x, y = left + c * (cell_w + gap_w), top + head_title + r * (cell_h + gap_h)
+        x, y = left + c * (cell_w + gap_w), row_y[r]
         image = _heatmap(ax, x, y, cell_w, cell_h, shown[h], colours, norm, subtitles[h] if subtitles else "head")
         _decorate(ax, x, y, cell_w, cell_h, tokens_q, toks, size, xlabels=h + cols >= n_heads, ylabels=c == 0)
         if subtitles:
