@@ -1,6 +1,6 @@
 """Benchmark: server time of one Attention Lab update, the way the app and gradio do it.
 
-    python bench/lab_update.py               # T in {8, 16, 32} x heads {1, 4, 8}, 30 reps each
+    python bench/lab_update.py               # T in {8, 16, 32} x heads {1, 4, 8, 16}, 30 reps each
     python bench/lab_update.py --reps 10 --tokens 32 --heads 8
 
 One update = run_lab + plot_heads (the grid) + plot_steps (the step-by-step view of head 0), each
@@ -13,7 +13,9 @@ runs after two warm-up runs, next to wall time (median). attention.plot caches t
 the labels it drew (tokens, titles, values): "new sentence" runs a sentence of words not seen
 before every time, the cost of the first update after someone types a new sentence. --threads sets torch's
 intra-op threads (default: torch's own choice): run_lab's tiny matrices gain nothing from two
-threads, and on a loaded machine the second one mostly waits.
+threads, and on a loaded machine the second one mostly waits. "PNG px" is the size of the grid and
+of the step view (width x height): PNG encoding grows with it, and the app's plot column is ~900 px
+wide (a wider PNG is scaled down in the browser).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def _measure(work, reps: int) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--heads", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--heads", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -85,8 +87,9 @@ def main() -> None:
     plot = gr.Plot(format="png")
     print(f"Machine: {_machine()}\n")
     print("| T | heads | run_lab CPU ms median | grid CPU ms best | grid CPU ms median | grid wall ms median "
-          "| update CPU ms best | update CPU ms median | update wall ms median | new sentence: update CPU ms median |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| update CPU ms best | update CPU ms median | update wall ms median | new sentence: update CPU ms median "
+          "| PNG px: grid, steps |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in args.tokens:
         for h in args.heads:
             def config(fresh: int | None = None) -> LabConfig:
@@ -98,7 +101,10 @@ def main() -> None:
             grid = _measure(lambda _: _update(cfg, plot, False), args.reps)
             full = _measure(lambda _: _update(cfg, plot, True), args.reps)
             fresh = _measure(lambda rep: _update(config(1000 * t + 10 * h + rep + 3), plot, True), args.reps)
-            print(f"| {t} | {h} | " + " | ".join(f"{v:.0f}" for v in (lab[1], *grid, *full, fresh[1])) + " |",
+            result = run_lab(cfg)
+            px = ", ".join("{}x{}".format(*fig.canvas.get_width_height()) for fig in (
+                plot_heads(result.weights, result.tokens), plot_steps(result.explain(0), result.tokens)))
+            print(f"| {t} | {h} | " + " | ".join(f"{v:.0f}" for v in (lab[1], *grid, *full, fresh[1])) + f" | {px} |",
                   flush=True)
 
 
