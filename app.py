@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import math
 import os
 import sys
 import threading
@@ -190,13 +191,23 @@ class ModelSlot:
 # Attention Lab tab
 
 
-def _as_int(value: Any, name: str) -> int:
-    if value is None or value == "":
+def _as_float(value: Any, name: str) -> float:
+    """A widget or API value -> a finite float, or ValueError naming the field and the problem."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{name} is empty; pick a value")
     try:
         f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    # float("1e400") is inf and float("nan") is nan: neither is a setting anyone means.
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return f
+
+
+def _as_int(value: Any, name: str) -> int:
+    """A widget or API value -> an int (4.0 is fine, 4.5 is not); ValueError naming the field otherwise."""
+    f = _as_float(value, name)
     if f != int(f):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return int(f)
@@ -218,7 +229,7 @@ def lab_config(
         emb_dim=_as_int(emb_dim, "emb_dim"),
         n_heads=_as_int(n_heads, "n_heads"),
         n_kv_heads=_as_int(n_kv_heads, "n_kv_heads"),
-        dropout=float(dropout),
+        dropout=_as_float(dropout, "dropout"),
         seed=_as_int(seed, "seed"),
         causal=bool(causal),
         multi_head=bool(multi_head),
@@ -305,13 +316,13 @@ def sampling_params(
     max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
 ) -> SamplingParams:
     """Widget values -> validated SamplingParams (ValueError with the reason otherwise)."""
-    seed_val = None if seed is None or seed == "" or float(seed) < 0 else _as_int(seed, "seed")
+    seed_val = None if seed is None or seed == "" or _as_float(seed, "seed") < 0 else _as_int(seed, "seed")
     return SamplingParams(
         max_new_tokens=_as_int(max_new_tokens, "max new tokens"),
-        temperature=float(temperature),
-        top_p=float(top_p),
+        temperature=_as_float(temperature, "temperature"),
+        top_p=_as_float(top_p, "top-p"),
         top_k=_as_int(top_k, "top-k"),
-        repetition_penalty=float(repetition_penalty),
+        repetition_penalty=_as_float(repetition_penalty, "repetition penalty"),
         seed=seed_val,
     )
 
@@ -453,6 +464,7 @@ class LabApp:
         """
         try:
             cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            head_i = _as_int(0 if head is None or head == "" else head, "head")
             result = run_lab(cfg)
             heat = lab_figure(cfg, result)
         except ValueError as exc:
@@ -463,7 +475,7 @@ class LabApp:
             heat,
             trace_rows(result.trace),
             lab_notice(cfg, result),
-            gr.Slider(maximum=max(n_heads_out - 1, 1), value=min(int(head or 0), n_heads_out - 1),
+            gr.Slider(maximum=max(n_heads_out - 1, 1), value=min(max(head_i, 0), n_heads_out - 1),
                       interactive=n_heads_out > 1),
             result,
         )

@@ -153,6 +153,58 @@ def test_attention_bad_combination_is_a_clear_error(client, kwargs, expected):
         client.predict(api_name="/attention", **kwargs)
 
 
+# Values a typed dropdown or an API client can send that float()/int() choke on: each must name the
+# field and say what is wrong, not end in gradio's bare "Error".
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"n_heads": "inf"}, "n_heads must be a finite number, got 'inf'"),
+        ({"n_heads": "1e400"}, "n_heads must be a finite number, got '1e400'"),
+        ({"n_heads": "nan"}, "n_heads must be a finite number, got 'nan'"),
+        ({"n_heads": "four"}, "n_heads must be a number, got 'four'"),
+    ],
+)
+def test_attention_non_numbers_are_a_clear_error(client, kwargs, expected):
+    with pytest.raises(AppError, match=re.escape(expected)):
+        client.predict(api_name="/attention", **kwargs)
+
+
+# JSON cannot carry nan/inf and gradio's own Slider preprocessing refuses None before the app sees
+# it, so these slider values are checked where the app receives them (the UI's lab_update path).
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [("emb_dim", math.nan, "emb_dim must be a finite number, got nan"),
+     ("dropout", None, "dropout is empty"),
+     ("seed", math.inf, "seed must be a finite number, got inf"),
+     ("n_kv_heads", "1e400", "n_kv_heads must be a finite number, got '1e400'")],
+)
+def test_lab_update_non_numbers_warn_with_the_field(field, value, expected):
+    import app
+
+    values = dict(text=app.DEFAULT_SENTENCE, emb_dim=32, n_heads=4, n_kv_heads=4, dropout=0.0, seed=0,
+                  causal=False, multi_head=True, head=0)
+    values[field] = value
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        _, _, notice, _, result = app.LabApp().lab_update(**values)
+    assert expected in notice and result is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"seed": "inf"}, "seed must be a finite number, got 'inf'"),
+        ({"temperature": None}, "temperature is empty"),
+        ({"top_p": "nan"}, "top-p must be a finite number, got 'nan'"),
+        ({"max_new_tokens": "1e400"}, "max new tokens must be a finite number, got '1e400'"),
+        ({"top_k": "many"}, "top-k must be a number, got 'many'"),
+        ({"repetition_penalty": None}, "repetition penalty is empty"),
+    ],
+)
+def test_chat_non_numbers_are_a_clear_error(client, kwargs, expected):
+    with pytest.raises(AppError, match=re.escape(expected)):
+        client.predict("hello", api_name="/chat", **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # /model_attention and /next_token (issue 5)
 
