@@ -1,7 +1,11 @@
 """Classroom-friendly attention heatmaps, built on ``matplotlib.figure.Figure`` (never pyplot).
 
-Rows are queries ("who is looking"), columns are keys ("who is looked at"). Made to be cheap
-enough to redraw on every slider release on a 2-core CPU (bench/lab_update.py): the layout is
+Rows are queries ("who is looking"), columns are keys ("who is looked at"). Readable when
+projected: token labels are at least 7 pt up to 32 tokens (one size per T, shared by every
+figure), the heatmaps grow with T to fit them, and a grid takes fewer columns (more rows) rather
+than grow wider than the app's plot column (FIT_WIDTH), where the browser would shrink it.
+
+Made to be cheap enough to redraw on every slider release on a 2-core CPU (bench/lab_update.py): the layout is
 computed by hand in inches (constrained layout measured ~0.3 s for 8 heads), every heatmap is an
 image in one Axes that spans the figure (an Axes costs ~3 ms to build, a colour bar ~8 ms), and
 all text is drawn by ``_Labels`` from cached bitmaps (a ``Text`` costs ~0.5 ms in matplotlib
@@ -46,7 +50,7 @@ MASKED_COLOUR = "#d0d0d0"
 FIT_WIDTH = 11.5  # inches (920 px at DPI)
 _MAX_LABEL = 12  # characters; a longer token is cut with "…" so one long word can't widen the layout
 _PITCH = 1.3  # label pitch / font size: a row per label with ~2 px between neighbours at 7 pt
-_MAX_SIDE = 5.0  # inches: heatmap side beyond which, for T > 32, the labels shrink instead
+_MAX_SIDE = 4.5  # inches: for T > 32 the labels shrink (to 5 pt) rather than heatmaps grow past this (2 fit FIT_WIDTH)
 _VALUE_SIZE = 7.0  # pt, values written in cells
 _VALUE_CELL = 0.25  # inches: a cell that holds "1.00" or "−3.2" at _VALUE_SIZE
 _TICK_GAP = 0.05  # inches between a heatmap and its labels
@@ -96,12 +100,13 @@ def _label_size(t: int) -> float:
         return 8.0
     if t <= 32:
         return 7.0
-    return max(5.0, math.floor(2 * _MAX_SIDE * 72 / (t * _PITCH)) / 2)
+    return max(5.0, min(7.0, math.floor(2 * _MAX_SIDE * 72 / (t * _PITCH)) / 2))
 
 
 def _side(t: int, size: float, minimum: float, annotate: bool) -> float:
     """Width (inches) of a heatmap of T columns: one label pitch per column, a value's width if annotated."""
-    return max(minimum, t * size * _PITCH / 72, t * _VALUE_CELL if annotate else 0.0)
+    pitched = t * size * _PITCH / 72
+    return max(minimum, min(pitched, _MAX_SIDE) if t > 32 else pitched, t * _VALUE_CELL if annotate else 0.0)
 
 
 def _ink(texts: Sequence[str], size: float, rotation: float, ha: str, va: str,
@@ -126,7 +131,8 @@ def _label_room(tokens_q: Sequence[str], tokens_k: Sequence[str], size: float, d
     ylab = _ink([_label(t) for t in tokens_q], size, 0.0, "right", "center")
     xlab = _ink([_label(t) for t in tokens_k], size, _XROTATION, "right", "top", "anchor")
     overhang = -((np.arange(len(tokens_k)) + 0.5) * dx + xlab[:, 0])
-    return max(_TICK_GAP - float(ylab[:, 0].min()), float(overhang.max())), _TICK_GAP + max(float(xlab[:, 3].max()), 0.0)
+    below = _TICK_GAP + max(float(xlab[:, 3].max()), 0.0)
+    return max(_TICK_GAP - float(ylab[:, 0].min()), float(overhang.max())), below
 
 
 def _fit_columns(n: int, cols: int, width: Callable[[int], float]) -> int:
@@ -401,7 +407,8 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
     cell_w = _side(t_k, size, min_side, annotate)
     cell_h = cell_w * t_q / t_k
     room, xlab = _label_room(tokens_q, toks, size, cell_w / t_k)
-    head_title, gap_w, bar = (0.3 if subtitles else 0.0), 0.12, 0.2 + 0.15 + 0.6  # bar: gap, colour bar, its ticks
+    # bar: gap, colour bar, its ticks and label (on an automatic scale "0.05" and a 2-line label are wider)
+    head_title, gap_w, bar = (0.3 if subtitles else 0.0), 0.12, 0.2 + 0.15 + (0.6 if vmax is not None else 0.9)
     left, top, bottom = room + 0.3, (0.45 if title else 0.1), xlab + 0.4
 
     def grid_width(cols: int) -> float:
@@ -434,11 +441,13 @@ def _heatmap_grid(weights: Tensor, tokens: Sequence[str], *, title: str | None, 
         if subtitles:
             _text(ax, x + cell_w / 2, y - 0.02 * cell_h, subtitles[h], 10, va="bottom")
         if annotate:
-            _annotate(ax, x, y, cell_w, cell_h, values[h], norm, colours, _VALUE_SIZE, probs=True, hidden=zero[h])
+            _annotate(ax, x, y, cell_w, cell_h, values[h], norm, colours, _VALUE_SIZE, probs=True,
+                      hidden=zero[h])
     # The one real colour bar (its own Axes): shared by all heads.
     cax = fig.add_axes(((left + grid_w + 0.2) / width, 1 - (top + head_title + grid_h) / height, 0.15 / width,
                         grid_h / height), label="colour bar")
-    fig.colorbar(image, cax=cax, label="attention weight" + (" (scale: 0 to the largest shown)" if vmax is None else ""))
+    # two lines on an automatic scale: one would be taller than a single row of small heatmaps
+    fig.colorbar(image, cax=cax, label="attention weight" + ("\n(scale: 0 to the largest shown)" if vmax is None else ""))
     if title:
         _text(ax, width / 2, 0.25, title, 12)
     caption = "key (attended to)" + ("      grey = weight 0 (masked or dropped)" if zero.any() else "")
