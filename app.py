@@ -788,9 +788,23 @@ class LabApp:
         return quant_markdown(cmp), rows
 
     def model_status_api(self) -> dict:
-        """API /model_status: {"ready", "error", "summary"} (tests and benchmarks poll it)."""
+        """API /model_status: {"ready", "error", "summary", "generating"} (tests and benchmarks poll it).
+
+        generating: live generation worker threads (all users), so a client can see Stop or a
+        cancelled job really free the worker.
+        """
         lm = self.model.lm
-        return {"ready": lm is not None, "error": self.model.error, "summary": lm.summary() if lm else None}
+        return {"ready": lm is not None, "error": self.model.error, "summary": lm.summary() if lm else None,
+                "generating": live_generations()}
+
+
+# generation.stream.stream_reply runs generate() in a thread of this name (one per reply).
+GENERATION_THREAD = "stream_reply"
+
+
+def live_generations() -> int:
+    """How many generation worker threads are running right now (every user's and API call's)."""
+    return sum(t.name == GENERATION_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def _typed(fn: Callable) -> Callable:

@@ -65,6 +65,7 @@ def test_import_app_has_no_side_effects():
 def test_model_status_reports_the_loaded_model(client):
     status = client.predict(api_name="/model_status")
     assert status["ready"] is True and status["error"] is None
+    assert status["generating"] == 0  # no reply is being written
     assert "NF4 4-bit" in status["summary"] and "MiB" in status["summary"]
 
 
