@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,9 @@ DEFAULT_INSPECT_TEXT = "The cat sat on the mat because it was tired."
 DEFAULT_NEXT_PROMPT = "The capital of France is"
 REMOVED_BY = {None: "kept", "top_k": "removed by top-k", "top_p": "removed by top-p",
               "greedy": "not taken (greedy)"}
+
+# The chat's "max new tokens" slider maximum; /chat refuses more, so no client holds the slot longer.
+MAX_NEW_TOKENS = 512
 
 # The notebook's defaults and prompts.
 DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
@@ -653,27 +657,31 @@ class LabApp:
         top_k: int = DEFAULT_PARAMS.top_k,
         repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
         seed: int = -1,
-    ) -> str:
+    ) -> Iterator[str]:
         """API /chat: one message (plus optional system prompt and sampling settings) -> the reply.
 
-        seed < 0 means a random seed. Errors (model loading, empty or oversized message, bad
-        sampling values) come back as a gr.Error with the reason.
+        Streams the growing reply; `client.predict` returns the final one. A cancelled job closes
+        this generator, which stops the worker at the next token. seed < 0 means a random seed;
+        max_new_tokens is capped like the UI's slider. Errors (model loading, empty or oversized
+        message, bad sampling values) come back as a gr.Error with the reason.
         """
         lm = self.model.require()
         try:
             text = self._check_message(message)
+            if _as_int(max_new_tokens, "max new tokens") > MAX_NEW_TOKENS:
+                raise ValueError(f"max new tokens must be at most {MAX_NEW_TOKENS} (the chat's limit), "
+                                 f"got {max_new_tokens!r}")
             params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-            reply = ""
-            for reply in stream_reply(
-                lm,
-                text,
-                (),
-                system=(system or "").strip() or None,
-                params=params,
-                max_input_tokens=self.settings.max_input_tokens,
-            ):
-                pass
-            return reply
+            gen = stream_reply(lm, text, (), system=(system or "").strip() or None, params=params,
+                               max_input_tokens=self.settings.max_input_tokens)
+            reply = None
+            try:  # closing this generator (a cancelled job) closes stream_reply's, which ends its worker
+                for reply in gen:
+                    yield reply
+            finally:
+                gen.close()
+            if reply is None:
+                yield ""  # nothing generated: the result is still a string
         except (ValueError, RuntimeError) as exc:
             raise gr.Error(str(exc)) from None
 
@@ -809,8 +817,20 @@ def live_generations() -> int:
 
 def _typed(fn: Callable) -> Callable:
     """`fn` with its string annotations evaluated: gr.api reads the return type from the raw
-    signature, and `from __future__ import annotations` would leave it as the string "str"."""
+    signature, and `from __future__ import annotations` would leave it as the string "str".
+
+    A generator stays a generator (gradio streams it and closes it on cancel); its return type is
+    what each step yields (Iterator[str] -> str)."""
     sig = inspect.signature(fn, eval_str=True)
+    if inspect.isgeneratorfunction(fn):
+        (item,) = typing.get_args(sig.return_annotation)
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            yield from fn(*args, **kwargs)
+
+        stream.__signature__ = sig.replace(return_annotation=item)  # type: ignore[attr-defined]
+        return stream
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -997,7 +1017,7 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                                             label="temperature", info="0 = always the most likely token",
                                             elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=DEFAULT_PARAMS.top_p, step=0.05, label="top-p", elem_id="top-p")
-                    max_new = gr.Slider(1, 512, value=DEFAULT_PARAMS.max_new_tokens, step=1,
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_PARAMS.max_new_tokens, step=1,
                                         label="max new tokens", elem_id="max-new")
                     top_k = gr.Slider(0, 200, value=DEFAULT_PARAMS.top_k, step=1, label="top-k (0 = off)", elem_id="top-k")
                     rep = gr.Slider(1.0, 2.0, value=DEFAULT_PARAMS.repetition_penalty, step=0.05,

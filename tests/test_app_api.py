@@ -97,6 +97,9 @@ def test_chat_seed_makes_sampling_repeatable(client):
         ("hello", {"temperature": 5.0}, "temperature must be in"),
         ("hello", {"top_p": 0.0}, "top_p must be in"),
         ("hello", {"max_new_tokens": 0}, "max_new_tokens must be"),
+        # The UI slider stops at 512: the API may not hold the chat slot for longer.
+        ("hello", {"max_new_tokens": 513}, "max new tokens must be at most 512"),
+        ("hello", {"max_new_tokens": 4096}, "max new tokens must be at most 512"),
     ],
 )
 def test_chat_bad_input_is_a_clear_error(client, message, kwargs, expected):
@@ -115,6 +118,33 @@ def test_message_just_under_the_char_cap_but_over_the_token_budget_is_refused(cl
 def test_chat_still_works_after_bad_input(client):
     with pytest.raises(AppError):
         client.predict("", api_name="/chat")
+    assert client.predict("Hello!", max_new_tokens=4, api_name="/chat").strip()
+
+
+def _generating(client) -> int:
+    return client.predict(api_name="/model_status")["generating"]
+
+
+def _wait_generating(client, want: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    n = _generating(client)
+    while n != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+        n = _generating(client)
+    return n
+
+
+def test_cancelled_chat_job_frees_the_worker(app_server, client):  # noqa: F811
+    chat_client = Client(app_server.url, verbose=False)
+    job = chat_client.submit("Write a long story about a dragon.", max_new_tokens=400, temperature=1.3,
+                             top_p=1.0, seed=1, api_name="/chat")
+    assert _wait_generating(client, 1, 60.0) == 1, "the chat never started generating"
+    time.sleep(1.0)  # some tokens in: the job is streaming
+    assert not job.done()
+    job.cancel()
+    # 400 tokens take ~15 s here; a freed worker ends within a token or two.
+    assert _wait_generating(client, 0, 5.0) == 0, "the generation thread kept running after cancel"
+    # and the slot serves the next caller
     assert client.predict("Hello!", max_new_tokens=4, api_name="/chat").strip()
 
 
@@ -310,7 +340,7 @@ def test_chat_says_loading_while_the_model_loads():
     lab = app.LabApp()
     lab.model.started_at = time.perf_counter()  # "loading": started, not finished
     with pytest.raises(gr.Error, match="still loading"):
-        lab.chat_api("Hello")
+        list(lab.chat_api("Hello"))
     with pytest.warns(UserWarning, match="still loading"):
         box, history, _, go = lab.user_turn("Hello", [])
     assert go is False
@@ -332,7 +362,7 @@ def test_model_that_fails_to_load_is_reported(tmp_path):
     assert lab.model.wait(120) is False
     assert "Model failed to load" in lab.model.status()
     with pytest.raises(gr.Error, match="could not be loaded"):
-        lab.chat_api("Hello")
+        list(lab.chat_api("Hello"))
 
 
 def test_history_sent_to_the_model_alternates():
