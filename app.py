@@ -401,18 +401,35 @@ class StopRegistry:
         self._lock = threading.Lock()
 
     def new(self, key: str) -> threading.Event:
+        """Register a fresh stop event for `key` (replacing any) and return it."""
         ev = threading.Event()
         with self._lock:
             self._events[key] = ev
         return ev
 
+    def begin(self, key: str) -> threading.Event | None:
+        """Register a generation for `key`; None while one is still live there (registered, not stopped)."""
+        with self._lock:
+            ev = self._events.get(key)
+            if ev is not None and not ev.is_set():
+                return None
+            ev = self._events[key] = threading.Event()
+        return ev
+
+    def current(self, key: str) -> threading.Event:
+        """The event `begin` registered for `key` (a fresh one if none), for the generation itself."""
+        with self._lock:
+            return self._events.setdefault(key, threading.Event())
+
     def stop(self, key: str) -> None:
+        """Set `key`'s stop event: its generation halts at the next token."""
         with self._lock:
             ev = self._events.get(key)
         if ev is not None:
             ev.set()
 
     def done(self, key: str, ev: threading.Event) -> None:
+        """A generation ended: set its event and forget it (unless a newer one replaced it)."""
         ev.set()
         with self._lock:
             if self._events.get(key) is ev:
@@ -546,8 +563,11 @@ class LabApp:
             )
         return message
 
-    def user_turn(self, message: str, history: list[Any]) -> tuple[Any, Any, Any, bool]:
-        """Send: validate, append the user turn, clear the box. Returns (box, history, preview, go)."""
+    def user_turn(self, message: str, history: list[Any], request: gr.Request) -> tuple[Any, Any, Any, bool]:
+        """Send: validate, append the user turn, clear the box. Returns (box, history, preview, go).
+
+        Refused (gr.Warning, text kept) while this session's previous reply is still being written.
+        """
         if not self.model.ready:
             gr.Warning(self.model.not_ready_message(), title="Model loading")
             return gr.skip(), gr.skip(), gr.skip(), False
@@ -555,6 +575,9 @@ class LabApp:
             text = self._check_message(message)
         except ValueError as exc:
             gr.Warning(str(exc))
+            return gr.skip(), gr.skip(), gr.skip(), False
+        if self.stops.begin(_session(request)) is None:
+            gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
             return gr.skip(), gr.skip(), gr.skip(), False
         history = list(history or []) + [{"role": "user", "content": text}]
         return "", history, token_preview_html(self.model.lm, text, sent=True), True
@@ -573,7 +596,18 @@ class LabApp:
         request: gr.Request,
     ) -> Iterator[tuple[Any, Any, Any]]:
         """Stream the assistant's reply to the last user turn into the chatbot."""
-        if not go or not history:
+        if not go:
+            return
+        key = _session(request)
+        try:
+            yield from self._bot_turn(history, system, max_new_tokens, temperature, top_p, top_k,
+                                      repetition_penalty, seed, key)
+        finally:
+            self.stops.done(key, self.stops.current(key))
+
+    def _bot_turn(self, history, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                  key: str) -> Iterator[tuple[Any, Any, Any]]:
+        if not history:
             return
         turns = model_history(history)
         if not turns or turns[-1]["role"] != "user":
@@ -587,8 +621,7 @@ class LabApp:
         except ValueError as exc:
             gr.Warning(str(exc), title="Invalid sampling settings")
             return
-        key = getattr(request, "session_hash", None) or str(id(request))
-        stop = self.stops.new(key)
+        stop = self.stops.current(key)  # registered by user_turn / retry; Stop sets it
         stats = ReplyStats()
         history = list(history)
         reply_at = len(history)
@@ -622,12 +655,13 @@ class LabApp:
 
     def stop(self, request: gr.Request) -> None:
         """Stop button: halt this session's generation at the next token (cancels= does the rest)."""
-        key = getattr(request, "session_hash", None) or str(id(request))
-        self.stops.stop(key)
+        self.stops.stop(_session(request))
 
-    @staticmethod
-    def retry(history: list[Any]) -> tuple[list[Any], bool]:
-        """Drop the last reply so the last user turn is answered again."""
+    def retry(self, history: list[Any], request: gr.Request) -> tuple[Any, bool]:
+        """Drop the last reply so the last user turn is answered again (refused while one is written)."""
+        if self.stops.begin(_session(request)) is None:
+            gr.Warning(BUSY_MESSAGE)
+            return gr.skip(), False
         history = list(history or [])
         while history and _role(history[-1]) == "assistant":
             history.pop()
@@ -840,6 +874,26 @@ def _typed(fn: Callable) -> Callable:
     return call
 
 
+BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
+
+
+def _session(request: Any) -> str:
+    """The browser session's key for per-user state (stop events)."""
+    return getattr(request, "session_hash", None) or str(id(request))
+
+
+def fill_inspect(current: str, auto: str, history: list[Any]) -> tuple[Any, Any]:
+    """After a reply: the model-attention text becomes the last exchange unless the user typed it.
+
+    Replaced only when it is empty, the untouched default or what this function filled in last.
+    Returns (text box, new auto-filled value).
+    """
+    exchange = last_exchange(history)
+    if not exchange or (current or "").strip() not in ("", DEFAULT_INSPECT_TEXT, (auto or "").strip()):
+        return gr.skip(), gr.skip()
+    return exchange, exchange
+
+
 def _role(msg: Any) -> str | None:
     return msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
 
@@ -1024,6 +1078,7 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                                     label="repetition penalty")
                     seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="chat-seed")
         go = gr.State(False)
+        inspect_auto = gr.State("")  # the last exchange fill_inspect put in the model-attention box
         lab_result = gr.State(None)  # this user's last LabResult, for the step-by-step view
 
         # -- wiring: Attention Lab ----------------------------------------------------------
@@ -1054,8 +1109,16 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
                      show_progress="hidden", **lab_kw, **private).then(**bot)
         retried = retry.click(state.retry, [chatbot], [chatbot, go], show_progress="hidden",
                               **lab_kw, **private).then(**bot)
+        # (sent/retried stay the bot events: they are what Stop cancels.) A finished reply becomes
+        # the model-attention text unless the user typed their own there.
+        for chain in (sent, retried):
+            chain.then(fill_inspect, [inspect_text, inspect_auto, chatbot], [inspect_text, inspect_auto],
+                       queue=False, show_progress="hidden", **private)
         # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
         stop.click(state.stop, None, None, queue=False, cancels=[sent, retried], **private)
+        # Undo and Clear cancel the reply too: set the stop event so its worker ends (and a reply
+        # cancelled while still queued does not leave this session marked as generating).
+        gr.on([undo.click, clear.click], state.stop, None, None, queue=False, **private)
         undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried], **private)
         clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried],
                     **private)

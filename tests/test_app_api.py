@@ -342,7 +342,7 @@ def test_chat_says_loading_while_the_model_loads():
     with pytest.raises(gr.Error, match="still loading"):
         list(lab.chat_api("Hello"))
     with pytest.warns(UserWarning, match="still loading"):
-        box, history, _, go = lab.user_turn("Hello", [])
+        box, history, _, go = lab.user_turn("Hello", [], None)
     assert go is False
     assert "Loading" in lab.status_markdown()
     # the Attention Lab works meanwhile
@@ -379,7 +379,7 @@ def test_history_sent_to_the_model_alternates():
         {"role": "assistant", "content": "answer"},
         {"role": "user", "content": "third"},
     ]
-    assert app.LabApp.retry(history[:3]) == (history[:2], True)
+    assert app.LabApp().retry(history[:3], None) == (history[:2], True)
     assert app.LabApp.undo(history[:3]) == (history[:1], "second")
 
 

@@ -125,6 +125,70 @@ def test_typed_message_gets_a_streamed_reply(page):
     assert all(b.startswith(a[:-1]) for a, b in zip(growing, growing[1:])), growing
 
 
+def live_generations(pg) -> int:
+    """Generation worker threads alive on the server (its /model_status), all users together."""
+    return pg.evaluate("""async () => {
+        const r = await fetch('/gradio_api/call/model_status', {method: 'POST',
+            headers: {'Content-Type': 'application/json'}, body: JSON.stringify({data: []})});
+        const {event_id} = await r.json();
+        const text = await (await fetch('/gradio_api/call/model_status/' + event_id)).text();
+        const line = text.split('\\n').find(l => l.startsWith('data:'));
+        return JSON.parse(line.slice(5))[0].generating;
+    }""")
+
+
+def test_send_while_a_reply_streams_is_refused_and_keeps_the_text(page):
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 200)
+    set_number(page, "temperature", 1.3)
+    set_number(page, "top-p", 1.0)
+    page.locator("#chat-seed input").fill("1")
+    send_chat(page, LONG_PROMPT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (bot_texts(page) and len(bot_texts(page)[-1]) > 20):
+        time.sleep(0.05)
+    send_chat(page, "Second question")  # Enter while the first reply streams
+    page.get_by_text("A reply is still being written").first.wait_for(timeout=30_000)
+    page.click("#send-btn")  # and the Send button
+    time.sleep(1.0)
+    assert user_texts(page) == [LONG_PROMPT], "a second user turn slipped into a streaming reply"
+    assert page.locator("#chat-input textarea").input_value() == "Second question"
+    page.click("#stop-btn")
+    page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='status-tracker']:not(.hide)\")"
+                           ".length === 0", timeout=30_000)
+    # after Stop the kept text can be sent and gets its own reply
+    set_number(page, "max-new", 8)
+    page.click("#send-btn")
+    wait_reply_done(page, 2, timeout_s=120)
+    assert user_texts(page) == [LONG_PROMPT, "Second question"] and len(bot_texts(page)) == 2
+
+
+def test_inspect_text_follows_the_chat_unless_the_user_typed(page):
+    inspect_box = page.locator("#inspect-text textarea")
+    assert inspect_box.input_value() == "The cat sat on the mat because it was tired."
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 8)
+    send_chat(page, "What is the capital of France?")
+    reply = wait_reply_done(page, 1)
+    page.wait_for_function("document.querySelector('#inspect-text textarea').value.startsWith('What is')",
+                           timeout=30_000)
+    filled = inspect_box.input_value()  # the untouched default went: question, then the (raw) reply
+    assert filled.startswith("What is the capital of France?\n") and len(filled) > 31 and reply.strip()
+    # the next exchange replaces the one filled in automatically
+    send_chat(page, "Hello!")
+    wait_reply_done(page, 2)
+    page.wait_for_function("document.querySelector('#inspect-text textarea').value.startsWith('Hello!')",
+                           timeout=30_000)
+    # text the user typed is never overwritten
+    page.get_by_role("tab", name="Attention Lab").click()
+    inspect_box.fill("My own sentence.")
+    page.get_by_role("tab", name="4-bit Chat").click()
+    send_chat(page, "Write a haiku about transformers.")
+    wait_reply_done(page, 3)
+    time.sleep(1.5)  # the follow-up event has run (or would have)
+    assert inspect_box.input_value() == "My own sentence."
+
+
 def test_stop_halts_a_long_reply_and_the_next_message_works(page):
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 400)
@@ -135,7 +199,13 @@ def test_stop_halts_a_long_reply_and_the_next_message_works(page):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (bot_texts(page) and len(bot_texts(page)[-1]) > 20):
         time.sleep(0.05)
+    assert live_generations(page) == 1
     page.click("#stop-btn")
+    # Not only the text: the server-side worker thread ends (a cancels= alone would leave it running).
+    deadline = time.monotonic() + 5
+    while live_generations(page) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_generations(page) == 0, "the generation thread kept running after Stop"
     time.sleep(1.0)  # at most one more token may land
     stopped = bot_texts(page)[-1]
     time.sleep(3.0)
