@@ -151,6 +151,7 @@ class ModelSlot:
 
     @property
     def ready(self) -> bool:
+        """True once the model is loaded and usable."""
         return self.lm is not None
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -165,6 +166,7 @@ class ModelSlot:
         raise gr.Error(self.not_ready_message(), title="Model not ready")
 
     def not_ready_message(self) -> str:
+        """Why the chat model cannot be used yet (failed, not started, or still loading for how long)."""
         if self.error is not None:
             return f"The chat model could not be loaded: {self.error}"
         if self.started_at is None:
@@ -270,6 +272,7 @@ def steps_figure(result: Any, head: Any) -> Any:
 
 
 def lab_notice(cfg: LabConfig, result: Any) -> str:
+    """The line under the heatmaps: token count, whether the sentence was cut, what dropout does."""
     n_tok = len(result.tokens)
     msg = f"{n_tok} tokens"
     if getattr(result, "capped", False):
@@ -353,6 +356,7 @@ def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False)
 
 
 def stats_line(stats: ReplyStats) -> str:
+    """The last reply's speed, length, time to first token and why it stopped, for the status line."""
     return (
         f"last reply: **{stats.tokens_per_s:.1f} tokens/s** ({stats.new_tokens} tokens, "
         f"first token after {stats.first_token_s:.2f} s, stopped by {stats.stopped_by})"
@@ -381,6 +385,7 @@ def next_token_table(nt: Any) -> list[list[str]]:
 
 
 def quant_markdown(cmp: Any) -> str:
+    """4-bit vs full precision (a QuantComparison): bytes, time per token, KL, as a markdown table."""
     q, f = cmp.quantized, cmp.full
     return (
         f"| | {q.label} | {f.label} |\n|---|---|---|\n"
@@ -539,6 +544,7 @@ class LabApp:
         return line, gr.Timer(active=not done), self.layer_slider()
 
     def status_markdown(self, user_stats: str = "") -> str:
+        """The status line: the model's state, plus this user's last-reply stats once it is ready."""
         line = self.model.status()
         return f"{line} · {user_stats}" if user_stats and self.model.ready else line
 
