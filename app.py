@@ -38,7 +38,7 @@ from generation.introspect import (  # noqa: E402
 from generation.model import LoadedModel, load_model  # noqa: E402
 from generation.sampling import SamplingParams  # noqa: E402
 from generation.settings import Settings  # noqa: E402
-from generation.stream import ReplyStats, stream_reply  # noqa: E402
+from generation.stream import WORKER_THREAD_NAME, ReplyStats, stream_reply  # noqa: E402
 from generation.tokens import preview_tokens  # noqa: E402
 
 TITLE = "Attention Lab"
@@ -846,13 +846,9 @@ class LabApp:
                 "generating": live_generations()}
 
 
-# generation.stream.stream_reply runs generate() in a thread of this name (one per reply).
-GENERATION_THREAD = "stream_reply"
-
-
 def live_generations() -> int:
     """How many generation worker threads are running right now (every user's and API call's)."""
-    return sum(t.name == GENERATION_THREAD and t.is_alive() for t in threading.enumerate())
+    return sum(t.name == WORKER_THREAD_NAME and t.is_alive() for t in threading.enumerate())
 
 
 def _typed(fn: Callable) -> Callable:

@@ -26,6 +26,10 @@ POLL_S = 0.5
 JOIN_TIMEOUT_S = 30.0
 
 
+# Every generation worker thread has this name, so a server can count the live ones.
+WORKER_THREAD_NAME = "stream_reply"
+
+
 @dataclass
 class ReplyStats:
     """Filled in while a reply streams; final once the generator is exhausted or closed.
@@ -159,7 +163,7 @@ def stream_reply(
         finally:
             streamer.end()  # wake the consumer even when generate() failed before streaming
 
-    worker = threading.Thread(target=work, name="stream_reply", daemon=True)
+    worker = threading.Thread(target=work, name=WORKER_THREAD_NAME, daemon=True)
     raw = ""
     shown = ""
     hit = False

@@ -11,13 +11,14 @@ import torch
 from generation import ReplyStats, SamplingParams, load_model, stream_reply
 from generation.model import LoadedModel
 from generation.prompt import PLAIN_STOP_STRINGS
+from generation.stream import WORKER_THREAD_NAME
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 QUESTION = "What is the capital of France?"
 
 
 def _workers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "stream_reply" and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name == WORKER_THREAD_NAME and t.is_alive()]
 
 
 def _collect(lm, message, **kw) -> tuple[list[str], ReplyStats]:
