@@ -57,6 +57,19 @@ def wait_changed(get, old, timeout_s: float = 30):
     raise AssertionError(f"value did not change within {timeout_s} s")
 
 
+def start_long_reply(pg, max_new: int) -> None:
+    """Ask for a long seeded, hot reply in the chat tab and wait until it is visibly streaming."""
+    pg.get_by_role("tab", name="4-bit Chat").click()
+    set_number(pg, "max-new", max_new)
+    set_number(pg, "temperature", 1.3)
+    set_number(pg, "top-p", 1.0)
+    pg.locator("#chat-seed input").fill("1")
+    send_chat(pg, LONG_PROMPT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (bot_texts(pg) and len(bot_texts(pg)[-1]) > 20):
+        time.sleep(0.05)
+
+
 def test_page_loads_with_both_tabs(page):
     assert page.get_by_role("tab", name="Attention Lab").is_visible()
     assert page.get_by_role("tab", name="4-bit Chat").is_visible()
@@ -138,15 +151,7 @@ def live_generations(pg) -> int:
 
 
 def test_send_while_a_reply_streams_is_refused_and_keeps_the_text(page):
-    page.get_by_role("tab", name="4-bit Chat").click()
-    set_number(page, "max-new", 200)
-    set_number(page, "temperature", 1.3)
-    set_number(page, "top-p", 1.0)
-    page.locator("#chat-seed input").fill("1")
-    send_chat(page, LONG_PROMPT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (bot_texts(page) and len(bot_texts(page)[-1]) > 20):
-        time.sleep(0.05)
+    start_long_reply(page, 200)
     send_chat(page, "Second question")  # Enter while the first reply streams
     page.get_by_text("A reply is still being written").first.wait_for(timeout=30_000)
     page.click("#send-btn")  # and the Send button
@@ -190,15 +195,7 @@ def test_inspect_text_follows_the_chat_unless_the_user_typed(page):
 
 
 def test_stop_halts_a_long_reply_and_the_next_message_works(page):
-    page.get_by_role("tab", name="4-bit Chat").click()
-    set_number(page, "max-new", 400)
-    set_number(page, "temperature", 1.3)
-    set_number(page, "top-p", 1.0)
-    page.locator("#chat-seed input").fill("1")
-    send_chat(page, LONG_PROMPT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (bot_texts(page) and len(bot_texts(page)[-1]) > 20):
-        time.sleep(0.05)
+    start_long_reply(page, 400)
     assert live_generations(page) == 1
     page.click("#stop-btn")
     # Not only the text: the server-side worker thread ends (a cancels= alone would leave it running).
