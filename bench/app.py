@@ -26,6 +26,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from benchutil import describe  # noqa: E402
 import app  # noqa: E402
+from ui.chat import EXAMPLE_PROMPTS  # noqa: E402
+from ui.lab import LabHandlers  # noqa: E402
 from apputil import start_app  # noqa: E402
 from generation.settings import Settings  # noqa: E402
 
@@ -36,7 +38,7 @@ SENTENCE_32 = ("The quick brown fox jumps over the lazy dog while the cat sleeps
 def machine() -> str:
     return describe()
 
-def lab_update_ms(lab: app.LabApp, n_tokens: int, emb_dim: int, n_heads: int, causal: bool,
+def lab_update_ms(lab: LabHandlers, n_tokens: int, emb_dim: int, n_heads: int, causal: bool,
                   repeats: int) -> tuple[float, float]:
     """Median ms of (the heatmap event, the chained step-view event), each with its PNG encoding."""
     import gradio as gr
@@ -72,17 +74,17 @@ def startup(env: dict[str, str]) -> tuple[float, float]:
     return serving, ready
 
 
-def chat_first_token(lab: app.LabApp, repeats: int) -> list[tuple[float, float]]:
+def chat_first_token(state: app.AppState, repeats: int) -> list[tuple[float, float]]:
     class _Req:
         session_hash = "bench"
 
     out = []
-    for prompt in app.EXAMPLE_PROMPTS[:repeats]:
+    for prompt in EXAMPLE_PROMPTS[:repeats]:
         history = [{"role": "user", "content": prompt}]
         t0 = time.perf_counter()
         first = None
         stats = ""
-        for hist, _, user_stats in lab.bot_turn(True, history, "", 48, 0.0, 0.95, 0, 1.0, -1, _Req()):
+        for hist, _, user_stats in state.chat.bot_turn(True, history, "", 48, 0.0, 0.95, 0, 1.0, -1, _Req()):
             if first is None and len(hist) > 1:
                 first = time.perf_counter() - t0
             if isinstance(user_stats, str):
@@ -99,13 +101,13 @@ def main() -> None:
     args = ap.parse_args()
 
     print(f"Machine: {machine()}\n")
-    lab = app.LabApp()
+    state = app.AppState.create()
     print("### Attention Lab update, server side (handler + PNG encoding), median ms\n")
     print("| tokens T | emb_dim | heads | causal | heatmaps + trace event | then step view event | total | <= 150 ms? |")
     print("|---:|---:|---:|---|---:|---:|---:|---|")
     for t, d, h, c in [(8, 32, 4, False), (16, 32, 4, True), (32, 32, 4, False), (32, 64, 8, True),
                        (32, 128, 16, False)]:
-        a, b = lab_update_ms(lab, t, d, h, c, args.repeats)
+        a, b = lab_update_ms(state.lab, t, d, h, c, args.repeats)
         print(f"| {t} | {d} | {h} | {'yes' if c else 'no'} | {a:.0f} | {b:.0f} | {a + b:.0f} | "
               f"{'yes' if a + b <= 150 else 'no'} |")
 
@@ -120,14 +122,14 @@ def main() -> None:
         print(f"| empty cache dir (first run: GGUF conversion) | {s:.1f} | {r:.1f} |")
 
     print("\n### Chat: time to first token (streaming handler, in-process, greedy, 48 new tokens max)\n")
-    lab.model.start()
-    lab.model.wait()
+    state.model.start()
+    state.model.wait()
     settings = Settings.from_env()
     print("| prompt | first token s | decode tokens/s |")
     print("|---|---:|---:|")
-    for prompt, (first, tps) in zip(app.EXAMPLE_PROMPTS, chat_first_token(lab, 3)):
+    for prompt, (first, tps) in zip(EXAMPLE_PROMPTS, chat_first_token(state, 3)):
         print(f"| {prompt} | {first:.2f} | {tps:.1f} |")
-    print(f"\nModel: {lab.model.lm.summary()}; chat concurrency {settings.chat_concurrency}.")
+    print(f"\nModel: {state.model.lm.summary()}; chat concurrency {settings.chat_concurrency}.")
 
 
 if __name__ == "__main__":

@@ -327,9 +327,9 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # generate() wants a pad id; unused with batch 1
 
-    # Post-load hook point: changes to the loaded model (e.g. issue 5's attention capture) go here,
+    # Post-load hook point: changes to the loaded model (e.g. the attention capture) go here,
     # before the facts below are measured and before the model is shared.
-    # Issue 5: one-time switch to the per-thread "attention_lab" dispatcher (same attention as before;
+    # One-time switch to the per-thread "attention_lab" dispatcher (same attention as before;
     # no-op for models without AttentionInterface support). See generation/attention_capture.py.
     from .attention_capture import install as install_attention_capture
 

@@ -53,7 +53,7 @@ def test_import_app_has_no_side_effects():
         "import os; assert os.environ['GRADIO_ANALYTICS_ENABLED'] == 'False'\n"
         "import sys; assert 'gradio' in sys.modules\n"
         "d = app.build_demo()\n"
-        "assert d.lab_app.model.started_at is None and d.lab_app.model.lm is None\n"
+        "assert d.app_state.model.started_at is None and d.app_state.model.lm is None\n"
         "assert not d.is_running\n"
         "print('clean')\n"
     )
@@ -210,13 +210,13 @@ def test_attention_non_numbers_are_a_clear_error(client, kwargs, expected):
      ("n_kv_heads", "1e400", "n_kv_heads must be a finite number, got '1e400'")],
 )
 def test_lab_update_non_numbers_warn_with_the_field(field, value, expected):
-    import app
+    from ui.lab import DEFAULT_SENTENCE, LabHandlers
 
-    values = dict(text=app.DEFAULT_SENTENCE, emb_dim=32, n_heads=4, n_kv_heads=4, dropout=0.0, seed=0,
+    values = dict(text=DEFAULT_SENTENCE, emb_dim=32, n_heads=4, n_kv_heads=4, dropout=0.0, seed=0,
                   causal=False, multi_head=True, head=0)
     values[field] = value
     with pytest.warns(UserWarning, match=re.escape(expected)):
-        _, _, notice, _, result = app.LabApp().lab_update(**values)
+        _, _, notice, _, result = LabHandlers().lab_update(**values)
     assert expected in notice and result is None
 
 
@@ -237,7 +237,7 @@ def test_chat_non_numbers_are_a_clear_error(client, kwargs, expected):
 
 
 # ---------------------------------------------------------------------------------------------
-# /model_attention and /next_token (issue 5)
+# /model_attention and /next_token
 
 
 def test_model_attention_returns_the_grid_and_follows_the_layer(client):
@@ -336,19 +336,20 @@ def test_chat_says_loading_while_the_model_loads():
     import gradio as gr
 
     import app
+    from ui.lab import DEFAULT_SENTENCE
 
-    lab = app.LabApp()
-    lab.model.started_at = time.perf_counter()  # "loading": started, not finished
+    state = app.AppState.create()
+    state.model.started_at = time.perf_counter()  # "loading": started, not finished
     with pytest.raises(gr.Error, match="still loading"):
-        list(lab.chat_api("Hello"))
+        list(state.chat.chat_api("Hello"))
     with pytest.warns(UserWarning, match="still loading"):
-        box, history, _, go = lab.user_turn("Hello", [], None)
+        box, history, _, go = state.chat.user_turn("Hello", [], None)
     assert go is False
-    assert "Loading" in lab.status_markdown()
+    assert "Loading" in state.chat.status_markdown()
     # the Attention Lab works meanwhile
-    heat, rows, notice, _, result = lab.lab_update(app.DEFAULT_SENTENCE, 32, 4, 4, 0.0, 0, False, True, 0)
+    heat, rows, notice, _, result = state.lab.lab_update(DEFAULT_SENTENCE, 32, 4, 4, 0.0, 0, False, True, 0)
     assert heat is not None and [r[0] for r in rows][:3] == ["Q", "K", "V"]
-    assert notice.startswith("11 tokens") and lab.steps_update(result, 2) is not None
+    assert notice.startswith("11 tokens") and state.lab.steps_update(result, 2) is not None
 
 
 def test_model_that_fails_to_load_is_reported(tmp_path):
@@ -357,16 +358,18 @@ def test_model_that_fails_to_load_is_reported(tmp_path):
     import app
     from generation.settings import Settings
 
-    lab = app.LabApp(Settings(model_id=str(tmp_path / "no-such-model")))
-    lab.model.start()
-    assert lab.model.wait(120) is False
-    assert "Model failed to load" in lab.model.status()
+    state = app.AppState.create(Settings(model_id=str(tmp_path / "no-such-model")))
+    state.model.start()
+    assert state.model.wait(120) is False
+    assert "Model failed to load" in state.model.status()
     with pytest.raises(gr.Error, match="could not be loaded"):
-        list(lab.chat_api("Hello"))
+        list(state.chat.chat_api("Hello"))
 
 
 def test_history_sent_to_the_model_alternates():
     import app
+    from ui.chat import ChatHandlers
+    from ui.common import model_history
 
     history = [
         {"role": "user", "content": "first"},  # stopped before any reply
@@ -374,19 +377,20 @@ def test_history_sent_to_the_model_alternates():
         {"role": "assistant", "content": "answer"},
         {"role": "user", "content": "third"},
     ]
-    assert app.model_history(history) == [
+    assert model_history(history) == [
         {"role": "user", "content": "second"},
         {"role": "assistant", "content": "answer"},
         {"role": "user", "content": "third"},
     ]
-    assert app.LabApp().retry(history[:3], None) == (history[:2], True)
-    assert app.LabApp.undo(history[:3]) == (history[:1], "second")
+    chat = app.AppState.create().chat
+    assert chat.retry(history[:3], None) == (history[:2], True)
+    assert ChatHandlers.undo(history[:3]) == (history[:1], "second")
 
 
 def test_stop_registry_is_per_session():
-    import app
+    from ui.chat import StopRegistry
 
-    reg = app.StopRegistry()
+    reg = StopRegistry()
     a, b = reg.new("alice"), reg.new("bob")
     reg.stop("alice")
     assert a.is_set() and not b.is_set()

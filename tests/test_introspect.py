@@ -1,4 +1,4 @@
-"""Issue 5: the chat model's attention maps, next-token probabilities and what 4-bit costs.
+"""The chat model's attention maps, next-token probabilities and what 4-bit costs.
 
 References are transformers' own code on the same model object (same weights): its eager
 attention with output_attentions for the maps, its logits processors for the filtering.

@@ -1,0 +1,512 @@
+"""The chat view: history, Send/Stop/Retry/Undo/Clear, sampling controls, status line, next-token table.
+
+`build_status(...)` puts the status line above the tabs; `build_chat(...)` lays out the chat tab
+and wires it with `/chat`, `/next_token` and `/model_status`. `ChatHandlers` holds the handlers,
+plain methods tests call without a server.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from generation.introspect import next_token_candidates
+from generation.model import LoadedModel
+from generation.sampling import SamplingParams
+from generation.settings import Settings
+from generation.stream import WORKER_THREAD_NAME, ReplyStats, stream_reply
+from generation.tokens import preview_tokens
+
+from .common import (
+    CHAT_GROUP,
+    INSPECT_EVENTS,
+    LAB_EVENTS,
+    PRIVATE,
+    ModelSlot,
+    as_float,
+    as_int,
+    content_text,
+    error_text,
+    message_role,
+    model_history,
+    pct,
+    session_key,
+    typed_api,
+)
+
+DEFAULT_NEXT_PROMPT = "The capital of France is"
+REMOVED_BY = {None: "kept", "top_k": "removed by top-k", "top_p": "removed by top-p",
+              "greedy": "not taken (greedy)"}
+
+# The chat's "max new tokens" slider maximum; /chat refuses more, so no client holds the slot longer.
+MAX_NEW_TOKENS = 512
+
+# The notebook's prompts and sampling defaults.
+EXAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Explain self-attention in one paragraph.",
+    "Write a haiku about transformers.",
+]
+DEFAULT_PARAMS = SamplingParams()
+
+# A single message longer than this is refused before it reaches the tokenizer: generation trims
+# *history* to the token budget, but one giant message cannot be trimmed into something sensible.
+# ~8 characters per token is generous for English, so this never refuses a message that fits.
+CHARS_PER_TOKEN_LIMIT = 8
+
+BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
+
+
+def sampling_params(
+    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
+) -> SamplingParams:
+    """Widget values -> validated SamplingParams (ValueError with the reason otherwise)."""
+    seed_val = None if seed is None or seed == "" or as_float(seed, "seed") < 0 else as_int(seed, "seed")
+    return SamplingParams(
+        max_new_tokens=as_int(max_new_tokens, "max new tokens"),
+        temperature=as_float(temperature, "temperature"),
+        top_p=as_float(top_p, "top-p"),
+        top_k=as_int(top_k, "top-k"),
+        repetition_penalty=as_float(repetition_penalty, "repetition penalty"),
+        seed=seed_val,
+    )
+
+
+def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False) -> str:
+    """The message as the model's tokenizer cuts it: alternating coloured pieces and a count."""
+    if not text:
+        return "<div class='token-preview'><span class='meta'>Type a message to see its tokens.</span></div>"
+    if lm is None:
+        return "<div class='token-preview'><span class='meta'>The tokenizer arrives with the model …</span></div>"
+    p = preview_tokens(lm.tokenizer, text)
+    pieces = []
+    for i, piece in enumerate(p.pieces):
+        shown = piece.replace("\n", "↵")
+        pieces.append(
+            f"<span class='tok t{i % 2}' title='id {p.ids[i]}'>{html.escape(shown)}</span>"
+        )
+    head = "Just sent" if sent else "Your message"
+    more = " (preview shows the first ones)" if p.truncated else ""
+    return (
+        f"<div class='token-preview'><span class='meta'>{head}: <b>{len(p.ids) if not p.truncated else str(len(p.ids)) + '+'}"
+        f"</b> tokens{more} · hover a token for its id</span><br>{''.join(pieces)}</div>"
+    )
+
+
+def stats_line(stats: ReplyStats) -> str:
+    """The last reply's speed, length, time to first token and why it stopped, for the status line."""
+    return (
+        f"last reply: **{stats.tokens_per_s:.1f} tokens/s** ({stats.new_tokens} tokens, "
+        f"first token after {stats.first_token_s:.2f} s, stopped by {stats.stopped_by})"
+    )
+
+
+def next_token_table(nt: Any) -> list[list[str]]:
+    """NextToken -> table rows: token, model p, after temperature, chance to be drawn, status."""
+    rows = [[repr(c.token)[1:-1], pct(c.prob), pct(c.prob_temperature), pct(c.sampling_prob),
+             REMOVED_BY.get(c.removed_by, str(c.removed_by))] for c in nt.candidates]
+    rows.append([f"(the other {nt.vocab_size - len(nt.candidates):,} tokens)", pct(nt.rest_prob),
+                 pct(nt.rest_prob_temperature), pct(nt.rest_sampling_prob), ""])
+    return rows
+
+
+class StopRegistry:
+    """Per-session stop events, so Stop halts *this* user's generation at the next token."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def new(self, key: str) -> threading.Event:
+        """Register a fresh stop event for `key` (replacing any) and return it."""
+        ev = threading.Event()
+        with self._lock:
+            self._events[key] = ev
+        return ev
+
+    def begin(self, key: str) -> threading.Event | None:
+        """Register a generation for `key`; None while one is still live there (registered, not stopped)."""
+        with self._lock:
+            ev = self._events.get(key)
+            if ev is not None and not ev.is_set():
+                return None
+            ev = self._events[key] = threading.Event()
+        return ev
+
+    def current(self, key: str) -> threading.Event:
+        """The event `begin` registered for `key` (a fresh one if none), for the generation itself."""
+        with self._lock:
+            return self._events.setdefault(key, threading.Event())
+
+    def stop(self, key: str) -> None:
+        """Set `key`'s stop event: its generation halts at the next token."""
+        with self._lock:
+            ev = self._events.get(key)
+        if ev is not None:
+            ev.set()
+
+    def done(self, key: str, ev: threading.Event) -> None:
+        """A generation ended: set its event and forget it (unless a newer one replaced it)."""
+        ev.set()
+        with self._lock:
+            if self._events.get(key) is ev:
+                del self._events[key]
+
+
+def live_generations() -> int:
+    """How many generation worker threads are running right now (every user's and API call's)."""
+    return sum(t.name == WORKER_THREAD_NAME and t.is_alive() for t in threading.enumerate())
+
+
+class ChatHandlers:
+    """The chat's event handlers: settings, the shared model slot and per-session stop events."""
+
+    def __init__(self, settings: Settings, model: ModelSlot) -> None:
+        self.settings = settings
+        self.model = model
+        self.stops = StopRegistry()
+
+    def status_tick(self, user_stats: str) -> tuple[str, Any]:
+        """Timer: the status line; the timer stops once loading is over (ready or failed)."""
+        line = self.status_markdown(user_stats)
+        done = self.model.ready or self.model.error is not None
+        return line, gr.Timer(active=not done)
+
+    def status_markdown(self, user_stats: str = "") -> str:
+        """The status line: the model's state, plus this user's last-reply stats once it is ready."""
+        line = self.model.status()
+        return f"{line} · {user_stats}" if user_stats and self.model.ready else line
+
+    def preview(self, text: str) -> Any:
+        """Tokenization preview of the message being typed (kept when the box is cleared by Send)."""
+        if not text:
+            return gr.skip()
+        try:
+            return token_preview_html(self.model.lm, text)
+        except ValueError as exc:
+            return f"<div class='token-preview'><span class='meta'>{html.escape(str(exc))}</span></div>"
+
+    def _check_message(self, message: str) -> str:
+        message = (message or "").strip()
+        if not message:
+            raise ValueError("Type a message first: an empty message has nothing to answer.")
+        limit = self.settings.max_input_tokens * CHARS_PER_TOKEN_LIMIT
+        if len(message) > limit:
+            raise ValueError(
+                f"That message is {len(message):,} characters long; the model reads at most "
+                f"{self.settings.max_input_tokens} tokens (about {limit:,} characters). Please shorten it."
+            )
+        return message
+
+    def user_turn(self, message: str, history: list[Any], request: gr.Request) -> tuple[Any, Any, Any, bool]:
+        """Send: validate, append the user turn, clear the box. Returns (box, history, preview, go).
+
+        Refused (gr.Warning, text kept) while this session's previous reply is still being written.
+        """
+        if not self.model.ready:
+            gr.Warning(self.model.not_ready_message(), title="Model loading")
+            return gr.skip(), gr.skip(), gr.skip(), False
+        try:
+            text = self._check_message(message)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.skip(), gr.skip(), gr.skip(), False
+        if self.stops.begin(session_key(request)) is None:
+            gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
+            return gr.skip(), gr.skip(), gr.skip(), False
+        history = list(history or []) + [{"role": "user", "content": text}]
+        return "", history, token_preview_html(self.model.lm, text, sent=True), True
+
+    def bot_turn(
+        self,
+        go: bool,
+        history: list[Any],
+        system: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        repetition_penalty: float,
+        seed: Any,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        """Stream the assistant's reply to the last user turn into the chatbot."""
+        if not go:
+            return
+        key = session_key(request)
+        try:
+            yield from self._bot_turn(history, system, max_new_tokens, temperature, top_p, top_k,
+                                      repetition_penalty, seed, key)
+        finally:
+            self.stops.done(key, self.stops.current(key))
+
+    def _bot_turn(self, history, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                  key: str) -> Iterator[tuple[Any, Any, Any]]:
+        if not history:
+            return
+        turns = model_history(history)
+        if not turns or turns[-1]["role"] != "user":
+            return
+        lm = self.model.lm
+        if lm is None:
+            gr.Warning(self.model.not_ready_message(), title="Model loading")
+            return
+        try:
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        except ValueError as exc:
+            gr.Warning(str(exc), title="Invalid sampling settings")
+            return
+        stop = self.stops.current(key)  # registered by user_turn / retry; Stop sets it
+        stats = ReplyStats()
+        history = list(history)
+        reply_at = len(history)
+        try:
+            gen = stream_reply(
+                lm,
+                turns[-1]["content"],
+                turns[:-1],
+                system=(system or "").strip() or None,
+                params=params,
+                max_input_tokens=self.settings.max_input_tokens,
+                stats=stats,
+                stop_event=stop,
+            )
+            try:
+                for text in gen:
+                    history[reply_at:] = [{"role": "assistant", "content": text}]
+                    yield history, gr.skip(), gr.skip()
+            finally:
+                gen.close()  # stops the worker thread within one token
+        except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the worker
+            gr.Warning(str(exc), title="No reply")
+            return
+        finally:
+            self.stops.done(key, stop)
+        if reply_at == len(history):
+            note = "stopped before the first token" if stats.stopped_by == "stopped" else "no text generated"
+            history.append({"role": "assistant", "content": f"*({note})*"})
+        user_stats = stats_line(stats)
+        yield history, self.status_markdown(user_stats), user_stats
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop button: halt this session's generation at the next token (cancels= does the rest)."""
+        self.stops.stop(session_key(request))
+
+    def retry(self, history: list[Any], request: gr.Request) -> tuple[Any, bool]:
+        """Drop the last reply so the last user turn is answered again (refused while one is written)."""
+        if self.stops.begin(session_key(request)) is None:
+            gr.Warning(BUSY_MESSAGE)
+            return gr.skip(), False
+        history = list(history or [])
+        while history and message_role(history[-1]) == "assistant":
+            history.pop()
+        if not history:
+            gr.Warning("Nothing to retry yet.")
+            return history, False
+        return history, True
+
+    @staticmethod
+    def undo(history: list[Any]) -> tuple[list[Any], Any]:
+        """Remove the last exchange and put the user's message back in the box."""
+        history = list(history or [])
+        while history and message_role(history[-1]) == "assistant":
+            history.pop()
+        if not history:
+            return history, gr.skip()
+        last = history.pop()
+        return history, content_text(last.get("content") if isinstance(last, dict) else last.content)
+
+    def chat_api(
+        self,
+        message: str,
+        system: str = "",
+        max_new_tokens: int = DEFAULT_PARAMS.max_new_tokens,
+        temperature: float = DEFAULT_PARAMS.temperature,
+        top_p: float = DEFAULT_PARAMS.top_p,
+        top_k: int = DEFAULT_PARAMS.top_k,
+        repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
+        seed: int = -1,
+    ) -> Iterator[str]:
+        """API /chat: one message (plus optional system prompt and sampling settings) -> the reply.
+
+        Streams the growing reply; `client.predict` returns the final one. A cancelled job closes
+        this generator, which stops the worker at the next token. seed < 0 means a random seed;
+        max_new_tokens is capped like the UI's slider. Errors (model loading, empty or oversized
+        message, bad sampling values) come back as a gr.Error with the reason.
+        """
+        lm = self.model.require()
+        try:
+            text = self._check_message(message)
+            if as_int(max_new_tokens, "max new tokens") > MAX_NEW_TOKENS:
+                raise ValueError(f"max new tokens must be at most {MAX_NEW_TOKENS} (the chat's limit), "
+                                 f"got {max_new_tokens!r}")
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            gen = stream_reply(lm, text, (), system=(system or "").strip() or None, params=params,
+                               max_input_tokens=self.settings.max_input_tokens)
+            reply = None
+            try:  # closing this generator (a cancelled job) closes stream_reply's, which ends its worker
+                for reply in gen:
+                    yield reply
+            finally:
+                gen.close()
+            if reply is None:
+                yield ""  # nothing generated: the result is still a string
+        except (ValueError, RuntimeError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    def _next_token(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
+                    k: int = 10) -> Any:
+        lm = self.model.require()
+        if not (prompt or "").strip():
+            raise ValueError("Type a text whose next token you want to see.")
+        params = sampling_params(1, temperature, top_p, top_k, repetition_penalty, -1)
+        return next_token_candidates(lm, prompt, params, k=k)
+
+    def next_token_update(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any):
+        """UI: next-token table for the chat tab's current sampling settings."""
+        try:
+            nt = self._next_token(prompt, temperature, top_p, top_k, repetition_penalty)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(error_text(exc), title="Next token")
+            return gr.skip(), gr.skip()
+        head = (f"**temperature {nt.temperature:g} · top-p {nt.top_p:g} · top-k {nt.top_k or 'off'} · "
+                f"repetition penalty {nt.repetition_penalty:g}** ({nt.prompt_tokens} prompt tokens).")
+        return next_token_table(nt), f"{head} {html.escape(nt.notice)}".strip()
+
+    def next_token_api(
+        self,
+        prompt: str,
+        temperature: float = DEFAULT_PARAMS.temperature,
+        top_p: float = DEFAULT_PARAMS.top_p,
+        top_k: int = DEFAULT_PARAMS.top_k,
+        repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
+        k: int = 10,
+    ) -> list[dict]:
+        """API /next_token: the k most likely next tokens, each {token, token_id, prob, prob_temperature,
+        sampling_prob, removed_by} (removed_by: null, "top_k", "top_p" or "greedy")."""
+        try:
+            nt = self._next_token(prompt, temperature, top_p, top_k, repetition_penalty, k=as_int(k, "k"))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return [dict(token=c.token, token_id=c.token_id, prob=c.prob, prob_temperature=c.prob_temperature,
+                     sampling_prob=c.sampling_prob, removed_by=c.removed_by) for c in nt.candidates]
+
+    def model_status_api(self) -> dict:
+        """API /model_status: {"ready", "error", "summary", "generating"} (tests and benchmarks poll it).
+
+        generating: live generation worker threads (all users), so a client can see Stop or a
+        cancelled job really free the worker.
+        """
+        lm = self.model.lm
+        return {"ready": lm is not None, "error": self.model.error, "summary": lm.summary() if lm else None,
+                "generating": live_generations()}
+
+
+@dataclass
+class StatusBar:
+    """The status line above the tabs, this user's last-reply stats and the loading timer."""
+
+    line: gr.Markdown
+    user_stats: gr.State
+    timer: gr.Timer
+
+
+@dataclass
+class ChatView:
+    """What other views may read from the chat: its history and the events that write a reply."""
+
+    chatbot: gr.Chatbot
+    replies: list[Any]  # the Send and Retry chains: each ends when a reply is complete
+
+
+def build_status(handlers: ChatHandlers) -> StatusBar:
+    """The status line (model, 4-bit, device, weights; this user's last reply) and its timer."""
+    line = gr.Markdown(handlers.status_markdown(), elem_id="status-line")
+    return StatusBar(line=line, user_stats=gr.State(""), timer=gr.Timer(1.0))
+
+
+def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatView:
+    """Lay out the chat inside the current Blocks/Tab and wire it with /chat, /next_token, /model_status."""
+    state = handlers
+    status, user_stats, timer = bar.line, bar.user_stats, bar.timer
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(
+                label="Chat", height=430, elem_id="chatbot", buttons=["copy"],
+                placeholder="The model is a small *base* model: it continues text more than it "
+                "follows instructions. Short questions work best.",
+            )
+            with gr.Row():
+                msg = gr.Textbox(
+                    placeholder="Type a message and press Enter", show_label=False, scale=5,
+                    lines=1, max_lines=6, elem_id="chat-input", autofocus=False,
+                )
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
+            with gr.Row():
+                stop = gr.Button("■ Stop", variant="stop", elem_id="stop-btn")
+                retry = gr.Button("↻ Retry", elem_id="retry-btn")
+                undo = gr.Button("↩ Undo", elem_id="undo-btn")
+                clear = gr.Button("✕ Clear", elem_id="clear-btn")
+            gr.Examples(EXAMPLE_PROMPTS, inputs=[msg], label="Try one of these")
+            tokens = gr.HTML(token_preview_html(None, ""), label="Tokenization", elem_id="token-preview")
+            with gr.Accordion("What comes next? Next-token probabilities under these sliders", open=True):
+                with gr.Row():
+                    next_prompt = gr.Textbox(DEFAULT_NEXT_PROMPT, show_label=False, scale=4,
+                                             elem_id="next-prompt")
+                    next_btn = gr.Button("Show", scale=1, elem_id="next-btn")
+                next_md = gr.Markdown("Press *Show*, then move temperature, top-p or top-k: "
+                                      "the table follows.", elem_id="next-notes")
+                next_table = gr.Dataframe(
+                    headers=["token", "model p", "after temperature", "chance to be drawn", "status"],
+                    show_label=False, interactive=False, elem_id="next-table",
+                )
+        with gr.Column(scale=1, min_width=280):
+            system = gr.Textbox(label="System prompt", placeholder="optional", lines=2)
+            temperature = gr.Slider(0.0, 2.0, value=DEFAULT_PARAMS.temperature, step=0.05,
+                                    label="temperature", info="0 = always the most likely token",
+                                    elem_id="temperature")
+            top_p = gr.Slider(0.05, 1.0, value=DEFAULT_PARAMS.top_p, step=0.05, label="top-p", elem_id="top-p")
+            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_PARAMS.max_new_tokens, step=1,
+                                label="max new tokens", elem_id="max-new")
+            top_k = gr.Slider(0, 200, value=DEFAULT_PARAMS.top_k, step=1, label="top-k (0 = off)", elem_id="top-k")
+            rep = gr.Slider(1.0, 2.0, value=DEFAULT_PARAMS.repetition_penalty, step=0.05,
+                            label="repetition penalty")
+            seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="chat-seed")
+    go = gr.State(False)
+
+    private = PRIVATE
+    lab_kw = LAB_EVENTS  # turn bookkeeping is instant: it must not wait for a chat slot
+    sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat]
+    bot = dict(fn=state.bot_turn, inputs=[go, chatbot, *sampling], outputs=[chatbot, status, user_stats],
+               show_progress="minimal", concurrency_id=CHAT_GROUP,
+               concurrency_limit=state.settings.chat_concurrency, **private)
+    sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [msg, chatbot, tokens, go],
+                 show_progress="hidden", **lab_kw, **private).then(**bot)
+    retried = retry.click(state.retry, [chatbot], [chatbot, go], show_progress="hidden",
+                          **lab_kw, **private).then(**bot)
+    # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
+    stop.click(state.stop, None, None, queue=False, cancels=[sent, retried], **private)
+    # Undo and Clear cancel the reply too: set the stop event so its worker ends (and a reply
+    # cancelled while still queued does not leave this session marked as generating).
+    gr.on([undo.click, clear.click], state.stop, None, None, queue=False, **private)
+    undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried], **private)
+    clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried],
+                **private)
+    msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
+               show_progress="hidden", **private)
+    # On page load too: the Markdown's initial value is frozen at build time ("Loading ...").
+    gr.on([demo.load, timer.tick], state.status_tick, [user_stats], [status, timer], queue=False,
+          show_progress="hidden", **private)
+    gr.on([next_btn.click, next_prompt.submit, temperature.release, top_p.release, top_k.release, rep.release],
+          state.next_token_update, [next_prompt, temperature, top_p, top_k, rep], [next_table, next_md],
+          show_progress="minimal", trigger_mode="always_last", **INSPECT_EVENTS, **private)
+    gr.api(typed_api(state.next_token_api), api_name="next_token", **INSPECT_EVENTS)
+    gr.api(typed_api(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
+           concurrency_limit=state.settings.chat_concurrency)
+    gr.api(typed_api(state.model_status_api), api_name="model_status", queue=False)
+    return ChatView(chatbot=chatbot, replies=[sent, retried])

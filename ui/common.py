@@ -1,0 +1,256 @@
+"""What every view uses: theme and CSS, the background model slot, widget-value parsing, API typing.
+
+Concurrency groups live here too: each view's events name the group whose slots they take, and
+the groups are what keeps a chat from starving the Attention Lab.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import threading
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Before gradio is imported: gradio reads it at import time. The app must make no internet calls.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
+
+from generation.model import LoadedModel, load_model  # noqa: E402
+from generation.settings import Settings  # noqa: E402
+
+TITLE = "Attention Lab"
+
+# Lab events are cheap (T <= 32 toy tensors) and must never queue behind a chat, so they get
+# their own concurrency group with more slots than generation has.
+LAB_CONCURRENCY = 4
+LAB_GROUP = "lab"
+CHAT_GROUP = "chat"
+# Forward passes of the shared model for the "inside the chat model" views: bounded apart from chats.
+INSPECT_GROUP = "inspect"
+INSPECT_CONCURRENCY = 2
+
+LAB_EVENTS = dict(concurrency_id=LAB_GROUP, concurrency_limit=LAB_CONCURRENCY)
+INSPECT_EVENTS = dict(concurrency_id=INSPECT_GROUP, concurrency_limit=INSPECT_CONCURRENCY)
+PRIVATE = dict(api_visibility="private")
+
+THEME = gr.themes.Soft(
+    primary_hue="indigo",
+    secondary_hue="sky",
+    # System fonts only: the stock theme would fetch Google Fonts, and the app makes no internet calls.
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+    text_size=gr.themes.sizes.text_lg,
+)
+
+CSS = """
+.gradio-container { max-width: 1400px !important; margin: auto; }
+#status-line { font-size: 0.95em; }
+#status-line p { margin: 0; }
+.token-preview { line-height: 2.1; font-family: ui-monospace, monospace; font-size: 0.95em; }
+.token-preview .tok { padding: 2px 3px; margin-right: 1px; border-radius: 4px; white-space: pre; }
+.token-preview .t0 { background: #e0e7ff; color: #1e1b4b; }
+.token-preview .t1 { background: #fde68a; color: #422006; }
+.token-preview .meta { color: #6b7280; font-family: ui-sans-serif, system-ui, sans-serif; }
+#lab-message p { margin: 0; }
+"""
+
+
+def dot(colour: str) -> str:
+    """A coloured status dot as HTML."""
+    # A coloured status dot that needs no emoji font (projectors and CI browsers often lack one).
+    return f"<span style='color:{colour}'>●</span>"
+
+
+@dataclass
+class ModelSlot:
+    """One model loaded at most once in a background thread and then shared read-only."""
+
+    settings: Settings
+    load_4bit: bool = True
+    lm: LoadedModel | None = None
+    error: str | None = None
+    started_at: float | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        """Start loading in a daemon thread (idempotent)."""
+        with self._lock:
+            if self.started_at is not None:
+                return
+            self.started_at = time.perf_counter()
+        threading.Thread(target=self._load, name=f"load-model-{self.load_4bit}", daemon=True).start()
+
+    def _load(self) -> None:
+        what = f"{self.settings.model_id} ({'4-bit NF4' if self.load_4bit else 'full precision'})"
+        print(f"Loading model {what} in the background ...", flush=True)
+        try:
+            self.lm = load_model(self.settings.model_id, load_4bit=self.load_4bit, settings=self.settings)
+        except Exception as exc:  # any failure must become a message in the UI, not a dead thread
+            self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+            print(f"Model failed to load: {self.error}", flush=True)
+        else:
+            print(f"Model ready: {self.lm.summary()}", flush=True)
+        finally:
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and usable."""
+        return self.lm is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (or failed); True when the model is usable."""
+        self._ready.wait(timeout)
+        return self.ready
+
+    def require(self) -> LoadedModel:
+        """The model, or a gr.Error saying why it is not there (loading, failed, not started)."""
+        if self.lm is not None:
+            return self.lm
+        raise gr.Error(self.not_ready_message(), title="Model not ready")
+
+    def not_ready_message(self) -> str:
+        """Why the chat model cannot be used yet (failed, not started, or still loading for how long)."""
+        if self.error is not None:
+            return f"The chat model could not be loaded: {self.error}"
+        if self.started_at is None:
+            return "The chat model is not loaded (the app was started without loading it)."
+        secs = time.perf_counter() - self.started_at
+        return (
+            f"The chat model is still loading ({secs:.0f} s so far; the first run converts it once, "
+            "about a minute). The Attention Lab works meanwhile."
+        )
+
+    def status(self) -> str:
+        """One line of markdown for the status bar."""
+        if self.lm is not None:
+            lm = self.lm
+            four = "on (NF4)" if lm.quantization == "nf4" else "off"
+            return (
+                f"{dot('#16a34a')} **{lm.model_id}** · 4-bit: {four} · device: {lm.device} · "
+                f"weights: {lm.weight_bytes / 2**20:.1f} MiB ({lm.weight_bytes:,} bytes)"
+            )
+        if self.error is not None:
+            return f"{dot('#dc2626')} Model failed to load: {self.error}"
+        if self.started_at is None:
+            return f"{dot('#9ca3af')} Model not loaded"
+        return f"{dot('#d97706')} Loading **{self.settings.model_id}** … ({time.perf_counter() - self.started_at:.0f} s)"
+
+
+def as_float(value: Any, name: str) -> float:
+    """A widget or API value -> a finite float, or ValueError naming the field and the problem."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{name} is empty; pick a value")
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    # float("1e400") is inf and float("nan") is nan: neither is a setting anyone means.
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return f
+
+
+def as_int(value: Any, name: str) -> int:
+    """A widget or API value -> an int (4.0 is fine, 4.5 is not); ValueError naming the field otherwise."""
+    f = as_float(value, name)
+    if f != int(f):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(f)
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of a ValueError or gr.Error (gr.Error keeps it in .message)."""
+    return getattr(exc, "message", None) or str(exc)
+
+
+def session_key(request: Any) -> str:
+    """The browser session's key for per-user state (stop events)."""
+    return getattr(request, "session_hash", None) or str(id(request))
+
+
+def typed_api(fn: Callable) -> Callable:
+    """`fn` with its string annotations evaluated: gr.api reads the return type from the raw
+    signature, and `from __future__ import annotations` would leave it as the string "str".
+
+    A generator stays a generator (gradio streams it and closes it on cancel); its return type is
+    what each step yields (Iterator[str] -> str)."""
+    sig = inspect.signature(fn, eval_str=True)
+    if inspect.isgeneratorfunction(fn):
+        (item,) = typing.get_args(sig.return_annotation)
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            yield from fn(*args, **kwargs)
+
+        stream.__signature__ = sig.replace(return_annotation=item)  # type: ignore[attr-defined]
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__signature__ = sig  # type: ignore[attr-defined]
+    return call
+
+
+# Chat history as text (the chat and the inside view both read it)
+
+
+def content_text(content: Any) -> str:
+    """Chatbot message content (str or list of parts) -> plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(content_text(c) for c in content)
+    return "" if content is None else str(content)
+
+
+def model_history(history: list[Any]) -> list[dict[str, str]]:
+    """Chatbot history -> alternating user/assistant turns for the prompt builder.
+
+    Unanswered user turns (a Stop before the first token, an error) are dropped so chat templates
+    that insist on alternating roles never see two user turns in a row.
+    """
+    turns: list[dict[str, str]] = []
+    for msg in history or []:
+        role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
+        text = content_text(content)
+        if role not in ("user", "assistant"):
+            continue
+        if role == "user":
+            if turns and turns[-1]["role"] == "user":
+                turns.pop()
+            turns.append({"role": "user", "content": text})
+        elif turns and turns[-1]["role"] == "user":
+            turns.append({"role": "assistant", "content": text})
+    return turns
+
+
+def last_exchange(history: list[Any]) -> str:
+    """The last user message and the reply to it, as one text (for the model-attention view)."""
+    turns = model_history(history)
+    if turns and turns[-1]["role"] == "assistant":
+        return f"{turns[-2]['content']}\n{turns[-1]['content']}" if len(turns) > 1 else turns[-1]["content"]
+    return turns[-1]["content"] if turns else ""
+
+
+def message_role(msg: Any) -> str | None:
+    """A chat message's role (dict or ChatMessage)."""
+    return msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+
+
+def pct(p: float) -> str:
+    """A probability as a percentage readable at any size (1e-6 too)."""
+    return f"{p * 100:.2f} %" if p >= 0.0001 else f"{p * 100:.1e} %"

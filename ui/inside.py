@@ -1,0 +1,230 @@
+"""Inside the chat model: the real model's attention maps per layer and what 4-bit costs.
+
+`build_inside(...)` lays out the view inside the current `gr.Blocks` (it sits under the Attention
+Lab); `InsideView.wire(...)` connects it to the chat it reads (the last exchange, the status line),
+which `app.py` passes in. `InsideHandlers` holds the handlers, plain methods tests call directly.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from attention.plot import plot_head, plot_heads
+from generation.introspect import FullPrecisionCache, compare_quantization, model_attention, model_layers
+from generation.settings import Settings
+
+from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, error_text, last_exchange, pct
+
+DEFAULT_INSPECT_TEXT = "The cat sat on the mat because it was tired."
+DEFAULT_QUANT_PROMPT = "The capital of France is"
+
+INSIDE_HELP = """
+## Inside the chat model
+The same mechanism inside the real 4-bit language model. Its attention is computed by **this
+project's own attention code**, plugged into the model: pick a layer and see every head at once,
+and one head large. Gemma 3 mixes *sliding-window* layers (each token sees only recent tokens) with
+*global* ones, and several query heads share one key/value head (grouped-query attention).
+"""
+
+INSIDE_READ = """
+**How to read it.** Row = the token that is looking, column = the token it looks at. Grey cells
+are masked: a language model never looks at the future (causal), and in a sliding-window layer
+not further back than the window. Much of each row usually goes to the first token (`<bos>`),
+a "resting place" for heads with nothing better to do; it is hidden by default, and the note above
+says how much of each row it takes.
+"""
+
+QUANT_HELP = """
+### What 4-bit costs
+The 4-bit model beside a full-precision copy of the same model: memory, speed, and how much the
+next-token distribution moves (KL divergence).
+"""
+
+def quant_markdown(cmp: Any) -> str:
+    """4-bit vs full precision (a QuantComparison): bytes, time per token, KL, as a markdown table."""
+    q, f = cmp.quantized, cmp.full
+    return (
+        f"| | {q.label} | {f.label} |\n|---|---|---|\n"
+        f"| weights | {q.weight_bytes / 2**20:.1f} MiB | {f.weight_bytes / 2**20:.1f} MiB |\n"
+        f"| time per token | {q.seconds_per_token * 1000:.0f} ms | {f.seconds_per_token * 1000:.0f} ms |\n"
+        f"| prompt ({cmp.prompt_tokens} tokens) | {q.prefill_seconds * 1000:.0f} ms | {f.prefill_seconds * 1000:.0f} ms |\n\n"
+        f"**KL(full ‖ 4-bit) = {cmp.kl_full_to_4bit:.4f} nats** · most likely token "
+        f"{'the same' if cmp.top1_agree else 'differs'} · the full-precision weights are "
+        f"{cmp.size_ratio:.1f}× larger. {cmp.notice}"
+    )
+
+
+def fill_inspect(current: str, auto: str, history: list[Any]) -> tuple[Any, Any]:
+    """After a reply: the model-attention text becomes the last exchange unless the user typed it.
+
+    Replaced only when it is empty, the untouched default or what this function filled in last.
+    Returns (text box, new auto-filled value).
+    """
+    exchange = last_exchange(history)
+    if not exchange or (current or "").strip() not in ("", DEFAULT_INSPECT_TEXT, (auto or "").strip()):
+        return gr.skip(), gr.skip()
+    return exchange, exchange
+
+
+class InsideHandlers:
+    """Handlers of the inside view: forward passes of the shared model, plus the full-precision copy."""
+
+    def __init__(self, settings: Settings, model: ModelSlot) -> None:
+        self.settings = settings
+        self.model = model
+        self.full_precision = FullPrecisionCache()  # loaded on the first "What 4-bit costs" click
+
+    def _map(self, text: str, layer: Any, hide_special: bool, history: list[Any] | None = None) -> Any:
+        lm = self.model.require()
+        text = (text or "").strip() or last_exchange(history or [])
+        if not text:
+            raise ValueError("Type a text (or chat first): there is nothing to run the model on.")
+        return model_attention(lm, text, layer=as_int(layer, "layer"), hide_special=bool(hide_special))
+
+    @staticmethod
+    def _map_figures(att: Any, head: Any) -> tuple[Any, Any, int]:
+        title = f"{att.model_id} · layer {att.layer} ({att.layer_kind})"
+        # Colour scale up to the largest weight shown: with <bos> hidden, rows keep only part of their
+        # mass and a fixed 0..1 scale would leave the maps nearly black.
+        grid = plot_heads(att.weights, att.tokens, title=title, kv_groups=list(att.kv_groups), vmax=None)
+        h = min(max(as_int(head, "head"), 0), att.n_heads - 1)
+        big = plot_head(att.weights[h], att.tokens, title=f"head {h} · reads KV head {att.kv_groups[h]}", vmax=None)
+        return grid, big, h
+
+    def inspect_update(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any]):
+        """UI: the model's attention for one layer: all heads, one large, notes. Errors -> gr.Warning."""
+        try:
+            att = self._map(text, layer, hide_special, history)
+            grid, big, h = self._map_figures(att, head)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(error_text(exc), title="Cannot show the attention")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        notes = f"**{att.describe()}.** {html.escape(att.notice)}".strip()  # "<bos>" is not markup
+        share = ", ".join(
+            f"heads {', '.join(str(q) for q, g in enumerate(att.kv_groups) if g == kv)} share KV head {kv}"
+            for kv in sorted(set(att.kv_groups))
+        )
+        notes += f"  \nGrouped-query attention: {share}."
+        return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
+
+    def model_attention_api(self, text: str, layer: Any = 0, hide_special: bool = True) -> Any:
+        """API /model_attention: the chat model's attention grid for `text` at `layer` (gr.Error on bad input)."""
+        try:
+            att = self._map(text, layer, hide_special)
+            return self._map_figures(att, 0)[0]
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def layer_slider(self) -> Any:
+        """Layer slider fitted to the loaded model (unchanged while it loads)."""
+        if self.model.lm is None:
+            return gr.skip()
+        info = model_layers(self.model.lm)
+        kinds = info["layer_kinds"]
+        glob = [str(i) for i, k in enumerate(kinds) if k == "global"]
+        return gr.Slider(maximum=info["n_layers"] - 1,
+                         info=f"{info['n_layers']} layers; global ones: {', '.join(glob) or 'none'}, "
+                         f"the others use a sliding window of {info['window']} tokens" if info["window"]
+                         else f"{info['n_layers']} layers")
+
+    def quant_update(self, prompt: str, progress: gr.Progress = gr.Progress()):
+        """UI: 4-bit beside full precision (loads the full-precision copy on first use)."""
+        try:
+            lm4 = self.model.require()
+            if not (prompt or "").strip():
+                raise ValueError("Type a text to compare the two models on.")
+            if not self.full_precision.loaded():
+                progress(0.1, desc="Loading the full-precision model (first time only) …")
+            full = self.full_precision.get(self.settings)
+            progress(0.8, desc="Running both models …")
+            cmp = compare_quantization(lm4, full, prompt)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(error_text(exc), title="What 4-bit costs")
+            return gr.skip(), gr.skip()
+        rows = [[repr(r.token)[1:-1], pct(r.prob_4bit), pct(r.prob_full), str(r.rank_4bit), str(r.rank_full)]
+                for r in cmp.rows]
+        return quant_markdown(cmp), rows
+
+
+@dataclass
+class InsideView:
+    """The inside view's widgets; `wire` connects them to the chat once both are laid out."""
+
+    handlers: InsideHandlers
+    text: gr.Textbox
+    auto: gr.State  # the last exchange fill_inspect put in the text box
+    use_chat: gr.Button
+    layer: gr.Slider
+    head: gr.Slider
+    hide_special: gr.Checkbox
+    show: gr.Button
+    notes: gr.Markdown
+    grid: gr.Plot
+    big: gr.Plot
+
+    def wire(self, chatbot: gr.Chatbot, replies: list[Any], status: gr.Markdown) -> None:
+        """Events that read the chat: the history (empty text = last exchange), finished replies
+        (they fill the text box), and the status line (the layer slider fits the loaded model)."""
+        state = self.handlers
+        show = dict(fn=state.inspect_update, inputs=[self.text, self.layer, self.head, self.hide_special, chatbot],
+                    outputs=[self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
+        gr.on([self.show.click, self.text.submit, self.layer.release, self.head.release, self.hide_special.input],
+              **show)
+        self.use_chat.click(last_exchange, [chatbot], [self.text], queue=False, **PRIVATE).then(**show)
+        # A finished reply becomes the model-attention text unless the user typed their own there.
+        for chain in replies:
+            chain.then(fill_inspect, [self.text, self.auto, chatbot], [self.text, self.auto],
+                       queue=False, show_progress="hidden", **PRIVATE)
+        # The status line changes when the model arrives: fit the layer slider to it then.
+        status.change(state.layer_slider, None, [self.layer], queue=False, show_progress="hidden", **PRIVATE)
+
+
+def build_inside(handlers: InsideHandlers) -> InsideView:
+    """Lay out the inside view in the current Blocks/Tab; wires `/model_attention` and the 4-bit comparison."""
+    state = handlers
+    gr.Markdown(INSIDE_HELP, elem_id="inside-title")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            inspect_text = gr.Textbox(DEFAULT_INSPECT_TEXT, label="Text (empty = the last chat exchange)",
+                                      lines=3, max_lines=6, elem_id="inspect-text")
+            use_chat = gr.Button("Use the last chat exchange", size="sm", elem_id="use-chat-btn")
+            layer = gr.Slider(0, 17, value=0, step=1, label="Layer", elem_id="inspect-layer")
+            inspect_head = gr.Slider(0, 3, value=0, step=1, label="Head shown large",
+                                     elem_id="inspect-head")
+            hide_special = gr.Checkbox(True, label="Hide special tokens such as <bos>")
+            show_map = gr.Button("Show the model's attention", variant="primary", elem_id="inspect-btn")
+        with gr.Column(scale=3):
+            inspect_notes = gr.Markdown("Press *Show the model's attention* once the model has loaded.",
+                                        elem_id="inspect-notes")
+            inspect_grid = gr.Plot(show_label=False, format="png", elem_id="inspect-grid")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    inspect_big = gr.Plot(show_label=False, format="png", elem_id="inspect-big")
+                with gr.Column(scale=2):
+                    gr.Markdown(INSIDE_READ)
+    gr.Markdown(QUANT_HELP)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            quant_prompt = gr.Textbox(DEFAULT_QUANT_PROMPT, label="Prompt", elem_id="quant-prompt")
+            quant_btn = gr.Button("Compare 4-bit with full precision", elem_id="quant-btn")
+        with gr.Column(scale=3):
+            quant_md = gr.Markdown("The full-precision copy loads on the first click (it takes a while).",
+                                   elem_id="quant-summary")
+            quant_table = gr.Dataframe(headers=["token", "4-bit p", "full p", "4-bit rank", "full rank"],
+                                       show_label=False, interactive=False, elem_id="quant-table")
+
+    inspect_auto = gr.State("")
+    # The API takes the layer as a plain integer (a hidden Number has no maximum): the slider's
+    # bound is frozen at build time, before the model says how many layers it has, and gradio
+    # validates API inputs against it. model_attention does the range check for the real model.
+    api_layer = gr.Number(0, visible=False, label="layer")  # no precision: 2.5 is refused, not rounded
+    gr.on([], state.model_attention_api, inputs=[inspect_text, api_layer, hide_special], outputs=[inspect_grid],
+          api_name="model_attention", **INSPECT_EVENTS)
+    quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **INSPECT_EVENTS, **PRIVATE)
+    return InsideView(handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
+                      head=inspect_head, hide_special=hide_special, show=show_map, notes=inspect_notes,
+                      grid=inspect_grid, big=inspect_big)

@@ -1,0 +1,267 @@
+"""The Attention Lab view: sliders build a real attention module; heatmaps, trace, step-by-step.
+
+`build_lab(...)` lays out its widgets inside the current `gr.Blocks` and wires its events and the
+`/attention` endpoint; `LabHandlers` holds the handlers, plain methods tests call without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from attention.lab import LabConfig, run_lab, valid_head_counts
+from attention.plot import plot_heads, plot_steps
+from attention.trace import explain_head
+
+from .common import LAB_EVENTS, as_float, as_int
+
+# The notebook's sentence.
+DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
+
+# Meaning of each row of the debug shape trace, for the table (UI text only).
+TRACE_MEANING = {
+    "Q": "queries: x · W_q, split into heads",
+    "K": "keys: x · W_k (n_kv_heads heads, shared by query groups)",
+    "V": "values: x · W_v",
+    "scores": "Q·Kᵀ / √d_k: one score per query/key pair",
+    "weights": "softmax over keys (each row sums to 1)",
+    "context": "weights · V: a mix of values per query",
+    "concat": "heads side by side again",
+    "out": "output projection W_o",
+}
+
+STEPS_HELP = """
+**QKᵀ**: raw similarity of every query with every key. **÷ √d_k**: scaled so the softmax does not
+saturate as heads get wider. **mask**: blocked cells (causal: the future) become −∞.
+**softmax**: each row turns into weights that sum to 1, the heatmap above.
+"""
+
+LAB_HELP = """
+**Try:** switch on the *causal mask* (a token may only look back), change the *seed* (new random
+projections → new patterns), lower *n_kv_heads* (grouped-query attention: query heads share keys and
+values), or raise *dropout* (training-time noise). `d_k = emb_dim / n_heads` is the size of each head.
+"""
+
+
+def lab_config(
+    text: str,
+    emb_dim: float,
+    n_heads: Any,
+    n_kv_heads: Any,
+    dropout: float,
+    seed: float,
+    causal: bool,
+    multi_head: bool,
+) -> LabConfig:
+    """Widget values -> validated LabConfig (ValueError with the reason otherwise)."""
+    return LabConfig(
+        text=text or "",
+        emb_dim=as_int(emb_dim, "emb_dim"),
+        n_heads=as_int(n_heads, "n_heads"),
+        n_kv_heads=as_int(n_kv_heads, "n_kv_heads"),
+        dropout=as_float(dropout, "dropout"),
+        seed=as_int(seed, "seed"),
+        causal=bool(causal),
+        multi_head=bool(multi_head),
+    )
+
+
+def lab_figure(cfg: LabConfig, result: Any) -> Any:
+    """The per-head heatmap grid for a lab result."""
+    n_heads = int(result.weights.shape[0])
+    kind = "causal" if cfg.causal else "bidirectional"
+    if cfg.multi_head:
+        title = f"{n_heads} heads × d_k={cfg.emb_dim // n_heads} · {cfg.n_kv_heads} K/V heads · {kind}"
+        groups = list(result.kv_groups) if cfg.n_kv_heads < n_heads else None
+    else:
+        title = f"single head · d_k={cfg.emb_dim} · {kind}"
+        groups = None
+    return plot_heads(result.weights, result.tokens, title=title, kv_groups=groups)
+
+
+def trace_rows(trace: Any) -> list[list[str]]:
+    """The debug-mode shape trace as table rows: step, shape, what it is."""
+    return [
+        [step.name, str(tuple(step.shape)), TRACE_MEANING.get(step.name, "")]
+        for step in trace
+        if step.printed
+    ]
+
+
+def steps_figure(result: Any, head: Any) -> Any:
+    """Step-by-step maths (QKᵀ, ÷√d_k, mask, softmax) for one head of a lab result."""
+    n_heads = int(result.weights.shape[0])
+    h = min(max(as_int(head, "head"), 0), n_heads - 1)
+    return plot_steps(explain_head(result.trace, h), result.tokens)
+
+
+def lab_notice(cfg: LabConfig, result: Any) -> str:
+    """The line under the heatmaps: token count, whether the sentence was cut, what dropout does."""
+    n_tok = len(result.tokens)
+    msg = f"{n_tok} tokens"
+    if getattr(result, "capped", False):
+        msg += f" (the sentence was cut to the first {cfg.max_tokens} tokens)"
+    if cfg.dropout > 0:
+        msg += f" · dropout {cfg.dropout:g} is applied to the weights as in training, so rows no longer sum to 1"
+    return msg
+
+
+class LabHandlers:
+    """The Attention Lab's event handlers (stateless: each user's last result lives in gr.State)."""
+
+    def head_choices(self, emb_dim: float, n_heads: Any) -> Any:
+        """New n_heads dropdown (divisors of emb_dim), keeping the current value when still valid."""
+        try:
+            choices = valid_head_counts(as_int(emb_dim, "emb_dim"))
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.skip()
+        try:
+            current = as_int(n_heads, "n_heads")
+        except ValueError:
+            current = choices[0]
+        if current not in choices:
+            current = min(choices, key=lambda c: (abs(c - current), c))
+        return gr.Dropdown(choices=choices, value=current)
+
+    def lab_update(
+        self,
+        text: str,
+        emb_dim: float,
+        n_heads: Any,
+        n_kv_heads: Any,
+        dropout: float,
+        seed: float,
+        causal: bool,
+        multi_head: bool,
+        head: float,
+    ) -> tuple[Any, Any, Any, Any, Any]:
+        """UI: recompute the lab -> (heatmaps, trace rows, notice, head slider, result for `steps_update`).
+
+        The step-by-step figure follows in a chained event from the stored result, so the heatmaps
+        show up without waiting for it. Bad settings -> gr.Warning and the previous plots stay.
+        """
+        try:
+            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            head_i = as_int(0 if head is None or head == "" else head, "head")
+            result = run_lab(cfg)
+            heat = lab_figure(cfg, result)
+        except ValueError as exc:
+            gr.Warning(str(exc), title="Invalid settings")
+            return gr.skip(), gr.skip(), f"**Not drawn:** {exc}", gr.skip(), None
+        n_heads_out = int(result.weights.shape[0])
+        return (
+            heat,
+            trace_rows(result.trace),
+            lab_notice(cfg, result),
+            gr.Slider(maximum=max(n_heads_out - 1, 1), value=min(max(head_i, 0), n_heads_out - 1),
+                      interactive=n_heads_out > 1),
+            result,
+        )
+
+    @staticmethod
+    def steps_update(result: Any, head: float) -> Any:
+        """UI: the step-by-step view of one head of the last lab result (nothing recomputed)."""
+        if result is None:
+            return gr.skip()
+        try:
+            return steps_figure(result, head)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.skip()
+
+    def attention_api(
+        self,
+        text: str = DEFAULT_SENTENCE,
+        emb_dim: float = 32,
+        n_heads: Any = 4,
+        n_kv_heads: Any = 4,
+        dropout: float = 0.0,
+        seed: float = 0,
+        causal: bool = False,
+        multi_head: bool = True,
+    ) -> Any:
+        """API /attention: slider values -> the per-head heatmap figure (gr.Error on bad values)."""
+        try:
+            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            return lab_figure(cfg, run_lab(cfg))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid settings") from None
+
+
+@dataclass
+class LabView:
+    """The lab's widgets other code may need (tests, screenshots)."""
+
+    text: gr.Textbox
+    heatmaps: gr.Plot
+    steps: gr.Plot
+
+
+def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
+    """Lay out the Attention Lab inside the current Blocks/Tab and wire it (plus `/attention`)."""
+    state = handlers or LabHandlers()
+    heads0 = valid_head_counts(32)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            text = gr.Textbox(
+                DEFAULT_SENTENCE, label="Sentence (its tokens label the axes)", max_lines=2,
+                info="Press Enter to redraw. At most 32 tokens.", elem_id="lab-text",
+            )
+            multi_head = gr.Radio(
+                [("Multi-head", True), ("Single head", False)], value=True, label="Module"
+            )
+            emb_dim = gr.Slider(4, 128, value=32, step=4, label="emb_dim (embedding size)",
+                                elem_id="emb-dim")
+            n_heads = gr.Dropdown(
+                heads0, value=4, label="n_heads", info="Only divisors of emb_dim are offered.",
+                elem_id="n-heads", allow_custom_value=True,  # API callers may send any int
+            )
+            n_kv_heads = gr.Slider(
+                1, 16, value=4, step=1, label="n_kv_heads (grouped-query)", elem_id="n-kv-heads",
+                info="Must divide n_heads; = n_heads is classic multi-head attention.",
+            )
+            dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05, label="dropout on the weights")
+            seed = gr.Slider(0, 100, value=0, step=1, label="seed (random projections)",
+                             elem_id="lab-seed")
+            causal = gr.Checkbox(False, label="Causal mask (look back only)", elem_id="causal")
+        with gr.Column(scale=3):
+            gr.Markdown("### Attention weights, one heatmap per head")
+            heatmaps = gr.Plot(show_label=False, format="png", elem_id="lab-heatmaps")
+            lab_msg = gr.Markdown("", elem_id="lab-message")
+            gr.Markdown(LAB_HELP)
+    gr.Markdown("### One head, step by step")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            head = gr.Slider(0, 3, value=0, step=1, label="Head to explain", elem_id="lab-head")
+            gr.Markdown(STEPS_HELP)
+        with gr.Column(scale=3):
+            steps = gr.Plot(show_label=False, format="png", elem_id="lab-steps")
+    with gr.Accordion("Debug trace: the shape of every intermediate", open=True):
+        trace = gr.Dataframe(
+            headers=["step", "shape", "what it is"], show_label=False,
+            interactive=False, wrap=True, elem_id="lab-trace", column_widths=["15%", "25%", "60%"],
+        )
+
+    lab_result = gr.State(None)  # this user's last LabResult, for the step-by-step view
+
+    # -- wiring: Attention Lab ----------------------------------------------------------
+    # Its own concurrency group with more slots than the chat has: never stuck behind a reply.
+    lab_kw = LAB_EVENTS
+    lab_inputs = [text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head]
+    redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head],
+                  outputs=[heatmaps, trace, lab_msg, head, lab_result], show_progress="minimal", **lab_kw)
+    explain = dict(fn=state.steps_update, inputs=[lab_result, head], outputs=[steps], show_progress="minimal",
+                   api_visibility="private", **lab_kw)
+    gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
+           multi_head.input, n_heads.input], **redraw, api_name="lab_update",
+          api_visibility="undocumented").then(**explain)
+    # Handlers that may call gr.Warning go through the queue: toasts travel on its event stream.
+    emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
+                    api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
+    head.release(**explain)
+    demo.load(**redraw, api_visibility="private").then(**explain)
+    gr.on([], state.attention_api, inputs=lab_inputs, outputs=[heatmaps], api_name="attention", **lab_kw)
+    return LabView(text=text, heatmaps=heatmaps, steps=steps)
