@@ -9,11 +9,15 @@ model goes through `_attention_lab_forward`, which
   the model's ``eager`` function), with the masks that implementation expects, so generation is
   bit-for-bit what it was; and
 * inside a `capture(...)` block opened by the *calling thread*, computes the requested layers with
-  `attention.functional.scaled_dot_product` and records their softmax weights.
+  `attention.functional.scaled_dot_product` and records their softmax weights;
+* inside an `ablate(...)` block opened by the calling thread, zeroes the output of the chosen
+  (layer, head) pairs, i.e. their slice of the input of ``o_proj``, so the model runs as if those
+  heads were switched off.
 
-Why thread-local and not a switch of ``config._attn_implementation``: the model is shared by every
-user of the app. A chat streaming in a worker thread must keep its fast attention while another
-request, in its own thread, asks for a map; a thread-local flag is seen only by the thread that set it.
+Why thread-local and not a switch of ``config._attn_implementation`` (or a hook on the shared
+``o_proj``): the model is shared by every user of the app. A chat streaming in a worker thread must
+keep its fast, unablated attention while another request, in its own thread, asks for a map or
+switches heads off; a thread-local flag is seen only by the thread that set it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,8 +53,30 @@ class CaptureUnsupported(ValueError):
 
 @dataclass
 class _CaptureState:
-    layers: frozenset[int] | None  # None = every layer
+    layers: frozenset[int] | None  # computed by the project's code; None = every layer
+    record: frozenset[int] | None  # of those, the layers whose weights are kept; None = all computed
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _ablated_heads(layer: int | None) -> tuple[int, ...]:
+    """Heads of `layer` this thread has switched off (empty outside an `ablate` block)."""
+    ablation: dict[int, tuple[int, ...]] | None = getattr(_local, "ablation", None)
+    if not ablation or layer is None:
+        return ()
+    return ablation.get(layer, ())
+
+
+def _zero_heads(out: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    """out (B, T, H, d) with heads' slices set to 0: the o_proj input of a switched-off head.
+
+    Out of place: the delegate's output is a fresh tensor today, but nothing promises it is not
+    a view of something the model reuses.
+    """
+    n_heads = out.shape[2]
+    bad = [h for h in heads if h >= n_heads]
+    if bad:
+        raise ValueError(f"cannot switch off head(s) {bad}: this layer has {n_heads} heads (0 to {n_heads - 1})")
+    return out.index_fill(2, torch.tensor(heads, device=out.device), 0.0)
 
 
 def _delegate_name(config: object) -> str:
@@ -76,10 +102,14 @@ def _attention_lab_forward(
     state: _CaptureState | None = getattr(_local, "state", None)
     layer = getattr(module, "layer_idx", None)
     captured = state is not None and (state.layers is None or layer in state.layers)
+    switched_off = _ablated_heads(layer)
     if not captured:
         delegate = _delegate_name(module.config)
         fn = _eager_function(module) if delegate == "eager" else sdpa_attention_forward
-        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, weights = fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        # out (B, T, H, d) is reshaped to (B, T, H*d) and fed to o_proj: zeroing [..., h, :] zeroes
+        # exactly head h's columns of o_proj's input.
+        return (_zero_heads(out, switched_off) if switched_off else out), weights
 
     from attention.functional import make_mask, scaled_dot_product  # the project's maths, not a copy
 
@@ -101,8 +131,10 @@ def _attention_lab_forward(
         # Already part of transformers' mask; passed too so the window is applied by the project's code.
         sliding_window=kwargs.get("sliding_window"),
     )  # (B, H, T, d), (B, H, T, S)
-    state.weights[layer] = weights.detach()
-    return out.transpose(1, 2).contiguous(), weights  # (B, T, H, d)
+    if state.record is None or layer in state.record:
+        state.weights[layer] = weights.detach()  # the head's attention is still recorded when it is switched off
+    out = out.transpose(1, 2).contiguous()  # (B, T, H, d)
+    return (_zero_heads(out, switched_off) if switched_off else out), weights
 
 
 def _attention_lab_mask(*args, **kwargs) -> torch.Tensor | None:
@@ -182,17 +214,70 @@ def install(model: PreTrainedModel) -> bool:
 
 
 @contextmanager
-def capture(layers: Iterable[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+def capture(
+    layers: Iterable[int] | None = None, *, record: Iterable[int] | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, this thread's forwards record attention weights {layer: (B, H, T, S)}.
 
     layers: the layer indices to compute with the project's code (None = all); the others run the
-    model's usual attention. Other threads are not affected.
+    model's usual attention. record: of those, the layers whose weights are kept (None = all of
+    them): every layer can run through the project's code while only one layer's (B, H, T, T)
+    map is held in memory. Other threads are not affected.
     """
     if getattr(_local, "state", None) is not None:
         raise RuntimeError("attention capture blocks cannot be nested")
-    state = _CaptureState(frozenset(layers) if layers is not None else None)
+    state = _CaptureState(
+        frozenset(layers) if layers is not None else None, frozenset(record) if record is not None else None
+    )
     _local.state = state
     try:
         yield state.weights
     finally:
         _local.state = None
+
+
+def _normalise_heads(heads: Mapping[int, Iterable[int]] | Iterable[tuple[int, int]]) -> dict[int, tuple[int, ...]]:
+    """{layer: sorted heads} from {layer: heads} or (layer, head) pairs; ValueError on anything else."""
+    pairs: list[tuple[int, int]] = []
+    if isinstance(heads, Mapping):
+        for layer, hs in heads.items():
+            if isinstance(hs, (str, bytes)) or not isinstance(hs, Iterable):
+                raise ValueError(f"heads[{layer!r}] must be an iterable of head indices, got {hs!r}")
+            pairs.extend((layer, h) for h in hs)
+    elif isinstance(heads, Iterable) and not isinstance(heads, (str, bytes)):
+        for pair in heads:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"heads must be (layer, head) pairs, got {pair!r}")
+            pairs.append(pair)
+    else:
+        raise ValueError(f"heads must be (layer, head) pairs or {{layer: heads}}, got {type(heads).__name__}")
+    out: dict[int, set[int]] = {}
+    for layer, head in pairs:
+        for name, v in (("layer", layer), ("head", head)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} index must be a non-negative integer, got {v!r} in ({layer!r}, {head!r})")
+        out.setdefault(layer, set()).add(head)
+    return {layer: tuple(sorted(hs)) for layer, hs in out.items()}
+
+
+@contextmanager
+def ablate(heads: Mapping[int, Iterable[int]] | Iterable[tuple[int, int]]) -> Iterator[dict[int, tuple[int, ...]]]:
+    """Within the block, this thread's forwards run with the given heads switched off.
+
+    heads: (layer, head) pairs or {layer: heads}. A switched-off head's attention output (its
+    slice of o_proj's input, d columns) is replaced by zeros in every forward of this thread,
+    prefill and decode steps alike; nothing else changes. Other threads are not affected. Empty =
+    the plain model. Indices are range-checked against the layer when it runs (a head beyond the
+    layer's count raises ValueError); a layer the model does not have is simply never reached, so
+    callers that know the model should check layers first (generation.teaching.check_heads does).
+    Needs `install(model)`; can be combined with `capture` but not nested in another `ablate`.
+    Yields the normalised {layer: heads}.
+    """
+    if getattr(_local, "ablation", None) is not None:
+        raise RuntimeError("head ablation blocks cannot be nested")
+    ablation = _normalise_heads(heads)
+    _local.ablation = ablation
+    try:
+        yield ablation
+    finally:
+        _local.ablation = None

@@ -186,6 +186,61 @@ def _ensure_capture(lm: Any) -> None:
     attention_capture.install(lm.model)
 
 
+def _check_layer(layer: object, n_layers: int) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer!r} is out of range: this model has {n_layers} layers, valid 0 to {n_layers - 1}")
+    return layer
+
+
+def _captured_maps(lm: Any, ids: Tensor, layers: list[int] | None) -> dict[int, Tensor]:
+    """One forward over ids (1, T): {layer: weights (H, T, T) float32 on the CPU} for `layers`
+    (None = all). Raises CaptureUnsupported if a layer's attention did not go through the dispatcher.
+
+    Every layer runs through the project's code in this forward (cheap at these lengths), so the
+    maps are what the model computes end to end with that code, as transformers' eager path would;
+    only the requested layers' maps are kept.
+    """
+    model = lm.model
+    dev = _device(model)
+    with torch.inference_mode(), attention_capture.capture(None, record=layers) as captured:
+        model(
+            input_ids=ids.to(dev),
+            attention_mask=torch.ones_like(ids).to(dev),
+            use_cache=False,
+            logits_to_keep=1,  # only the attention is wanted; skip most of the (large) vocabulary projection
+        )
+    wanted = range(int(_text_config(model).num_hidden_layers)) if layers is None else layers
+    missing = [i for i in wanted if i not in captured]
+    if missing:
+        raise CaptureUnsupported(
+            f"{type(model).__name__} did not send layer {missing[0]}'s attention through transformers' "
+            "AttentionInterface, so its map cannot be computed by the project's code"
+        )
+    return {i: captured[i][0].float().cpu() for i in wanted}
+
+
+def _shown_positions(tok: Any, id_list: list[int], hide_special: bool) -> tuple[list[int], list[int]]:
+    """(positions shown, positions hidden): special tokens (<bos>, ...) are hidden when asked."""
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    keep = [i for i, t in enumerate(id_list) if not (hide_special and t in special)]
+    if not keep:
+        raise ValueError("the text has only special tokens; type some ordinary text")
+    hidden = [i for i in range(len(id_list)) if i not in keep]
+    return keep, hidden
+
+
+def _split_hidden(weights: Tensor, keep: list[int], hidden: list[int]) -> tuple[Tensor, Tensor]:
+    """weights (..., T, T) -> (shown (..., T', T'), hidden_mass (..., T')): the rows and columns kept,
+    and the share of each kept row that goes to the hidden columns."""
+    keep_t = torch.tensor(keep)
+    rows = weights.index_select(-2, keep_t)  # (..., T', T)
+    if hidden:
+        hidden_mass = rows.index_select(-1, torch.tensor(hidden)).sum(-1)
+    else:
+        hidden_mass = torch.zeros(rows.shape[:-1])
+    return rows.index_select(-1, keep_t), hidden_mass
+
+
 def model_attention(
     lm: Any,
     text: str,
@@ -207,41 +262,17 @@ def model_attention(
     _check_int("max_tokens", max_tokens, 1, MAX_MAP_TOKENS)
     cfg = _text_config(model)
     n_layers = int(cfg.num_hidden_layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer!r} is out of range: this model has {n_layers} layers, valid 0 to {n_layers - 1}")
+    _check_layer(layer, n_layers)
     _ensure_capture(lm)
 
     ids = tok(text, return_tensors="pt").input_ids  # (1, N)
     n_text = int(ids.shape[1])
     capped = n_text > max_tokens
     ids = ids[:, :max_tokens]  # (1, T)
-    # Every layer runs through the project's code in this forward (cheap at <= 256 tokens), so the
-    # map is what the model computes end to end with that code, as transformers' eager path would.
-    with torch.inference_mode(), attention_capture.capture() as captured:
-        model(
-            input_ids=ids.to(_device(model)),
-            attention_mask=torch.ones_like(ids).to(_device(model)),
-            use_cache=False,
-            logits_to_keep=1,  # only the attention is wanted; skip most of the (large) vocabulary projection
-        )
-    if layer not in captured:
-        raise CaptureUnsupported(
-            f"{type(model).__name__} did not send layer {layer}'s attention through transformers' "
-            "AttentionInterface, so its map cannot be computed by the project's code"
-        )
-    weights = captured[layer][0].float().cpu()  # (H, T, T)
-
+    weights = _captured_maps(lm, ids, [layer])[layer]  # (H, T, T), every layer through the project's code
     id_list = ids[0].tolist()
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    keep = [i for i, t in enumerate(id_list) if not (hide_special and t in special)]
-    hidden = [i for i in range(len(id_list)) if i not in keep]
-    if not keep:
-        raise ValueError("the text has only special tokens; type some ordinary text")
-    keep_t = torch.tensor(keep)
-    hidden_mass = weights[:, keep_t][:, :, torch.tensor(hidden)].sum(-1) if hidden else torch.zeros(
-        weights.shape[0], len(keep)
-    )  # (H, T)
-    shown = weights[:, keep_t][:, :, keep_t]  # (H, T, T)
+    keep, hidden = _shown_positions(tok, id_list, hide_special)
+    shown, hidden_mass = _split_hidden(weights, keep, hidden)  # (H, T', T'), (H, T')
 
     kind, window = _layer_kind(cfg, layer)
     n_heads = int(shown.shape[0])
