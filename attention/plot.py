@@ -38,7 +38,11 @@ from torch import Tensor
 
 from .functional import keep_from_mask
 
-__all__ = ["plot_heads", "plot_head", "plot_steps", "ANNOTATE_MAX_TOKENS", "ANNOTATE_MAX_CELLS", "DPI", "MASKED_COLOUR"]
+__all__ = [
+    "plot_heads", "plot_head", "plot_steps", "plot_model_view", "model_view_cells", "model_view_cell",
+    "plot_token_attention", "figure_bytes", "weights_csv", "ANNOTATE_MAX_TOKENS", "ANNOTATE_MAX_CELLS", "DPI",
+    "MASKED_COLOUR",
+]
 
 ANNOTATE_MAX_TOKENS = 10  # write the value in every cell up to this many tokens
 ANNOTATE_MAX_CELLS = 256  # ... and up to this many cells over all heads of a grid
@@ -541,3 +545,356 @@ def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Fi
         note += " · grey = masked (−∞ before softmax, weight 0 after)"
     _text(ax, width / 2, 0.2, note, 9, colors="#444444")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Every layer at once, one token's attention, and downloads
+
+_THUMB_GAP = 0.08  # inches between thumbnails
+_GLOBAL_SHADE = "#fde6c8"  # behind the rows of global layers
+_GLOBAL_COLOUR = "#a34700"  # their row labels
+_SELECTED = "#e4002b"
+_CELL_GID = "model-view-cell"
+
+
+def plot_model_view(
+    weights: Tensor,
+    *,
+    layer_kinds: Sequence[str] | None = None,
+    head_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    thumb: float = 0.8,
+    scale: str = "each",
+    selected: tuple[int, int] | None = None,
+    cmap: str = "viridis",
+) -> Figure:
+    """Every layer x every head as a grid of small heatmaps: weights (L, H, T, T) (or (L, H, T, S)).
+
+    Layers are rows ("L0 (sliding)", "L5 (global)" from layer_kinds; rows of "global" layers are
+    shaded), heads are columns (head_labels, default "head h"). No token labels: at 64 tokens a
+    thumbnail has about one pixel per token; show one large with plot_head. scale "each": every
+    thumbnail runs from 0 to its own largest weight (patterns stay visible when a hidden <bos>
+    takes most of a row); "shared": one 0..max scale with a colour bar. Weights exactly 0
+    (masked) are grey. selected: (layer, head) outlined in red. thumb: thumbnail side in inches.
+    model_view_cell(fig, x, y) maps a pixel of the PNG back to (layer, head).
+    """
+    if not isinstance(weights, Tensor) or weights.dim() != 4 or min(weights.shape) < 1:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a tensor (L, H, T, S) of every layer's attention, got {shape}")
+    n_layers, n_heads, t_q, t_k = weights.shape
+    if t_q > t_k:
+        raise ValueError(f"weights has {t_q} queries but only {t_k} keys; expected (L, H, T, S) with T <= S")
+    if layer_kinds is not None and (isinstance(layer_kinds, str) or len(layer_kinds) != n_layers
+                                    or not all(isinstance(k, str) for k in layer_kinds)):
+        raise ValueError(f"layer_kinds must name one kind per layer ({n_layers}), got {layer_kinds!r}")
+    if head_labels is not None and (isinstance(head_labels, str) or len(head_labels) != n_heads
+                                    or not all(isinstance(k, str) for k in head_labels)):
+        raise ValueError(f"head_labels must give one label per head ({n_heads}), got {head_labels!r}")
+    if isinstance(thumb, bool) or not isinstance(thumb, (int, float)) or not 0.3 <= thumb <= 3.0:
+        raise ValueError(f"thumb={thumb!r} must be a thumbnail side in inches between 0.3 and 3")
+    if scale not in ("each", "shared"):
+        raise ValueError(f"scale must be 'each' (every thumbnail 0..its max) or 'shared', got {scale!r}")
+    if cmap not in colormaps:
+        raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap; try 'viridis', 'magma' or 'Blues'")
+    if selected is not None and not (
+        isinstance(selected, tuple) and len(selected) == 2 and all(isinstance(v, int) for v in selected)
+        and 0 <= selected[0] < n_layers and 0 <= selected[1] < n_heads
+    ):
+        raise ValueError(f"selected must be a (layer, head) pair within {n_layers} layers x {n_heads} heads, "
+                         f"got {selected!r}")
+
+    rows = [f"L{i}" + (f" ({layer_kinds[i]})" if layer_kinds is not None else "") for i in range(n_layers)]
+    cols = list(head_labels) if head_labels is not None else [f"head {h}" for h in range(n_heads)]
+    is_global = [layer_kinds is not None and layer_kinds[i] == "global" for i in range(n_layers)]
+    row_size, col_size = 9.0, 8.0
+    row_ink = _ink(rows, row_size, 0.0, "right", "center")
+    col_ink = _ink(cols, col_size, 0.0, "center", "bottom")
+    cell_h = thumb * t_q / t_k
+    col_w = max(thumb, float((col_ink[:, 2] - col_ink[:, 0]).max()) + 0.05)
+    left = 0.15 + float(-row_ink[:, 0].min()) + 0.12
+    top = (0.45 if title else 0.1) + 0.25 + float(-col_ink[:, 1].min())
+    bar_h = 0.55 if scale == "shared" else 0.0
+    width = max(left + n_heads * col_w + (n_heads - 1) * _THUMB_GAP + 0.2, 4.0)  # 4 in: room for the legend
+    height = top + n_layers * (cell_h + _THUMB_GAP) + bar_h + 0.5
+    fig, ax = _canvas(width, height)
+
+    values = _as_numpy(weights)  # (L, H, T, S)
+    zero = values == 0.0
+    if scale == "each":
+        peak = values.max(axis=(2, 3), keepdims=True)
+        values = values / np.maximum(peak, 1e-12)
+        norm = Normalize(0.0, 1.0)
+    else:
+        norm = Normalize(0.0, max(float(values.max()), 1e-6))
+    colours = colormaps[cmap].with_extremes(bad=MASKED_COLOUR)
+    shown = np.ma.masked_array(values, mask=zero)
+    grid_w = n_heads * col_w + (n_heads - 1) * _THUMB_GAP
+    for layer in range(n_layers):
+        y = top + layer * (cell_h + _THUMB_GAP)
+        if is_global[layer]:  # the band marks the layers that see every earlier token
+            ax.add_patch(Rectangle((left - 0.06, y - _THUMB_GAP / 2), grid_w + 0.12, cell_h + _THUMB_GAP,
+                                   facecolor=_GLOBAL_SHADE, edgecolor="none", zorder=0))
+        for head in range(n_heads):
+            x = left + head * (col_w + _THUMB_GAP) + (col_w - thumb) / 2
+            image = _heatmap(ax, x, y, thumb, cell_h, shown[layer, head], colours, norm, f"L{layer} H{head}")
+            image.set_gid(f"{_CELL_GID}:{layer}:{head}")
+    ax.add_artist(_Labels([(left - 0.12, top + i * (cell_h + _THUMB_GAP) + cell_h / 2) for i in range(n_layers)],
+                          rows, ax.transData, size=row_size, ha="right", va="center",
+                          colors=[_GLOBAL_COLOUR if g else "black" for g in is_global]))
+    ax.add_artist(_Labels([(left + h * (col_w + _THUMB_GAP) + col_w / 2, top - 0.08) for h in range(n_heads)],
+                          cols, ax.transData, size=col_size, ha="center", va="bottom"))
+    if selected is not None:
+        layer, head = selected
+        x = left + head * (col_w + _THUMB_GAP) + (col_w - thumb) / 2
+        y = top + layer * (cell_h + _THUMB_GAP)
+        ax.add_patch(Rectangle((x - 0.02, y - 0.02), thumb + 0.04, cell_h + 0.04, fill=False, edgecolor=_SELECTED,
+                               linewidth=2.0, zorder=4))
+    if title:
+        _text(ax, width / 2, 0.25, title, 12)
+    bottom_y = top + n_layers * (cell_h + _THUMB_GAP)
+    if scale == "shared":
+        _colour_strip(ax, left, bottom_y + 0.1, min(grid_w, 3.0), 0.12, colours, norm, "colour bar: attention weight")
+        bottom_y += bar_h
+    legend = "rows: layers · columns: heads" + (" · shaded: global layers" if any(is_global) else "")
+    _text(ax, width / 2, bottom_y + 0.15, legend, 8, colors="#444444")
+    scale_note = "each thumbnail scaled 0 to its own max" if scale == "each" else "one scale for all thumbnails"
+    _text(ax, width / 2, bottom_y + 0.32, scale_note + " · grey = weight 0", 8, colors="#444444")
+    return fig
+
+
+def model_view_cells(fig: Figure, dpi: float | None = None) -> dict[tuple[int, int], tuple[float, float, float, float]]:
+    """{(layer, head): (left, top, right, bottom)} of every thumbnail of a plot_model_view figure, in
+    pixels from the top-left corner of the image saved at `dpi` (default: the figure's own, as
+    figure_bytes and gr.Plot save it)."""
+    if not isinstance(fig, Figure):
+        raise ValueError(f"fig must be a matplotlib Figure from plot_model_view, got {type(fig).__name__}")
+    scale = float(dpi if dpi is not None else fig.dpi)
+    cells = {}
+    for ax in fig.axes:
+        for image in ax.get_images():
+            gid = image.get_gid() or ""
+            if gid.startswith(_CELL_GID + ":"):
+                _, layer, head = gid.split(":")
+                x0, x1, y1, y0 = image.get_extent()  # inches from the top-left, y down (see _heatmap)
+                cells[int(layer), int(head)] = (x0 * scale, y0 * scale, x1 * scale, y1 * scale)
+    if not cells:
+        raise ValueError("this figure has no model-view thumbnails; make it with plot_model_view")
+    return cells
+
+
+def model_view_cell(fig: Figure, x: float, y: float, *, dpi: float | None = None) -> tuple[int, int] | None:
+    """The (layer, head) whose thumbnail contains pixel (x, y) of the saved image (from the top-left,
+    as gr.Image's select event reports it), or None for a click between thumbnails."""
+    for key, (x0, y0, x1, y1) in model_view_cells(fig, dpi).items():
+        if x0 <= x <= x1 and y0 <= y <= y1:
+            return key
+    return None
+
+
+_STRIP_SIZE = 9.0  # pt, tokens in the text strip
+_STRIP_LINE = 0.26  # inches per line of the strip
+_STRIP_PAD = 0.035  # inches of fill left and right of a token's ink
+_STRIP_GAP = 0.04  # inches between tokens (word boundaries are not shown otherwise: labels are trimmed)
+
+
+def plot_token_attention(
+    weights: Tensor,
+    tokens: Sequence[str],
+    *,
+    target: str | None = None,
+    reply_start: int | None = None,
+    hidden: Sequence[bool] | None = None,
+    title: str | None = None,
+    top: int = 10,
+    cmap: str = "Oranges",
+) -> Figure:
+    """How much one token attended to every earlier token: weights (K,) over tokens (K labels).
+
+    Drawn as the text itself, each token on a background as dark as its weight (scale 0 to the
+    largest shown), followed by `target` (the token being written) outlined in red; reply tokens
+    (index >= reply_start) are underlined in blue. Below, the `top` most attended tokens as bars
+    with their weights. hidden: per token, True = leave it out of the colours and bars (e.g.
+    <bos>, which often takes most of a row); its share is written in the caption. Rows of a
+    softmax sum to 1 over all K tokens, hidden ones included.
+    """
+    if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.shape[0] < 1:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be one row (K,) of attention over the K earlier tokens, got {shape}")
+    k = int(weights.shape[0])
+    if isinstance(tokens, str) or len(tokens) != k or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"tokens must be a list of {k} strings, one per weight")
+    if target is not None and not isinstance(target, str):
+        raise ValueError(f"target must be the written token's label or None, got {type(target).__name__}")
+    if reply_start is not None and (isinstance(reply_start, bool) or not isinstance(reply_start, int)
+                                    or not 0 <= reply_start <= k):
+        raise ValueError(f"reply_start must be an index in 0..{k}, got {reply_start!r}")
+    if hidden is None:
+        hide = np.zeros(k, dtype=bool)
+    elif isinstance(hidden, str) or len(hidden) != k:
+        raise ValueError(f"hidden must give one True/False per token ({k})")
+    else:
+        hide = np.asarray([bool(h) for h in hidden])
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= 50:
+        raise ValueError(f"top must be an integer in [1, 50], got {top!r}")
+    if cmap not in colormaps:
+        raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap; try 'Oranges', 'Blues' or 'viridis'")
+    if hide.all():
+        raise ValueError("every token is hidden: nothing left to show")
+
+    values = _as_numpy(weights).astype(np.float64)
+    shown_max = float(values[~hide].max())
+    norm = Normalize(0.0, max(shown_max, 1e-6))
+    colours = colormaps[cmap]
+    labels = [_label(t) for t in tokens]
+    strip_w = FIT_WIDTH - 0.6
+    ink = _ink(labels + ([_label(target)] if target is not None else []), _STRIP_SIZE, 0.0, "left", "center")
+    widths = np.maximum(ink[:, 2] - ink[:, 0], 0.06) + 2 * _STRIP_PAD
+
+    # Flow the tokens into lines like text.
+    place: list[tuple[float, int]] = []  # (x, line) per token (and the target last)
+    x, line = 0.0, 0
+    for w in widths:
+        if x > 0 and x + w > strip_w:
+            x, line = 0.0, line + 1
+        place.append((x, line))
+        x += w + _STRIP_GAP
+    n_lines = line + 1
+    left = 0.3
+    title_h = 0.45 if title else 0.15
+    strip_top = title_h + 0.1
+    strip_h = n_lines * _STRIP_LINE
+    order = [i for i in np.argsort(-values, kind="stable") if not hide[i]][:top]
+    bar_top = strip_top + strip_h + 0.75
+    bar_row = 0.2
+    height = bar_top + 0.3 + len(order) * bar_row + 0.55
+    fig, ax = _canvas(FIT_WIDTH, height)
+
+    if title:
+        _text(ax, FIT_WIDTH / 2, 0.25, title, 12)
+    texts_xy, texts, text_colours = [], [], []
+    underline: list[tuple[float, float, float]] = []
+    rgba = colours(norm(values))
+    dark = rgba[:, :3] @ np.array([0.299, 0.587, 0.114]) < 0.5
+    for i, ((px, ln), w) in enumerate(zip(place, widths)):
+        bx, by = left + px, strip_top + ln * _STRIP_LINE + 0.02
+        bh = _STRIP_LINE - 0.04
+        if i < k:
+            if hide[i]:
+                ax.add_patch(Rectangle((bx, by), w, bh, facecolor="white", edgecolor="#bbbbbb", linewidth=0.6,
+                                       linestyle="--"))
+                colour = "#888888"
+            else:
+                ax.add_patch(Rectangle((bx, by), w, bh, facecolor=rgba[i], edgecolor="none"))
+                colour = "white" if dark[i] else "black"
+            if reply_start is not None and i >= reply_start:
+                underline.append((bx, bx + w, by + bh + 0.015))
+        else:  # the token being written
+            ax.add_patch(Rectangle((bx, by), w, bh, facecolor="white", edgecolor=_SELECTED, linewidth=1.6))
+            colour = _SELECTED
+        texts_xy.append((bx + _STRIP_PAD - ink[i, 0], by + bh / 2))
+        texts.append(labels[i] if i < k else _label(target or ""))
+        text_colours.append(colour)
+    ax.add_artist(_Labels(texts_xy, texts, ax.transData, size=_STRIP_SIZE, colors=text_colours, ha="left",
+                          va="center"))
+    if underline:
+        ax.add_line(Line2D([v for a, b, _ in underline for v in (a, b, np.nan)],
+                           [v for _, _, y in underline for v in (y, y, np.nan)], color="#1f5fbf", linewidth=1.5))
+    _colour_strip(ax, left, strip_top + strip_h + 0.2, 3.0, 0.1, colours, norm, "colour bar: attention weight")
+
+    # Bars of the most attended tokens, with their positions (the same word can occur twice).
+    _text(ax, left + 1.5, bar_top, f"the {len(order)} most attended tokens" + (" (hidden ones left out)"
+                                                                                 if hide.any() else ""), 9)
+    names = [f"{labels[i]}  #{i}" for i in order]
+    name_ink = _ink(names, 8.0, 0.0, "right", "center")
+    bar_x = left + max(1.0, float(-name_ink[:, 0].min()) + 0.1)
+    bar_len = FIT_WIDTH - bar_x - 1.0
+    for row, i in enumerate(order):
+        y = bar_top + 0.25 + row * bar_row
+        ax.add_patch(Rectangle((bar_x, y), bar_len * values[i] / max(shown_max, 1e-12), bar_row * 0.75,
+                               facecolor=rgba[i], edgecolor="#444444", linewidth=0.5))
+    ax.add_artist(_Labels([(bar_x - 0.08, bar_top + 0.25 + r * bar_row + bar_row * 0.375) for r in range(len(order))],
+                          names, ax.transData, size=8.0, ha="right", va="center"))
+    ax.add_artist(_Labels([(bar_x + bar_len * values[i] / max(shown_max, 1e-12) + 0.06,
+                            bar_top + 0.25 + r * bar_row + bar_row * 0.375) for r, i in enumerate(order)],
+                          [f"{values[i]:.3f}" for i in order], ax.transData, size=8.0, ha="left", va="center"))
+    notes = []
+    if hide.any():
+        names_hidden = ", ".join(sorted({labels[i] for i in np.flatnonzero(hide)}))
+        notes.append(f"hidden {names_hidden}: {100 * float(values[hide].sum()):.0f}% of the attention")
+    if reply_start is not None and reply_start < k:
+        notes.append("underlined: the reply written so far")
+    if target is not None:
+        notes.append("red: the token being written")
+    _text(ax, FIT_WIDTH / 2, height - 0.2, " · ".join(notes) or "scale: 0 to the largest weight shown", 8,
+          colors="#444444")
+    return fig
+
+
+def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
+    """The figure as a file's bytes, for a download button: fmt "png" (as gr.Plot shows it, at the
+    figure's dpi) or "svg" (text kept as text; no timestamp, so the same figure gives the same bytes)."""
+    if not isinstance(fig, Figure):
+        raise ValueError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
+    import io
+
+    buf = io.BytesIO()
+    if fmt == "svg":
+        from matplotlib import rc_context
+
+        with rc_context({"svg.fonttype": "none", "svg.hashsalt": "attention-lab"}):
+            fig.savefig(buf, format="svg", metadata={"Date": None})
+    else:
+        fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(token: str) -> str:
+    # A cell starting with = + - @ is run as a formula by spreadsheet programs (CSV injection), and
+    # tokens come from whatever a user typed: a leading apostrophe makes the cell plain text there.
+    return "'" + token if token.startswith(_FORMULA_START) else token
+
+
+def weights_csv(weights: Tensor, tokens_q: Sequence[str], tokens_k: Sequence[str]) -> str:
+    """Attention weights as CSV text.
+
+    weights (T, S): a matrix, first row "query \\ key" then the S key tokens, then one row per
+    query: its token and S weights. weights (..., T, S) with leading axes (e.g. (H, T, S) or
+    (L, H, T, S)): long format, one row per cell, columns "axis0, ..., query_pos, query, key_pos,
+    key, weight" (the leading axes named "layer", "head" for 4-D, "head" for 3-D). Weights are
+    written with 6 significant digits. Cells that would start a spreadsheet formula (a token such
+    as "=" or "-") get a leading apostrophe.
+    """
+    if not isinstance(weights, Tensor) or weights.dim() < 2:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a tensor (T, S) or (..., T, S), got {shape}")
+    t_q, t_k = weights.shape[-2:]
+    for name, toks, n in (("tokens_q", tokens_q, t_q), ("tokens_k", tokens_k, t_k)):
+        if isinstance(toks, str) or len(toks) != n or not all(isinstance(t, str) for t in toks):
+            raise ValueError(f"{name} must be {n} strings, one per {'query' if name == 'tokens_q' else 'key'} "
+                             f"row/column of weights {tuple(weights.shape)}")
+    import csv
+    import io
+
+    values = weights.detach().to("cpu", torch.float64).numpy()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    qs, ks = [_csv_text(t) for t in tokens_q], [_csv_text(t) for t in tokens_k]
+    if values.ndim == 2:
+        writer.writerow(["query \\ key", *ks])
+        for i in range(t_q):
+            writer.writerow([qs[i], *(f"{v:.6g}" for v in values[i])])
+        return out.getvalue()
+    lead = values.shape[:-2]
+    names = {1: ["head"], 2: ["layer", "head"]}.get(len(lead), [f"axis{i}" for i in range(len(lead))])
+    writer.writerow([*names, "query_pos", "query", "key_pos", "key", "weight"])
+    for index in np.ndindex(*lead):
+        block = values[index]
+        for i in range(t_q):
+            for j in range(t_k):
+                writer.writerow([*index, i, qs[i], j, ks[j], f"{block[i, j]:.6g}"])
+    return out.getvalue()
