@@ -33,15 +33,15 @@ def normalize_backend_url(url: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"chat_backend_url must be {example}, got {url!r}")
     url = url.strip()
+    if "@" in url:  # checked first: no message below may echo a URL with credentials in it
+        raise ValueError(
+            "chat_backend_url must not contain a user name or password; put the key in CHAT_BACKEND_API_KEY"
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
     except ValueError:
         raise ValueError(f"chat_backend_url must be {example}, got {url!r}") from None
-    if "@" in parts.netloc:
-        raise ValueError(
-            "chat_backend_url must not contain a user name or password; put the key in CHAT_BACKEND_API_KEY"
-        )
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"chat_backend_url must be {example}, got {url!r}")
     path = parts.path.rstrip("/") or "/v1"

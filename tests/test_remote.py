@@ -90,6 +90,7 @@ def test_settings_read_the_backend_variables():
     ("CHAT_BACKEND_URL", "http:///v1", "http(s) base URL"),
     ("CHAT_BACKEND_URL", "http://vllm:8000/v1?key=1", "http(s) base URL"),
     ("CHAT_BACKEND_URL", f"http://user:{SECRET}@vllm:8000/v1", "CHAT_BACKEND_API_KEY"),
+    ("CHAT_BACKEND_URL", f"http://user:{SECRET}@vllm:port/v1", "CHAT_BACKEND_API_KEY"),
     ("CHAT_BACKEND_API_KEY", f"{SECRET} x", "value not shown"),
     ("CHAT_BACKEND_API", "grpc", "['auto', 'chat', 'completions']"),
     ("CHAT_BACKEND_TIMEOUT", "soon", "a number"),
