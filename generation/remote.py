@@ -148,8 +148,9 @@ class RemoteChat:
         self._api_key = checked.chat_backend_api_key
         self._chat_template_kwargs = dict(chat_template_kwargs) if chat_template_kwargs else None
         self._check_ttl_s = float(check_ttl_s)
-        self._lock = threading.Lock()  # resolved model/api, active count, health cache
-        self._resolve_lock = threading.Lock()  # one resolution / probe at a time
+        self._lock = threading.Lock()  # resolved model/api, active count, health cache (held briefly)
+        self._check_lock = threading.Lock()  # one GET /models at a time (<= CHECK_TIMEOUT_S)
+        self._api_lock = threading.Lock()  # one chat-API probe at a time (a 1-token generation)
         self._resolved_model: str | None = None
         self._resolved_api: str | None = None
         self._active = 0
@@ -208,7 +209,7 @@ class RemoteChat:
             return self._active
 
     def check(self) -> str | None:
-        """None if the server answers, else a one-line reason ("... unreachable: connection refused").
+        """None if the server answers, else a one-line reason ("... is unreachable (connection refused)").
 
         Cached for `check_ttl_s` seconds (every reply also refreshes it), so a status line may call
         it on every refresh; after the TTL it asks again, so "unreachable" clears when the server
@@ -217,7 +218,7 @@ class RemoteChat:
         with self._lock:
             if self._health is not None and time.monotonic() - self._health[0] < self._check_ttl_s:
                 return self._health[1]
-        with self._resolve_lock:
+        with self._check_lock:
             with self._lock:  # another thread may have probed while we waited
                 if self._health is not None and time.monotonic() - self._health[0] < self._check_ttl_s:
                     return self._health[1]
@@ -267,7 +268,7 @@ class RemoteChat:
     def _resolve_model(self) -> str:
         if self.model is not None:
             return self.model
-        with self._resolve_lock:
+        with self._check_lock:
             if self.model is None:
                 reason = self._probe()
                 if reason is not None:
@@ -281,7 +282,7 @@ class RemoteChat:
 
         if self._api != "auto":
             return self._api
-        with self._resolve_lock:
+        with self._api_lock:
             if self._resolved_api is not None:
                 return self._resolved_api
             model = self.model
