@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,3 +103,364 @@ class SeededSampler(LogitsProcessor):
         nxt = torch.multinomial(probs, num_samples=1, generator=gen).to(scores.device)  # (B, 1)
         out = torch.full_like(scores, float("-inf"))  # (B, V)
         return out.scatter_(1, nxt, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched sampling for the chat engine: every row of a (B, V) batch with its own parameters and
+# its own torch.Generator, exact against transformers' warpers, without sorting the vocabulary.
+#
+# Per row the pipeline is transformers' own: repetition penalty -> temperature -> top-k -> top-p
+# -> draw (greedy rows: penalty -> argmax). The kept set of top-k/top-p is computed from the
+# `torch.topk` candidates (widening k only for rows whose nucleus the candidates do not provably
+# cover) and equals TopKLogitsWarper's / TopPLogitsWarper's:
+# * top-k keeps every token >= the k-th largest value (ties included), as the warper does;
+# * top-p removes tokens in ascending order while their cumulative probability is <= 1 - top_p.
+#   Where the candidates' tail masses come within FILTER_MARGIN_REL of the threshold (float32
+#   rounding of transformers' own softmax could decide either way) the row is recomputed with
+#   transformers' arithmetic over the full sorted row (`exact_kept_ids`).
+# * Ties straddling the top-p boundary: transformers' result there depends on `torch.sort`'s
+#   unstable order of equal values (real bf16 logits hit this in ~25 % of steps at T 0.7,
+#   top-p 0.95); we resolve it as a *stable* sort would (of equal values, the higher token ids
+#   are kept), which keeps the same number of tokens, of the same values, as transformers.
+# The draw is an inverse CDF over the kept tokens in ascending token-id order with one float64
+# uniform from the row's own generator, so a row's token depends only on its own logits and seed
+# (never on the batch it shares, the candidate count, or the path that found the kept set).
+
+# Relative margin on the top-p threshold within which a row is decided by the exact full sort:
+# transformers' float32 softmax totals deviate from 1 by <= ~1e-6 (measured on real and random
+# logits), and our float64 tails by ~1e-7, so 2e-5 leaves a wide safety factor while sending
+# only ~1e-4 of real rows to the slow path.
+FILTER_MARGIN_REL = 2e-5
+_ROW_SUM_BLOCK = 512
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with `seed`, or from OS entropy when seed is None."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+class RowSampling:
+    """One request's sampling state in a batch: its parameters, generator and penalty history.
+
+    `token_ids` holds the prompt and every generated id (RepetitionPenaltyLogitsProcessor's
+    input_ids); it is kept only when repetition_penalty != 1.
+    """
+
+    __slots__ = ("params", "generator", "_ids", "_n")
+
+    def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.params = params
+        self.generator = None if params.greedy else (generator or make_generator(params.seed))
+        self._ids: torch.Tensor | None = None
+        self._n = 0
+        if params.repetition_penalty != 1.0:
+            ids = prompt_ids.reshape(-1).to("cpu", torch.long) if prompt_ids is not None else torch.empty(0, dtype=torch.long)
+            self._ids = torch.empty(max(64, 2 * ids.numel()), dtype=torch.long)
+            self._ids[: ids.numel()] = ids
+            self._n = ids.numel()
+
+    def append(self, token_id: int) -> None:
+        """Record a generated token (for the repetition penalty)."""
+        if self._ids is None:
+            return
+        if self._n == self._ids.numel():
+            grown = torch.empty(2 * self._n, dtype=torch.long)
+            grown[: self._n] = self._ids
+            self._ids = grown
+        self._ids[self._n] = token_id
+        self._n += 1
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """(L,) ids the repetition penalty applies to, or None when it is off."""
+        return None if self._ids is None else self._ids[: self._n]
+
+
+def _fl32(x: float) -> float:
+    """x rounded to float32, as torch compares a float32 tensor with a Python scalar."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """(n, V) -> (n,) float64 sums whose value does not depend on n (fixed blocking, no
+    intra-row thread split), so a row's draw does not depend on the batch it is in."""
+    n, v = x.shape
+    if v % _ROW_SUM_BLOCK == 0:
+        return x.view(n, v // _ROW_SUM_BLOCK, _ROW_SUM_BLOCK).sum(-1, dtype=torch.float64).sum(-1)
+    return x.sum(-1, dtype=torch.float64)
+
+
+def exact_kept_ids(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Token ids (ascending) that TopKLogitsWarper(top_k) then TopPLogitsWarper(top_p) keep.
+
+    scores (V,) float32, already temperature-scaled. transformers' own arithmetic on the full
+    sorted row (the slow reference path, ~20 ms per row at V = 262,144), except that equal values
+    are ordered as a stable sort orders them. top_k 0 / top_p 1 = off.
+    """
+    s = scores
+    if top_k > 0:
+        kth = torch.topk(s, min(top_k, s.numel())).values[-1]
+        s = s.masked_fill(s < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = torch.sort(s, descending=False, stable=True)
+        remove = srt.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[-1] = False  # min_tokens_to_keep = 1
+        kept = idx[~remove]
+    else:
+        kept = torch.nonzero(torch.isfinite(s)).reshape(-1)
+    return torch.sort(kept).values
+
+
+_EXACT = object()  # a row the candidates cannot decide within the margin: use the full sort
+
+
+@dataclass
+class _Choice:
+    """A row's kept set: ids ascending with float64 weights; or, for untruncated rows, a head of
+    candidates plus the rest of the vocabulary (probs with the head zeroed) and its mass."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    rest: torch.Tensor | None = None
+    rest_mass: float = 0.0
+
+
+class BatchSampler:
+    """Draws the next token for every row of a (B, V) logits batch with per-row parameters.
+
+    Reuses its float32 work buffers between steps. `stats` counts rows that needed a wider top-k
+    (`widened`) or the exact full sort (`exact`), for benchmarks.
+    """
+
+    def __init__(self, *, k0: int = 64, k_max: int = 16384) -> None:
+        if k0 < 2 or k_max < k0:
+            raise ValueError(f"need 2 <= k0 <= k_max, got k0={k0}, k_max={k_max}")
+        self.k0 = k0
+        self.k_max = k_max
+        self._bufs: dict[str, torch.Tensor] = {}
+        self.stats = {"rows": 0, "widened": 0, "exact": 0}
+
+    def _buf(self, name: str, n: int, v: int, device: torch.device) -> torch.Tensor:
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < n or b.shape[1] != v or b.device != device:
+            b = torch.empty(max(n, 8), v, dtype=torch.float32, device=device)
+            self._bufs[name] = b
+        return b[:n]
+
+    # -- the public entry points -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+        """logits (B, V) (any float dtype, any device) -> next token ids (B,) int64 on CPU."""
+        n, v = logits.shape
+        if len(rows) != n:
+            raise ValueError(f"{n} logits rows but {len(rows)} sampling rows")
+        scaled = self._scale(logits, rows)  # (B, V) float32: penalised, / temperature (greedy: / 1)
+        out = torch.empty(n, dtype=torch.long)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if greedy:
+            sel = scaled if len(greedy) == n else scaled[torch.tensor(greedy, device=scaled.device)]
+            out[torch.tensor(greedy)] = sel.argmax(dim=-1).cpu()
+        if sampled:
+            x = scaled if len(sampled) == n else self._rows_copy("sel", scaled, sampled)
+            params = [rows[i].params for i in sampled]
+            choices = self._select(x, [p.top_k for p in params], [p.top_p for p in params], draw=True)
+            for j, i in enumerate(sampled):
+                u = float(torch.rand((), generator=rows[i].generator, dtype=torch.float64))
+                out[i] = self._draw(choices[j], u)
+        self.stats["rows"] += n
+        return out
+
+    @torch.inference_mode()
+    def kept_ids(self, scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> list[torch.Tensor]:
+        """The kept token ids (ascending) of each row of already-scaled scores (B, V) float32,
+        as `sample` determines them (top_k 0 / top_p 1 = off; both off -> every token)."""
+        choices = self._select(scores.float(), list(top_k), list(top_p), draw=False)
+        v = scores.shape[1]
+        return [c.ids if c.rest is None else torch.arange(v) for c in choices]
+
+    # -- the pieces ------------------------------------------------------------------------------
+
+    def _rows_copy(self, name: str, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        dst = self._buf(name, len(rows), x.shape[1], x.device)
+        torch.index_select(x, 0, torch.tensor(rows, device=x.device), out=dst)
+        return dst
+
+    def _scale(self, logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+        """Penalised, temperature-scaled float32 copy of logits (B, V), with transformers' rounding:
+        logits.float() -> penalty (x*r if x < 0 else x/r) -> / T."""
+        n, v = logits.shape
+        buf = self._buf("scaled", n, v, logits.device)
+        temps = [1.0 if r.params.greedy else float(r.params.temperature) for r in rows]
+        if all(t == 1.0 for t in temps):
+            buf.copy_(logits)
+        else:
+            tcol = torch.tensor(temps, dtype=torch.float32, device=logits.device).unsqueeze(1)
+            torch.div(logits, tcol, out=buf)  # == logits.float() / T bit for bit
+        for i, r in enumerate(rows):
+            ids = r.token_ids
+            if ids is None or ids.numel() == 0:
+                continue
+            ids = ids.to(logits.device)
+            ids = ids[ids < v]  # ids beyond the logits (a larger embedding table) cannot be drawn anyway
+            pen = float(r.params.repetition_penalty)
+            vals = logits[i].index_select(0, ids).float()
+            vals = torch.where(vals < 0, vals * pen, vals / pen)
+            if temps[i] != 1.0:
+                vals = vals / temps[i]
+            buf[i].index_copy_(0, ids, vals)
+        return buf
+
+    def _select(self, x: torch.Tensor, top_k: list[int], top_p: list[float], *, draw: bool) -> list[_Choice]:
+        """Kept sets for the rows of scaled scores x (n, V) float32 (see the module notes)."""
+        n, v = x.shape
+        result: list[_Choice | None] = [None] * n
+        todo = list(range(n))
+        for i in todo:  # a top-k beyond k_max: the candidates would be the sort anyway
+            if top_k[i] + 1 > self.k_max and top_k[i] < v:
+                result[i] = self._exact(x[i], top_k[i], top_p[i])
+        todo = [i for i in todo if result[i] is None]
+        k = min(v, max(self.k0, max((top_k[i] + 1 for i in todo if top_k[i] > 0), default=0)))
+        first = True
+        while todo:
+            if k > self.k_max:  # the nucleus is wider than k_max candidates: full sort
+                for i in todo:
+                    result[i] = self._exact(x[i], top_k[i], top_p[i])
+                break
+            sub = x if len(todo) == n else x[torch.tensor(todo, device=x.device)]
+            done = self._fast(sub, k, [top_k[i] for i in todo], [top_p[i] for i in todo], draw)
+            for j, i in enumerate(todo):
+                if done[j] is _EXACT or (done[j] is None and k == v):
+                    result[i] = self._exact(x[i], top_k[i], top_p[i])
+                else:
+                    result[i] = done[j]
+            todo = [i for i in todo if result[i] is None]
+            if todo and first:
+                self.stats["widened"] += len(todo)
+            first = False
+            k = min(v, k * 4)
+        return result  # type: ignore[return-value]
+
+    def _exact(self, row: torch.Tensor, top_k: int, top_p: float) -> _Choice:
+        self.stats["exact"] += 1
+        ids = exact_kept_ids(row, top_k, top_p)
+        vals = row.index_select(0, ids).double()
+        return _Choice(ids.cpu(), torch.exp(vals - vals.max()).cpu())
+
+    def _fast(self, x: torch.Tensor, k: int, top_k: list[int], top_p: list[float], draw: bool) -> list[Any]:
+        """One topk(k) pass over rows x (m, V): a _Choice per row, None where the candidates do not
+        cover the kept set (widen k), _EXACT where float rounding could decide the boundary."""
+        m, v = x.shape
+        dev = x.device
+        cv, ci = torch.topk(x, k, dim=-1)  # (m, k) descending
+        # Canonical order: values descending, equal values by token id descending (a stable
+        # ascending sort read backwards), so the kept prefix is what a stable sort would keep.
+        ci, order = torch.sort(ci, dim=-1, descending=True, stable=True)
+        cv = cv.gather(1, order)
+        cv, order = torch.sort(cv, dim=-1, descending=True, stable=True)
+        ci = ci.gather(1, order)
+        cvd = cv.double()
+        mx = cvd[:, :1]
+        tk = torch.tensor(top_k, device=dev)
+        tp = torch.tensor(top_p, dtype=torch.float64, device=dev)
+        pos = torch.arange(k, device=dev)
+        full = tk == 0  # no top-k: the pool is the whole vocabulary
+        # top-k pool: values >= the k-th largest (ties kept); covered if it ends inside the candidates
+        thr = cv.gather(1, (tk - 1).clamp(min=0, max=k - 1).unsqueeze(1))
+        in_pool = full.unsqueeze(1) | (cv >= thr)
+        pool_ok = full | (cv[:, -1] < thr.squeeze(1)) | (k == v)
+        # Weights in the units transformers normalises: full-vocabulary rows use the row's softmax
+        # (probabilities and the mass outside the candidates), top-k rows exp(x - max) over the pool.
+        w = torch.exp(cvd - mx) * in_pool
+        rest_mass = torch.zeros(m, dtype=torch.float64, device=dev)
+        probs = None
+        full_rows = torch.nonzero(full).reshape(-1)
+        if full_rows.numel():
+            fr = full_rows.tolist()
+            xf = x if len(fr) == m else x[full_rows]
+            probs = self._buf("probs", len(fr), v, dev)
+            torch.ops.aten._softmax.out(xf, -1, False, out=probs)  # into the reused buffer
+            cif = ci[full_rows]
+            w[full_rows] = probs.gather(1, cif).double()
+            probs.scatter_(1, cif, 0.0)  # what remains is the mass outside the candidates
+            rest_mass[full_rows] = _row_sums(probs)
+        total = rest_mass + w.sum(-1)
+        tail = (rest_mass.unsqueeze(1) + w.flip(-1).cumsum(-1).flip(-1)) / total.unsqueeze(1)  # (m, k)
+        thresh = torch.tensor([_fl32(1 - p) for p in top_p], dtype=torch.float64, device=dev).unsqueeze(1)
+        nucleus = (tp < 1.0).unsqueeze(1)
+        keep = torch.where(nucleus, (tail > thresh) | (pos == 0), in_pool)
+        nk = keep.sum(-1)
+        last_kept = cv.gather(1, (nk - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        covered = pool_ok & (~full | ~nucleus.squeeze(1) | (last_kept > cv[:, -1]) | (k == v))
+        ambiguous = nucleus.squeeze(1) & ((tail - thresh).abs() <= FILTER_MARGIN_REL * thresh).any(-1)
+        ok = covered.tolist()
+        amb = ambiguous.tolist()
+        untruncated = (full & ~nucleus.squeeze(1)).tolist()
+        # Draw weights: exp(x - max) in float64 over the kept tokens, in ascending id order.
+        wd = torch.exp(cvd - mx)
+        ids_sorted, perm = torch.sort(torch.where(keep, ci, v + ci), dim=-1)
+        w_sorted = torch.where(ids_sorted < v, wd.gather(1, perm), 0.0)
+        nk_l = nk.tolist()
+        out: list[Any] = []
+        fr_index = {r: j for j, r in enumerate(full_rows.tolist())}
+        for r in range(m):
+            if amb[r]:  # widening cannot help: the tails are what they are
+                out.append(_EXACT)
+                continue
+            if not ok[r]:
+                out.append(None)
+                continue
+            if untruncated[r]:
+                out.append(self._untruncated(cv[r], ci[r], w[r], probs[fr_index[r]], draw))
+                continue
+            c = nk_l[r]
+            out.append(_Choice(ids_sorted[r, :c].cpu(), w_sorted[r, :c].cpu()))
+        return out
+
+    def _untruncated(self, cv: torch.Tensor, ci: torch.Tensor, w: torch.Tensor, rest: torch.Tensor,
+                     draw: bool) -> _Choice:
+        """Plain temperature sampling: the head = candidates above the k0-th largest value (the same
+        set whatever k was used), the rest of the vocabulary drawn from its probabilities."""
+        head = cv > cv[min(self.k0, cv.numel()) - 1] if cv.numel() < rest.numel() else torch.ones_like(cv, dtype=torch.bool)
+        ids, perm = torch.sort(ci[head])
+        hw = w[head][perm]
+        if not draw:
+            return _Choice(ids.cpu(), hw.cpu(), rest=rest, rest_mass=0.0)
+        rest = rest.clone()  # the caller's buffer is reused next step
+        edge = ~head
+        rest.scatter_(0, ci[edge], w[edge].float())  # candidates tied at the edge go back to the rest
+        return _Choice(ids.cpu(), hw.cpu(), rest=rest.cpu(), rest_mass=float(_row_sums(rest.unsqueeze(0))[0]))
+
+    @staticmethod
+    def _draw(choice: _Choice, u: float) -> int:
+        """Inverse CDF at u in [0, 1) over the head (ascending ids), then the rest (ascending ids)."""
+        cum = choice.weights.cumsum(0)
+        head_mass = float(cum[-1]) if cum.numel() else 0.0
+        target = u * (head_mass + choice.rest_mass)
+        if target < head_mass or choice.rest is None or choice.rest_mass <= 0.0:
+            i = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64), right=True))
+            return int(choice.ids[min(i, choice.ids.numel() - 1)])
+        rest = choice.rest
+        target -= head_mass
+        v = rest.numel()
+        if v % _ROW_SUM_BLOCK == 0:  # blocks first, then within the block: cheap and exact enough
+            blocks = rest.view(-1, _ROW_SUM_BLOCK).sum(-1, dtype=torch.float64).cumsum(0)
+            b = min(int(torch.searchsorted(blocks, torch.tensor([target], dtype=torch.float64), right=True)),
+                    blocks.numel() - 1)
+            target -= float(blocks[b - 1]) if b > 0 else 0.0
+            inner = rest[b * _ROW_SUM_BLOCK : (b + 1) * _ROW_SUM_BLOCK].double().cumsum(0)
+            j = min(int(torch.searchsorted(inner, torch.tensor([target], dtype=torch.float64), right=True)),
+                    _ROW_SUM_BLOCK - 1)
+            while j > 0 and float(rest[b * _ROW_SUM_BLOCK + j]) == 0.0:  # never land on a zeroed head id
+                j -= 1
+            return b * _ROW_SUM_BLOCK + j
+        cum_rest = rest.double().cumsum(0)
+        j = min(int(torch.searchsorted(cum_rest, torch.tensor([target], dtype=torch.float64), right=True)), v - 1)
+        return j

@@ -1,0 +1,683 @@
+"""Continuous batching: one decode loop serves every chat.
+
+A long-lived `ChatEngine` owns the model. Each chat is a request that joins the running batch
+between decode steps and leaves it when it ends (EOS, a stop string, max_new_tokens, Stop), so 30
+users cost one batched forward per step instead of 30 turns. No gradio here.
+
+Layout of one engine (all of it owned by the loop thread, named ENGINE_THREAD_NAME):
+
+* `SlotKVCache`: per layer one (rows, kv_heads, capacity, head_dim) key and value buffer; row b
+  holds its sequence at positions 0..len_b-1, every row at its own length. Before a forward the
+  engine says where each new token goes (`prepare`); `update()` writes there and hands attention a
+  view of the first `span` positions. The masks (one per layer type: causal, and causal within the
+  sliding window for Gemma 3's local layers) and per-row RoPE positions make every row see exactly
+  its own prefix, so a row's result does not depend on the other rows' lengths.
+* The running batch: rows 0..n-1 of the main cache. A finished row is removed by moving the last
+  row into its slot (one row's copy, no compaction of the rest).
+* Newcomers are prefilled as a group in their own cache, several prompts per forward (left-padded,
+  pads write to a scratch column nobody attends to), at most `prefill_tokens` tokens per forward
+  (a long prompt is chunked), one prefill forward then one decode step per iteration, so running
+  streams stall for one chunk at most. A row whose prompt is done draws its first token from the
+  prefill's logits and is copied into the main cache.
+* Sampling: `generation.sampling.BatchSampler`, per-row parameters and per-row generators.
+
+The same code runs on CUDA (buffers live where the model's layers put their keys).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from .model import LoadedModel
+from .prompt import build_prompt
+from .sampling import BatchSampler, RowSampling, SamplingParams
+from .stream import ReplyStats, visible_text
+
+log = logging.getLogger(__name__)
+
+# The loop thread's name, so a server (or a test) can find it.
+ENGINE_THREAD_NAME = "chat_engine"
+DEFAULT_MAX_BATCH = 32
+# Prompt tokens per prefill forward. On the 2-core CPU a forward of 256 tokens takes ~0.3-0.5 s,
+# the longest a running stream waits for a newcomer; a GPU takes thousands in one go cheaply.
+DEFAULT_PREFILL_TOKENS_CPU = 256
+DEFAULT_PREFILL_TOKENS_CUDA = 2048
+# Rows of a prefill group get at least this many tokens per chunk (fewer, larger forwards).
+MIN_CHUNK = 16
+# The KV buffers grow in steps of this many positions.
+CAPACITY_STEP = 256
+# A consumer checks this often that the loop is still alive while it waits for text.
+POLL_S = 0.5
+# Bound for a closed consumer waiting until the loop has removed its request (one step).
+CANCEL_WAIT_S = 30.0
+
+
+class SlotKVCache(Cache):
+    """Keys/values of up to `rows` sequences, each at its own length (a transformers `Cache`).
+
+    Layer l holds key/value buffers (rows, kv_heads, capacity, head_dim), allocated on the first
+    `update` with the layer's dtype and device. Call `prepare(n, write_pos, span)` before a forward
+    of n rows: `update()` writes token t of row b at position write_pos[b, t] and returns the views
+    [:n, :, :span] for attention.
+    """
+
+    def __init__(self, n_layers: int, rows: int, capacity: int) -> None:
+        super().__init__(layers=[])
+        self.n_layers = n_layers
+        self.rows = rows
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self._rows_idx: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._span = 0
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def prepare(self, n: int, write_pos: torch.Tensor, span: int) -> None:
+        """Next forward: n rows, token t of row b goes to position write_pos[b, t] ((n, T) long)."""
+        self._rows_idx = torch.arange(n, device=write_pos.device).unsqueeze(1)  # (n, 1)
+        self._pos = write_pos
+        self._span = span
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key/value_states (n, kv_heads, T, head_dim) -> all keys/values (n, kv_heads, span, head_dim)."""
+        kb = self.keys[layer_idx]
+        if kb is None:
+            _, h, _, d = key_states.shape
+            kb = key_states.new_zeros(self.rows, h, self.capacity, d)
+            self.keys[layer_idx] = kb
+            self.values[layer_idx] = value_states.new_zeros(self.rows, h, self.capacity, value_states.shape[-1])
+        vb = self.values[layer_idx]
+        rows, pos = self._rows_idx.to(kb.device), self._pos.to(kb.device)
+        n = key_states.shape[0]
+        kb[rows, :, pos] = key_states.transpose(1, 2)  # (n, T, kv_heads, head_dim) at (row, position)
+        vb[rows, :, pos] = value_states.transpose(1, 2)
+        return kb[:n, :, : self._span], vb[:n, :, : self._span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._span
+
+    def ensure(self, capacity: int) -> None:
+        """Grow every layer's buffers to hold at least `capacity` positions (contents kept)."""
+        if capacity <= self.capacity:
+            return
+        new_cap = max(capacity, 2 * self.capacity)
+        new_cap = -(-new_cap // CAPACITY_STEP) * CAPACITY_STEP
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                if old is not None:
+                    grown = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
+                    grown[:, :, : self.capacity] = old
+                    store[i] = grown
+        self.capacity = new_cap
+
+    def copy_row(self, dst: int, src_cache: SlotKVCache, src: int, length: int) -> None:
+        """Positions [0, length) of `src_cache`'s row `src` into this cache's row `dst`."""
+        self.ensure(length + 1)
+        for store, other in ((self.keys, src_cache.keys), (self.values, src_cache.values)):
+            for i, sb in enumerate(other):
+                if sb is None:
+                    continue
+                if store[i] is None:
+                    store[i] = sb.new_zeros(self.rows, sb.shape[1], self.capacity, sb.shape[3])
+                store[i][dst, :, :length] = sb[src, :, :length]
+
+    def move_row(self, dst: int, src: int, length: int) -> None:
+        """Row `src` (its first `length` positions) into row `dst` of this cache."""
+        for store in (self.keys, self.values):
+            for b in store:
+                if b is not None:
+                    b[dst, :, :length] = b[src, :, :length]
+
+
+class EngineRequest:
+    """One generation in the engine: prompt ids, sampling parameters, stop strings.
+
+    Read the reply from `updates` (the raw decoded text so far, growing; None once finished) or
+    `wait()` and then `token_ids`, `text`, `stopped_by`, `error`. `cancel()` ends it within one step.
+    """
+
+    def __init__(self, engine: ChatEngine, prompt_ids: torch.Tensor, params: SamplingParams,
+                 stop_strings: Sequence[str], stop_event: threading.Event | None) -> None:
+        self._engine = engine
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stop_strings = tuple(stop_strings)
+        self.stop_event = stop_event
+        self.updates: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.done = threading.Event()
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.stopped_by = ""
+        self.error: BaseException | None = None
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        # loop-private
+        self._cancel = threading.Event()
+        self._sampling = RowSampling(params, prompt_ids)
+        self._prefilled = 0
+        self._prefix_off = 0
+        self._read_off = 0
+        self._stop_tail = max((len(s) for s in self.stop_strings), default=0)
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.prompt_ids.numel())
+
+    def cancel(self) -> None:
+        """Ask the loop to end this request ("stopped") at its next step."""
+        self._cancel.set()
+        self._engine._wake()
+
+    def wants_stop(self) -> bool:
+        return self._cancel.is_set() or (self.stop_event is not None and self.stop_event.is_set())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has finished; False on timeout."""
+        return self.done.wait(timeout)
+
+    def stats(self) -> dict[str, float]:
+        """new_tokens, first_token_s (from submit), tokens_per_s ((n-1) / (t_last - t_first))."""
+        n = len(self.token_ids)
+        first = (self.t_first - self.t_submit) if self.t_first is not None else 0.0
+        tps = (n - 1) / (self.t_last - self.t_first) if n > 1 and self.t_last > self.t_first else 0.0
+        return {"new_tokens": n, "first_token_s": first, "tokens_per_s": tps}
+
+
+class ChatEngine:
+    """One decode loop for every chat: requests join the running batch between steps (continuous
+    batching) and leave it when they end. Implements generation.backend.ChatBackend.
+
+    Nothing heavy happens in the constructor; the loop thread (ENGINE_THREAD_NAME, a daemon) starts
+    with `start()` or on the first request. Requests beyond `max_batch` wait in FIFO order. An
+    exception inside the loop fails the requests it touched with a RuntimeError and the loop goes on;
+    `close()` ends the loop and fails whatever is pending.
+    """
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_tokens: int | None = None,
+                 sampler: BatchSampler | None = None) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.max_batch = max_batch
+        self.device = _model_device(lm.model)
+        if prefill_tokens is None:
+            prefill_tokens = DEFAULT_PREFILL_TOKENS_CUDA if self.device.type == "cuda" else DEFAULT_PREFILL_TOKENS_CPU
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens!r}")
+        self.prefill_tokens = prefill_tokens
+        self.sampler = sampler or BatchSampler()
+        cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
+        self._cfg = cfg
+        self._n_layers = int(cfg.num_hidden_layers)
+        self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
+        unknown = set(self._layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"the chat engine supports full and sliding-window attention layers, not {sorted(unknown)}")
+        self._window = getattr(cfg, "sliding_window", None)
+        self._additive_mask = _delegate(lm.model.config) == "eager"
+        self._eos = _eos_ids(lm)
+        self._pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # loop-owned state
+        self._running: list[EngineRequest] = []
+        self._lens: list[int] = []  # tokens in the main cache per running row
+        self._next: list[int] = []  # the token each running row feeds next
+        self._main: SlotKVCache | None = None
+        self._group: list[EngineRequest] = []
+        self._gcache: SlotKVCache | None = None
+        self._n_group = 0
+        self.counters = {"steps": 0, "prefill_forwards": 0, "tokens": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the decode loop thread (idempotent)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the chat engine is closed")
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD_NAME, daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop thread; requests still queued or running fail with a RuntimeError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._cond:  # the loop is gone (or never ran): nobody else touches these now
+            pending = list(self._waiting) + self._running + self._group
+            self._waiting.clear()
+        for req in pending:
+            if not req.done.is_set():
+                self._finish(req, "error", RuntimeError("the chat engine was closed"))
+
+    def __enter__(self) -> ChatEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- ChatBackend -----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"local engine · batch ≤ {self.max_batch}"
+
+    def active(self) -> int:
+        """Requests in the running batch (decoding or being prefilled)."""
+        return len(self._running) + self._n_group
+
+    def waiting(self) -> int:
+        """Requests queued, not yet admitted."""
+        return len(self._waiting)
+
+    def submit(self, prompt_ids: torch.Tensor | Sequence[int], params: SamplingParams = SamplingParams(), *,
+               stop_strings: Sequence[str] = (), stop_event: threading.Event | None = None) -> EngineRequest:
+        """Queue a generation for `prompt_ids` ((P,) or (1, P)); returns its handle at once."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).cpu()
+        if ids.numel() == 0:
+            raise ValueError("the prompt is empty")
+        req = EngineRequest(self, ids, params, stop_strings, stop_event)
+        self.start()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the chat engine is closed")
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req
+
+    def stream_reply(
+        self,
+        message: str,
+        history: Sequence[Mapping[str, str]] = (),
+        *,
+        system: str | None = None,
+        params: SamplingParams = SamplingParams(),
+        max_input_tokens: int | None = None,
+        stats: ReplyStats | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Yield the growing reply (each a prefix of the next), as `generation.stream.stream_reply`.
+
+        Closing the generator or setting `stop_event` removes the request within one step; `stats`
+        is final once the generator is exhausted or closed. ValueError for bad input (before
+        anything is queued), RuntimeError if generation fails or the engine is closed.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if max_input_tokens is None:
+            from .settings import Settings
+
+            max_input_tokens = Settings.from_env().max_input_tokens
+        stats = stats if stats is not None else ReplyStats()
+        t0 = time.perf_counter()
+        prompt = build_prompt(self.tokenizer, message, history, system=system, max_input_tokens=max_input_tokens)
+        stats.prompt_tokens = int(prompt.input_ids.shape[1])
+        stats.trimmed_turns = prompt.trimmed_turns
+        req = self.submit(prompt.input_ids, params, stop_strings=prompt.stop_strings, stop_event=stop_event)
+        req.t_submit = t0
+        shown = ""
+        try:
+            while True:
+                try:
+                    raw = req.updates.get(timeout=POLL_S)
+                except queue.Empty:
+                    if not self._alive() and not req.done.is_set():
+                        self._finish(req, "error", RuntimeError("the chat engine's loop is not running"))
+                    continue
+                if raw is None:
+                    break
+                while True:  # only the newest text matters
+                    try:
+                        nxt = req.updates.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        req.updates.put(None)
+                        break
+                    raw = nxt
+                text, _ = visible_text(raw, prompt.stop_strings)
+                if len(text) > len(shown):
+                    shown = text
+                    yield shown
+        finally:
+            if not req.done.is_set():
+                req.cancel()
+                req.wait(CANCEL_WAIT_S)
+            s = req.stats()
+            stats.new_tokens = int(s["new_tokens"])
+            stats.first_token_s = s["first_token_s"]
+            stats.tokens_per_s = s["tokens_per_s"]
+            stats.total_s = time.perf_counter() - t0
+            stats.stopped_by = req.stopped_by or "stopped"
+        if req.error is not None:
+            exc = req.error
+            if isinstance(exc, RuntimeError) and str(exc).startswith(("generation failed", "the chat engine")):
+                raise exc
+            raise RuntimeError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _alive(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not (self._closed or self._waiting or self._running or self._group):
+                            self._cond.wait()
+                        if self._closed:
+                            break
+                        if not self._group:
+                            self._admit_locked()
+                    try:
+                        self._iteration()
+                    except Exception as exc:  # a bug outside the guarded phases: fail everyone in flight
+                        log.exception("chat engine iteration failed")
+                        self._fail_running(exc)
+                        self._fail_group(exc)
+        finally:
+            with self._cond:
+                pending = list(self._waiting) + self._running + self._group
+                self._waiting.clear()
+            closed = RuntimeError("the chat engine was closed")
+            for req in pending:
+                if not req.done.is_set():
+                    self._finish(req, "error", closed)
+            self._running, self._lens, self._next, self._group = [], [], [], []
+            self._n_group = 0
+
+    def _admit_locked(self) -> None:
+        """Move waiting requests (FIFO) into a new prefill group, within the batch and token budget."""
+        free = self.max_batch - len(self._running)
+        group: list[EngineRequest] = []
+        tokens = 0
+        while self._waiting and len(group) < free:
+            req = self._waiting[0]
+            if req.wants_stop():
+                self._waiting.popleft()
+                self._finish(req, "stopped")
+                continue
+            if group and tokens + req.prompt_len > self.prefill_tokens:
+                break
+            self._waiting.popleft()
+            group.append(req)
+            tokens += req.prompt_len
+        if group:
+            cap = max(r.prompt_len for r in group) + 2  # + the scratch column for pads
+            self._gcache = SlotKVCache(self._n_layers, len(group), -(-cap // 64) * 64)
+            self._group = group
+            self._n_group = len(group)
+
+    def _iteration(self) -> None:
+        self._reap()
+        if self._group:
+            try:
+                self._prefill_chunk()
+            except Exception as exc:
+                log.exception("chat engine prefill failed")
+                self._fail_group(exc)
+        if self._running:
+            try:
+                self._decode_step()
+            except Exception as exc:
+                log.exception("chat engine decode step failed")
+                self._fail_running(exc)
+
+    def _reap(self) -> None:
+        """Remove stopped requests (Stop, a closed consumer) from the batch and the group."""
+        gone = [i for i, r in enumerate(self._running) if r.wants_stop()]
+        for i in gone:
+            self._finish(self._running[i], "stopped")
+        self._remove_running(gone)
+        gone = [i for i, r in enumerate(self._group) if r.wants_stop()]
+        for i in gone:
+            self._finish(self._group[i], "stopped")
+        self._remove_group(gone)
+
+    # -- model calls -----------------------------------------------------------------------------
+
+    def _masks(self, qpos: torch.Tensor, span: int) -> object:
+        """Attention masks for queries at absolute positions qpos (n, T) over keys 0..span-1:
+        {layer type: (n, 1, T, span)} (bool, True = attend; additive float for eager attention)."""
+        j = torch.arange(span, device=qpos.device)
+        causal = j.view(1, 1, -1) <= qpos.unsqueeze(-1)  # (n, T, span)
+        masks = {"full_attention": causal}
+        if "sliding_attention" in self._layer_types and self._window:
+            masks["sliding_attention"] = causal & (j.view(1, 1, -1) > qpos.unsqueeze(-1) - self._window)
+        dtype = self._compute_dtype()
+        out = {}
+        for name, m in masks.items():
+            m = m.unsqueeze(1)
+            if self._additive_mask:
+                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+            out[name] = m
+        if not self._layer_types:
+            return out["full_attention"]  # models without per-layer types take one 4D mask
+        out.setdefault("sliding_attention", out["full_attention"])
+        return out
+
+    def _compute_dtype(self) -> torch.dtype:
+        for store in (self._main, self._gcache):
+            if store is not None and store.keys[0] is not None:
+                return store.keys[0].dtype
+        return next(self.model.parameters()).dtype if self.lm.quantization == "none" else torch.bfloat16
+
+    def _forward(self, cache: SlotKVCache, ids: torch.Tensor, qpos: torch.Tensor, wpos: torch.Tensor,
+                 span: int) -> torch.Tensor:
+        """One forward of ids (n, T) at positions qpos, writing K/V at wpos; -> last logits (n, V)."""
+        dev = self.device
+        qpos = qpos.to(dev)
+        cache.prepare(ids.shape[0], wpos.to(dev), span)
+        out = self.model(
+            input_ids=ids.to(dev),
+            position_ids=qpos,
+            attention_mask=self._masks(qpos, span),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill_chunk(self) -> None:
+        group, cache = self._group, self._gcache
+        m = len(group)
+        remaining = [r.prompt_len - r._prefilled for r in group]
+        t = min(max(remaining), max(MIN_CHUNK, self.prefill_tokens // m))
+        scratch = cache.capacity - 1
+        ids = torch.full((m, t), self._pad_id, dtype=torch.long)
+        qpos = torch.zeros((m, t), dtype=torch.long)
+        wpos = torch.full((m, t), scratch, dtype=torch.long)
+        span = 0
+        for b, r in enumerate(group):  # left-padded: each row's newest token is in the last column
+            c = min(remaining[b], t)
+            start = r._prefilled
+            ids[b, t - c:] = r.prompt_ids[start : start + c]
+            pos = torch.arange(start, start + c)
+            qpos[b, t - c:] = pos
+            wpos[b, t - c:] = pos
+            span = max(span, start + c)
+        logits = self._forward(cache, ids, qpos, wpos, span)
+        self.counters["prefill_forwards"] += 1
+        for b, r in enumerate(group):
+            r._prefilled += min(remaining[b], t)
+        ready = [b for b, r in enumerate(group) if r._prefilled == r.prompt_len]
+        if not ready:
+            return
+        tokens = self.sampler.sample(logits[ready], [group[b]._sampling for b in ready]).tolist()
+        now = time.perf_counter()
+        if self._main is None:
+            self._main = SlotKVCache(self._n_layers, self.max_batch, CAPACITY_STEP)
+        for b, tok in zip(ready, tokens):
+            r = group[b]
+            if self._accept(r, tok, now):
+                continue
+            slot = len(self._running)
+            self._main.copy_row(slot, cache, b, r.prompt_len)
+            self._running.append(r)
+            self._lens.append(r.prompt_len)
+            self._next.append(tok)
+        self._remove_group(ready)
+
+    def _decode_step(self) -> None:
+        n = len(self._running)
+        lens = torch.tensor(self._lens, dtype=torch.long).unsqueeze(1)  # (n, 1): where each new token goes
+        span = max(self._lens) + 1
+        self._main.ensure(span)
+        ids = torch.tensor(self._next, dtype=torch.long).unsqueeze(1)
+        logits = self._forward(self._main, ids, lens, lens, span)
+        tokens = self.sampler.sample(logits, [r._sampling for r in self._running]).tolist()
+        now = time.perf_counter()
+        self.counters["steps"] += 1
+        done = []
+        for i, tok in enumerate(tokens):
+            self._lens[i] += 1
+            self._next[i] = tok
+            if self._accept(self._running[i], tok, now):
+                done.append(i)
+        self._remove_running(done)
+
+    # -- per-request bookkeeping -----------------------------------------------------------------
+
+    def _accept(self, req: EngineRequest, token: int, now: float) -> bool:
+        """Record a generated token; publish text; True (and finished) if the request has ended."""
+        req.token_ids.append(token)
+        req._sampling.append(token)
+        self.counters["tokens"] += 1
+        if req.t_first is None:
+            req.t_first = now
+        req.t_last = now
+        hit = False
+        if token not in self._eos:
+            try:
+                hit = self._detokenize(req)
+            except Exception as exc:
+                self._finish(req, "error", exc)
+                return True
+        if hit:
+            self._finish(req, "stop_string")
+        elif len(req.token_ids) >= req.params.max_new_tokens:
+            self._finish(req, "max_new_tokens")
+        elif token in self._eos:
+            self._finish(req, "eos")
+        else:
+            return False
+        return True
+
+    def _detokenize(self, req: EngineRequest) -> bool:
+        """Extend req.text by the new token's text (incremental, holding back incomplete UTF-8);
+        True if a stop string appeared."""
+        ids = req.token_ids
+        dec = self.tokenizer.decode
+        before = dec(ids[req._prefix_off : req._read_off], skip_special_tokens=True)
+        after = dec(ids[req._prefix_off :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False
+        delta = after[len(before) :]
+        req._prefix_off, req._read_off = req._read_off, len(ids)
+        start = max(0, len(req.text) - req._stop_tail)
+        req.text += delta
+        req.updates.put(req.text)
+        return any(req.text.find(s, start) != -1 for s in req.stop_strings)
+
+    def _finish(self, req: EngineRequest, reason: str, error: BaseException | None = None) -> None:
+        if req.done.is_set():
+            return
+        req.stopped_by = reason
+        req.error = error
+        req.updates.put(None)
+        req.done.set()
+
+    def _remove_running(self, indices: Sequence[int]) -> None:
+        """Drop running rows (finished): the last row moves into each freed slot."""
+        for i in sorted(indices, reverse=True):
+            last = len(self._running) - 1
+            if i != last:
+                self._main.move_row(i, last, self._lens[last])
+                self._running[i], self._lens[i], self._next[i] = self._running[last], self._lens[last], self._next[last]
+            self._running.pop()
+            self._lens.pop()
+            self._next.pop()
+
+    def _remove_group(self, indices: Sequence[int]) -> None:
+        for i in sorted(indices, reverse=True):
+            last = len(self._group) - 1
+            if i != last:
+                self._gcache.move_row(i, last, self._group[last]._prefilled)
+                self._group[i] = self._group[last]
+            self._group.pop()
+        self._n_group = len(self._group)
+        if not self._group:
+            self._gcache = None
+
+    def _fail_running(self, exc: BaseException) -> None:
+        err = RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+        for r in self._running:
+            self._finish(r, "error", err)
+        self._running, self._lens, self._next = [], [], []
+        self._main = None  # its contents are suspect; a fresh cache for the next rows
+
+    def _fail_group(self, exc: BaseException) -> None:
+        err = RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+        for r in self._group:
+            self._finish(r, "error", err)
+        self._group = []
+        self._n_group = 0
+        self._gcache = None
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+def _delegate(config) -> str:
+    """The attention implementation that actually runs ("sdpa" / "eager"), looking through the
+    project's "attention_lab" dispatcher (generation/attention_capture.py)."""
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl == "attention_lab":
+        from .attention_capture import _delegate_name
+
+        return _delegate_name(config)
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"the chat engine needs sdpa or eager attention, the model uses {impl!r}")
+    return impl
+
+
+def _eos_ids(lm: LoadedModel) -> frozenset[int]:
+    """End-of-sequence ids as generate() uses them: the generation config's, else the tokenizer's."""
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = lm.tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
