@@ -682,10 +682,16 @@ def model_view_cells(fig: Figure, dpi: float | None = None) -> dict[tuple[int, i
     return cells
 
 
-def model_view_cell(fig: Figure, x: float, y: float, *, dpi: float | None = None) -> tuple[int, int] | None:
+def model_view_cell(fig: Figure | dict[tuple[int, int], tuple[float, float, float, float]], x: float, y: float, *,
+                    dpi: float | None = None) -> tuple[int, int] | None:
     """The (layer, head) whose thumbnail contains pixel (x, y) of the saved image (from the top-left,
-    as gr.Image's select event reports it), or None for a click between thumbnails."""
-    for key, (x0, y0, x1, y1) in model_view_cells(fig, dpi).items():
+    as gr.Image's select event reports it), or None for a click between thumbnails.
+
+    fig: the plot_model_view figure, or the dict model_view_cells(fig) returned (small and plain:
+    what a UI keeps in its state instead of the figure; dpi is then ignored).
+    """
+    cells = fig if isinstance(fig, dict) else model_view_cells(fig, dpi)
+    for key, (x0, y0, x1, y1) in cells.items():
         if x0 <= x <= x1 and y0 <= y <= y1:
             return key
     return None

@@ -194,6 +194,11 @@ def test_plot_model_view_grid_and_click_mapping(n_layers, n_heads, t, scale):
         assert 0 <= x0 < x1 <= w_px and 0 <= y0 < y1 <= h_px
         assert model_view_cell(fig, (x0 + x1) / 2, (y0 + y1) / 2) == (layer, head)
     assert model_view_cell(fig, 1, 1) is None  # the corner is a label margin, not a thumbnail
+    x0, y0, x1, y1 = cells[n_layers - 1, 0]
+    assert model_view_cell(cells, x0 + 1, y1 - 1) == (n_layers - 1, 0)  # the plain dict a UI keeps works too
+    doubled = model_view_cells(fig, dpi=2 * fig.dpi)  # an image saved at twice the dpi
+    assert model_view_cell(fig, 2 * x0 + 2, 2 * y1 - 2, dpi=2 * fig.dpi) == (n_layers - 1, 0)
+    assert doubled[n_layers - 1, 0] == pytest.approx((2 * x0, 2 * y0, 2 * x1, 2 * y1))
     # Thumbnails do not overlap: layers go down, heads go right.
     if n_layers > 1:
         assert cells[1, 0][1] > cells[0, 0][3]
