@@ -9,6 +9,11 @@ On the default model (Gemma 3 270m, NF4 4-bit, as the app loads it):
   next token   next_token_candidates on a short prompt (one forward + filtering over 262k tokens)
   4-bit cost   FullPrecisionCache.get (the first use of the comparison loads the fp32 copy) and
                compare_quantization (two prefills + 8 timed decode steps each), plus its figures
+  teaching     model_view (every layer, one forward) at 16/32/64 tokens, plot_model_view and its PNG;
+               ablate_heads on a 64-token prompt (2 prefills + 2 x 7 decode steps); reply_attention
+               for a 128-token greedy reply (one forward over prompt + reply), plot_token_attention
+               and its PNG. Target: each <= 2 s at 64 tokens (reply: 128 tokens) on 2 CPU cores.
+               `--teaching-only` runs just these.
 Runs alternate (A, B, A, B, ...); decode speed is the best run of each (other processes on a shared
 machine only ever slow a run down), the other times are medians.
 """
@@ -25,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attention.plot import figure_bytes, plot_model_view, plot_token_attention  # noqa: E402
 from benchutil import describe  # noqa: E402
+from generation import build_prompt  # noqa: E402
 from generation import attention_capture  # noqa: E402
 from generation.introspect import (  # noqa: E402
     FullPrecisionCache,
@@ -36,6 +43,7 @@ from generation.introspect import (  # noqa: E402
 from generation.model import load_model  # noqa: E402
 from generation.sampling import SamplingParams  # noqa: E402
 from generation.settings import Settings  # noqa: E402
+from generation.teaching import ablate_heads, heads_of_layer, model_view, reply_attention  # noqa: E402
 
 PROMPT = "The capital of France is"
 TEXT_64 = (
@@ -84,10 +92,65 @@ def _per_call_overhead_us(lm, calls: int = 2000, rounds: int = 7) -> tuple[float
     return best["lab"], best["sdpa"]
 
 
+def _teaching(lm4, reps: int) -> None:
+    """The teaching views: time to compute, to draw, and to encode as PNG (what gr.Plot sends), medians."""
+    text = TEXT_64 + " " + TEXT_64  # > 64 tokens: model_view's cap picks the length
+    print("| view | tokens | compute ms | figure ms | PNG ms | total ms | <= 2 s? | PNG px |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for n in (16, 32, 64):
+        model_view(lm4, text, max_tokens=n)  # warm-up
+        t_mv = _median_time(lambda: model_view(lm4, text, max_tokens=n), reps)
+        mv = model_view(lm4, text, max_tokens=n)
+
+        def draw():
+            return plot_model_view(mv.weights, layer_kinds=mv.layer_kinds, head_labels=mv.head_labels(),
+                                   title="every layer, every head")
+
+        t_fig = _median_time(draw, reps)
+        fig = draw()
+        t_png = _median_time(lambda: figure_bytes(fig, "png"), reps)
+        w, h = (fig.get_size_inches() * fig.dpi).astype(int)
+        total = t_mv + t_fig + t_png
+        print(f"| model_view + grid | {n} (with <bos>) | {1000 * t_mv:.0f} | {1000 * t_fig:.0f} | {1000 * t_png:.0f} | "
+              f"{1000 * total:.0f} | {'yes' if total <= 2 else 'NO'} | {w}x{h} |")
+
+    ids = lm4.tokenizer(text, return_tensors="pt").input_ids[:, :64]
+    heads = heads_of_layer(3, *mv.weights.shape[:2])
+    ablate_heads(lm4, ids, heads, new_tokens=2)  # warm-up
+    t_ab = _median_time(lambda: ablate_heads(lm4, ids, heads, new_tokens=8), reps)
+    print(f"| ablate_heads (layer 3 off), 8 greedy tokens each way | 64 | {1000 * t_ab:.0f} | | | {1000 * t_ab:.0f} | "
+          f"{'yes' if t_ab <= 2 else 'NO'} | |")
+
+    prompt = build_prompt(lm4.tokenizer, "Explain self-attention in one paragraph.")
+    with torch.inference_mode():
+        out = lm4.model.generate(prompt.input_ids, max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                                 pad_token_id=lm4.tokenizer.pad_token_id)
+    reply = out[0, prompt.input_ids.shape[1]:]
+    reply_attention(lm4, prompt, reply, layer=5)  # warm-up
+    t_ra = _median_time(lambda: reply_attention(lm4, prompt, reply, layer=5), reps)
+    ra = reply_attention(lm4, prompt, reply, layer=5)
+    r = len(ra.reply_tokens) - 1  # the last token: the longest row
+    n_ctx = ra.context(r)
+
+    def draw_row():
+        return plot_token_attention(ra.row(r), ra.tokens[:n_ctx], target=ra.reply_tokens[r],
+                                    reply_start=ra.reply_start, hidden=ra.special[:n_ctx], title="while writing")
+
+    t_fig = _median_time(draw_row, reps)
+    fig = draw_row()
+    t_png = _median_time(lambda: figure_bytes(fig, "png"), reps)
+    w, h = (fig.get_size_inches() * fig.dpi).astype(int)
+    total = t_ra + t_fig + t_png
+    print(f"| reply_attention + strip, 128-token reply | {len(ra.token_ids)} | {1000 * t_ra:.0f} | {1000 * t_fig:.0f} | "
+          f"{1000 * t_png:.0f} | {1000 * total:.0f} | {'yes' if total <= 2 else 'NO'} | {w}x{h} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--teaching-only", action="store_true", help="only the model view, ablation and reply views")
     args = ap.parse_args()
 
     settings = Settings.from_env()
@@ -95,6 +158,10 @@ def main() -> None:
     model = lm4.model
     if not attention_capture.is_installed(model):
         raise SystemExit("load_model did not install the attention_lab dispatcher")
+    if args.teaching_only:
+        print(f"Machine: {describe()}; model {lm4.model_id}; medians of {args.reps} runs.\n")
+        _teaching(lm4, args.reps)
+        return
     ids = lm4.tokenizer(PROMPT, return_tensors="pt").input_ids
     _decode_tps(lm4, ids, 4)  # warm-up
 
@@ -156,6 +223,9 @@ def main() -> None:
     print("|---|---|---|")
     for r in qc.rows[:5]:
         print(f"| {r.token!r} | {r.prob_4bit:.3f} | {r.prob_full:.3f} |")
+    print()
+    print("Teaching views (medians):\n")
+    _teaching(lm4, args.reps)
 
 
 if __name__ == "__main__":
