@@ -1,0 +1,213 @@
+"""Load through the app: N simultaneous chat users, the chat served by the local engine vs a remote server.
+
+For each backend, `python app.py` is started (one after the other, never both at once), warmed up
+with one short reply, then for every N (default 1, 8, 30) N `gradio_client` users, each with its own
+session, send one `/chat` message at the same moment (the notebook's three prompts in turn, the
+app's sampling defaults, at most --max-new-tokens). Per user: time to the first streamed text and to
+the whole reply, and the reply's tokens (counted with the model's tokenizer). One table row per
+backend and N: TTFT p50/p95, reply p50/max, tokens/s of all users together, errors.
+
+The remote server is, by default, `transformers serve <default model snapshot> --continuous-batching`
+started here on the CPU (the same Gemma 3 270m, bf16; its paged KV cache bounded by --cb-num-blocks).
+--remote-url/--remote-model point the app at any other OpenAI-compatible server (vLLM on a GPU, ...).
+On one machine the server shares the cores with the app, so this compares serving engines, not
+hardware: the point of a remote backend is that it runs somewhere else.
+
+Both apps get the same CHAT_CONCURRENCY (--chat-concurrency): the replies the app lets run at once
+(the local engine's batch; for the remote backend, the streams it keeps open to the server).
+
+Usage: python bench/load_remote.py [--users 1,8,30] [--max-new-tokens 64] [--chat-concurrency 32]
+                                   [--remote-url URL --remote-model NAME] [--only local|remote]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from apputil import start_app  # noqa: E402
+from benchutil import describe  # noqa: E402
+from openai_server import default_model_folder, start_transformers_serve  # noqa: E402
+
+# The original notebook's three prompts (the Chat tab's examples).
+PROMPTS = ("What is the capital of France?", "Explain self-attention in one paragraph.",
+           "Write a haiku about transformers.")
+POLL_S = 0.02  # one thread watches every job: per-user threads polling gradio_client would eat the cores
+
+
+@dataclass
+class UserResult:
+    ttft_s: float | None
+    latency_s: float
+    tokens: int
+    error: str | None
+
+
+@dataclass
+class Row:
+    backend: str
+    users: int
+    ttft_p50: float
+    ttft_p95: float
+    latency_p50: float
+    latency_max: float
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    errors: int
+    first_error: str | None
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); nan for no data."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = max(0, min(len(xs) - 1, round(q / 100 * len(xs) + 0.5) - 1))
+    return xs[k]
+
+
+def run_users(url: str, n: int, max_new_tokens: int, count_tokens, timeout_s: float) -> tuple[list[UserResult], float]:
+    """N users send one chat each at once; returns their results and the wall time of the whole round."""
+    from gradio_client import Client
+
+    clients = [Client(url, verbose=False) for _ in range(n)]  # sessions first: not part of the timing
+    t0 = time.perf_counter()
+    jobs = [c.submit(PROMPTS[i % len(PROMPTS)], "", max_new_tokens, api_name="/chat") for i, c in enumerate(clients)]
+    first: list[float | None] = [None] * n
+    end: list[float | None] = [None] * n
+    deadline = t0 + timeout_s
+    while any(e is None for e in end) and time.perf_counter() < deadline:
+        now = time.perf_counter()
+        for i, job in enumerate(jobs):
+            if end[i] is not None:
+                continue
+            if first[i] is None and any(o for o in job.outputs()):
+                first[i] = now
+            if job.done():
+                end[i] = now
+        time.sleep(POLL_S)
+    results = []
+    for i, job in enumerate(jobs):
+        error = None
+        reply = ""
+        if end[i] is None:
+            error, end[i] = f"no reply within {timeout_s:g} s", time.perf_counter()
+            job.cancel()
+        else:
+            try:
+                reply = job.result() or ""
+            except Exception as exc:  # the app's gr.Error text, e.g. the server's message
+                error = f"{type(exc).__name__}: {exc}"
+        ttft = first[i] - t0 if first[i] is not None else None
+        results.append(UserResult(ttft, end[i] - t0, count_tokens(reply), error))
+    wall = max(r.latency_s for r in results)
+    for c in clients:
+        c.close()
+    return results, wall
+
+
+def summarize(backend: str, n: int, results: list[UserResult], wall: float) -> Row:
+    ok = [r for r in results if r.error is None]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tokens = sum(r.tokens for r in ok)
+    errors = [r.error for r in results if r.error is not None]
+    return Row(backend, n, percentile(ttfts, 50), percentile(ttfts, 95),
+               percentile([r.latency_s for r in ok], 50), max((r.latency_s for r in ok), default=float("nan")),
+               tokens, wall, tokens / wall if wall > 0 else 0.0, len(errors), errors[0] if errors else None)
+
+
+def bench_backend(name: str, env: dict[str, str], users: list[int], max_new_tokens: int, count_tokens,
+                  timeout_s: float) -> list[Row]:
+    print(f"\n[{name}] starting the app ...", flush=True)
+    app = start_app(env, wait_model=(name == "local"))
+    rows = []
+    try:
+        warm, _ = run_users(app.url, 1, 4, count_tokens, timeout_s)  # first request: lazy inits, CB start
+        if warm[0].error:
+            raise RuntimeError(f"{name}: warm-up failed: {warm[0].error}\n{app.log()[-3000:]}")
+        for n in users:
+            results, wall = run_users(app.url, n, max_new_tokens, count_tokens, timeout_s)
+            row = summarize(name, n, results, wall)
+            rows.append(row)
+            print(f"[{name}] N={n}: {row.tokens} tokens in {row.wall_s:.1f} s, {row.errors} errors"
+                  + (f" (first: {row.first_error})" if row.first_error else ""), flush=True)
+    finally:
+        app.stop()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", default="1,8,30", help="comma-separated simultaneous users per round")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--chat-concurrency", type=int, default=32, help="CHAT_CONCURRENCY for both apps")
+    ap.add_argument("--remote-url", help="an OpenAI-compatible base URL (default: start transformers serve here)")
+    ap.add_argument("--remote-model", help="the served model's name (with --remote-url; default: first listed)")
+    ap.add_argument("--cb-num-blocks", type=int, default=64, help="KV cache blocks of the started server")
+    ap.add_argument("--only", choices=("local", "remote"))
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds a round may take")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    users = [int(x) for x in args.users.split(",") if x.strip()]
+
+    from transformers import AutoTokenizer
+
+    folder = default_model_folder()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def count_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    print(f"machine: {describe()}")
+    load0 = os.getloadavg()
+    base_env = {"CHAT_CONCURRENCY": str(args.chat_concurrency), "PYTHONUNBUFFERED": "1"}
+    rows: list[Row] = []
+    server = None
+    try:
+        if args.only != "remote":
+            rows += bench_backend("local", base_env, users, args.max_new_tokens, count_tokens, args.timeout)
+        if args.only != "local":
+            if args.remote_url:
+                url, model, what = args.remote_url, args.remote_model, args.remote_url
+            else:
+                print("\n[remote] starting transformers serve --continuous-batching ...", flush=True)
+                server = start_transformers_serve(folder, continuous_batching=True,
+                                                  extra_args=("--cb-num-blocks", str(args.cb_num_blocks)))
+                url, model = server.url, server.model
+                what = f"transformers serve --continuous-batching (CPU, bf16; ready in {server.started_s:.0f} s)"
+            env = {**base_env, "CHAT_BACKEND_URL": url}
+            if model:
+                env["CHAT_BACKEND_MODEL"] = model
+            rows += bench_backend("remote", env, users, args.max_new_tokens, count_tokens, args.timeout)
+            print(f"\nremote server: {what}")
+    finally:
+        if server is not None:
+            server.stop()
+
+    load1 = os.getloadavg()
+    print(f"load average: {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
+          f"{args.max_new_tokens} max new tokens, CHAT_CONCURRENCY={args.chat_concurrency}\n")
+    print("| backend | users | TTFT p50 s | TTFT p95 s | reply p50 s | reply max s | tokens | wall s | tokens/s (all users) | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.backend} | {r.users} | {r.ttft_p50:.2f} | {r.ttft_p95:.2f} | {r.latency_p50:.1f} | "
+              f"{r.latency_max:.1f} | {r.tokens} | {r.wall_s:.1f} | {r.tokens_per_s:.1f} | {r.errors} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
