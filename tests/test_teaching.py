@@ -433,6 +433,33 @@ def test_o_proj_input_of_switched_off_heads_is_zero(lm4):
     assert {key for key in seen} == {(3, False), (3, True), (5, False), (5, True), (6, False), (6, True)}
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("inside_capture", [False, True], ids=["delegate", "captured"])
+def test_ablation_on_every_attention_path(tiny_qwen_dir, impl, inside_capture):
+    """Both ways the dispatcher computes attention (delegating to sdpa/eager, or the project's own code
+    inside a capture block) zero the same o_proj input, on a grouped-query model (4 heads, 2 KV heads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generation.model import LoadedModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, attn_implementation=impl).eval()
+    assert attention_capture.install(model)
+    lm = LoadedModel(model, AutoTokenizer.from_pretrained(tiny_qwen_dir), "tiny", "cpu", "float32", "none", 0, 0, 0.0,
+                     True)
+    ids = ids_of(lm, "The capital of France is Paris.")
+    pairs = ((0, 1), (1, 0), (1, 3))
+    ref = _reference_ablated_logits(lm, ids, pairs)
+    with attention_capture.ablate(pairs):
+        if inside_capture:
+            with attention_capture.capture() as captured:
+                ours = plain_logits(lm, ids)
+            assert sorted(captured) == [0, 1]  # the maps are still recorded while heads are off
+        else:
+            ours = plain_logits(lm, ids)
+    assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert (ours - plain_logits(lm, ids)).abs().max() > 1e-4
+
+
 def test_ablation_in_one_thread_leaves_another_threads_reply_identical(lm4):
     """A real chat (stream_reply, greedy, its own worker thread) while this thread switches heads off."""
     params = SamplingParams(temperature=0, max_new_tokens=20)
