@@ -76,8 +76,8 @@ class SlotKVCache(Cache):
         self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
-        self._rows_idx: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
+        self._flat: dict = {}
         self._span = 0
 
     def __len__(self) -> int:
@@ -85,9 +85,23 @@ class SlotKVCache(Cache):
 
     def prepare(self, n: int, write_pos: torch.Tensor, span: int) -> None:
         """Next forward: n rows, token t of row b goes to position write_pos[b, t] ((n, T) long)."""
-        self._rows_idx = torch.arange(n, device=write_pos.device).unsqueeze(1)  # (n, 1)
         self._pos = write_pos
+        self._flat = {}  # per (kv_heads, device): flat row indices of the writes, built once per forward
         self._span = span
+
+    def _flat_index(self, heads: int, device: torch.device) -> torch.Tensor:
+        """(n * heads * T,) indices into a buffer viewed as (rows * heads * capacity, head_dim):
+        row b, head h, position write_pos[b, t]. index_copy_ with these is ~80x faster on CPU than
+        advanced-index assignment (which goes through index_put's generic path)."""
+        key = (heads, device)
+        idx = self._flat.get(key)
+        if idx is None:
+            pos = self._pos.to(device)
+            n = pos.shape[0]
+            base = (torch.arange(n, device=device).unsqueeze(1) * heads + torch.arange(heads, device=device)) * self.capacity
+            idx = (base.unsqueeze(-1) + pos.unsqueeze(1)).reshape(-1)  # (n, heads, T) flattened
+            self._flat[key] = idx
+        return idx
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value_states (n, kv_heads, T, head_dim) -> all keys/values (n, kv_heads, span, head_dim)."""
@@ -98,10 +112,10 @@ class SlotKVCache(Cache):
             self.keys[layer_idx] = kb
             self.values[layer_idx] = value_states.new_zeros(self.rows, h, self.capacity, value_states.shape[-1])
         vb = self.values[layer_idx]
-        rows, pos = self._rows_idx.to(kb.device), self._pos.to(kb.device)
-        n = key_states.shape[0]
-        kb[rows, :, pos] = key_states.transpose(1, 2)  # (n, T, kv_heads, head_dim) at (row, position)
-        vb[rows, :, pos] = value_states.transpose(1, 2)
+        n, h, _, d = key_states.shape
+        idx = self._flat_index(h, kb.device)
+        kb.view(-1, d).index_copy_(0, idx, key_states.reshape(-1, d))
+        vb.view(-1, vb.shape[-1]).index_copy_(0, idx, value_states.reshape(-1, value_states.shape[-1]))
         return kb[:n, :, : self._span], vb[:n, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -455,14 +469,15 @@ class ChatEngine:
 
     def _reap(self) -> None:
         """Remove stopped requests (Stop, a closed consumer) from the batch and the group."""
+        # The slot is freed before the consumer hears of it: done implies active() no longer counts it.
         gone = [i for i, r in enumerate(self._running) if r.wants_stop()]
-        for i in gone:
-            self._finish(self._running[i], "stopped")
+        reqs = [self._running[i] for i in gone]
         self._remove_running(gone)
         gone = [i for i, r in enumerate(self._group) if r.wants_stop()]
-        for i in gone:
-            self._finish(self._group[i], "stopped")
+        reqs += [self._group[i] for i in gone]
         self._remove_group(gone)
+        for r in reqs:
+            self._finish(r, "stopped")
 
     # -- model calls -----------------------------------------------------------------------------
 
@@ -512,7 +527,7 @@ class ChatEngine:
         group, cache = self._group, self._gcache
         m = len(group)
         remaining = [r.prompt_len - r._prefilled for r in group]
-        t = min(max(remaining), max(MIN_CHUNK, self.prefill_tokens // m))
+        t = min(max(remaining), max(min(MIN_CHUNK, self.prefill_tokens), self.prefill_tokens // m))
         scratch = cache.capacity - 1
         ids = torch.full((m, t), self._pad_id, dtype=torch.long)
         qpos = torch.zeros((m, t), dtype=torch.long)
@@ -537,9 +552,12 @@ class ChatEngine:
         now = time.perf_counter()
         if self._main is None:
             self._main = SlotKVCache(self._n_layers, self.max_batch, CAPACITY_STEP)
+        ended = []
         for b, tok in zip(ready, tokens):
             r = group[b]
-            if self._accept(r, tok, now):
+            end = self._accept(r, tok, now)
+            if end is not None:
+                ended.append((r, end))
                 continue
             slot = len(self._running)
             self._main.copy_row(slot, cache, b, r.prompt_len)
@@ -547,6 +565,8 @@ class ChatEngine:
             self._lens.append(r.prompt_len)
             self._next.append(tok)
         self._remove_group(ready)
+        for r, (reason, err) in ended:
+            self._finish(r, reason, err)
 
     def _decode_step(self) -> None:
         n = len(self._running)
@@ -558,18 +578,23 @@ class ChatEngine:
         tokens = self.sampler.sample(logits, [r._sampling for r in self._running]).tolist()
         now = time.perf_counter()
         self.counters["steps"] += 1
-        done = []
+        done, ended = [], []
         for i, tok in enumerate(tokens):
             self._lens[i] += 1
             self._next[i] = tok
-            if self._accept(self._running[i], tok, now):
+            end = self._accept(self._running[i], tok, now)
+            if end is not None:
                 done.append(i)
+                ended.append((self._running[i], end))
         self._remove_running(done)
+        for r, (reason, err) in ended:
+            self._finish(r, reason, err)
 
     # -- per-request bookkeeping -----------------------------------------------------------------
 
-    def _accept(self, req: EngineRequest, token: int, now: float) -> bool:
-        """Record a generated token; publish text; True (and finished) if the request has ended."""
+    def _accept(self, req: EngineRequest, token: int, now: float) -> tuple[str, BaseException | None] | None:
+        """Record a generated token and publish its text; (stopped_by, error) if the request ends
+        with it (the caller frees the slot, then finishes it), else None."""
         req.token_ids.append(token)
         req._sampling.append(token)
         self.counters["tokens"] += 1
@@ -581,17 +606,14 @@ class ChatEngine:
             try:
                 hit = self._detokenize(req)
             except Exception as exc:
-                self._finish(req, "error", exc)
-                return True
+                return "error", RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
         if hit:
-            self._finish(req, "stop_string")
-        elif len(req.token_ids) >= req.params.max_new_tokens:
-            self._finish(req, "max_new_tokens")
-        elif token in self._eos:
-            self._finish(req, "eos")
-        else:
-            return False
-        return True
+            return "stop_string", None
+        if len(req.token_ids) >= req.params.max_new_tokens:
+            return "max_new_tokens", None
+        if token in self._eos:
+            return "eos", None
+        return None
 
     def _detokenize(self, req: EngineRequest) -> bool:
         """Extend req.text by the new token's text (incremental, holding back incomplete UTF-8);
@@ -641,18 +663,20 @@ class ChatEngine:
 
     def _fail_running(self, exc: BaseException) -> None:
         err = RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
-        for r in self._running:
-            self._finish(r, "error", err)
+        reqs = self._running
         self._running, self._lens, self._next = [], [], []
         self._main = None  # its contents are suspect; a fresh cache for the next rows
+        for r in reqs:
+            self._finish(r, "error", err)
 
     def _fail_group(self, exc: BaseException) -> None:
         err = RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
-        for r in self._group:
-            self._finish(r, "error", err)
+        reqs = self._group
         self._group = []
         self._n_group = 0
         self._gcache = None
+        for r in reqs:
+            self._finish(r, "error", err)
 
 
 def _model_device(model) -> torch.device:

@@ -1,0 +1,324 @@
+"""ChatEngine: continuous batching on one decode loop.
+
+Token-for-token parity with `generate()` on tiny fp32 models (Qwen2; Gemma 3 with a sliding window
+smaller than the sequences, through sdpa and eager attention), alone and mixed in one batch with
+prompts of other lengths, with queueing and chunked prefill; seeds, Stop, errors, close; and the
+real 4-bit default model (the notebook's prompts, 30 users at once).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from generation import ReplyStats, SamplingParams, load_model
+from generation.engine import ENGINE_THREAD_NAME, ChatEngine
+from generation.model import LoadedModel
+from generation.stream import stream_reply
+
+from conftest import save_tiny_lm
+
+NOTEBOOK_PROMPTS = [
+    "What is the capital of France?",
+    "Explain self-attention in one paragraph.",
+    "Write a haiku about transformers.",
+]
+NEW = 20
+
+
+def _engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == ENGINE_THREAD_NAME and t.is_alive()]
+
+
+def _load_eager(path) -> LoadedModel:
+    """The tiny model with attn_implementation="eager" (additive float masks), then the project's
+    dispatcher installed on top, as load_model does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generation.attention_capture import install
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    install(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tok, str(path), "cpu", "float32", "none", 0, 0, 0.0, True)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gemma3-sliding", "gemma3-eager"])
+def tiny(request, tmp_path_factory) -> LoadedModel:
+    kind = request.param
+    folder = tmp_path_factory.mktemp(kind)
+    if kind == "qwen2":
+        save_tiny_lm(folder)
+        return load_model(str(folder), load_4bit=False, dtype=torch.float32)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # window 8 << prompts of up to 41 tokens + 20 new: the sliding layers really slide
+    save_tiny_lm(folder, Gemma3TextConfig, Gemma3ForCausalLM, sliding_window=8, head_dim=16,
+                 query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])
+    if kind == "gemma3-eager":
+        return _load_eager(folder)
+    return load_model(str(folder), load_4bit=False, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> LoadedModel:
+    folder = tmp_path_factory.mktemp("qwen_plain")
+    save_tiny_lm(folder)
+    return load_model(str(folder), load_4bit=False, dtype=torch.float32)
+
+
+def _prompts(lm: LoadedModel, lengths=(5, 17, 41, 3, 30, 9)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    v = lm.model.config.vocab_size
+    return [torch.randint(3, v - 3, (n,), generator=g) for n in lengths]
+
+
+def _generate(lm: LoadedModel, prompt: torch.Tensor, new: int, **kw) -> list[int]:
+    with torch.inference_mode():
+        out = lm.model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=new, pad_token_id=lm.tokenizer.pad_token_id, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_generate_alone_and_mixed(tiny):
+    """Token for token: each prompt alone, then all six at once in a batch of at most 3 (so rows
+    queue, join and leave between steps) with prefill chunks of 12 tokens."""
+    prompts = _prompts(tiny)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW)
+    refs = [_generate(tiny, p, NEW, do_sample=False) for p in prompts]
+    with ChatEngine(tiny, max_batch=3, prefill_tokens=12) as engine:
+        alone = []
+        for p in prompts:
+            req = engine.submit(p, greedy)
+            assert req.wait(60)
+            alone.append(req.token_ids)
+        reqs = [engine.submit(p, greedy) for p in prompts]
+        assert all(r.wait(60) for r in reqs)
+        assert engine.counters["prefill_forwards"] > len(prompts)  # the 41- and 30-token prompts were chunked
+    assert alone == refs
+    assert [r.token_ids for r in reqs] == refs
+    assert all(r.error is None and r.stopped_by in ("eos", "max_new_tokens") for r in reqs)
+
+
+def test_seeded_sample_same_alone_and_in_batch(tiny_qwen):
+    prompts = _prompts(tiny_qwen)
+    mine = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.2, seed=11, max_new_tokens=NEW)
+    with ChatEngine(tiny_qwen, max_batch=8) as engine:
+        alone = engine.submit(prompts[2], mine)
+        assert alone.wait(60)
+        others = [SamplingParams(temperature=0.0, max_new_tokens=NEW),
+                  SamplingParams(temperature=1.5, seed=1, max_new_tokens=NEW),
+                  SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=7)]
+        reqs = [engine.submit(p, o) for p, o in zip(prompts[:2] + prompts[3:4], others)]
+        again = engine.submit(prompts[2], mine)
+        reqs += [engine.submit(p, SamplingParams(seed=5, max_new_tokens=NEW)) for p in prompts[4:]]
+        assert again.wait(60) and all(r.wait(60) for r in reqs)
+    assert again.token_ids == alone.token_ids and len(alone.token_ids) > 3
+    unseeded = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=NEW)
+    with ChatEngine(tiny_qwen) as engine:
+        a, b = engine.submit(prompts[0], unseeded), engine.submit(prompts[0], unseeded)
+        assert a.wait(60) and b.wait(60)
+    assert a.token_ids != b.token_ids  # seed None: fresh entropy per request
+
+
+def test_stop_one_request_leaves_the_others_intact(tiny_qwen):
+    prompts = _prompts(tiny_qwen)[:3]
+    long = SamplingParams(temperature=0.0, max_new_tokens=60)
+    refs = [_generate(tiny_qwen, p, 60, do_sample=False) for p in prompts]
+    assert all(len(r) >= 30 for r in refs), "the references must run long enough to stop one midway"
+    with ChatEngine(tiny_qwen, max_batch=3) as engine:
+        reqs = [engine.submit(p, long) for p in prompts]
+        while len(reqs[1].token_ids) < 5:
+            time.sleep(0.001)
+        before = engine.active()
+        reqs[1].cancel()
+        assert reqs[1].wait(10)
+        assert engine.active() <= before - 1  # its slot is free by the time it reports done
+        assert reqs[1].stopped_by == "stopped" and 5 <= len(reqs[1].token_ids) < len(refs[1])
+        assert reqs[1].token_ids == refs[1][: len(reqs[1].token_ids)]
+        assert reqs[0].wait(60) and reqs[2].wait(60)
+    assert [reqs[0].token_ids, reqs[2].token_ids] == [refs[0], refs[2]]
+
+
+def test_stream_reply_contract(tiny_qwen):
+    engine = ChatEngine(tiny_qwen, max_batch=4)
+    try:
+        with pytest.raises(ValueError):  # bad input: raised before anything is queued
+            next(engine.stream_reply("   "))
+        with pytest.raises(ValueError):
+            next(engine.stream_reply("hello", params={"temperature": 0.5}))
+        with pytest.raises(ValueError):
+            next(engine.stream_reply("hello " * 400, max_input_tokens=64))
+        assert engine.waiting() == 0 and engine.active() == 0 and not _engine_threads()
+
+        stats = ReplyStats()
+        params = SamplingParams(temperature=0.0, max_new_tokens=12)
+        pieces = list(engine.stream_reply("The capital of France is", params=params, stats=stats))
+        ref = list(stream_reply(tiny_qwen, "The capital of France is", params=params))
+        assert pieces and pieces[-1] == ref[-1]
+        assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(pieces, pieces[1:]))
+        assert stats.stopped_by in ("eos", "max_new_tokens") and 0 < stats.new_tokens <= 12
+        assert stats.prompt_tokens > 5 and 0 < stats.first_token_s <= stats.total_s
+        assert stats.tokens_per_s > 0 or stats.new_tokens == 1
+        assert len(_engine_threads()) >= 1 and engine.describe() == "local engine · batch ≤ 4"
+
+        # closing the generator early stops the request and frees its slot
+        stats = ReplyStats()
+        gen = engine.stream_reply("Tell me about attention", params=SamplingParams(temperature=0.0, max_new_tokens=200),
+                                  stats=stats)
+        next(gen)
+        gen.close()
+        assert stats.stopped_by == "stopped" and engine.active() == 0
+
+        # a stop_event set from another thread ends it too
+        stop = threading.Event()
+        stats = ReplyStats()
+        gen = engine.stream_reply("Tell me about attention", params=SamplingParams(temperature=0.0, max_new_tokens=200),
+                                  stats=stats, stop_event=stop)
+        next(gen)
+        threading.Timer(0.05, stop.set).start()
+        rest = list(gen)
+        assert stats.stopped_by == "stopped" and stats.new_tokens < 200 and isinstance(rest, list)
+    finally:
+        engine.close()
+    assert not _engine_threads()
+
+
+def test_requests_beyond_max_batch_wait_in_fifo_order(tiny_qwen):
+    prompts = _prompts(tiny_qwen)
+    with ChatEngine(tiny_qwen, max_batch=2) as engine:
+        reqs = [engine.submit(p, SamplingParams(temperature=0.0, max_new_tokens=6 + 3 * i)) for i, p in enumerate(prompts)]
+        assert engine.waiting() + engine.active() == len(prompts) or reqs[0].done.is_set()
+        assert all(r.wait(60) for r in reqs)
+    firsts = [r.t_first for r in reqs]
+    assert firsts == sorted(firsts)
+
+
+def test_prefill_chunks_interleave_with_decode_steps(tiny_qwen):
+    """A 60-token newcomer is prefilled in chunks of 8 while another reply streams: the running
+    row gets a decode step after every chunk (it never waits for the whole prompt)."""
+    order: list[str] = []
+    engine = ChatEngine(tiny_qwen, max_batch=4, prefill_tokens=8)
+    prefill, decode = engine._prefill_chunk, engine._decode_step
+
+    def traced_prefill():
+        order.append("P")
+        prefill()
+
+    def traced_decode():
+        order.append("D")
+        decode()
+
+    engine._prefill_chunk, engine._decode_step = traced_prefill, traced_decode
+    with engine:
+        first = engine.submit(_prompts(tiny_qwen, (4,))[0], SamplingParams(temperature=0.0, max_new_tokens=40))
+        while not first.token_ids:
+            time.sleep(0.001)
+        order.clear()
+        late = engine.submit(_prompts(tiny_qwen, (60,))[0], SamplingParams(temperature=0.0, max_new_tokens=4))
+        assert late.wait(60) and first.wait(60)
+    chunks = "".join(order)
+    assert chunks.count("P") >= 60 // 8
+    assert "PP" not in chunks.strip("D")
+
+
+def test_error_in_the_loop_fails_the_request_and_the_loop_goes_on(tiny_qwen):
+    engine = ChatEngine(tiny_qwen)
+    real = engine._forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step of the first request
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    engine._forward = flaky
+    with engine:
+        with pytest.raises(RuntimeError, match="generation failed: RuntimeError: out of memory"):
+            list(engine.stream_reply("Tell me about attention", params=SamplingParams(temperature=0.0, max_new_tokens=30)))
+        assert engine.active() == 0 and _engine_threads()
+        reply = list(engine.stream_reply("The capital of France is", params=SamplingParams(temperature=0.0, max_new_tokens=5)))
+        assert reply
+
+
+def test_close_fails_pending_requests(tiny_qwen):
+    engine = ChatEngine(tiny_qwen, max_batch=1)
+    reqs = [engine.submit(p, SamplingParams(temperature=0.0, max_new_tokens=500)) for p in _prompts(tiny_qwen)[:3]]
+    while not reqs[0].token_ids:
+        time.sleep(0.001)
+    engine.close()
+    assert all(r.done.is_set() for r in reqs)
+    assert all(isinstance(r.error, RuntimeError) and "closed" in str(r.error) for r in reqs)
+    assert not _engine_threads()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(reqs[0].prompt_ids)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(engine.stream_reply("hello"))
+
+
+# --- the real default model in 4-bit -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine4(lm4):
+    with ChatEngine(lm4, max_batch=32) as engine:
+        yield engine
+
+
+def test_real_model_greedy_text_matches_stream_reply(lm4, engine4):
+    """The notebook's prompts, greedy: the engine's reply text equals today's stream_reply, alone
+    and mixed in one batch with prompts of other lengths."""
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=40)
+    refs = [list(stream_reply(lm4, p, params=greedy))[-1] for p in NOTEBOOK_PROMPTS]
+    assert "Paris" in refs[0]
+    alone = [list(engine4.stream_reply(p, params=greedy))[-1] for p in NOTEBOOK_PROMPTS]
+    assert alone == refs
+    mixed: dict[str, str] = {}
+    others = ["Hi", "Tell me a long story about a dragon who learns to fly over the snowy mountains of the north."]
+
+    def run(p: str) -> None:
+        mixed[p] = list(engine4.stream_reply(p, params=greedy))[-1]
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in [others[1], *NOTEBOOK_PROMPTS, others[0]]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [mixed[p] for p in NOTEBOOK_PROMPTS] == refs
+
+
+def test_real_model_thirty_concurrent_requests_finish(engine4):
+    """30 users at once with the notebook's sampling: all finish, in one batch; a seeded reply is
+    the same as when it ran alone."""
+    n = 30
+    seeded = SamplingParams(max_new_tokens=12, seed=7)
+    alone = list(engine4.stream_reply(NOTEBOOK_PROMPTS[1], params=seeded))[-1]
+    results: dict[int, tuple[str, ReplyStats]] = {}
+    errors: list[BaseException] = []
+    peak = {"active": 0}
+
+    def run(i: int) -> None:
+        stats = ReplyStats()
+        try:
+            params = seeded if i == 0 else SamplingParams(max_new_tokens=12, seed=100 + i)
+            prompt = NOTEBOOK_PROMPTS[1] if i == 0 else f"{NOTEBOOK_PROMPTS[i % 3]} (user {i})"
+            out = list(engine4.stream_reply(prompt, params=params, stats=stats))
+            results[i] = (out[-1] if out else "", stats)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak["active"] = max(peak["active"], engine4.active())
+        time.sleep(0.01)
+    assert not errors and len(results) == n
+    assert all(s.stopped_by in ("eos", "stop_string", "max_new_tokens") and s.new_tokens >= 1 for _, s in results.values())
+    assert peak["active"] >= 16  # they really shared the batch
+    assert results[0][0] == alone
+    assert engine4.active() == 0 and engine4.waiting() == 0
