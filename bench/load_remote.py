@@ -155,6 +155,8 @@ def main() -> int:
     ap.add_argument("--remote-url", help="an OpenAI-compatible base URL (default: start transformers serve here)")
     ap.add_argument("--remote-model", help="the served model's name (with --remote-url; default: first listed)")
     ap.add_argument("--cb-num-blocks", type=int, default=64, help="KV cache blocks of the started server")
+    ap.add_argument("--threads", type=int, help="torch threads of the app and the started server "
+                    "(default: all cores; 1 helps on a box shared with other busy processes)")
     ap.add_argument("--only", choices=("local", "remote"))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a round may take")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -172,6 +174,8 @@ def main() -> int:
     print(f"machine: {describe()}")
     load0 = os.getloadavg()
     base_env = {"CHAT_CONCURRENCY": str(args.chat_concurrency), "PYTHONUNBUFFERED": "1"}
+    if args.threads:
+        base_env["TORCH_NUM_THREADS"] = str(args.threads)
     rows: list[Row] = []
     server = None
     try:
@@ -182,7 +186,7 @@ def main() -> int:
                 url, model, what = args.remote_url, args.remote_model, args.remote_url
             else:
                 print("\n[remote] starting transformers serve --continuous-batching ...", flush=True)
-                server = start_transformers_serve(folder, continuous_batching=True,
+                server = start_transformers_serve(folder, continuous_batching=True, threads=args.threads,
                                                   extra_args=("--cb-num-blocks", str(args.cb_num_blocks)))
                 url, model = server.url, server.model
                 what = f"transformers serve --continuous-batching (CPU, bf16; ready in {server.started_s:.0f} s)"
@@ -196,8 +200,8 @@ def main() -> int:
             server.stop()
 
     load1 = os.getloadavg()
-    print(f"load average: {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
-          f"{args.max_new_tokens} max new tokens, CHAT_CONCURRENCY={args.chat_concurrency}\n")
+    print(f"load average: {load0[0]:.1f} at start, {load1[0]:.1f} at end; {args.max_new_tokens} max new tokens, "
+          f"CHAT_CONCURRENCY={args.chat_concurrency}, torch threads {args.threads or 'all cores'}\n")
     print("| backend | users | TTFT p50 s | TTFT p95 s | reply p50 s | reply max s | tokens | wall s | tokens/s (all users) | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

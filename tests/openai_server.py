@@ -8,8 +8,9 @@
   that behaves like vLLM's front door where `transformers serve` does not: it checks an API key
   (401 otherwise; like OpenAI's own API it quotes the key it was given, so tests can prove the
   client scrubs it), lists a model at /v1/models (transformers serve cannot list offline), can
-  stall mid-stream, counts client disconnects, and can be SIGKILLed mid-reply: to the client that
-  is exactly a server dying (the kernel closes its sockets).
+  misbehave mid-stream (stall, end the stream early, send an error event), counts client
+  disconnects, and can be SIGKILLed mid-reply: to the client that is exactly a server dying (the
+  kernel closes its sockets).
 
 Run `python tests/openai_server.py` to serve the default model by hand (prints its URL).
 `PLAIN_CHAT_TEMPLATE` lets the chat API talk to the base model, which has no template of its own.
@@ -139,8 +140,15 @@ def start_transformers_serve(
     extra_args: tuple[str, ...] = (),
     timeout: float = READY_TIMEOUT_S,
     port: int | None = None,
+    threads: int | None = 1,
 ) -> ServedModel:
     """`transformers serve model_dir` on 127.0.0.1 (CPU, bf16); returns once /health answers 200.
+
+    threads: torch's intra-op threads in the server (None = torch's default, all cores). 1 by
+    default: on a 2-core box shared with other busy processes (the tests' app server, other
+    jobs), two threads that wait on each other decode 4-6x slower than one (measured: 20 greedy
+    tokens in 26-31 s with 2 threads vs 4-7 s with 1, load average 9); on an idle box one thread
+    costs ~1.7x.
 
     Without continuous batching (the default here) every request gets its own sampling settings and
     stop strings, and requests run one after another, so a cancelled one visibly frees the server.
@@ -153,6 +161,8 @@ def start_transformers_serve(
            "--device", "cpu", "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "info", *(["--continuous-batching"] if continuous_batching else []), *extra_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.monotonic()
     proc, log_path = _spawn(cmd, env, "transformers-serve-")
     served = ServedModel(proc, f"http://127.0.0.1:{port}", str(model_dir), log_path)
@@ -233,22 +243,27 @@ def start_proxy(
     *,
     api_key: str | None = None,
     model: str | None = None,
-    stall_after_events: int | None = None,
+    after_events: int | None = None,
+    then: str = "stall",
     port: int | None = None,
     timeout: float = 30.0,
 ) -> Proxy:
     """Start the proxy (its own process) in front of `upstream` (http://host:port); see the module doc.
 
     api_key: required as "Authorization: Bearer <key>" (401 otherwise). model: answered at /v1/models.
-    stall_after_events: forward that many SSE events of a streamed reply, then hold the connection
-    open silently (a hung server).
+    after_events: forward that many SSE events of a streamed reply, then (dropping the upstream
+    request) `then`: "stall" = hold the connection open in silence (a hung server), "end" = end the
+    response cleanly with no finish reason and no [DONE] (a server that gave up), "error" = send
+    an SSE error event and end (what servers do when generation fails mid-reply).
     """
+    if then not in MISBEHAVIOURS:
+        raise ValueError(f"then must be one of {MISBEHAVIOURS}, got {then!r}")
     port = port or free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "proxy", "--upstream", upstream, "--port", str(port)]
     if model:
         cmd += ["--model", model]
-    if stall_after_events is not None:
-        cmd += ["--stall-after-events", str(stall_after_events)]
+    if after_events is not None:
+        cmd += ["--after-events", str(after_events), "--then", then]
     env = {k: v for k, v in os.environ.items() if k != PROXY_KEY_ENV}
     if api_key is not None:
         env[PROXY_KEY_ENV] = api_key
@@ -259,6 +274,7 @@ def start_proxy(
     return proxy
 
 
+MISBEHAVIOURS = ("stall", "end", "error")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "content-length", "host", "authorization"}
 
@@ -327,9 +343,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self._chunk(line)
                 if line in (b"\n", b"\r\n"):
                     events += 1
-                    if srv.stall_after_events is not None and events >= srv.stall_after_events:
-                        up.close()  # stop generating upstream, but keep our client waiting
-                        time.sleep(3600)
+                    if srv.after_events is not None and events >= srv.after_events:
+                        up.close()  # drop the upstream request: from here on the proxy misbehaves
+                        if srv.then == "stall":
+                            time.sleep(3600)
+                        if srv.then == "error":
+                            self._chunk(b'data: {"error": {"message": "generation failed on the server"}}\n\n')
+                        break
             self._chunk(b"")
         except (BrokenPipeError, ConnectionResetError):
             with srv.lock:
@@ -346,14 +366,15 @@ class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, port: int, upstream: str, api_key: str | None, model: str | None,
-                 stall_after_events: int | None) -> None:
+                 after_events: int | None, then: str) -> None:
         super().__init__(("127.0.0.1", port), _ProxyHandler)
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self.api_key = api_key
         self.model = model
-        self.stall_after_events = stall_after_events
+        self.after_events = after_events
+        self.then = then
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "active": 0, "client_disconnects": 0, "upstream_closed": 0}
 
@@ -365,18 +386,21 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model")
-    p.add_argument("--stall-after-events", type=int)
+    p.add_argument("--after-events", type=int)
+    p.add_argument("--then", choices=MISBEHAVIOURS, default="stall")
     s = sub.add_parser("serve", help="serve the app's default model with transformers serve (the default)")
     s.add_argument("--continuous-batching", action="store_true")
     s.add_argument("--port", type=int)
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args(argv)
     if args.cmd == "proxy":
         server = _ProxyServer(args.port, args.upstream, os.environ.get(PROXY_KEY_ENV), args.model,
-                              args.stall_after_events)
+                              args.after_events, args.then)
         server.serve_forever()
         return
     served = start_transformers_serve(default_model_folder(), port=getattr(args, "port", None),
-                                      continuous_batching=getattr(args, "continuous_batching", False))
+                                      continuous_batching=getattr(args, "continuous_batching", False),
+                                      threads=getattr(args, "threads", None))
     print(f"serving {served.model} at {served.url} (ready after {served.started_s:.1f} s; log {served.log_path}); "
           "Ctrl+C stops it", flush=True)
     try:
