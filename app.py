@@ -9,6 +9,7 @@ the background and serves.
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot  # sets GRADIO_ANALYTICS_ENABLED first
@@ -17,8 +18,9 @@ import gradio as gr  # noqa: E402,I001
 
 from generation.settings import Settings  # noqa: E402
 from ui.chat import ChatHandlers, build_chat, build_status  # noqa: E402
-from ui.inside import InsideHandlers, build_inside  # noqa: E402
-from ui.lab import LabHandlers, build_lab  # noqa: E402
+from ui.inside import INSIDE_FIELDS, InsideHandlers, build_inside  # noqa: E402
+from ui.lab import LAB_FIELDS, LabHandlers, build_lab  # noqa: E402
+from ui.share import build_share  # noqa: E402
 
 INTRO = """
 # Attention Lab
@@ -44,22 +46,26 @@ class AppState:
     def create(cls, settings: Settings | None = None) -> AppState:
         """Handlers for every view around one (not yet loading) model slot."""
         settings = settings or Settings.from_env()
-        model = ModelSlot(settings)
+        # With a remote chat server the local weights serve only the inside views: load them lazily.
+        model = ModelSlot(settings, lazy=settings.chat_backend_url is not None)
         return cls(settings, model, LabHandlers(), ChatHandlers(settings, model), InsideHandlers(settings, model))
 
 
 def build_demo(settings: Settings | None = None, *, load_model_now: bool = False) -> gr.Blocks:
-    """Build the two-tab Blocks. With load_model_now, start loading the chat model in the background."""
+    """Build the two-tab Blocks. With load_model_now, start loading the chat model in the background
+    (unless it is lazy: a remote server answers the chat)."""
     state = AppState.create(settings)
-    if load_model_now:
+    if load_model_now and not state.model.lazy:
         state.model.start()
     with gr.Blocks(title=TITLE) as demo:
         demo.app_state = state  # for tests and main(); gradio ignores extra attributes
         gr.Markdown(INTRO)
         bar = build_status(state.chat)
         with gr.Tab("Attention Lab", id="lab"):
-            build_lab(demo, state.lab)
-            inside = build_inside(state.inside)
+            share_row = gr.Row(equal_height=True)  # filled below, once the widgets it reads exist
+            lab = build_lab(demo, state.lab)
+            inside = build_inside(demo, state.inside)
+            build_share([(LAB_FIELDS, lab.inputs), (INSIDE_FIELDS, inside.inputs)], share_row)
         with gr.Tab("4-bit Chat", id="chat"):
             chat = build_chat(demo, state.chat, bar)
         inside.wire(chat.chatbot, chat.replies, bar.line)
@@ -91,12 +97,20 @@ def main() -> int:
         quiet=True,
     )
     print(f"Attention Lab is serving on http://{settings.server_name}:{settings.server_port}", flush=True)
+    remote = demo.app_state.chat.backend.remote
+    if remote is not None:  # one line about the chat server; the app serves whether or not it answers
+        def report() -> None:
+            reason = remote.check()  # first: it learns the model name the server lists
+            print(f"Chat backend {remote.describe()}: {'reachable' if reason is None else reason}", flush=True)
+
+        threading.Thread(target=report, name="check-chat-backend", daemon=True).start()
     try:
         demo.block_thread()
     except KeyboardInterrupt:
         pass
     finally:
         demo.close()
+        demo.app_state.chat.backend.close()
     return 0
 
 

@@ -62,8 +62,21 @@ def start_app(env: dict[str, str] | None = None, *, wait_model: bool = True,
               timeout: float = MODEL_READY_TIMEOUT_S) -> AppServer:
     """Run `python app.py` on a free port; return once it serves (and, by default, once the model is ready).
 
-    Raises RuntimeError with the server's log if it dies, the model fails, or time runs out.
+    Raises RuntimeError with the server's log if it dies, the model fails, or time runs out. Two
+    start-up failures that say nothing about the app mean another try: a port taken between choosing
+    it and binding it, and gradio's own check of its fresh server timing out on a saturated machine.
     """
+    transient = ("Cannot find empty port", "When localhost is not accessible")
+    for attempt in range(3):
+        try:
+            return _start_app(env, wait_model=wait_model, timeout=timeout)
+        except RuntimeError as exc:
+            if not any(t in str(exc) for t in transient) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_app(env: dict[str, str] | None, *, wait_model: bool, timeout: float) -> AppServer:
     port = free_port()
     fd, log_name = tempfile.mkstemp(prefix="attention-lab-app-", suffix=".log")
     full_env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),

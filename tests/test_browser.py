@@ -63,7 +63,7 @@ def start_long_reply(pg, max_new: int) -> None:
     set_number(pg, "max-new", max_new)
     set_number(pg, "temperature", 1.3)
     set_number(pg, "top-p", 1.0)
-    pg.locator("#chat-seed input").fill("1")
+    pg.locator("#chat-seed input").fill("3")  # seeded: a reply that runs long
     send_chat(pg, LONG_PROMPT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (bot_texts(pg) and len(bot_texts(pg)[-1]) > 20):
@@ -113,7 +113,7 @@ def test_typed_message_gets_a_streamed_reply(page):
     set_number(page, "max-new", 40)
     set_number(page, "temperature", 1.3)
     set_number(page, "top-p", 1.0)
-    page.locator("#chat-seed input").fill("1")  # seeded: a reply that runs the full 40 tokens
+    page.locator("#chat-seed input").fill("3")  # seeded: a reply that runs the full 40 tokens
     send_chat(page, LONG_PROMPT)
     seen: list[str] = []
     deadline = time.monotonic() + 180
@@ -139,7 +139,7 @@ def test_typed_message_gets_a_streamed_reply(page):
 
 
 def live_generations(pg) -> int:
-    """Generation worker threads alive on the server (its /model_status), all users together."""
+    """Replies being generated on the server (its /model_status), all users together."""
     return pg.evaluate("""async () => {
         const r = await fetch('/gradio_api/call/model_status', {method: 'POST',
             headers: {'Content-Type': 'application/json'}, body: JSON.stringify({data: []})});
@@ -198,11 +198,11 @@ def test_stop_halts_a_long_reply_and_the_next_message_works(page):
     start_long_reply(page, 400)
     assert live_generations(page) == 1
     page.click("#stop-btn")
-    # Not only the text: the server-side worker thread ends (a cancels= alone would leave it running).
+    # Not only the text: the server-side request ends (a cancels= alone would leave it generating).
     deadline = time.monotonic() + 5
     while live_generations(page) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert live_generations(page) == 0, "the generation thread kept running after Stop"
+    assert live_generations(page) == 0, "the request kept generating after Stop"
     time.sleep(1.0)  # at most one more token may land
     stopped = bot_texts(page)[-1]
     time.sleep(3.0)

@@ -19,7 +19,9 @@ from generation.introspect import next_token_candidates
 from generation.model import LoadedModel
 from generation.sampling import SamplingParams
 from generation.settings import Settings
-from generation.stream import WORKER_THREAD_NAME, ReplyStats, stream_reply
+from generation.backend import ChatBackend
+from generation.remote import RemoteChat
+from generation.stream import ReplyStats
 from generation.tokens import preview_tokens
 
 from .common import (
@@ -31,6 +33,7 @@ from .common import (
     as_float,
     as_int,
     content_text,
+    dot,
     error_text,
     message_role,
     model_history,
@@ -77,11 +80,18 @@ def sampling_params(
     )
 
 
-def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False) -> str:
-    """The message as the model's tokenizer cuts it: alternating coloured pieces and a count."""
+def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False, remote: bool = False) -> str:
+    """The message as the model's tokenizer cuts it: alternating coloured pieces and a count.
+
+    remote: the chat is served by another machine; the pieces shown are the local model's (loaded
+    for the inside views), which may cut text differently from the server's model.
+    """
     if not text:
         return "<div class='token-preview'><span class='meta'>Type a message to see its tokens.</span></div>"
     if lm is None:
+        if remote:
+            return ("<div class='token-preview'><span class='meta'>The chat is served remotely; the local "
+                    "model's tokenizer shows here once the inside views have loaded it.</span></div>")
         return "<div class='token-preview'><span class='meta'>The tokenizer arrives with the model …</span></div>"
     p = preview_tokens(lm.tokenizer, text)
     pieces = []
@@ -91,6 +101,8 @@ def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False)
             f"<span class='tok t{i % 2}' title='id {p.ids[i]}'>{html.escape(shown)}</span>"
         )
     head = "Just sent" if sent else "Your message"
+    if remote:
+        head += f" (as {html.escape(lm.model_id)}, the local model, cuts it)"
     more = " (preview shows the first ones)" if p.truncated else ""
     return (
         f"<div class='token-preview'><span class='meta'>{head}: <b>{len(p.ids) if not p.truncated else str(len(p.ids)) + '+'}"
@@ -158,36 +170,115 @@ class StopRegistry:
                 del self._events[key]
 
 
-def live_generations() -> int:
-    """How many generation worker threads are running right now (every user's and API call's)."""
-    return sum(t.name == WORKER_THREAD_NAME and t.is_alive() for t in threading.enumerate())
+class BackendSlot:
+    """The chat's backend, chosen by the settings: a remote OpenAI-compatible server, or the local
+    batched engine over the shared model (created once the model is there).
 
-
-class ChatHandlers:
-    """The chat's event handlers: settings, the shared model slot and per-session stop events."""
+    Shared by every user; `get()` raises gr.Error with the reason while there is no backend yet.
+    """
 
     def __init__(self, settings: Settings, model: ModelSlot) -> None:
         self.settings = settings
         self.model = model
+        self.remote: RemoteChat | None = RemoteChat(settings) if settings.chat_backend_url else None
+        self._engine: Any = None  # generation.engine.ChatEngine once created
+        self._lock = threading.Lock()
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
+
+    def ready(self) -> bool:
+        """True when a chat can be sent (remote: always, errors come per reply; local: model loaded)."""
+        return self.remote is not None or self.model.ready
+
+    def not_ready_message(self) -> str:
+        return self.model.not_ready_message()
+
+    def engine(self) -> Any:
+        """The local engine, created and started on first call once the model is loaded (else None)."""
+        lm = self.model.lm
+        if self.remote is not None or lm is None:
+            return None
+        with self._lock:
+            if self._engine is None:
+                from generation.engine import ChatEngine
+
+                self._engine = ChatEngine(lm, max_batch=self.settings.chat_concurrency)
+                self._engine.start()
+            return self._engine
+
+    def get(self) -> ChatBackend:
+        """The backend to stream from, or gr.Error saying why there is none yet."""
+        if self.remote is not None:
+            return self.remote
+        engine = self.engine()
+        if engine is None:
+            raise gr.Error(self.model.not_ready_message(), title="Model not ready")
+        return engine
+
+    def active(self) -> int:
+        """Replies being generated right now, every user's and API call's."""
+        if self.remote is not None:
+            return self.remote.active()
+        with self._lock:
+            return self._engine.active() if self._engine is not None else 0
+
+    def waiting(self) -> int:
+        """Requests the local engine holds back until a row of its batch frees (0 for a remote server)."""
+        with self._lock:
+            return self._engine.waiting() if self._engine is not None else 0
+
+    def status(self) -> str:
+        """The backend part of the status line (remote: host, model, reachable or why not)."""
+        if self.remote is None:
+            return self.model.status()
+        reason = self.remote.check()
+        chat = (f"{dot('#16a34a')} chat: **{html.escape(self.remote.describe())}**" if reason is None else
+                f"{dot('#dc2626')} chat: **{html.escape(self.remote.describe())}** unreachable: "
+                f"{html.escape(reason)}")
+        return f"{chat} · {self.model.status()}"
+
+    def close(self) -> None:
+        """Stop the local engine's loop (pending replies end with a clear error)."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+
+class ChatHandlers:
+    """The chat's event handlers: settings, the shared model slot, the chat backend and
+    per-session stop events."""
+
+    def __init__(self, settings: Settings, model: ModelSlot) -> None:
+        self.settings = settings
+        self.model = model
+        self.backend = BackendSlot(settings, model)
         self.stops = StopRegistry()
 
     def status_tick(self, user_stats: str) -> tuple[str, Any]:
-        """Timer: the status line; the timer stops once loading is over (ready or failed)."""
+        """Timer: the status line. Local: stops once loading is over (ready or failed); a remote
+        backend is watched on (its reachability can change), as is a local model that is loading."""
         line = self.status_markdown(user_stats)
+        if self.backend.is_remote:
+            return line, gr.Timer(5.0, active=True)
         done = self.model.ready or self.model.error is not None
+        if done:
+            self.backend.engine()  # start the decode loop now rather than on the first user's Send
         return line, gr.Timer(active=not done)
 
     def status_markdown(self, user_stats: str = "") -> str:
-        """The status line: the model's state, plus this user's last-reply stats once it is ready."""
-        line = self.model.status()
-        return f"{line} · {user_stats}" if user_stats and self.model.ready else line
+        """The status line: the backend's (and model's) state, plus this user's last-reply stats."""
+        line = self.backend.status()
+        return f"{line} · {user_stats}" if user_stats and self.backend.ready() else line
 
     def preview(self, text: str) -> Any:
         """Tokenization preview of the message being typed (kept when the box is cleared by Send)."""
         if not text:
             return gr.skip()
         try:
-            return token_preview_html(self.model.lm, text)
+            return token_preview_html(self.model.lm, text, remote=self.backend.is_remote)
         except ValueError as exc:
             return f"<div class='token-preview'><span class='meta'>{html.escape(str(exc))}</span></div>"
 
@@ -208,8 +299,8 @@ class ChatHandlers:
 
         Refused (gr.Warning, text kept) while this session's previous reply is still being written.
         """
-        if not self.model.ready:
-            gr.Warning(self.model.not_ready_message(), title="Model loading")
+        if not self.backend.ready():
+            gr.Warning(self.backend.not_ready_message(), title="Model loading")
             return gr.skip(), gr.skip(), gr.skip(), False
         try:
             text = self._check_message(message)
@@ -220,7 +311,7 @@ class ChatHandlers:
             gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
             return gr.skip(), gr.skip(), gr.skip(), False
         history = list(history or []) + [{"role": "user", "content": text}]
-        return "", history, token_preview_html(self.model.lm, text, sent=True), True
+        return "", history, token_preview_html(self.model.lm, text, sent=True, remote=self.backend.is_remote), True
 
     def bot_turn(
         self,
@@ -252,9 +343,10 @@ class ChatHandlers:
         turns = model_history(history)
         if not turns or turns[-1]["role"] != "user":
             return
-        lm = self.model.lm
-        if lm is None:
-            gr.Warning(self.model.not_ready_message(), title="Model loading")
+        try:
+            backend = self.backend.get()
+        except gr.Error as exc:
+            gr.Warning(error_text(exc), title="Model loading")
             return
         try:
             params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
@@ -266,8 +358,7 @@ class ChatHandlers:
         history = list(history)
         reply_at = len(history)
         try:
-            gen = stream_reply(
-                lm,
+            gen = backend.stream_reply(
                 turns[-1]["content"],
                 turns[:-1],
                 system=(system or "").strip() or None,
@@ -281,8 +372,8 @@ class ChatHandlers:
                     history[reply_at:] = [{"role": "assistant", "content": text}]
                     yield history, gr.skip(), gr.skip()
             finally:
-                gen.close()  # stops the worker thread within one token
-        except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the worker
+                gen.close()  # ends the request within one decode step
+        except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the history
             gr.Warning(str(exc), title="No reply")
             return
         finally:
@@ -339,17 +430,17 @@ class ChatHandlers:
         max_new_tokens is capped like the UI's slider. Errors (model loading, empty or oversized
         message, bad sampling values) come back as a gr.Error with the reason.
         """
-        lm = self.model.require()
+        backend = self.backend.get()
         try:
             text = self._check_message(message)
             if as_int(max_new_tokens, "max new tokens") > MAX_NEW_TOKENS:
                 raise ValueError(f"max new tokens must be at most {MAX_NEW_TOKENS} (the chat's limit), "
                                  f"got {max_new_tokens!r}")
             params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-            gen = stream_reply(lm, text, (), system=(system or "").strip() or None, params=params,
-                               max_input_tokens=self.settings.max_input_tokens)
+            gen = backend.stream_reply(text, (), system=(system or "").strip() or None, params=params,
+                                       max_input_tokens=self.settings.max_input_tokens)
             reply = None
-            try:  # closing this generator (a cancelled job) closes stream_reply's, which ends its worker
+            try:  # closing this generator (a cancelled job) closes the backend's, which ends the request
                 for reply in gen:
                     yield reply
             finally:
@@ -397,14 +488,23 @@ class ChatHandlers:
                      sampling_prob=c.sampling_prob, removed_by=c.removed_by) for c in nt.candidates]
 
     def model_status_api(self) -> dict:
-        """API /model_status: {"ready", "error", "summary", "generating"} (tests and benchmarks poll it).
+        """API /model_status: {"ready", "error", "summary", "generating", "waiting", "backend"}
+        (tests and benchmarks poll it).
 
-        generating: live generation worker threads (all users), so a client can see Stop or a
-        cancelled job really free the worker.
+        ready: a chat can be answered (local: the model is loaded; remote: the server answers).
+        generating: replies being generated right now (all users), so a client can see Stop or a
+        cancelled job really free its row; waiting: requests held until a row frees.
+        summary: the local model (None until loaded); backend: "local engine ..." or the remote
+        server's host and model (never its key).
         """
         lm = self.model.lm
-        return {"ready": lm is not None, "error": self.model.error, "summary": lm.summary() if lm else None,
-                "generating": live_generations()}
+        remote = self.backend.remote
+        ready = lm is not None if remote is None else remote.check() is None
+        error = self.model.error if remote is None else remote.check()
+        engine = self.backend.engine() if remote is None else None
+        return {"ready": ready, "error": error, "summary": lm.summary() if lm else None,
+                "generating": self.backend.active(), "waiting": self.backend.waiting(),
+                "backend": remote.describe() if remote is not None else (engine.describe() if engine else "local")}
 
 
 @dataclass

@@ -74,6 +74,9 @@ class ModelSlot:
 
     settings: Settings
     load_4bit: bool = True
+    # Lazy: nothing loads at start; the first `require()` starts loading (a chat served by a remote
+    # server needs local weights only for the inside-the-model views).
+    lazy: bool = False
     lm: LoadedModel | None = None
     error: str | None = None
     started_at: float | None = None
@@ -115,6 +118,8 @@ class ModelSlot:
         """The model, or a gr.Error saying why it is not there (loading, failed, not started)."""
         if self.lm is not None:
             return self.lm
+        if self.lazy and self.started_at is None:
+            self.start()
         raise gr.Error(self.not_ready_message(), title="Model not ready")
 
     def not_ready_message(self) -> str:
@@ -125,8 +130,8 @@ class ModelSlot:
             return "The chat model is not loaded (the app was started without loading it)."
         secs = time.perf_counter() - self.started_at
         return (
-            f"The chat model is still loading ({secs:.0f} s so far; the first run converts it once, "
-            "about a minute). The Attention Lab works meanwhile."
+            f"The {'local ' if self.lazy else 'chat '}model is still loading ({secs:.0f} s so far; the first "
+            "run converts it once, about a minute). The Attention Lab works meanwhile."
         )
 
     def status(self) -> str:
@@ -141,6 +146,8 @@ class ModelSlot:
         if self.error is not None:
             return f"{dot('#dc2626')} Model failed to load: {self.error}"
         if self.started_at is None:
+            if self.lazy:
+                return f"{dot('#9ca3af')} local model **{self.settings.model_id}**: loads on first use of the inside views"
             return f"{dot('#9ca3af')} Model not loaded"
         return f"{dot('#d97706')} Loading **{self.settings.model_id}** … ({time.perf_counter() - self.started_at:.0f} s)"
 

@@ -18,9 +18,19 @@ from generation.introspect import FullPrecisionCache, compare_quantization, mode
 from generation.settings import Settings
 
 from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, error_text, last_exchange, pct
+from .share import Field, bool_field, int_field, query_of, read_fields, text_field, warn
 
 DEFAULT_INSPECT_TEXT = "The cat sat on the mat because it was tired."
 DEFAULT_QUANT_PROMPT = "The capital of France is"
+
+# The inside view's inputs in a shared link, in the order of `InsideView.inputs`. The layer's
+# range is checked against the loaded model when the map is drawn.
+INSIDE_FIELDS: tuple[Field, ...] = (
+    text_field("inspect_text", DEFAULT_INSPECT_TEXT),
+    int_field("layer", 0, 255, default=0),
+    int_field("inspect_head", 0, 63, default=0),
+    bool_field("hide_special", True),
+)
 
 INSIDE_HELP = """
 ## Inside the chat model
@@ -111,6 +121,20 @@ class InsideHandlers:
         notes += f"  \nGrouped-query attention: {share}."
         return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
 
+    def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
+        """Page load: the inside view's fields from a shared link (or no change), and whether the
+        link set any (then the map is drawn at once, if the model is there)."""
+        values, problems = read_fields(INSIDE_FIELDS, query_of(request))
+        warn(problems)
+        return (*(values.get(f.name, gr.skip()) for f in INSIDE_FIELDS), bool(values))
+
+    def show_shared(self, shared: bool, text: str, layer: Any, head: Any, hide_special: bool,
+                    history: list[Any]):
+        """After a shared link's setup: draw the map it names, once the model is loaded (else wait for a click)."""
+        if not shared or not self.model.ready:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return self.inspect_update(text, layer, head, hide_special, history)
+
     def model_attention_api(self, text: str, layer: Any = 0, hide_special: bool = True) -> Any:
         """API /model_attention: the chat model's attention grid for `text` at `layer` (gr.Error on bad input)."""
         try:
@@ -154,6 +178,7 @@ class InsideHandlers:
 class InsideView:
     """The inside view's widgets; `wire` connects them to the chat once both are laid out."""
 
+    demo: gr.Blocks
     handlers: InsideHandlers
     text: gr.Textbox
     auto: gr.State  # the last exchange fill_inspect put in the text box
@@ -165,6 +190,11 @@ class InsideView:
     notes: gr.Markdown
     grid: gr.Plot
     big: gr.Plot
+
+    @property
+    def inputs(self) -> list[Any]:
+        """The shareable inputs, in the order of INSIDE_FIELDS."""
+        return [self.text, self.layer, self.head, self.hide_special]
 
     def wire(self, chatbot: gr.Chatbot, replies: list[Any], status: gr.Markdown) -> None:
         """Events that read the chat: the history (empty text = last exchange), finished replies
@@ -179,11 +209,16 @@ class InsideView:
         for chain in replies:
             chain.then(fill_inspect, [self.text, self.auto, chatbot], [self.text, self.auto],
                        queue=False, show_progress="hidden", **PRIVATE)
+        # A shared link's fields on page load, and its map drawn when the model is there.
+        shared = gr.State(False)
+        self.demo.load(state.apply_setup, None, [*self.inputs, shared], show_progress="hidden", **INSPECT_EVENTS,
+                       **PRIVATE).then(state.show_shared, [shared, *self.inputs, chatbot],
+                                       [self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
         # The status line changes when the model arrives: fit the layer slider to it then.
         status.change(state.layer_slider, None, [self.layer], queue=False, show_progress="hidden", **PRIVATE)
 
 
-def build_inside(handlers: InsideHandlers) -> InsideView:
+def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
     """Lay out the inside view in the current Blocks/Tab; wires `/model_attention` and the 4-bit comparison."""
     state = handlers
     gr.Markdown(INSIDE_HELP, elem_id="inside-title")
@@ -225,6 +260,6 @@ def build_inside(handlers: InsideHandlers) -> InsideView:
     gr.on([], state.model_attention_api, inputs=[inspect_text, api_layer, hide_special], outputs=[inspect_grid],
           api_name="model_attention", **INSPECT_EVENTS)
     quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **INSPECT_EVENTS, **PRIVATE)
-    return InsideView(handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
+    return InsideView(demo=demo, handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
                       head=inspect_head, hide_special=hide_special, show=show_map, notes=inspect_notes,
                       grid=inspect_grid, big=inspect_big)

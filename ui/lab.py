@@ -16,6 +16,7 @@ from attention.plot import plot_heads, plot_steps
 from attention.trace import explain_head
 
 from .common import LAB_EVENTS, as_float, as_int
+from .share import Field, bool_field, float_field, int_field, query_of, read_fields, text_field, warn
 
 # The notebook's sentence.
 DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
@@ -37,6 +38,21 @@ STEPS_HELP = """
 saturate as heads get wider. **mask**: blocked cells (causal: the future) become −∞.
 **softmax**: each row turns into weights that sum to 1, the heatmap above.
 """
+
+# The lab's inputs in a shared link, in the order of `LabView.inputs`.
+LAB_DEFAULTS = dict(sentence=DEFAULT_SENTENCE, multi_head=True, emb_dim=32, n_heads=4, n_kv_heads=4, dropout=0.0,
+                    seed=0, causal=False, head=0)
+LAB_FIELDS: tuple[Field, ...] = (
+    text_field("sentence", LAB_DEFAULTS["sentence"]),
+    bool_field("multi_head", LAB_DEFAULTS["multi_head"]),
+    int_field("emb_dim", 4, 128, 4, LAB_DEFAULTS["emb_dim"]),
+    int_field("n_heads", 1, 128, default=LAB_DEFAULTS["n_heads"]),
+    int_field("n_kv_heads", 1, 16, default=LAB_DEFAULTS["n_kv_heads"]),
+    float_field("dropout", 0.0, 0.5, LAB_DEFAULTS["dropout"]),
+    int_field("seed", 0, 100, default=LAB_DEFAULTS["seed"]),
+    bool_field("causal", LAB_DEFAULTS["causal"]),
+    int_field("head", 0, 127, default=LAB_DEFAULTS["head"]),
+)
 
 LAB_HELP = """
 **Try:** switch on the *causal mask* (a token may only look back), change the *seed* (new random
@@ -172,6 +188,31 @@ class LabHandlers:
             gr.Warning(str(exc))
             return gr.skip()
 
+    def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
+        """Page load: the lab's fields from the page URL's query (a shared link), or no change.
+
+        Refused parameters, or a combination that does not fit (8 heads in 12 dimensions), give
+        a warning and the default setup."""
+        values, problems = read_fields(LAB_FIELDS, query_of(request))
+        if values and not problems:
+            v = {**LAB_DEFAULTS, **values}
+            try:
+                lab_config(v["sentence"], v["emb_dim"], v["n_heads"], v["n_kv_heads"], v["dropout"], v["seed"],
+                           v["causal"], v["multi_head"])
+            except ValueError as exc:
+                problems.append(f"the lab settings do not fit together ({exc})")
+        warn(problems)
+        if not values or problems:
+            return tuple(gr.skip() for _ in LAB_FIELDS)
+        v = {**LAB_DEFAULTS, **values}
+        out = [v[f.name] if f.name in values else gr.skip() for f in LAB_FIELDS]
+        # The head-count choices follow emb_dim, as when the slider moves; the head slider's range
+        # follows the head count before the first drawing reads it (gradio checks its bounds).
+        out[3] = gr.Dropdown(choices=valid_head_counts(v["emb_dim"]), value=v["n_heads"])
+        n_out = v["n_heads"] if v["multi_head"] else 1
+        out[8] = gr.Slider(maximum=max(n_out - 1, 1), value=min(v["head"], n_out - 1), interactive=n_out > 1)
+        return tuple(out)
+
     def attention_api(
         self,
         text: str = DEFAULT_SENTENCE,
@@ -193,9 +234,9 @@ class LabHandlers:
 
 @dataclass
 class LabView:
-    """The lab's widgets other code may need (tests, screenshots)."""
+    """The lab's widgets other code may need (tests, screenshots, the shared link)."""
 
-    text: gr.Textbox
+    inputs: list[Any]  # in the order of LAB_FIELDS
     heatmaps: gr.Plot
     steps: gr.Plot
 
@@ -262,6 +303,10 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
     emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
                     api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
     head.release(**explain)
-    demo.load(**redraw, api_visibility="private").then(**explain)
+    # A shared link's setup first, then the first drawing with it.
+    demo.load(state.apply_setup, None, [text, multi_head, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, head],
+              show_progress="hidden", api_visibility="private", **lab_kw).then(
+        **redraw, api_visibility="private").then(**explain)
     gr.on([], state.attention_api, inputs=lab_inputs, outputs=[heatmaps], api_name="attention", **lab_kw)
-    return LabView(text=text, heatmaps=heatmaps, steps=steps)
+    return LabView(inputs=[text, multi_head, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, head],
+                   heatmaps=heatmaps, steps=steps)
