@@ -230,6 +230,11 @@ class RemoteChat:
         with self._lock:
             self._health = (time.monotonic(), reason)
 
+    def _forget_health(self) -> None:
+        """The next check() asks the server again (it was there, then failed)."""
+        with self._lock:
+            self._health = None
+
     def _probe(self) -> str | None:
         import openai
 
@@ -551,7 +556,8 @@ class RemoteChat:
         reader: threading.Thread | None = None
         outcome = ""  # how the reply ended, once known
         error: str | None = None
-        health: str | None = None  # what check() should say after this reply
+        health: str | None = None  # an "unreachable" reason for check(), if this reply found one
+        down_mid_reply = False
         times: list[float] = []
         usage: tuple[int, int] | None = None
         try:
@@ -563,6 +569,9 @@ class RemoteChat:
                 raise
             turns, stats.trimmed_turns = self._fit_history(message, turns, system, api, budget)
             kw, stops, extras = self._request(api, model, message, turns, system, params)
+            if stop_event is not None and stop_event.is_set():  # stopped already: send nothing
+                outcome = "stopped"
+                return
             reader = threading.Thread(target=self._read, args=(call, api, kw), name=READER_THREAD_NAME, daemon=True)
             reader.start()
             raw = ""
@@ -585,8 +594,11 @@ class RemoteChat:
                         break  # the reply is complete already
                     error = self._explain(payload, responded=call.response is not None, extras=extras)
                     outcome = "error"
-                    if call.response is None and self._is_down(payload):
-                        health = error
+                    if self._is_down(payload):
+                        if call.response is None:
+                            health = error
+                        else:
+                            down_mid_reply = True
                     break
                 if kind == "end":
                     if finish is None and drain_until is None:
@@ -646,8 +658,12 @@ class RemoteChat:
                 stats.first_token_s = times[0] - t0
             if len(times) > 1 and times[-1] > times[0]:
                 stats.tokens_per_s = (max(stats.new_tokens, len(times)) - 1) / (times[-1] - times[0])
-        if outcome != "error" or error is not None:  # (resolution errors set the health themselves)
+        if health is not None:
             self._set_health(health)
+        elif down_mid_reply:
+            self._forget_health()
+        elif call.response is not None:  # it answered
+            self._set_health(None)
         if error is not None:
             raise RuntimeError(error)
 

@@ -136,6 +136,15 @@ def test_bad_input_is_a_value_error_before_any_request():
             next(rc.stream_reply(**kwargs))
 
 
+def test_a_reply_stopped_before_it_starts_sends_nothing():
+    rc = RemoteChat(f"http://127.0.0.1:{free_port()}/v1", "m", api="completions")  # nobody listens
+    stop = threading.Event()
+    stop.set()
+    stats = ReplyStats()
+    assert list(rc.stream_reply(QUESTION, stats=stats, stop_event=stop)) == []
+    assert stats.stopped_by == "stopped" and stats.new_tokens == 0 and rc.active() == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # No server, or one that never answers
 
