@@ -86,7 +86,7 @@ def test_cuda_path_kwargs(monkeypatch, tiny_qwen_dir):
             load_model(str(tiny_qwen_dir), load_4bit=False)
         assert captured["device_map"] == "auto" and captured["dtype"] == full_dtype
         assert "quantization_config" not in captured
-    assert Settings.from_env({}).chat_concurrency == 2
+    assert Settings.from_env({}).chat_concurrency == 64
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):

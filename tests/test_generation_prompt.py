@@ -195,7 +195,7 @@ def test_settings_defaults_and_parsing(tmp_path):
     s = Settings.from_env({})
     assert (s.model_id, s.load_4bit, s.trust_remote_code, s.max_input_tokens) == ("google/gemma-3-270m", True, False, 1024)
     assert (s.server_name, s.server_port, s.queue_size) == ("127.0.0.1", 7860, 64)
-    assert s.chat_concurrency == (2 if torch.cuda.is_available() else 1)
+    assert s.chat_concurrency == (64 if torch.cuda.is_available() else 32)
     assert s.cache_dir.name == "attention-lab"
     assert s.torch_threads == len(os.sched_getaffinity(0))
     s = Settings.from_env({
