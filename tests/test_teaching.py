@@ -353,8 +353,11 @@ def test_no_head_switched_off_is_the_plain_model(lm4):
     assert ab.kl_plain_to_ablated == 0.0 and not ab.top1_changed
     assert ab.continuation_plain_ids == ab.continuation_ablated_ids
     assert all(r.p_plain == r.p_ablated and r.rank_plain == r.rank_ablated for r in ab.rows)
-    # ... and both equal a forward with no ablation machinery at all
-    probs = plain_logits(lm4, ids_of(lm4, PROMPT)).double().softmax(-1)
+    # ... and both equal a forward with no ablation machinery at all, as does an empty ablate block
+    logits = plain_logits(lm4, ids_of(lm4, PROMPT))
+    with attention_capture.ablate([]):
+        assert torch.equal(plain_logits(lm4, ids_of(lm4, PROMPT)), logits)
+    probs = logits.double().softmax(-1)
     for r in ab.rows:
         assert r.p_plain == pytest.approx(float(probs[r.token_id]), abs=1e-7)
     assert [r.rank_plain for r in ab.rows] == [1, 2, 3, 4, 5]
