@@ -521,6 +521,7 @@ class ChatView:
     """What other views may read from the chat: its history and the events that write a reply."""
 
     chatbot: gr.Chatbot
+    system: gr.Textbox  # the system prompt the replies were written under
     replies: list[Any]  # the Send and Retry chains: each ends when a reply is complete
 
 
@@ -609,4 +610,4 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
     gr.api(typed_api(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
            concurrency_limit=state.settings.chat_concurrency)
     gr.api(typed_api(state.model_status_api), api_name="model_status", queue=False)
-    return ChatView(chatbot=chatbot, replies=[sent, retried])
+    return ChatView(chatbot=chatbot, system=system, replies=[sent, retried])
