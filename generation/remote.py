@@ -243,7 +243,8 @@ class RemoteChat:
         try:
             ids = [m.id for m in client.models.list(extra_headers=self._headers).data]
         except openai.APIStatusError as exc:
-            if exc.status_code in (401, 403):
+            # Refused key; a gateway without its backend or an endpoint scaled to zero (502-504).
+            if exc.status_code in (401, 403, 502, 503, 504):
                 return self._explain(exc, responded=True)
             if self.model is None:
                 return self._scrub(

@@ -179,6 +179,41 @@ def test_a_server_that_never_answers_times_out():
         assert stats.stopped_by == "error"
 
 
+def test_a_gateway_without_its_server_is_reported():
+    # What a load balancer or an Inference Endpoint scaled to zero answers: 503 to everything.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"error": "Service Unavailable: the endpoint is scaled to zero"}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    gateway = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    try:
+        port = gateway.server_address[1]
+        rc = RemoteChat(f"http://127.0.0.1:{port}/v1", "m", api="chat")
+        expected = (f"the chat server at 127.0.0.1:{port} failed (HTTP 503: Service Unavailable: "
+                    "the endpoint is scaled to zero)")
+        assert rc.check() == expected
+        with pytest.raises(RuntimeError) as err:
+            list(rc.stream_reply(QUESTION))
+        assert str(err.value) == expected
+    finally:
+        gateway.shutdown()
+        gateway.server_close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The real server
 
