@@ -170,7 +170,7 @@ def main() -> int:
     def count_tokens(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    print(f"machine: {describe()}")
+    print(f"machine: {describe(args.threads)}")
     load0 = os.getloadavg()
     base_env = {"CHAT_CONCURRENCY": str(args.chat_concurrency), "PYTHONUNBUFFERED": "1"}
     if args.threads:

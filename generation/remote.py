@@ -8,7 +8,7 @@ the `openai` client library, always streaming:
   (/completions with the app's own plain dialogue prompt and its stop strings, for base models
   like the default Gemma, which have no template). "auto" sends one 1-token chat request the
   first time it is needed and keeps the chat API if the server takes it, else completions:
-  a server without a template refuses it (vLLM 400, TGI 422, `transformers serve` 500).
+  a server whose model has no template refuses it (vLLM with a 400, `transformers serve` a 500).
 * Sampling: temperature, top-p, max tokens, seed and stop strings are OpenAI parameters; top-k and
   repetition penalty go as the extra body fields vLLM and SGLang accept, and only when they are
   not "off", so a plain server never sees them unless the user asks for them.
