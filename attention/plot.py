@@ -575,8 +575,9 @@ def plot_model_view(
     thumbnail has about one pixel per token; show one large with plot_head. scale "each": every
     thumbnail runs from 0 to its own largest weight (patterns stay visible when a hidden <bos>
     takes most of a row); "shared": one 0..max scale with a colour bar. Weights exactly 0
-    (masked) are grey. selected: (layer, head) outlined in red. thumb: thumbnail side in inches.
-    model_view_cell(fig, x, y) maps a pixel of the PNG back to (layer, head).
+    (masked) are grey. selected: (layer, head) outlined in red. thumb: thumbnail side in inches;
+    with too many heads for FIT_WIDTH the thumbnails shrink (to 0.3 in at least) and the columns
+    are labelled "h0", "h1", .... model_view_cell(fig, x, y) maps a pixel of the PNG back to (layer, head).
     """
     if not isinstance(weights, Tensor) or weights.dim() != 4 or min(weights.shape) < 1:
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
@@ -609,9 +610,15 @@ def plot_model_view(
     row_size, col_size = 9.0, 8.0
     row_ink = _ink(rows, row_size, 0.0, "right", "center")
     col_ink = _ink(cols, col_size, 0.0, "center", "bottom")
-    cell_h = thumb * t_q / t_k
     col_w = max(thumb, float((col_ink[:, 2] - col_ink[:, 0]).max()) + 0.05)
     left = 0.15 + float(-row_ink[:, 0].min()) + 0.12
+    room = FIT_WIDTH - left - 0.2 - (n_heads - 1) * _THUMB_GAP  # what the columns may take
+    if n_heads * col_w > room:  # many heads (e.g. 16): short column labels, smaller thumbnails
+        cols = [f"h{h}" for h in range(n_heads)]
+        col_ink = _ink(cols, col_size, 0.0, "center", "bottom")
+        thumb = max(0.3, min(thumb, room / n_heads))
+        col_w = max(thumb, float((col_ink[:, 2] - col_ink[:, 0]).max()) + 0.05)
+    cell_h = thumb * t_q / t_k
     top = (0.45 if title else 0.1) + 0.25 + float(-col_ink[:, 1].min())
     bar_h = 0.55 if scale == "shared" else 0.0
     width = max(left + n_heads * col_w + (n_heads - 1) * _THUMB_GAP + 0.2, 4.0)  # 4 in: room for the legend

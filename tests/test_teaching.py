@@ -174,7 +174,7 @@ def _random_maps(n_layers: int, n_heads: int, t: int, seed: int = 0) -> torch.Te
     return scores.softmax(-1)  # (L, H, T, T), causal rows summing to 1
 
 
-@pytest.mark.parametrize(("n_layers", "n_heads", "t"), [(1, 1, 1), (3, 2, 8), (18, 4, 64)])
+@pytest.mark.parametrize(("n_layers", "n_heads", "t"), [(1, 1, 1), (3, 2, 8), (18, 4, 64), (36, 16, 8)])
 @pytest.mark.parametrize("scale", ["each", "shared"])
 def test_plot_model_view_grid_and_click_mapping(n_layers, n_heads, t, scale):
     weights = _random_maps(n_layers, n_heads, t)
