@@ -469,6 +469,13 @@ class ChatHandlers:
                 f"repetition penalty {nt.repetition_penalty:g}** ({nt.prompt_tokens} prompt tokens).")
         return next_token_table(nt), f"{head} {html.escape(nt.notice)}".strip()
 
+    def next_token_follow(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any):
+        """UI: a sampling slider moved: the table follows, if the model is there (a slider never
+        starts loading a lazy local model, nor warns that it is loading; Show does)."""
+        if not self.model.ready:
+            return gr.skip(), gr.skip()
+        return self.next_token_update(prompt, temperature, top_p, top_k, repetition_penalty)
+
     def next_token_api(
         self,
         prompt: str,
@@ -603,9 +610,11 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
     # On page load too: the Markdown's initial value is frozen at build time ("Loading ...").
     gr.on([demo.load, timer.tick], state.status_tick, [user_stats], [status, timer], queue=False,
           show_progress="hidden", **private)
-    gr.on([next_btn.click, next_prompt.submit, temperature.release, top_p.release, top_k.release, rep.release],
-          state.next_token_update, [next_prompt, temperature, top_p, top_k, rep], [next_table, next_md],
+    next_inputs = [next_prompt, temperature, top_p, top_k, rep]
+    gr.on([next_btn.click, next_prompt.submit], state.next_token_update, next_inputs, [next_table, next_md],
           show_progress="minimal", trigger_mode="always_last", **INSPECT_EVENTS, **private)
+    gr.on([temperature.release, top_p.release, top_k.release, rep.release], state.next_token_follow, next_inputs,
+          [next_table, next_md], show_progress="minimal", trigger_mode="always_last", **INSPECT_EVENTS, **private)
     gr.api(typed_api(state.next_token_api), api_name="next_token", **INSPECT_EVENTS)
     gr.api(typed_api(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
            concurrency_limit=state.settings.chat_concurrency)
