@@ -2,8 +2,8 @@
 
 For each backend, `python app.py` is started (one after the other, never both at once), warmed up
 with one short reply, then for every N (default 1, 8, 30) N `gradio_client` users, each with its own
-session, send one `/chat` message at the same moment (the notebook's three prompts in turn, the
-app's sampling defaults, at most --max-new-tokens). Per user: time to the first streamed text and to
+session, send one `/chat` message at the same moment (the notebook's three prompts in turn, greedy
+by default, at most --max-new-tokens). Per user: time to the first streamed text and to
 the whole reply, and the reply's tokens (counted with the model's tokenizer). One table row per
 backend and N: TTFT p50/p95, reply p50/max, tokens/s of all users together, errors.
 
@@ -15,6 +15,10 @@ hardware: the point of a remote backend is that it runs somewhere else.
 
 Both apps get the same CHAT_CONCURRENCY (--chat-concurrency): the replies the app lets run at once
 (the local engine's batch; for the remote backend, the streams it keeps open to the server).
+Greedy (--temperature 0) and the local model in bf16 like the server's (LOAD_IN_4BIT=false; --local-nf4
+keeps the app's NF4 default) so both backends write the same replies and tokens/s compare like for
+like; besides, `transformers serve` samples only when the model's generation config says
+do_sample, which the converted Gemma's does not, so it answers greedily whatever the temperature.
 
 Usage: python bench/load_remote.py [--users 1,8,30] [--max-new-tokens 64] [--chat-concurrency 32]
                                    [--remote-url URL --remote-model NAME] [--only local|remote]
@@ -76,13 +80,15 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def run_users(url: str, n: int, max_new_tokens: int, count_tokens, timeout_s: float) -> tuple[list[UserResult], float]:
+def run_users(url: str, n: int, max_new_tokens: int, temperature: float, count_tokens,
+              timeout_s: float) -> tuple[list[UserResult], float]:
     """N users send one chat each at once; returns their results and the wall time of the whole round."""
     from gradio_client import Client
 
     clients = [Client(url, verbose=False) for _ in range(n)]  # sessions first: not part of the timing
     t0 = time.perf_counter()
-    jobs = [c.submit(PROMPTS[i % len(PROMPTS)], "", max_new_tokens, api_name="/chat") for i, c in enumerate(clients)]
+    jobs = [c.submit(PROMPTS[i % len(PROMPTS)], "", max_new_tokens, temperature, api_name="/chat")
+            for i, c in enumerate(clients)]
     first: list[float | None] = [None] * n
     end: list[float | None] = [None] * n
     deadline = t0 + timeout_s
@@ -126,17 +132,18 @@ def summarize(backend: str, n: int, results: list[UserResult], wall: float) -> R
                tokens, wall, tokens / wall if wall > 0 else 0.0, len(errors), errors[0] if errors else None)
 
 
-def bench_backend(name: str, env: dict[str, str], users: list[int], max_new_tokens: int, count_tokens,
-                  timeout_s: float) -> list[Row]:
+def bench_backend(name: str, env: dict[str, str], users: list[int], max_new_tokens: int, temperature: float,
+                  count_tokens, timeout_s: float) -> list[Row]:
     print(f"\n[{name}] starting the app ...", flush=True)
     app = start_app(env, wait_model=(name == "local"))
     rows = []
     try:
-        warm, _ = run_users(app.url, 1, 4, count_tokens, timeout_s)  # first request: lazy inits, CB start
+        # The first request pays lazy inits (and fixes a continuous-batching server's sampling settings).
+        warm, _ = run_users(app.url, 1, 4, temperature, count_tokens, timeout_s)
         if warm[0].error:
             raise RuntimeError(f"{name}: warm-up failed: {warm[0].error}\n{app.log()[-3000:]}")
         for n in users:
-            results, wall = run_users(app.url, n, max_new_tokens, count_tokens, timeout_s)
+            results, wall = run_users(app.url, n, max_new_tokens, temperature, count_tokens, timeout_s)
             row = summarize(name, n, results, wall)
             rows.append(row)
             print(f"[{name}] N={n}: {row.tokens} tokens in {row.wall_s:.1f} s, {row.errors} errors"
@@ -150,6 +157,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", default="1,8,30", help="comma-separated simultaneous users per round")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default, see above)")
     ap.add_argument("--chat-concurrency", type=int, default=32, help="CHAT_CONCURRENCY for both apps")
     ap.add_argument("--remote-url", help="an OpenAI-compatible base URL (default: start transformers serve here)")
     ap.add_argument("--remote-model", help="the served model's name (with --remote-url; default: first listed)")
@@ -157,6 +165,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="torch threads of the app and the started server "
                     "(default: all cores; 1 helps on a box shared with other busy processes)")
     ap.add_argument("--only", choices=("local", "remote"))
+    ap.add_argument("--local-nf4", action="store_true", help="the local app in NF4 (its default) instead of bf16")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a round may take")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -179,7 +188,9 @@ def main() -> int:
     server = None
     try:
         if args.only != "remote":
-            rows += bench_backend("local", base_env, users, args.max_new_tokens, count_tokens, args.timeout)
+            local_env = {**base_env, "LOAD_IN_4BIT": "true" if args.local_nf4 else "false"}
+            rows += bench_backend("local", local_env, users, args.max_new_tokens, args.temperature, count_tokens,
+                                  args.timeout)
         if args.only != "local":
             if args.remote_url:
                 url, model, what = args.remote_url, args.remote_model, args.remote_url
@@ -192,7 +203,8 @@ def main() -> int:
             env = {**base_env, "CHAT_BACKEND_URL": url}
             if model:
                 env["CHAT_BACKEND_MODEL"] = model
-            rows += bench_backend("remote", env, users, args.max_new_tokens, count_tokens, args.timeout)
+            rows += bench_backend("remote", env, users, args.max_new_tokens, args.temperature, count_tokens,
+                                  args.timeout)
             print(f"\nremote server: {what}")
     finally:
         if server is not None:
@@ -200,6 +212,7 @@ def main() -> int:
 
     load1 = os.getloadavg()
     print(f"load average: {load0[0]:.1f} at start, {load1[0]:.1f} at end; {args.max_new_tokens} max new tokens, "
+          f"temperature {args.temperature:g}, local model {'NF4' if args.local_nf4 else 'bf16'}, "
           f"CHAT_CONCURRENCY={args.chat_concurrency}, torch threads {args.threads or 'all cores'}\n")
     print("| backend | users | TTFT p50 s | TTFT p95 s | reply p50 s | reply max s | tokens | wall s | tokens/s (all users) | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
