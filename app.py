@@ -68,7 +68,7 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
             build_share([(LAB_FIELDS, lab.inputs), (INSIDE_FIELDS, inside.inputs)], share_row)
         with gr.Tab("4-bit Chat", id="chat"):
             chat = build_chat(demo, state.chat, bar)
-        inside.wire(chat.chatbot, chat.replies, bar.line)
+        inside.wire(chat.chatbot, chat.replies, bar.line, system=chat.system)
     return demo
 
 

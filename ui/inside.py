@@ -19,18 +19,21 @@ from generation.settings import Settings
 
 from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, error_text, last_exchange, pct
 from .share import Field, bool_field, int_field, query_of, read_fields, text_field, warn
+from .teaching import TEACHING_FIELDS, TeachingHandlers, TeachingView, build_teaching
 
 DEFAULT_INSPECT_TEXT = "The cat sat on the mat because it was tired."
 DEFAULT_QUANT_PROMPT = "The capital of France is"
 
-# The inside view's inputs in a shared link, in the order of `InsideView.inputs`. The layer's
+# The layer maps' inputs in a shared link, in the order of `InsideView.layer_inputs`. The layer's
 # range is checked against the loaded model when the map is drawn.
-INSIDE_FIELDS: tuple[Field, ...] = (
+LAYER_FIELDS: tuple[Field, ...] = (
     text_field("inspect_text", DEFAULT_INSPECT_TEXT),
     int_field("layer", 0, 255, default=0),
     int_field("inspect_head", 0, 63, default=0),
     bool_field("hide_special", True),
 )
+# The whole inside view's (the teaching panels' too), in the order of `InsideView.inputs`.
+INSIDE_FIELDS: tuple[Field, ...] = LAYER_FIELDS + TEACHING_FIELDS
 
 INSIDE_HELP = """
 ## Inside the chat model
@@ -87,6 +90,7 @@ class InsideHandlers:
         self.settings = settings
         self.model = model
         self.full_precision = FullPrecisionCache()  # loaded on the first "What 4-bit costs" click
+        self.teaching = TeachingHandlers(settings, model)  # every layer at once, heads off, while writing
 
     def _map(self, text: str, layer: Any, hide_special: bool, history: list[Any] | None = None) -> Any:
         lm = self.model.require()
@@ -122,11 +126,11 @@ class InsideHandlers:
         return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
 
     def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
-        """Page load: the inside view's fields from a shared link (or no change), and whether the
+        """Page load: the layer maps' fields from a shared link (or no change), and whether the
         link set any (then the map is drawn at once, if the model is there)."""
-        values, problems = read_fields(INSIDE_FIELDS, query_of(request))
+        values, problems = read_fields(LAYER_FIELDS, query_of(request))
         warn(problems)
-        return (*(values.get(f.name, gr.skip()) for f in INSIDE_FIELDS), bool(values))
+        return (*(values.get(f.name, gr.skip()) for f in LAYER_FIELDS), bool(values))
 
     def show_shared(self, shared: bool, text: str, layer: Any, head: Any, hide_special: bool,
                     history: list[Any]):
@@ -190,16 +194,25 @@ class InsideView:
     notes: gr.Markdown
     grid: gr.Plot
     big: gr.Plot
+    teaching: TeachingView  # every layer at once, switch heads off, what it looked at while writing
+
+    @property
+    def layer_inputs(self) -> list[Any]:
+        """The layer maps' shareable inputs, in the order of LAYER_FIELDS."""
+        return [self.text, self.layer, self.head, self.hide_special]
 
     @property
     def inputs(self) -> list[Any]:
         """The shareable inputs, in the order of INSIDE_FIELDS."""
-        return [self.text, self.layer, self.head, self.hide_special]
+        return [*self.layer_inputs, *self.teaching.inputs]
 
-    def wire(self, chatbot: gr.Chatbot, replies: list[Any], status: gr.Markdown) -> None:
+    def wire(self, chatbot: gr.Chatbot, replies: list[Any], status: gr.Markdown,
+             system: gr.Textbox | None = None) -> None:
         """Events that read the chat: the history (empty text = last exchange), finished replies
-        (they fill the text box), and the status line (the layer slider fits the loaded model)."""
+        (they fill the text box; the teaching view reads them), the system prompt the replies were
+        written under, and the status line (the layer sliders fit the loaded model)."""
         state = self.handlers
+        self.teaching.wire(chatbot, system, replies, status)
         show = dict(fn=state.inspect_update, inputs=[self.text, self.layer, self.head, self.hide_special, chatbot],
                     outputs=[self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
         gr.on([self.show.click, self.text.submit, self.layer.release, self.head.release, self.hide_special.input],
@@ -211,8 +224,8 @@ class InsideView:
                        queue=False, show_progress="hidden", **PRIVATE)
         # A shared link's fields on page load, and its map drawn when the model is there.
         shared = gr.State(False)
-        self.demo.load(state.apply_setup, None, [*self.inputs, shared], show_progress="hidden", **INSPECT_EVENTS,
-                       **PRIVATE).then(state.show_shared, [shared, *self.inputs, chatbot],
+        self.demo.load(state.apply_setup, None, [*self.layer_inputs, shared], show_progress="hidden", **INSPECT_EVENTS,
+                       **PRIVATE).then(state.show_shared, [shared, *self.layer_inputs, chatbot],
                                        [self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
         # The status line changes when the model arrives: fit the layer slider to it then.
         status.change(state.layer_slider, None, [self.layer], queue=False, show_progress="hidden", **PRIVATE)
@@ -241,6 +254,7 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
                     inspect_big = gr.Plot(show_label=False, format="png", elem_id="inspect-big")
                 with gr.Column(scale=2):
                     gr.Markdown(INSIDE_READ)
+    teaching = build_teaching(demo, handlers.teaching)
     gr.Markdown(QUANT_HELP)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
@@ -262,4 +276,4 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
     quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **INSPECT_EVENTS, **PRIVATE)
     return InsideView(demo=demo, handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
                       head=inspect_head, hide_special=hide_special, show=show_map, notes=inspect_notes,
-                      grid=inspect_grid, big=inspect_big)
+                      grid=inspect_grid, big=inspect_big, teaching=teaching)
