@@ -136,16 +136,40 @@ def _wait_generating(client, want: int, timeout_s: float) -> int:
 
 def test_cancelled_chat_job_frees_the_worker(app_server, client):  # noqa: F811
     chat_client = Client(app_server.url, verbose=False)
-    job = chat_client.submit("Write a long story about a dragon.", max_new_tokens=400, temperature=1.3,
-                             top_p=1.0, seed=1, api_name="/chat")
+    job = chat_client.submit("Tell me a long story about a dragon who learns to fly.", max_new_tokens=400,
+                             temperature=1.3, top_p=1.0, seed=3, api_name="/chat")  # seeded: a reply that runs long
     assert _wait_generating(client, 1, 60.0) == 1, "the chat never started generating"
     time.sleep(1.0)  # some tokens in: the job is streaming
     assert not job.done()
     job.cancel()
     # 400 tokens take ~15 s here; a freed worker ends within a token or two.
-    assert _wait_generating(client, 0, 5.0) == 0, "the generation thread kept running after cancel"
+    assert _wait_generating(client, 0, 5.0) == 0, "the request kept generating after cancel"
     # and the slot serves the next caller
     assert client.predict("Hello!", max_new_tokens=4, api_name="/chat").strip()
+
+
+def test_simultaneous_chats_are_answered_together(app_server, client):  # noqa: F811
+    """Several /chat calls at once share the engine's batch: all answer, the greedy ones exactly
+    as when alone, and the server has more than one reply in flight at a time (not one by one)."""
+    alone = client.predict("What is the capital of France?", max_new_tokens=24, temperature=0.0, api_name="/chat")
+    clients = [Client(app_server.url, verbose=False) for _ in range(6)]
+    jobs = []
+    for i, c in enumerate(clients):
+        if i % 2 == 0:
+            jobs.append(c.submit("What is the capital of France?", max_new_tokens=24, temperature=0.0,
+                                 api_name="/chat"))
+        else:
+            jobs.append(c.submit("Write a long story about a dragon.", max_new_tokens=60, temperature=0.9,
+                                 seed=i, api_name="/chat"))
+    most = 0
+    deadline = time.monotonic() + 300
+    while not all(j.done() for j in jobs) and time.monotonic() < deadline:
+        most = max(most, client.predict(api_name="/model_status")["generating"])
+        time.sleep(0.1)
+    replies = [j.result(timeout=300) for j in jobs]
+    assert all(isinstance(r, str) and r.strip() for r in replies)
+    assert replies[0] == replies[2] == replies[4] == alone
+    assert most >= 2, "the chats were answered one after another"
 
 
 # ---------------------------------------------------------------------------------------------

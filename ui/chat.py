@@ -235,8 +235,7 @@ class BackendSlot:
             return self.model.status()
         reason = self.remote.check()
         chat = (f"{dot('#16a34a')} chat: **{html.escape(self.remote.describe())}**" if reason is None else
-                f"{dot('#dc2626')} chat: **{html.escape(self.remote.describe())}** unreachable: "
-                f"{html.escape(reason)}")
+                f"{dot('#dc2626')} chat: **{html.escape(self.remote.describe())}**: {html.escape(reason)}")
         return f"{chat} · {self.model.status()}"
 
     def close(self) -> None:
