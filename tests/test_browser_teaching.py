@@ -209,3 +209,18 @@ def test_reply_tokens_show_what_they_looked_at(page):
     wait_reply_done(page, 2)
     page.get_by_role("tab", name="Attention Lab").click()
     wait_changed(lambda: page.locator("#writing-reply").inner_text(), first_tokens)
+
+
+def test_the_layer_maps_files_are_made_on_request(page):
+    page.click("#inspect-files-btn")  # the one-layer view above: its figures and weights as files
+    page.wait_for_function("document.querySelectorAll('#inspect-files a[download]').length === 5", timeout=120_000)
+    names = [a.get_attribute("download") for a in page.locator("#inspect-files a[download]").all()]
+    assert names == ["attention_layer0_heads.png", "attention_layer0_heads.svg", "attention_layer0_head0.png",
+                     "attention_layer0_head0.svg", "attention_layer0_head0.csv"]
+    with page.expect_download(timeout=30_000) as info:
+        page.locator("#inspect-files a[download$='.csv']").click()
+    lines = Path(info.value.path()).read_text().splitlines()
+    assert lines[0] == "query \\ key,The,cat,sat,on,the,mat,because,it,was,tired,." and len(lines) == 12
+    with page.expect_download(timeout=30_000) as info:
+        page.locator("#inspect-files a[download$='heads.png']").click()
+    assert Path(info.value.path()).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from attention.plot import plot_head, plot_heads
+from attention.plot import figure_bytes, plot_head, plot_heads, weights_csv
 from generation.introspect import FullPrecisionCache, compare_quantization, model_attention, model_layers
 from generation.settings import Settings
 
@@ -125,6 +125,24 @@ class InsideHandlers:
         notes += f"  \nGrouped-query attention: {share}."
         return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
 
+    def inspect_files(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any]) -> Any:
+        """UI: the layer's figures (every head, the head shown large) as PNG and SVG and that head's
+        weights as CSV, made on request (a list of files); bad input -> gr.Warning."""
+        try:
+            att = self._map(text, layer, hide_special, history)
+            grid, big, h = self._map_figures(att, head)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(error_text(exc), title="Cannot make the files")
+            return gr.skip()
+        name = f"attention_layer{att.layer}"
+        return self.teaching.files.write({
+            f"{name}_heads.png": figure_bytes(grid, "png"),
+            f"{name}_heads.svg": figure_bytes(grid, "svg"),
+            f"{name}_head{h}.png": figure_bytes(big, "png"),
+            f"{name}_head{h}.svg": figure_bytes(big, "svg"),
+            f"{name}_head{h}.csv": weights_csv(att.weights[h], att.tokens, att.tokens),
+        })
+
     def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
         """Page load: the layer maps' fields from a shared link (or no change), and whether the
         link set any (then the map is drawn at once, if the model is there)."""
@@ -194,6 +212,8 @@ class InsideView:
     notes: gr.Markdown
     grid: gr.Plot
     big: gr.Plot
+    files_btn: gr.Button
+    files: gr.File
     teaching: TeachingView  # every layer at once, switch heads off, what it looked at while writing
 
     @property
@@ -215,6 +235,8 @@ class InsideView:
         self.teaching.wire(chatbot, system, replies, status)
         show = dict(fn=state.inspect_update, inputs=[self.text, self.layer, self.head, self.hide_special, chatbot],
                     outputs=[self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
+        self.files_btn.click(state.inspect_files, [self.text, self.layer, self.head, self.hide_special, chatbot],
+                             [self.files], **INSPECT_EVENTS, **PRIVATE)
         gr.on([self.show.click, self.text.submit, self.layer.release, self.head.release, self.hide_special.input],
               **show)
         self.use_chat.click(last_exchange, [chatbot], [self.text], queue=False, **PRIVATE).then(**show)
@@ -254,6 +276,8 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
                     inspect_big = gr.Plot(show_label=False, format="png", elem_id="inspect-big")
                 with gr.Column(scale=2):
                     gr.Markdown(INSIDE_READ)
+                    files_btn = gr.Button("Files of this layer: PNG, SVG, CSV", size="sm", elem_id="inspect-files-btn")
+                    files = gr.File(file_count="multiple", interactive=False, show_label=False, elem_id="inspect-files")
     teaching = build_teaching(demo, handlers.teaching)
     gr.Markdown(QUANT_HELP)
     with gr.Row(equal_height=False):
@@ -276,4 +300,4 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
     quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **INSPECT_EVENTS, **PRIVATE)
     return InsideView(demo=demo, handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
                       head=inspect_head, hide_special=hide_special, show=show_map, notes=inspect_notes,
-                      grid=inspect_grid, big=inspect_big, teaching=teaching)
+                      grid=inspect_grid, big=inspect_big, files_btn=files_btn, files=files, teaching=teaching)
