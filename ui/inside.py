@@ -135,13 +135,14 @@ class InsideHandlers:
             gr.Warning(error_text(exc), title="Cannot make the files")
             return gr.skip()
         name = f"attention_layer{att.layer}"
-        return self.teaching.files.write({
+        paths = self.teaching.files.write({
             f"{name}_heads.png": figure_bytes(grid, "png"),
             f"{name}_heads.svg": figure_bytes(grid, "svg"),
             f"{name}_head{h}.png": figure_bytes(big, "png"),
             f"{name}_head{h}.svg": figure_bytes(big, "svg"),
             f"{name}_head{h}.csv": weights_csv(att.weights[h], att.tokens, att.tokens),
         })
+        return gr.update(value=paths, visible=True)
 
     def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
         """Page load: the layer maps' fields from a shared link (or no change), and whether the
@@ -277,7 +278,8 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
                 with gr.Column(scale=2):
                     gr.Markdown(INSIDE_READ)
                     files_btn = gr.Button("Files of this layer: PNG, SVG, CSV", size="sm", elem_id="inspect-files-btn")
-                    files = gr.File(file_count="multiple", interactive=False, show_label=False, elem_id="inspect-files")
+                    files = gr.File(file_count="multiple", interactive=False, show_label=False, visible=False,
+                                    elem_id="inspect-files")  # shown once it holds files
     teaching = build_teaching(demo, handlers.teaching)
     gr.Markdown(QUANT_HELP)
     with gr.Row(equal_height=False):

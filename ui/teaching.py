@@ -650,11 +650,11 @@ def _build_ablation(state: TeachingHandlers) -> dict[str, Any]:
             heads = gr.Textbox(DEFAULT_ABLATE_HEADS, label="Heads to switch off (layer:head, * = all)",
                                elem_id="ablate-heads")
             gr.Markdown("**Presets**")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False):
                 p_layer = gr.Number(DEFAULT_LAYER, minimum=0, maximum=17, step=1, label="L", scale=1, min_width=70,
                                     elem_id="ablate-layer")
                 layer_btn = gr.Button("All heads of layer L", size="sm", scale=3, elem_id="preset-layer-btn")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False):
                 p_head = gr.Number(0, minimum=0, maximum=3, step=1, label="H", scale=1, min_width=70,
                                    elem_id="ablate-head")
                 head_btn = gr.Button("Head H in every layer", size="sm", scale=3, elem_id="preset-head-btn")
