@@ -1,7 +1,9 @@
-"""Regenerate assets/attention_lab.png, assets/inside_model.png and assets/chat.png from the real app (`python tests/screenshots.py`).
+"""Regenerate the screenshots in assets/ from the real app (`python tests/screenshots.py`):
+attention_lab.png, inside_model.png, chat.png, and the teaching panels model_view.png,
+ablation.png and reply_attention.png.
 
 Starts `python app.py` on a free port, drives Debian's chromium through both tabs (with a real
-reply from the default model), saves full-page screenshots and stops the server.
+reply from the default model), saves full-page (and panel) screenshots and stops the server.
 """
 
 from __future__ import annotations
@@ -16,6 +18,40 @@ from apputil import REPO, launch_chromium, open_app, send_chat, set_number, star
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 ASSETS = REPO / "assets"
+SHOTS = ("attention_lab.png", "inside_model.png", "chat.png", "model_view.png", "ablation.png", "reply_attention.png")
+
+
+def teaching_panels(page) -> None:
+    """The three teaching panels, each opened, run on its default (the reply: its "Paris" token)."""
+    page.get_by_role("tab", name="Attention Lab").click()
+    page.locator("#mv-accordion > button.label-wrap").click()
+    page.click("#mv-btn")
+    page.wait_for_selector("#mv-big img", timeout=120_000)
+    set_number(page, "mv-head", 2)  # layer 5 (a global one), head 2, outlined in the grid
+    page.wait_for_function("document.querySelector('#mv-big img')?.getAttribute('src').includes('head2')",
+                           timeout=60_000)
+    time.sleep(1.0)
+    page.locator("#mv-accordion").screenshot(path=str(ASSETS / "model_view.png"))
+    page.locator("#mv-accordion > button.label-wrap").click()  # closed again: one panel at a time
+
+    page.locator("#ablate-accordion > button.label-wrap").click()
+    page.click("#preset-layer-btn")  # all heads of layer 5
+    page.wait_for_function("document.querySelector('#ablate-summary').innerText.includes('nats')", timeout=120_000)
+    time.sleep(1.0)
+    page.locator("#ablate-accordion").screenshot(path=str(ASSETS / "ablation.png"))
+    page.locator("#ablate-accordion > button.label-wrap").click()
+
+    page.locator("#writing-accordion > button.label-wrap").click()
+    page.click("#writing-btn")
+    page.wait_for_selector("#writing-strip img", timeout=120_000)
+    paris = page.locator("#writing-reply").get_by_text("Paris", exact=True)
+    if paris.count():
+        before = page.locator("#writing-strip img").get_attribute("src")
+        paris.first.click()
+        page.wait_for_function(f"document.querySelector('#writing-strip img').getAttribute('src') !== {before!r}",
+                               timeout=60_000)
+    time.sleep(1.0)
+    page.locator("#writing-accordion").screenshot(path=str(ASSETS / "reply_attention.png"))
 
 
 def main() -> None:
@@ -48,11 +84,12 @@ def main() -> None:
             page.wait_for_function("document.querySelector('#next-notes').innerText.includes('temperature')")
             time.sleep(1.0)
             page.screenshot(path=str(ASSETS / "chat.png"), full_page=True)
+            teaching_panels(page)
             context.close()
             browser.close()
     finally:
         server.stop()
-    print("wrote", *(ASSETS / n for n in ("attention_lab.png", "inside_model.png", "chat.png")))
+    print("wrote", *(ASSETS / n for n in SHOTS))
 
 
 if __name__ == "__main__":
