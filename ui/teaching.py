@@ -199,7 +199,8 @@ def grid_figure(mv: ModelView, scale: str = "each", selected: tuple[int, int] | 
 
 
 def _token_text(label: str) -> str:
-    return repr(label)[1:-1] if label.isprintable() else label.encode("unicode_escape").decode()
+    """A token label for a table or list: control characters written as escapes."""
+    return label if label.isprintable() else label.encode("unicode_escape").decode()
 
 
 # ---------------------------------------------------------------------------------------------
