@@ -7,6 +7,7 @@ explains itself, the real 4-bit model streams a reply, Stop halts it, two users 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from apputil import app_server, bot_texts, launch_chromium, open_app, send_chat, set_number  # noqa: F401
@@ -288,3 +289,31 @@ def test_what_4bit_costs_loads_full_precision_on_demand(page):
     assert 1e-3 < kl < 1.0, summary  # NF4 moves the distribution, measurably but not wildly
     table = page.locator("#quant-table").inner_text()
     assert "Paris" in table and "%" in table
+
+
+def test_the_lab_setup_downloads_as_png_svg_and_csv(page):
+    set_number(page, "emb-dim", 16)  # the files follow the sliders as they are now
+    page.locator("#causal input").check()
+    page.click("#lab-files-btn")
+    page.wait_for_function("document.querySelectorAll('#lab-files a[download]').length === 5", timeout=60_000)
+    names = [a.get_attribute("download") for a in page.locator("#lab-files a[download]").all()]
+    assert names == ["lab_16d_4heads_causal_seed0.png", "lab_16d_4heads_causal_seed0.svg",
+                     "lab_16d_4heads_causal_seed0_head0_steps.png", "lab_16d_4heads_causal_seed0_head0_steps.svg",
+                     "lab_16d_4heads_causal_seed0_weights.csv"]
+    with page.expect_download(timeout=30_000) as info:
+        page.locator("#lab-files a[download$='.csv']").click()
+    lines = Path(info.value.path()).read_text().splitlines()
+    assert lines[0] == "head,query_pos,query,key_pos,key,weight" and len(lines) == 1 + 4 * 11 * 11
+    # causal: no query looks ahead, and each (head, query) row sums to 1
+    rows = [line.split(",") for line in lines[1:]]
+    assert all(float(r[5]) == 0.0 for r in rows if int(r[3]) > int(r[1]))
+    sums: dict[tuple[str, str], float] = {}
+    for r in rows:
+        sums[(r[0], r[1])] = sums.get((r[0], r[1]), 0.0) + float(r[5])
+    assert all(abs(v - 1.0) < 1e-4 for v in sums.values())
+    with page.expect_download(timeout=30_000) as info:
+        page.locator("#lab-files a[download$='seed0.svg']").click()
+    assert b"<svg" in Path(info.value.path()).read_bytes()[:400]
+    with page.expect_download(timeout=30_000) as info:
+        page.locator("#lab-files a[download$='steps.png']").click()
+    assert Path(info.value.path()).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

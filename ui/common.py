@@ -10,6 +10,8 @@ import functools
 import inspect
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 import typing
@@ -261,3 +263,47 @@ def message_role(msg: Any) -> str | None:
 def pct(p: float) -> str:
     """A probability as a percentage readable at any size (1e-6 too)."""
     return f"{p * 100:.2f} %" if p >= 0.0001 else f"{p * 100:.1e} %"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files for the download buttons
+
+
+class DownloadDir:
+    """Files for download buttons, in the system's temp dir: gradio serves files from there (it
+    copies a returned path into its cache). Every call gets a folder of its own, so two users never
+    overwrite each other's files; folders older than `keep_s` are removed on later calls."""
+
+    def __init__(self, keep_s: float = 600.0) -> None:
+        self.keep_s = keep_s
+        self._root: str | None = None
+        self._lock = threading.Lock()
+
+    def write(self, files: dict[str, bytes | str]) -> list[str]:
+        """Write {file name: bytes or text} into a fresh folder; their paths, in order."""
+        with self._lock:
+            if self._root is None or not os.path.isdir(self._root):
+                self._root = tempfile.mkdtemp(prefix="attention-lab-downloads-", dir=tempfile.gettempdir())
+            root = self._root
+            self._sweep(root)
+        folder = tempfile.mkdtemp(dir=root)
+        paths = []
+        for name, data in files.items():
+            path = os.path.join(folder, name)
+            if isinstance(data, bytes):
+                with open(path, "wb") as f:
+                    f.write(data)
+            else:
+                with open(path, "w", encoding="utf-8", newline="") as f:
+                    f.write(data)
+            paths.append(path)
+        return paths
+
+    def _sweep(self, root: str) -> None:
+        cutoff = time.time() - self.keep_s
+        for entry in os.scandir(root):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                pass

@@ -12,10 +12,10 @@ from typing import Any
 import gradio as gr
 
 from attention.lab import LabConfig, run_lab, valid_head_counts
-from attention.plot import plot_heads, plot_steps
+from attention.plot import figure_bytes, plot_heads, plot_steps, weights_csv
 from attention.trace import explain_head
 
-from .common import LAB_EVENTS, as_float, as_int
+from .common import LAB_EVENTS, PRIVATE, DownloadDir, as_float, as_int
 from .share import Field, bool_field, float_field, int_field, query_of, read_fields, text_field, warn
 
 # The notebook's sentence.
@@ -125,7 +125,34 @@ def lab_notice(cfg: LabConfig, result: Any) -> str:
 
 
 class LabHandlers:
-    """The Attention Lab's event handlers (stateless: each user's last result lives in gr.State)."""
+    """The Attention Lab's event handlers (each user's last result lives in gr.State)."""
+
+    def __init__(self) -> None:
+        self.files = DownloadDir()
+
+    def lab_files(self, text: str, emb_dim: float, n_heads: Any, n_kv_heads: Any, dropout: float, seed: float,
+                  causal: bool, multi_head: bool, head: float) -> Any:
+        """UI: the heatmaps and the step-by-step view as PNG and SVG, every head's weights as CSV, for
+        the current sliders (made on request: a list of files). Bad settings -> gr.Warning."""
+        try:
+            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
+            result = run_lab(cfg)
+            heat = lab_figure(cfg, result)
+            steps = steps_figure(result, 0 if head is None or head == "" else head)
+        except ValueError as exc:
+            gr.Warning(str(exc), title="Cannot make the files")
+            return gr.skip()
+        n = int(result.weights.shape[0])
+        h = min(max(as_int(0 if head is None or head == "" else head, "head"), 0), n - 1)
+        name = f"lab_{cfg.emb_dim}d_{n}heads{'_causal' if cfg.causal else ''}_seed{cfg.seed}"
+        paths = self.files.write({
+            f"{name}.png": figure_bytes(heat, "png"),
+            f"{name}.svg": figure_bytes(heat, "svg"),
+            f"{name}_head{h}_steps.png": figure_bytes(steps, "png"),
+            f"{name}_head{h}_steps.svg": figure_bytes(steps, "svg"),
+            f"{name}_weights.csv": weights_csv(result.weights, result.tokens, result.tokens),
+        })
+        return gr.update(value=paths, visible=True)
 
     def head_choices(self, emb_dim: float, n_heads: Any) -> Any:
         """New n_heads dropdown (divisors of emb_dim), keeping the current value when still valid."""
@@ -273,6 +300,9 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
             heatmaps = gr.Plot(show_label=False, format="png", elem_id="lab-heatmaps")
             lab_msg = gr.Markdown("", elem_id="lab-message")
             gr.Markdown(LAB_HELP)
+            files_btn = gr.Button("Files of this setup: PNG, SVG, CSV", size="sm", elem_id="lab-files-btn")
+            files = gr.File(file_count="multiple", interactive=False, show_label=False, visible=False,
+                            elem_id="lab-files")
     gr.Markdown("### One head, step by step")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
@@ -303,6 +333,7 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
     emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
                     api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
     head.release(**explain)
+    files_btn.click(state.lab_files, [*lab_inputs, head], [files], show_progress="minimal", **lab_kw, **PRIVATE)
     # A shared link's setup first, then the first drawing with it.
     demo.load(state.apply_setup, None, [text, multi_head, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, head],
               show_progress="hidden", api_visibility="private", **lab_kw).then(

@@ -18,11 +18,7 @@ SVG; the weights shown are downloadable as CSV.
 from __future__ import annotations
 
 import html
-import os
 import re
-import shutil
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +49,17 @@ from generation.teaching import (
     reply_attention,
 )
 
-from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, error_text, model_history, pct, typed_api
+from .common import (
+    INSPECT_EVENTS,
+    PRIVATE,
+    DownloadDir,
+    ModelSlot,
+    as_int,
+    error_text,
+    model_history,
+    pct,
+    typed_api,
+)
 from .share import MAX_TEXT_CHARS, Field, query_of, read_fields, text_field, warn
 
 DEFAULT_MV_TEXT = "The cat sat on the mat because it was tired."
@@ -136,50 +142,6 @@ default: it collects much of the attention without meaning anything.
 """
 
 _NOTE_REPLY = re.compile(r"^\*\(.*\)\*$")  # the chat's "*(stopped before the first token)*" notes
-
-
-# ---------------------------------------------------------------------------------------------
-# Files for the download buttons
-
-
-class DownloadDir:
-    """Files for download buttons, in the system's temp dir: gradio serves files from there (it
-    copies a returned path into its cache). Every call gets a folder of its own, so two users never
-    overwrite each other's files; folders older than `keep_s` are removed on later calls."""
-
-    def __init__(self, keep_s: float = 600.0) -> None:
-        self.keep_s = keep_s
-        self._root: str | None = None
-        self._lock = threading.Lock()
-
-    def write(self, files: dict[str, bytes | str]) -> list[str]:
-        """Write {file name: bytes or text} into a fresh folder; their paths, in order."""
-        with self._lock:
-            if self._root is None or not os.path.isdir(self._root):
-                self._root = tempfile.mkdtemp(prefix="attention-lab-downloads-", dir=tempfile.gettempdir())
-            root = self._root
-            self._sweep(root)
-        folder = tempfile.mkdtemp(dir=root)
-        paths = []
-        for name, data in files.items():
-            path = os.path.join(folder, name)
-            if isinstance(data, bytes):
-                with open(path, "wb") as f:
-                    f.write(data)
-            else:
-                with open(path, "w", encoding="utf-8", newline="") as f:
-                    f.write(data)
-            paths.append(path)
-        return paths
-
-    def _sweep(self, root: str) -> None:
-        cutoff = time.time() - self.keep_s
-        for entry in os.scandir(root):
-            try:
-                if entry.stat().st_mtime < cutoff:
-                    shutil.rmtree(entry.path, ignore_errors=True)
-            except OSError:
-                pass
 
 
 def _button(path: str) -> Any:
