@@ -50,14 +50,101 @@ DEFAULT_MAX_BATCH = 32
 # the longest a running stream waits for a newcomer; a GPU takes thousands in one go cheaply.
 DEFAULT_PREFILL_TOKENS_CPU = 256
 DEFAULT_PREFILL_TOKENS_CUDA = 2048
-# Rows of a prefill group get at least this many tokens per chunk (fewer, larger forwards).
-MIN_CHUNK = 16
+# Recent prompts whose keys/values are kept for reuse (PrefixStore), and the shortest reuse worth a copy.
+DEFAULT_PREFIX_ENTRIES = 8
+MIN_PREFIX = 8
+WARMUP_MESSAGE = "Hello"
+WARMUP_PARAMS = SamplingParams(temperature=0.0, max_new_tokens=1)
 # The KV buffers grow in steps of this many positions.
 CAPACITY_STEP = 256
 # A consumer checks this often that the loop is still alive while it waits for text.
 POLL_S = 0.5
 # Bound for a closed consumer waiting until the loop has removed its request (one step).
 CANCEL_WAIT_S = 30.0
+
+
+class RowAttentionMask(torch.Tensor):
+    """A boolean attention mask (n, 1, T, S) that knows each row's real queries and keys, so the
+    `scaled_dot_product_attention` call it reaches runs row by row, each with exactly the call a
+    single-sequence `generate()` makes: no mask, the row's own key count, is_causal for a prefill
+    from position 0, grouped-query heads as transformers passes them.
+
+    Why not one call over the batch: CPU sdpa's result for a row depends on the padded key length
+    (its blocking over keys), so a reply would depend on which other rows share the step. On the
+    4-bit model that flips exact bf16 ties (the notebook's "capital of France" prompt has one at
+    its 6th token) in most mixed batches. Row by row costs ~5 ms per step at 30 rows on 2 cores.
+
+    It reaches sdpa through transformers' own `sdpa_attention_forward` (and the project's
+    "attention_lab" dispatcher in front of it) untouched: PyTorch hands a call that has a tensor
+    subclass among its arguments to the subclass (`__torch_function__`); every other operation on
+    the mask sees a plain tensor with the batched mask's values.
+    """
+
+    _ends: list[int]
+    _counts: list[int]
+    _window: int | None
+    _n_rep: int
+
+    @staticmethod
+    def wrap(mask: torch.Tensor, ends: list[int], counts: list[int], window: int | None, n_rep: int) -> RowAttentionMask:
+        """mask (n, 1, T, S) bool; row b's real queries are its last counts[b] of T, at positions
+        ends[b] - counts[b] .. ends[b] - 1; window = the sliding window of these layers (None = full)."""
+        m = torch.Tensor._make_subclass(RowAttentionMask, mask)
+        m._ends, m._counts, m._window, m._n_rep = ends, counts, window, n_rep
+        return m
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if isinstance(mask, RowAttentionMask):
+                rest = {k: v for k, v in kwargs.items() if k != "attn_mask"}
+                with torch._C.DisableTorchFunctionSubclass():
+                    return mask._rowwise(*args[:3], **rest)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    def _rowwise(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        """query (n, Hq, T, d) (or GQA-packed (n, Hkv, n_rep, d) for T = 1), key/value (n, Hk, S, d)
+        -> (n, H, T, d); pad queries get zeros."""
+        from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        n, t, rep = query.shape[0], self.shape[2], self._n_rep
+        if t == 1 and rep > 1 and query.shape[1] == key.shape[1] and query.shape[2] == rep:
+            query = query.reshape(n, -1, 1, query.shape[-1])  # undo transformers' pack_gqa
+        heads = query.shape[1]
+        if rep > 1 and key.shape[1] == heads:  # undo repeat_kv: generate() passes the kv heads
+            key, value = key[:, ::rep], value[:, ::rep]
+        out = query.new_zeros(n, heads, t, value.shape[-1])
+        for b in range(n):
+            c, end = self._counts[b], self._ends[b]
+            start = end - c
+            q = query[b : b + 1, :, t - c :]
+            first = max(0, end - self._window) if (self._window and t == 1) else 0
+            k = key[b : b + 1, :, first:end]
+            v = value[b : b + 1, :, first:end]
+            k = k if k.is_contiguous() else k.contiguous()
+            v = v if v.is_contiguous() else v.contiguous()
+            if t == 1 or (start == 0 and (self._window is None or c <= self._window)):
+                # what generate() runs: decode over the row's keys, or a causal prefill from 0
+                gqa = rep > 1 and use_gqa_in_sdpa(None, k, v)
+                if rep > 1 and not gqa:
+                    k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+                o = sdpa(q, k, v, dropout_p=dropout_p, is_causal=t > 1, scale=scale, **({"enable_gqa": True} if gqa else {}))
+            else:  # a prefill chunk after cached positions (or past the window): explicit mask
+                j = torch.arange(end, device=q.device)
+                pos = torch.arange(start, end, device=q.device).unsqueeze(1)
+                keep = j <= pos
+                if self._window:
+                    keep &= j > pos - self._window
+                if rep > 1:
+                    k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+                o = sdpa(q, k, v, attn_mask=keep[None, None], dropout_p=dropout_p, scale=scale)
+            out[b, :, t - c :] = o[0]
+        return out
 
 
 class SlotKVCache(Cache):
@@ -146,12 +233,85 @@ class SlotKVCache(Cache):
                     store[i] = sb.new_zeros(self.rows, sb.shape[1], self.capacity, sb.shape[3])
                 store[i][dst, :, :length] = sb[src, :, :length]
 
+    def write_prefix(self, row: int, keys: Sequence[torch.Tensor | None], values: Sequence[torch.Tensor | None],
+                     length: int) -> None:
+        """Per-layer (kv_heads, >= length, head_dim) keys/values into positions [0, length) of `row`."""
+        self.ensure(length + 1)
+        for store, src in ((self.keys, keys), (self.values, values)):
+            for i, t in enumerate(src):
+                if t is None:
+                    continue
+                if store[i] is None:
+                    store[i] = t.new_zeros(self.rows, t.shape[0], self.capacity, t.shape[2])
+                store[i][row, :, :length] = t[:, :length]
+
     def move_row(self, dst: int, src: int, length: int) -> None:
         """Row `src` (its first `length` positions) into row `dst` of this cache."""
         for store in (self.keys, self.values):
             for b in store:
                 if b is not None:
                     b[dst, :, :length] = b[src, :, :length]
+
+
+class PrefixStore:
+    """Keys/values of recent prompts, so a newcomer sharing a prefix with one (the system prompt and
+    the dialogue format every chat starts with; the earlier turns of a conversation) prefills only
+    what is new. LRU, at most `entries` prompts of at most `max_tokens` tokens each.
+
+    Mathematically a causal prefix's keys/values are the same whatever follows it; numerically they
+    come from another forward (other batch shapes), as with chunked prefill.
+    """
+
+    def __init__(self, entries: int, max_tokens: int = 2048) -> None:
+        self.entries = entries
+        self.max_tokens = max_tokens
+        self._items: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # LRU first
+        self.hits = 0
+        self.tokens_saved = 0
+
+    @staticmethod
+    def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
+        m = min(a.numel(), b.numel())
+        diff = torch.nonzero(a[:m] != b[:m])
+        return int(diff[0]) if diff.numel() else m
+
+    def lookup(self, ids: torch.Tensor) -> tuple[int, int]:
+        """(usable prefix length, entry index) for prompt ids (P,); the last prompt token is always
+        left to compute (its logits give the first reply token). (0, -1) when nothing matches."""
+        best, where = 0, -1
+        for i, (e_ids, _, _) in enumerate(self._items):
+            n = min(self._lcp(ids, e_ids), ids.numel() - 1)
+            if n > best:
+                best, where = n, i
+        return best, where
+
+    def copy_into(self, where: int, length: int, cache: SlotKVCache, row: int) -> None:
+        """Positions [0, length) of entry `where` into `cache` row `row`; marks the entry recent."""
+        item = self._items.pop(where)
+        self._items.append(item)
+        _, keys, values = item
+        cache.write_prefix(row, keys, values, length)
+        self.hits += 1
+        self.tokens_saved += length
+
+    def add(self, ids: torch.Tensor, cache: SlotKVCache, row: int) -> None:
+        """Remember row `row` of `cache`, which holds the keys/values of prompt ids (P,)."""
+        if self.entries <= 0 or ids.numel() > self.max_tokens:
+            return
+        n = ids.numel()
+        for i, (e_ids, _, _) in enumerate(self._items):
+            lcp = self._lcp(ids, e_ids)
+            if lcp == n:  # already covered by a longer (or equal) entry
+                self._items.append(self._items.pop(i))
+                return
+            if lcp == e_ids.numel():  # extends an entry: replace it
+                self._items.pop(i)
+                break
+        keys = [k[row, :, :n].clone() if k is not None else None for k in cache.keys]
+        values = [v[row, :, :n].clone() if v is not None else None for v in cache.values]
+        self._items.append((ids.clone(), keys, values))
+        while len(self._items) > self.entries:
+            self._items.pop(0)
 
 
 class EngineRequest:
@@ -181,6 +341,7 @@ class EngineRequest:
         self._cancel = threading.Event()
         self._sampling = RowSampling(params, prompt_ids)
         self._prefilled = 0
+        self._alone = False  # prefilled in a group of its own (the warm-up)
         self._prefix_off = 0
         self._read_off = 0
         self._stop_tail = max((len(s) for s in self.stop_strings), default=0)
@@ -220,6 +381,7 @@ class ChatEngine:
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_tokens: int | None = None,
+                 prefix_cache: int = DEFAULT_PREFIX_ENTRIES, warmup: bool = True,
                  sampler: BatchSampler | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -234,6 +396,9 @@ class ChatEngine:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens!r}")
         self.prefill_tokens = prefill_tokens
         self.sampler = sampler or BatchSampler()
+        self.prefixes = PrefixStore(prefix_cache)
+        self._warmup = warmup and prefix_cache > 0
+        self._warmed = False
         cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
         self._cfg = cfg
         self._n_layers = int(cfg.num_hidden_layers)
@@ -242,6 +407,8 @@ class ChatEngine:
         if unknown:
             raise ValueError(f"the chat engine supports full and sliding-window attention layers, not {sorted(unknown)}")
         self._window = getattr(cfg, "sliding_window", None)
+        heads = int(cfg.num_attention_heads)
+        self._n_rep = heads // int(getattr(cfg, "num_key_value_heads", None) or heads)
         self._additive_mask = _delegate(lm.model.config) == "eager"
         self._eos = _eos_ids(lm)
         self._pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
@@ -263,11 +430,22 @@ class ChatEngine:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the decode loop thread (idempotent)."""
+        """Start the decode loop thread (idempotent). With `warmup`, its first job is a one-token
+        reply to WARMUP_MESSAGE, which leaves the prompt format's common prefix (system prompt,
+        dialogue labels or chat template header) in the prefix store for the first real users."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("the chat engine is closed")
             if self._thread is None or not self._thread.is_alive():
+                if self._warmup and not self._warmed:
+                    self._warmed = True
+                    try:
+                        ids = build_prompt(self.tokenizer, WARMUP_MESSAGE).input_ids
+                        warm = EngineRequest(self, ids.reshape(-1), WARMUP_PARAMS, (), None)
+                        warm._alone = True
+                        self._waiting.append(warm)
+                    except Exception:  # a tokenizer that cannot build the prompt: no warm-up, no harm
+                        log.warning("chat engine warm-up skipped", exc_info=True)
                 self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD_NAME, daemon=True)
                 self._thread.start()
 
@@ -411,9 +589,10 @@ class ChatEngine:
                             self._cond.wait()
                         if self._closed:
                             break
-                        if not self._group:
-                            self._admit_locked()
+                        admitted = self._admit_locked() if not self._group else []
                     try:
+                        if admitted:
+                            self._start_group(admitted)
                         self._iteration()
                     except Exception as exc:  # a bug outside the guarded phases: fail everyone in flight
                         log.exception("chat engine iteration failed")
@@ -430,10 +609,12 @@ class ChatEngine:
             self._running, self._lens, self._next, self._group = [], [], [], []
             self._n_group = 0
 
-    def _admit_locked(self) -> None:
-        """Move waiting requests (FIFO) into a new prefill group, within the batch and token budget."""
+    def _admit_locked(self) -> list[tuple[EngineRequest, int]]:
+        """Take waiting requests (FIFO) for a new prefill group, within the batch and the token
+        budget (counting only what a cached prefix does not cover): [(request, cached tokens)]."""
         free = self.max_batch - len(self._running)
         group: list[EngineRequest] = []
+        hits: list[tuple[int, int]] = []
         tokens = 0
         while self._waiting and len(group) < free:
             req = self._waiting[0]
@@ -441,16 +622,33 @@ class ChatEngine:
                 self._waiting.popleft()
                 self._finish(req, "stopped")
                 continue
-            if group and tokens + req.prompt_len > self.prefill_tokens:
-                break
+            cached, where = self.prefixes.lookup(req.prompt_ids)
+            if cached < MIN_PREFIX:
+                cached, where = 0, -1
+            if group and (tokens + req.prompt_len - cached > self.prefill_tokens or req._alone or group[0]._alone):
+                break  # over budget, or the warm-up, which goes first and alone so the others reuse it
             self._waiting.popleft()
             group.append(req)
-            tokens += req.prompt_len
-        if group:
-            cap = max(r.prompt_len for r in group) + 2  # + the scratch column for pads
-            self._gcache = SlotKVCache(self._n_layers, len(group), -(-cap // 64) * 64)
-            self._group = group
-            self._n_group = len(group)
+            hits.append((cached, where))
+            tokens += req.prompt_len - cached
+        self._n_group = len(group)  # counted as active from here on
+        return [(r, cached) for r, (cached, _) in zip(group, hits)]
+
+    def _start_group(self, admitted: list[tuple[EngineRequest, int]]) -> None:
+        """Make the admitted requests the prefill group: a cache for them, cached prefixes copied in."""
+        group = [r for r, _ in admitted]
+        self._group = group  # from here on a failure fails these requests (_fail_group)
+        cap = max(r.prompt_len for r in group) + 2  # + the scratch column for pads
+        cache = SlotKVCache(self._n_layers, len(group), -(-cap // 64) * 64)
+        self._gcache = cache
+        for b, (req, cached) in enumerate(admitted):
+            if cached:
+                # looked up again: copy_into reorders the LRU list, so earlier indices are stale
+                n, where = self.prefixes.lookup(req.prompt_ids)
+                n = min(n, cached)
+                if n >= MIN_PREFIX:
+                    self.prefixes.copy_into(where, n, cache, b)
+                    req._prefilled = n
 
     def _iteration(self) -> None:
         self._reap()
@@ -481,20 +679,25 @@ class ChatEngine:
 
     # -- model calls -----------------------------------------------------------------------------
 
-    def _masks(self, qpos: torch.Tensor, span: int) -> object:
+    def _masks(self, qpos: torch.Tensor, span: int, ends: list[int], counts: list[int]) -> object:
         """Attention masks for queries at absolute positions qpos (n, T) over keys 0..span-1:
-        {layer type: (n, 1, T, span)} (bool, True = attend; additive float for eager attention)."""
+        {layer type: (n, 1, T, span)}. For sdpa a RowAttentionMask (bool, True = attend; row b's real
+        queries are its last counts[b], ending at position ends[b] - 1); for eager attention the
+        additive float mask it expects."""
         j = torch.arange(span, device=qpos.device)
         causal = j.view(1, 1, -1) <= qpos.unsqueeze(-1)  # (n, T, span)
-        masks = {"full_attention": causal}
+        masks = {"full_attention": (causal, None)}
         if "sliding_attention" in self._layer_types and self._window:
-            masks["sliding_attention"] = causal & (j.view(1, 1, -1) > qpos.unsqueeze(-1) - self._window)
+            sliding = causal & (j.view(1, 1, -1) > qpos.unsqueeze(-1) - self._window)
+            masks["sliding_attention"] = (sliding, self._window)
         dtype = self._compute_dtype()
         out = {}
-        for name, m in masks.items():
+        for name, (m, window) in masks.items():
             m = m.unsqueeze(1)
             if self._additive_mask:
                 m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+            else:
+                m = RowAttentionMask.wrap(m, ends, counts, window, self._n_rep)
             out[name] = m
         if not self._layer_types:
             return out["full_attention"]  # models without per-layer types take one 4D mask
@@ -508,15 +711,16 @@ class ChatEngine:
         return next(self.model.parameters()).dtype if self.lm.quantization == "none" else torch.bfloat16
 
     def _forward(self, cache: SlotKVCache, ids: torch.Tensor, qpos: torch.Tensor, wpos: torch.Tensor,
-                 span: int) -> torch.Tensor:
-        """One forward of ids (n, T) at positions qpos, writing K/V at wpos; -> last logits (n, V)."""
+                 span: int, ends: list[int], counts: list[int]) -> torch.Tensor:
+        """One forward of ids (n, T) at positions qpos, writing K/V at wpos; row b's real tokens are
+        its last counts[b], the last at position ends[b] - 1 (left padding). -> last logits (n, V)."""
         dev = self.device
         qpos = qpos.to(dev)
         cache.prepare(ids.shape[0], wpos.to(dev), span)
         out = self.model(
             input_ids=ids.to(dev),
             position_ids=qpos,
-            attention_mask=self._masks(qpos, span),
+            attention_mask=self._masks(qpos, span, ends, counts),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -527,12 +731,16 @@ class ChatEngine:
         group, cache = self._group, self._gcache
         m = len(group)
         remaining = [r.prompt_len - r._prefilled for r in group]
-        t = min(max(remaining), max(min(MIN_CHUNK, self.prefill_tokens), self.prefill_tokens // m))
+        # Chunk boundaries depend only on the prompt (every prefill_tokens tokens after its cached
+        # prefix), never on the group, so a row's numbers do not depend on who arrived with it.
+        # A group is either prompts that fit the budget together or one long prompt (_admit_locked).
+        t = min(max(remaining), self.prefill_tokens)
         scratch = cache.capacity - 1
         ids = torch.full((m, t), self._pad_id, dtype=torch.long)
         qpos = torch.zeros((m, t), dtype=torch.long)
         wpos = torch.full((m, t), scratch, dtype=torch.long)
         span = 0
+        ends, counts = [], []
         for b, r in enumerate(group):  # left-padded: each row's newest token is in the last column
             c = min(remaining[b], t)
             start = r._prefilled
@@ -541,7 +749,9 @@ class ChatEngine:
             qpos[b, t - c:] = pos
             wpos[b, t - c:] = pos
             span = max(span, start + c)
-        logits = self._forward(cache, ids, qpos, wpos, span)
+            ends.append(start + c)
+            counts.append(c)
+        logits = self._forward(cache, ids, qpos, wpos, span, ends, counts)
         self.counters["prefill_forwards"] += 1
         for b, r in enumerate(group):
             r._prefilled += min(remaining[b], t)
@@ -555,6 +765,8 @@ class ChatEngine:
         ended = []
         for b, tok in zip(ready, tokens):
             r = group[b]
+            if r._alone:  # the warm-up: the prompt format's common prefix, kept for everyone
+                self.prefixes.add(r.prompt_ids, cache, b)
             end = self._accept(r, tok, now)
             if end is not None:
                 ended.append((r, end))
@@ -574,7 +786,7 @@ class ChatEngine:
         span = max(self._lens) + 1
         self._main.ensure(span)
         ids = torch.tensor(self._next, dtype=torch.long).unsqueeze(1)
-        logits = self._forward(self._main, ids, lens, lens, span)
+        logits = self._forward(self._main, ids, lens, lens, span, [x + 1 for x in self._lens], [1] * n)
         tokens = self.sampler.sample(logits, [r._sampling for r in self._running]).tolist()
         now = time.perf_counter()
         self.counters["steps"] += 1
