@@ -177,6 +177,18 @@ def _layer_kind(cfg: Any, layer: int) -> tuple[str, int | None]:
     return "global", None
 
 
+def hidden_note(labels: list[str], hidden_mass: Tensor, scope: str = "") -> str:
+    """The note under a map whose special tokens are hidden: which, and their mean share of a row.
+
+    hidden_mass (..., T): each shown row's attention on the hidden tokens; scope e.g. " (over all
+    layers and heads)".
+    """
+    names = ", ".join(sorted(set(labels)))
+    share = float(hidden_mass.mean()) * 100
+    return (f"Hidden special token(s) {names}: on average {share:.0f}% of each row's attention goes to them"
+            f"{scope}, so the shown rows sum to less than 1.")
+
+
 def _ensure_capture(lm: Any) -> None:
     reason = attention_capture.unsupported_reason(lm.model)
     if reason is not None and not attention_capture.is_installed(lm.model):
@@ -283,12 +295,7 @@ def model_attention(
     if capped:
         notes.append(f"The text has {n_text} tokens; showing the first {max_tokens}.")
     if hidden:
-        names = ", ".join(sorted({labels_all[i] for i in hidden}))
-        share = float(hidden_mass.mean()) * 100
-        notes.append(
-            f"Hidden special token(s) {names}: on average {share:.0f}% of each row's attention goes to them, "
-            "so the shown rows sum to less than 1."
-        )
+        notes.append(hidden_note([labels_all[i] for i in hidden], hidden_mass))
     if kind == "sliding" and window is not None:
         if len(id_list) <= window:
             notes.append(

@@ -36,6 +36,7 @@ from .introspect import (
     _shown_positions,
     _split_hidden,
     _text_config,
+    hidden_note,
     token_label,
 )
 from .prompt import Prompt
@@ -176,12 +177,7 @@ def model_view(
     if capped:
         notes.append(f"The text has {n_text} tokens; showing the first {max_tokens}.")
     if hidden:
-        names = ", ".join(sorted({labels_all[i] for i in hidden}))
-        share = float(hidden_mass.mean()) * 100
-        notes.append(
-            f"Hidden special token(s) {names}: on average {share:.0f}% of each row's attention goes to them "
-            "(over all layers and heads), so the shown rows sum to less than 1."
-        )
+        notes.append(hidden_note([labels_all[i] for i in hidden], hidden_mass, " (over all layers and heads)"))
     window = next((w for k, w in kinds if k == "sliding"), None)
     if window is not None:
         cut = "cuts nothing here" if len(id_list) <= window else "hides keys further back than that"
