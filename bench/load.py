@@ -1,0 +1,404 @@
+"""Load benchmark of the chat: many users at once, through `python app.py` and on the engine in-process.
+
+One run measures, on the default model in NF4 (each part prints a markdown table):
+
+1. Sampling step: (30, 262,144) real next-token logits, the notebook's sampling (T 0.7, top-p 0.95):
+   transformers' warpers + softmax + multinomial vs `generation.sampling.BatchSampler`, ms per step.
+2. The hardware's batched rate: one static padded greedy `generate()` of 30 rows, 128 new tokens
+   each (min_new_tokens=128), prefill included.
+3. One user alone, today's `generation.stream.stream_reply` vs the engine (`ChatEngine.stream_reply`),
+   the notebook's sampling and greedy: decode tokens/s (ReplyStats: (n-1) / (t_last - t_first),
+   pooled over the prompts) and time to the first token; rounds interleaved so drift hits both.
+4. N users at once (default 1, 8, 30) on the engine in-process (no gradio): each calls
+   `stream_reply` at the same moment (the notebook's three prompts in turn, its sampling, 128 new
+   tokens, seed = user). Failures, first streamed piece median / p90 / max, aggregate tokens/s
+   (all replies' tokens, counted with the model's tokenizer, / wall time of the round).
+5. The same N users through `python app.py`: one `gradio_client` session each, `/chat` submitted
+   at once, the streamed outputs watched by one polling thread (per-user polling threads would eat
+   the two cores). The app is started with CHAT_CONCURRENCY=--chat-concurrency (default 32).
+
+Then the issue's targets, met or not. Figures on a shared machine are noisy: the machine line
+prints the load average at the start.
+
+Usage: python bench/load.py [--users 1,8,30] [--new-tokens 128] [--chat-concurrency 32]
+                            [--threads N] [--skip-app] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from benchutil import describe  # noqa: E402
+
+PROMPTS = ("What is the capital of France?", "Explain self-attention in one paragraph.",
+           "Write a haiku about transformers.")
+LONG_PROMPT = "Tell me a long story about a dragon who learns to fly."
+POLL_S = 0.02
+
+
+@dataclass
+class Round:
+    where: str  # "engine" | "app"
+    users: int
+    failures: int
+    first_p50: float
+    first_p90: float
+    first_max: float
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    first_error: str | None = None
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); nan for no data."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = max(0, min(len(xs) - 1, round(q / 100 * len(xs) + 0.5) - 1))
+    return xs[k]
+
+
+def summarize(where: str, n: int, firsts: list[float | None], tokens: list[int], errors: list[str | None],
+              wall: float) -> Round:
+    ok = [i for i in range(n) if errors[i] is None]
+    fs = [firsts[i] for i in ok if firsts[i] is not None]
+    total = sum(tokens[i] for i in ok)
+    errs = [e for e in errors if e is not None]
+    return Round(where, n, len(errs), percentile(fs, 50), percentile(fs, 90), max(fs, default=float("nan")),
+                 total, wall, total / wall if wall > 0 else 0.0, errs[0] if errs else None)
+
+
+# --- 1. the sampling step --------------------------------------------------------------------------
+
+
+def real_logits(lm, rows: int):
+    """(rows, V) bf16 next-token logits of the model for `rows` chat prompts (one padded forward)."""
+    import torch
+
+    from generation.prompt import build_prompt
+
+    tok = lm.tokenizer
+    texts = [build_prompt(tok, f"{PROMPTS[i % 3]} ({i})").text for i in range(rows)]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    with torch.inference_mode():
+        return lm.model(**enc, logits_to_keep=1).logits[:, -1, :]
+
+
+def bench_sampling(lm, rows: int = 30, repeats: int = 15) -> dict[str, float]:
+    import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from generation.sampling import BatchSampler, RowSampling, SamplingParams, make_generator
+
+    logits = real_logits(lm, rows)
+    params = SamplingParams()  # the notebook's: T 0.7, top-p 0.95
+    hf = LogitsProcessorList([TemperatureLogitsWarper(params.temperature), TopPLogitsWarper(params.top_p)])
+    gen = torch.Generator().manual_seed(0)
+    sampler = BatchSampler()
+    sample_rows = [RowSampling(params, generator=make_generator(i)) for i in range(rows)]
+    greedy_rows = [RowSampling(SamplingParams(temperature=0.0)) for _ in range(rows)]
+
+    def hf_step() -> None:
+        scores = hf(None, logits.float())
+        torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen)
+
+    times: dict[str, list[float]] = {"hf": [], "ours": [], "ours_greedy": []}
+    steps = {"hf": hf_step, "ours": lambda: sampler.sample(logits, sample_rows),
+             "ours_greedy": lambda: sampler.sample(logits, greedy_rows)}
+    for f in steps.values():
+        f()  # warm
+    for r in range(repeats):
+        for name, f in steps.items():
+            if name == "hf" and r >= max(3, repeats // 3):
+                continue  # slow: fewer rounds
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    out = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    out["exact_rows"] = sampler.stats["exact"]
+    out["widened_rows"] = sampler.stats["widened"]
+    return out
+
+
+# --- 2. the hardware's batched rate ----------------------------------------------------------------
+
+
+def bench_static(lm, rows: int, new_tokens: int) -> dict[str, float]:
+    import torch
+
+    from generation.prompt import build_prompt
+
+    tok = lm.tokenizer
+    texts = [build_prompt(tok, PROMPTS[i % 3]).text for i in range(rows)]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+    wall = time.perf_counter() - t
+    made = (out.shape[1] - enc["input_ids"].shape[1]) * rows
+    return {"rows": rows, "tokens": made, "wall_s": wall, "tokens_per_s": made / wall}
+
+
+# --- 3. one user alone -----------------------------------------------------------------------------
+
+
+def bench_single(lm, engine, new_tokens: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+    from generation.sampling import SamplingParams
+    from generation.stream import ReplyStats, stream_reply
+
+    prompts = [*PROMPTS, LONG_PROMPT]
+    modes = {"sampled": lambda i: SamplingParams(max_new_tokens=new_tokens, seed=i),
+             "greedy": lambda i: SamplingParams(temperature=0.0, max_new_tokens=new_tokens)}
+    acc = {f"{who}_{mode}": {"tokens": 0, "decode_s": 0.0, "first": []} for who in ("today", "engine")
+           for mode in modes}
+    for _ in range(rounds):
+        for mode, make in modes.items():
+            for i, prompt in enumerate(prompts):
+                for who in ("today", "engine"):
+                    stats = ReplyStats()
+                    if who == "today":
+                        list(stream_reply(lm, prompt, params=make(i), stats=stats))
+                    else:
+                        list(engine.stream_reply(prompt, params=make(i), stats=stats))
+                    a = acc[f"{who}_{mode}"]
+                    if stats.new_tokens > 1 and stats.tokens_per_s > 0:
+                        a["tokens"] += stats.new_tokens - 1
+                        a["decode_s"] += (stats.new_tokens - 1) / stats.tokens_per_s
+                    a["first"].append(stats.first_token_s)
+    return {k: {"tokens_per_s": a["tokens"] / a["decode_s"] if a["decode_s"] else float("nan"),
+                "first_token_s": statistics.median(a["first"]), "tokens": a["tokens"]} for k, a in acc.items()}
+
+
+# --- 4. N users on the engine, in-process ----------------------------------------------------------
+
+
+def engine_round(engine, n: int, new_tokens: int, count_tokens) -> Round:
+    from generation.sampling import SamplingParams
+
+    firsts: list[float | None] = [None] * n
+    tokens = [0] * n
+    errors: list[str | None] = [None] * n
+    ends = [0.0] * n
+    barrier = threading.Barrier(n + 1)
+    t0_box: list[float] = []
+
+    def user(i: int) -> None:
+        barrier.wait()
+        t0 = t0_box[0]
+        reply = ""
+        try:
+            for reply in engine.stream_reply(PROMPTS[i % 3], params=SamplingParams(max_new_tokens=new_tokens, seed=i)):
+                if firsts[i] is None and reply:
+                    firsts[i] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - counted as a failure
+            errors[i] = f"{type(exc).__name__}: {exc}"
+        ends[i] = time.perf_counter() - t0
+        tokens[i] = count_tokens(reply)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    t0_box.append(time.perf_counter())
+    barrier.wait()
+    for t in threads:
+        t.join()
+    return summarize("engine", n, firsts, tokens, errors, max(ends))
+
+
+# --- 5. N users through python app.py --------------------------------------------------------------
+
+
+def app_round(url: str, n: int, new_tokens: int, count_tokens, timeout_s: float) -> Round:
+    from gradio_client import Client
+
+    clients = [Client(url, verbose=False) for _ in range(n)]  # sessions first: not part of the timing
+    t0 = time.perf_counter()
+    jobs = [c.submit(PROMPTS[i % 3], "", new_tokens, 0.7, 0.95, 0, 1.0, i, api_name="/chat")
+            for i, c in enumerate(clients)]
+    firsts: list[float | None] = [None] * n
+    ends: list[float | None] = [None] * n
+    while any(e is None for e in ends) and time.perf_counter() - t0 < timeout_s:
+        now = time.perf_counter() - t0
+        for i, job in enumerate(jobs):
+            if ends[i] is not None:
+                continue
+            if firsts[i] is None and any(o for o in job.outputs()):
+                firsts[i] = now
+            if job.done():
+                ends[i] = now
+        time.sleep(POLL_S)
+    tokens = [0] * n
+    errors: list[str | None] = [None] * n
+    for i, job in enumerate(jobs):
+        if ends[i] is None:
+            errors[i], ends[i] = f"no reply within {timeout_s:g} s", time.perf_counter() - t0
+            job.cancel()
+            continue
+        try:
+            tokens[i] = count_tokens(job.result() or "")
+        except Exception as exc:  # noqa: BLE001 - the app's gr.Error
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    for c in clients:
+        c.close()
+    return summarize("app", n, firsts, tokens, errors, max(e for e in ends if e is not None))
+
+
+def bench_app(users: list[int], new_tokens: int, env: dict[str, str], count_tokens, timeout_s: float) -> list[Round]:
+    from apputil import start_app
+
+    print("\nstarting python app.py ...", flush=True)
+    app = start_app(env)
+    rounds = []
+    try:
+        warm = app_round(app.url, 1, 4, count_tokens, timeout_s)  # lazy inits, the engine's warm-up
+        if warm.failures:
+            raise RuntimeError(f"warm-up request failed: {warm.first_error}\n{app.log()[-3000:]}")
+        for n in users:
+            r = app_round(app.url, n, new_tokens, count_tokens, timeout_s)
+            print(f"  app N={n}: {r.tokens} tokens in {r.wall_s:.1f} s, {r.failures} failures", flush=True)
+            rounds.append(r)
+    finally:
+        app.stop()
+    return rounds
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", default="1,8,30")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--chat-concurrency", type=int, default=32, help="CHAT_CONCURRENCY of the app (its largest batch)")
+    ap.add_argument("--max-batch", type=int, default=32, help="the in-process engine's largest batch")
+    ap.add_argument("--threads", type=int, help="torch threads here and in the app (default: all cores)")
+    ap.add_argument("--skip-app", action="store_true", help="only the in-process parts")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds one round may take")
+    ap.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    args = ap.parse_args()
+    users = [int(x) for x in args.users.split(",") if x.strip()]
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"Machine: {describe(args.threads)}\n", flush=True)
+
+    from generation import load_model
+    from generation.engine import ChatEngine
+
+    lm = load_model()
+    tok = lm.tokenizer
+
+    def count_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    results: dict[str, object] = {"machine": describe(args.threads)}
+
+    samp = bench_sampling(lm)
+    results["sampling"] = samp
+    print("### Sampling step, (30, 262,144) real logits, T 0.7 + top-p 0.95 + draw\n")
+    print("| method | ms per step |")
+    print("|---|---:|")
+    print(f"| transformers warpers + softmax + multinomial | {samp['hf']:.1f} |")
+    print(f"| BatchSampler (topk candidates, per-row generators) | {samp['ours']:.1f} |")
+    print(f"| BatchSampler, greedy rows (penalty + argmax) | {samp['ours_greedy']:.1f} |")
+    print(f"\n(rows that needed wider candidates: {samp['widened_rows']}, the exact full sort: {samp['exact_rows']})\n",
+          flush=True)
+
+    static = bench_static(lm, 30, args.new_tokens)
+    results["static"] = static
+    print("### Static padded greedy generate(), 30 rows\n")
+    print(f"{static['tokens']} tokens in {static['wall_s']:.1f} s: **{static['tokens_per_s']:.1f} tokens/s**\n",
+          flush=True)
+
+    engine = ChatEngine(lm, max_batch=args.max_batch)
+    engine.start()
+    single = bench_single(lm, engine, args.new_tokens)
+    results["single"] = single
+    print("### One user alone (4 prompts x 2 rounds, decode tokens/s pooled)\n")
+    print("| sampling | stream_reply today tok/s | engine tok/s | ratio | first token today / engine s |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in ("sampled", "greedy"):
+        a, b = single[f"today_{mode}"], single[f"engine_{mode}"]
+        print(f"| {mode} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
+              f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {a['first_token_s']:.2f} / {b['first_token_s']:.2f} |")
+    print(flush=True)
+
+    rounds = [engine_round(engine, n, args.new_tokens, count_tokens) for n in users]
+    engine.close()
+    print(f"(engine: prefix tokens reused {engine.prefixes.tokens_saved}, sampler rows widened "
+          f"{engine.sampler.stats['widened']}, exact {engine.sampler.stats['exact']})")
+    del engine
+    if not args.skip_app:
+        env = {"CHAT_CONCURRENCY": str(args.chat_concurrency)}
+        if args.threads:
+            env["TORCH_NUM_THREADS"] = str(args.threads)
+        rounds += bench_app(users, args.new_tokens, env, count_tokens, args.timeout)
+    results["rounds"] = [asdict(r) for r in rounds]
+    print("\n### N simultaneous users, the notebook's sampling, "
+          f"{args.new_tokens} new tokens at most\n")
+    print("| where | N | failures | first piece p50 / p90 / max s | reply tokens | wall s | aggregate tok/s |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for r in rounds:
+        print(f"| {r.where} | {r.users} | {r.failures} | {r.first_p50:.2f} / {r.first_p90:.2f} / {r.first_max:.2f} | "
+              f"{r.tokens} | {r.wall_s:.1f} | {r.tokens_per_s:.1f} |")
+        if r.first_error:
+            print(f"|  | first error: {r.first_error[:120]} | | | | | |")
+
+    print("\n### Targets\n")
+    print("| target | measured | met |")
+    print("|---|---|---|")
+
+    def row(name: str, measured: str, ok: bool) -> None:
+        print(f"| {name} | {measured} | {'yes' if ok else 'NO'} |")
+
+    by = {(r.where, r.users): r for r in rounds}
+    big = max(users)
+    for where in ("app", "engine"):
+        r = by.get((where, big))
+        if r is None:
+            continue
+        row(f"{big} users ({where}): 0 failures, first piece p90 <= 3 s",
+            f"{r.failures} failures, p90 {r.first_p90:.2f} s", r.failures == 0 and r.first_p90 <= 3.0)
+        ratio = r.tokens_per_s / static["tokens_per_s"]
+        row(f"{big} users ({where}): aggregate >= 0.6x static generate()",
+            f"{r.tokens_per_s:.1f} vs {static['tokens_per_s']:.1f} tok/s ({ratio:.2f}x)", ratio >= 0.6)
+    s_ratio = single["engine_sampled"]["tokens_per_s"] / single["today_sampled"]["tokens_per_s"]
+    g_ratio = single["engine_greedy"]["tokens_per_s"] / single["today_greedy"]["tokens_per_s"]
+    row("one user, notebook sampling: >= 1.5x stream_reply", f"{s_ratio:.2f}x", s_ratio >= 1.5)
+    row("one user, greedy: not slower", f"{g_ratio:.2f}x", g_ratio >= 1.0)
+    row("sampling step (30 x 262,144) <= 20 ms", f"{samp['ours']:.1f} ms (transformers {samp['hf']:.0f} ms)",
+        samp["ours"] <= 20.0)
+    print(f"\nLoad average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
