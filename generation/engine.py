@@ -118,29 +118,43 @@ class RowAttentionMask(torch.Tensor):
         heads = query.shape[1]
         if rep > 1 and key.shape[1] == heads:  # undo repeat_kv: generate() passes the kv heads
             key, value = key[:, ::rep], value[:, ::rep]
+        # as transformers decides for one unpadded sequence (no mask): GQA inside sdpa or repeated heads
+        gqa = rep > 1 and use_gqa_in_sdpa(None, key, value)
+        gqa_kw = {"enable_gqa": True} if gqa else {}
+        copy = key.shape[1] > 1  # a row slice of several kv heads is strided; generate() has it contiguous
+        window, ends, counts = self._window, self._ends, self._counts
+
+        def kv(b: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = key[b : b + 1, :, first:end], value[b : b + 1, :, first:end]
+            if copy:
+                k, v = k.contiguous(), v.contiguous()
+            if rep > 1 and not gqa:
+                k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            return k, v
+
+        if t == 1:  # decode: every row over its own keys (the last `window` on sliding layers)
+            outs = []
+            for b in range(n):
+                end = ends[b]
+                k, v = kv(b, max(0, end - window) if window else 0, end)
+                outs.append(sdpa(query[b : b + 1], k, v, dropout_p=dropout_p, scale=scale, **gqa_kw))
+            return torch.cat(outs)
         out = query.new_zeros(n, heads, t, value.shape[-1])
         for b in range(n):
-            c, end = self._counts[b], self._ends[b]
+            c, end = counts[b], ends[b]
             start = end - c
             q = query[b : b + 1, :, t - c :]
-            first = max(0, end - self._window) if (self._window and t == 1) else 0
-            k = key[b : b + 1, :, first:end]
-            v = value[b : b + 1, :, first:end]
-            k = k if k.is_contiguous() else k.contiguous()
-            v = v if v.is_contiguous() else v.contiguous()
-            if t == 1 or (start == 0 and (self._window is None or c <= self._window)):
-                # what generate() runs: decode over the row's keys, or a causal prefill from 0
-                gqa = rep > 1 and use_gqa_in_sdpa(None, k, v)
-                if rep > 1 and not gqa:
-                    k, v = repeat_kv(k, rep), repeat_kv(v, rep)
-                o = sdpa(q, k, v, dropout_p=dropout_p, is_causal=t > 1, scale=scale, **({"enable_gqa": True} if gqa else {}))
-            else:  # a prefill chunk after cached positions (or past the window): explicit mask
+            if start == 0 and (window is None or c <= window):  # a causal prefill from 0, as generate()
+                k, v = kv(b, 0, end)
+                o = sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa_kw)
+            else:  # a chunk after cached positions (or past the window): an explicit mask
                 j = torch.arange(end, device=q.device)
                 pos = torch.arange(start, end, device=q.device).unsqueeze(1)
                 keep = j <= pos
-                if self._window:
-                    keep &= j > pos - self._window
-                if rep > 1:
+                if window:
+                    keep &= j > pos - window
+                k, v = key[b : b + 1, :, :end], value[b : b + 1, :, :end]
+                if rep > 1:  # with a mask transformers repeats the kv heads
                     k, v = repeat_kv(k, rep), repeat_kv(v, rep)
                 o = sdpa(q, k, v, attn_mask=keep[None, None], dropout_p=dropout_p, scale=scale)
             out[b, :, t - c :] = o[0]
