@@ -282,6 +282,16 @@ class QuantizedHead:
            self.row_sum.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out.view(*lead, v)
 
+    def logits_exact_top(self, hidden: torch.Tensor, k: int = RESCORE_K, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (M, D) -> int8 logits (M, V) fp32 with each row's k largest replaced by the exact
+        bf16 head's values: for sampling, where the few tokens that carry the probability mass
+        then have exactly the model's logits and only the tail is approximate."""
+        logits = self.logits(hidden, out=out)
+        top = torch.topk(logits, k, dim=-1)
+        for m in range(logits.shape[0]):
+            logits[m].index_copy_(0, top.indices[m], self.rescore(hidden[m], top.indices[m]).float())
+        return logits
+
     def rescore(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Exact bf16-head logits of tokens idx (n,) for hidden (1, D) -> (n,) bf16, bit-equal to the
         full bf16 head's values there (the same dot products in the same kernel; the tests check it)."""
@@ -637,6 +647,13 @@ class FastDecoder:
     cache grows by doubling when a sequence outgrows it). The model is only read: one decoder per
     concurrent stream, sharing the weights.
 
+    Numerics: the model's own, op for op (the tests check the logits bit for bit), except the
+    single-query attention step, which by default runs the query heads that share a key/value head
+    as the rows of one query (transformers' pack_gqa). sdpa's CPU kernel then reads the keys once
+    instead of once per head (6-10x faster here) but may round its fp32 softmax sums differently,
+    so a logit can differ from `generate()`'s by about one bf16 step; exact_attention=True makes
+    the same call as transformers (enable_gqa), bit-equal and slower.
+
     head: None = the exact bf16 head (the tied embedding); direct_nf4=False calls the Linear4bit
     modules instead of their kernel (to measure the levers apart).
     """
@@ -648,6 +665,7 @@ class FastDecoder:
         *,
         max_len: int = 1024,
         direct_nf4: bool = True,
+        exact_attention: bool = False,
     ) -> None:
         why = fast_path_supported(model)
         if why is not None:
@@ -656,6 +674,7 @@ class FastDecoder:
         body = model.model
         self.config = cfg
         self.head = head
+        self.exact_attention = exact_attention
         self.eps = float(cfg.rms_norm_eps)
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(cfg.num_key_value_heads)
@@ -683,6 +702,7 @@ class FastDecoder:
         self._down = torch.empty(1, d, dtype=torch.bfloat16)
         self._logits = torch.empty(1, int(cfg.vocab_size), dtype=torch.float32)
         self.last_hidden = torch.empty(1, d, dtype=torch.bfloat16)
+        self._window_mask = torch.ones(1, 1, 1, max(self.window, 1), dtype=torch.bool)
         self.k_cache = self.v_cache = torch.empty(0, dtype=torch.bfloat16)
         self._cos = self._sin = self._sin_signed = torch.empty(0)
         self._ensure_capacity(max_len)
@@ -800,15 +820,24 @@ class FastDecoder:
             qk = qk * self._cos[L.sliding][p] + torch.roll(qk, hd // 2, -1) * self._sin_signed[L.sliding][p]
             self.k_cache[li, :, p] = qk[nh:]
             self.v_cache[li, :, p] = v_out.view(nkv, hd)
-            start = max(0, p + 1 - self.window) if L.sliding and self.window else 0
-            # One query: the heads that share a key/value head are its "rows" (transformers'
-            # pack_gqa), which sdpa runs ~8x faster here than enable_gqa, with the same result.
-            attn = F.scaled_dot_product_attention(
-                qk[:nh].view(1, nkv, nh // nkv, hd),
-                self.k_cache[li, :, start : p + 1].unsqueeze(0),
-                self.v_cache[li, :, start : p + 1].unsqueeze(0),
-                scale=self.scaling,
-            )  # (1, KV, H/KV, hd)
+            start, mask = 0, None
+            if L.sliding and self.window and p + 1 >= self.window:
+                # The last `window` positions; transformers then passes an all-true mask, which
+                # sends sdpa down its masked path: the same mask keeps the same rounding.
+                start, mask = p + 1 - self.window, self._window_mask
+            keys = self.k_cache[li, :, start : p + 1].unsqueeze(0)  # (1, KV, n, hd)
+            vals = self.v_cache[li, :, start : p + 1].unsqueeze(0)
+            if mask is None and self.exact_attention:  # transformers' call without a mask
+                attn = F.scaled_dot_product_attention(
+                    qk[:nh].view(1, nh, 1, hd), keys, vals, scale=self.scaling, enable_gqa=nkv != nh
+                )  # (1, H, 1, hd)
+            else:
+                # The heads sharing a key/value head as the rows of one query (transformers'
+                # pack_gqa, its own layout when it passes a mask): sdpa reads each key block once
+                # instead of once per head, 6-10x faster here than enable_gqa.
+                attn = F.scaled_dot_product_attention(
+                    qk[:nh].view(1, nkv, nh // nkv, hd), keys, vals, attn_mask=mask, scale=self.scaling
+                )  # (1, KV, H/KV, hd)
             L.o(attn.view(1, qd), self._o)
             x = x + _rms(self._o, L.post_attn_norm, eps)
             h = _rms(x, L.pre_ff_norm, eps)
@@ -862,8 +891,9 @@ class FastDecoder:
     ) -> Iterator[int]:
         """Yield up to max_new_tokens greedy tokens; an EOS token is yielded, then it stops.
 
-        The same tokens as greedy `generate()` on the model (up to exact floating-point ties in the
-        attention kernel, which the tests have not met). `should_stop()` is checked after each token.
+        The bf16 head's argmax at every step (also with the int8 head), so the same tokens as greedy
+        `generate()` unless the attention rounding (see the class docstring) flips a near-tie; with
+        exact_attention=True always the same. `should_stop()` is checked after each token.
         """
         eos = frozenset(int(e) for e in eos_token_ids)
         logits = self.prefill(input_ids)

@@ -1,0 +1,285 @@
+"""The fast decode path (generation/fastpath.py) on the real NF4 model and real bitsandbytes layers.
+
+Everything is compared with what the model itself computes: the int8 head against the bf16 head
+(within the derived error bound), the direct NF4 kernel calls against the Linear4bit modules (bit
+for bit), the decoder's greedy tokens against `generate()`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generation import build_prompt
+from generation.fastpath import (
+    FastDecoder,
+    NF4Linear,
+    QuantizedLMHead,
+    accelerate_linear4bit,
+    argmax_first,
+    fast_path_supported,
+    native_int8_kernel,
+    quantize_lm_head,
+)
+
+NOTEBOOK_PROMPTS = [
+    "What is the capital of France?",
+    "Explain self-attention in one paragraph.",
+    "Write a haiku about transformers.",
+]
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"), reason="bitsandbytes' CPU NF4 kernel needs AVX-512"
+)
+
+
+@pytest.fixture(scope="module")
+def model(lm4):
+    why = fast_path_supported(lm4.model)
+    if why is not None:
+        pytest.skip(why)
+    return lm4.model
+
+
+@pytest.fixture(scope="module")
+def head(model):
+    return quantize_lm_head(model)
+
+
+@pytest.fixture(scope="module")
+def hidden(lm4, model):
+    """Final hidden states (T, D) bf16 of 300 tokens of real text (Shakespeare, or the README)."""
+    src = SHAKESPEARE if SHAKESPEARE.is_file() else Path(__file__).resolve().parents[1] / "README.md"
+    ids = lm4.tokenizer(src.read_text(encoding="utf-8")[:4000], return_tensors="pt").input_ids[:, :300]
+    with torch.inference_mode():
+        return model.model(input_ids=ids).last_hidden_state[0]
+
+
+# -- lever 1: the int8 head ---------------------------------------------------------------------
+
+
+def test_head_leaves_the_embedding_exact_and_tied(model, head):
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight.data_ptr() == emb.data_ptr()  # still tied
+    assert head.exact.data_ptr() == emb.data_ptr() and head.exact.dtype == torch.bfloat16
+    before = emb.float().sum().item()
+    quantize_lm_head(model, layout="rows")  # quantizing again only reads
+    assert emb.float().sum().item() == before
+    assert head.codes.dtype == torch.int8 and head.nbytes < emb.numel() * emb.element_size() / 1.9
+
+
+def test_head_rows_reconstruct_within_half_a_step(model, head):
+    idx = torch.randint(0, head.shape[0], (2000,), generator=torch.Generator().manual_seed(0))
+    err = (head.dequantized(idx) - head.exact[idx].float()).abs().amax(dim=1)
+    assert torch.all(err <= head.half_step[idx])
+    assert torch.all(head.half_step[idx] <= head.scale[idx] / 2 * (1 + 2**-7))
+
+
+def _bound(head, h):
+    """Elementwise bound on |int8 logit - exact logit| before output rounding, for hidden h (D,)."""
+    l1, slack = head.error_bound(h.unsqueeze(0))
+    return l1 * head.half_step + slack
+
+
+@pytest.mark.parametrize("layout", ["tiles", "rows"])
+def test_head_logits_within_the_int8_error_bound(model, head, hidden, layout):
+    if layout == "tiles" and native_int8_kernel() is None:
+        pytest.skip("the native kernel is not available here")
+    qh = head if head.layout == layout else quantize_lm_head(model, layout=layout)
+    hs = hidden[::30]  # 10 positions
+    with torch.inference_mode():
+        approx = qh.logits(hs)  # (10, V) fp32
+        exact = hs.double() @ qh.exact.double().t()  # the bf16 head's dot products in fp64
+    for i, h in enumerate(hs):
+        bound = _bound(qh, h).double()
+        # rows layout: torch's kernel rounds its output to bf16 (relative 2**-9)
+        rounding = approx[i].double().abs() * 2**-8 if layout == "rows" else 0.0
+        torch.testing.assert_close(approx[i].double(), exact[i], rtol=0, atol=float((bound + rounding).max()))
+        assert torch.all((approx[i].double() - exact[i]).abs() <= bound + rounding)
+
+
+def test_head_top1_agrees_with_the_bf16_head_on_real_text(model, head, hidden):
+    with torch.inference_mode():
+        exact = F.linear(hidden, head.exact).float().argmax(-1)
+        approx = head.logits(hidden).argmax(-1)
+    assert (exact == approx).float().mean().item() >= 0.97
+
+
+def test_rescore_is_bit_equal_to_the_bf16_head(head, hidden):
+    with torch.inference_mode():
+        for h in hidden[::50]:
+            full = F.linear(h.unsqueeze(0), head.exact)[0]
+            idx = torch.topk(full.float(), 64).indices
+            assert torch.equal(head.rescore(h, idx), full[idx])
+
+
+def test_greedy_token_is_the_bf16_heads_argmax(head, hidden):
+    """Real hidden states (mostly decided by step 1) and scaled random ones (step 2 forced)."""
+    gen = torch.Generator().manual_seed(1)
+    random = (torch.randn(20, hidden.shape[1], generator=gen) * hidden.float().std() * 0.3).to(torch.bfloat16)
+    steps = {True: 0, False: 0}
+    with torch.inference_mode():
+        for h in torch.cat([hidden[::5], random]):
+            h = h.unsqueeze(0)
+            want = int(torch.argmax(F.linear(h, head.exact)[0]))
+            tok, one_step = head.greedy_token(h, head.logits(h)[0])
+            steps[one_step] += 1
+            assert tok == want
+    assert steps[True] > 0 and steps[False] > 0
+
+
+def test_logits_exact_top_replaces_the_top_with_exact_values(head, hidden):
+    with torch.inference_mode():
+        hs = hidden[:3]
+        mixed = head.logits_exact_top(hs, k=16)
+        plain = head.logits(hs)
+        for m in range(3):
+            idx = torch.topk(plain[m], 16).indices
+            assert torch.equal(mixed[m, idx], F.linear(hs[m : m + 1], head.exact)[0, idx].float())
+
+
+def test_argmax_first_breaks_ties_like_argmax():
+    x = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0, 0.0], dtype=torch.bfloat16)
+    assert argmax_first(x) == int(torch.argmax(x)) == 1
+    assert argmax_first(torch.zeros(10, dtype=torch.bfloat16)) == 0
+
+
+def test_quantized_lm_head_module_shapes(head, hidden):
+    with torch.inference_mode():
+        out = QuantizedLMHead(head)(hidden[:4].unsqueeze(0))
+    assert out.shape == (1, 4, head.shape[0]) and out.dtype == torch.float32
+
+
+# -- lever 2: the NF4 kernel called directly ------------------------------------------------------
+
+
+def test_nf4_linear_is_bit_equal_to_the_module(model):
+    layer = model.model.layers[3]
+    gen = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            nf4 = NF4Linear(mod)
+            assert nf4.still_valid()
+            for m in (1, 5):
+                x = torch.randn(m, mod.in_features, generator=gen).to(torch.bfloat16)
+                want = mod(x.unsqueeze(0))[0]
+                assert torch.equal(nf4(x), want)
+                out = torch.zeros(m, mod.out_features + 8, dtype=torch.bfloat16)
+                nf4(x, out[:, 4 : 4 + mod.out_features])  # a strided view as the output
+                assert torch.equal(out[:, 4 : 4 + mod.out_features], want)
+                assert torch.all(out[:, :4] == 0) and torch.all(out[:, -4:] == 0)
+    with pytest.raises(ValueError):
+        nf4(torch.zeros(1, mod.in_features))  # fp32 input
+
+
+def test_accelerate_linear4bit_keeps_the_module_and_its_result(model):
+    import bitsandbytes as bnb
+
+    holder = torch.nn.Module()
+    holder.proj = copy.deepcopy(model.model.layers[0].mlp.down_proj)  # not the shared model's module
+    x = torch.randn(2, 3, holder.proj.in_features).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = holder.proj(x)
+        assert accelerate_linear4bit(holder) == 1
+        assert accelerate_linear4bit(holder) == 1  # idempotent
+        assert isinstance(holder.proj, bnb.nn.Linear4bit)
+        assert torch.equal(holder.proj(x), want)
+        assert torch.equal(holder.proj(x.float()), holder.proj.__class__.__mro__[1].forward(holder.proj, x.float()))
+
+
+# -- lever 3: the decoder -------------------------------------------------------------------------
+
+
+def _generate(lm4, ids, n):
+    with torch.inference_mode():
+        out = lm4.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                 pad_token_id=lm4.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def decoders(model, head):
+    return FastDecoder(model), FastDecoder(model, head=head)
+
+
+@pytest.mark.parametrize("prompt", NOTEBOOK_PROMPTS)
+def test_greedy_tokens_equal_generate(lm4, decoders, prompt):
+    ids = build_prompt(lm4.tokenizer, prompt).input_ids
+    want = _generate(lm4, ids, 48)
+    eos = [lm4.model.generation_config.eos_token_id]
+    for dec in decoders:
+        assert list(dec.greedy(ids, 48, eos_token_ids=eos)) == want
+
+
+def test_prefill_and_step_logits_equal_the_models(lm4, model):
+    dec = FastDecoder(model, exact_attention=True)  # exact head and attention call: the model's bits
+    ids = build_prompt(lm4.tokenizer, NOTEBOOK_PROMPTS[0]).input_ids
+    with torch.inference_mode():
+        out = lm4.model(input_ids=ids, use_cache=True)
+        nxt = int(out.logits[0, -1].argmax())
+        out2 = lm4.model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    assert torch.equal(dec.prefill(ids), out.logits[0, -1])
+    assert torch.equal(dec.step(nxt), out2.logits[0, -1])
+
+
+def test_buffers_are_reused_and_the_cache_grows_only_when_needed(lm4, model, head):
+    dec = FastDecoder(model, head=head, max_len=64)
+    ids = build_prompt(lm4.tokenizer, NOTEBOOK_PROMPTS[2]).input_ids  # ~30 tokens
+    dec.prefill(ids)
+    ptrs = [t.data_ptr() for t in (dec._qkv, dec._gu, dec._o, dec._down, dec._logits, dec.last_hidden,
+                                   dec.k_cache, dec.v_cache)]
+    cap = dec.max_len
+    logits = None
+    for tok in range(10, 20):
+        logits = dec.step(tok)
+    assert logits.data_ptr() == dec._logits.data_ptr()
+    assert [t.data_ptr() for t in (dec._qkv, dec._gu, dec._o, dec._down, dec._logits, dec.last_hidden,
+                                   dec.k_cache, dec.v_cache)] == ptrs
+    assert dec.max_len == cap
+    # Beyond the capacity the cache doubles, keeping what it held: same logits as a roomy decoder.
+    roomy = FastDecoder(model, head=head, max_len=256)
+    toks = list(range(100, 100 + 64))
+    dec.prefill(ids)
+    roomy.prefill(ids)
+    for tok in toks:
+        a, b = dec.step(tok), roomy.step(tok)
+    assert dec.max_len == 128 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_prompt, n_steps", [(508, 6), (600, 2)])
+def test_sliding_window_matches_the_model(lm4, model, n_prompt, n_steps):
+    """Gemma 3's local layers see the last 512 positions: across the edge while decoding (508 + 6)
+    and beyond it from the prefill on (600 + 2), logits bit-equal to the model's."""
+    ids = lm4.tokenizer("All the world's a stage. " * 120, return_tensors="pt").input_ids[:, :n_prompt]
+    assert ids.shape[1] == n_prompt and model.config.sliding_window == 512
+    dec = FastDecoder(model, exact_attention=True)
+    fast = FastDecoder(model)  # packed single-query attention: within a bf16 step or so
+    with torch.inference_mode():
+        fast.prefill(ids)
+        got = dec.prefill(ids)
+        want = model(input_ids=ids, use_cache=True)
+        assert torch.equal(got, want.logits[0, -1])
+        cache = want.past_key_values
+        for tok in range(9, 9 + n_steps):
+            got = dec.step(tok)
+            want = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            cache = want.past_key_values
+            assert torch.equal(got, want.logits[0, -1]), dec.pos
+            approx = fast.step(tok).float()
+            ref = want.logits[0, -1].float()
+            # the packed call rounds its fp32 sums differently; bf16 layers carry that on to
+            # KL ~ 1e-3..1e-2 nats on this odd text (vs 0.36 for NF4 vs full precision)
+            lp, lq = ref.log_softmax(-1), approx.log_softmax(-1)
+            kl = float((lp.exp() * (lp - lq)).sum())
+            assert kl <= 0.05, kl
+
+
+def test_step_before_prefill_is_an_error(model):
+    with pytest.raises(RuntimeError):
+        FastDecoder(model).step(5)
