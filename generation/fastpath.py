@@ -38,12 +38,14 @@ __all__ = [
     "FastDecoder",
     "NF4Linear",
     "QuantizedHead",
+    "QuantizedLMHead",
     "accelerate_linear4bit",
     "argmax_first",
     "fast_path_supported",
     "native_int8_kernel",
     "native_int8_status",
     "quantize_lm_head",
+    "restore_linear4bit",
 ]
 
 
@@ -372,21 +374,24 @@ def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> Quant
     q = torch.empty(v, d, dtype=torch.int8)
     scale = torch.empty(v, dtype=torch.float32)
     half = torch.empty(v, dtype=torch.float32)
+    row_sum = torch.empty(v, dtype=torch.int32)
     w_max = 0.0
-    # In row chunks: an fp32 copy of the whole head would be 671 MB at once.
-    for i in range(0, v, 16384):
-        wf = w[i : i + 16384].float()
+    chunk = 16384  # rows at a time: an fp32 copy of the whole head would be 671 MB at once
+    for i in range(0, v, chunk):
+        wf = w[i : i + chunk].float()
         # Quantise against the bf16-rounded scale itself (torch's kernel takes bf16 scales), so
         # that q * scale is the nearest grid point; the clamp costs at most 127 * 2**-9 of a step.
         s = (wf.abs().amax(dim=1).clamp_min(1e-30) / 127.0).to(torch.bfloat16).float()
         qi = torch.round(wf / s[:, None]).clamp_(-127, 127)
-        q[i : i + 16384] = qi.to(torch.int8)
-        scale[i : i + 16384] = s
-        half[i : i + 16384] = (qi * s[:, None] - wf).abs().amax(dim=1) * (1 + 2**-20)
+        scale[i : i + chunk] = s
+        half[i : i + chunk] = (qi * s[:, None] - wf).abs().amax(dim=1) * (1 + 2**-20)
+        row_sum[i : i + chunk] = qi.sum(dim=1).to(torch.int32)  # exact: |sum| <= 640 * 127
         w_max = max(w_max, float(wf.abs().max()))
-    row_sum = q.sum(dim=1, dtype=torch.int32)
-    if layout == "tiles":
-        q = q.view(v // _TILE_ROWS, _TILE_ROWS, d // _TILE_COLS, _TILE_COLS).transpose(1, 2).contiguous()
+        qi = qi.to(torch.int8)
+        if layout == "tiles":  # rows r..r+3, columns c..c+63 contiguous: the kernel's read order
+            n = qi.shape[0]
+            qi = qi.view(n // _TILE_ROWS, _TILE_ROWS, d // _TILE_COLS, _TILE_COLS).transpose(1, 2).reshape(n, d)
+        q[i : i + chunk] = qi
     return QuantizedHead(codes=q, layout=layout, scale=scale, scale_bf16=scale.to(torch.bfloat16),
                          row_sum=row_sum, exact=w, half_step=half, half_max=float(half.max()), w_max=w_max)
 
@@ -564,6 +569,19 @@ def accelerate_linear4bit(model: torch.nn.Module) -> int:
         elif _linear4bit_ok(module):
             module.__dict__["_nf4"] = NF4Linear(module)  # not a submodule or parameter
             module.__class__ = _FAST_CLASS
+            n += 1
+    return n
+
+
+def restore_linear4bit(model: torch.nn.Module) -> int:
+    """Undo `accelerate_linear4bit` (the modules' class back to Linear4bit); returns how many."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if _FAST_CLASS is not None and type(module) is _FAST_CLASS:
+            module.__class__ = bnb.nn.Linear4bit
+            module.__dict__.pop("_nf4", None)
             n += 1
     return n
 
