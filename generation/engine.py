@@ -9,19 +9,28 @@ Layout of one engine (all of it owned by the loop thread, named ENGINE_THREAD_NA
 * `SlotKVCache`: per layer one (rows, kv_heads, capacity, head_dim) key and value buffer; row b
   holds its sequence at positions 0..len_b-1, every row at its own length. Before a forward the
   engine says where each new token goes (`prepare`); `update()` writes there and hands attention a
-  view of the first `span` positions. The masks (one per layer type: causal, and causal within the
-  sliding window for Gemma 3's local layers) and per-row RoPE positions make every row see exactly
-  its own prefix, so a row's result does not depend on the other rows' lengths.
+  view of the first `span` positions. Per-row RoPE positions and masks (causal, and causal within
+  the sliding window for Gemma 3's local layers) make every row see exactly its own prefix.
+* `RowAttentionMask`: with sdpa (the default, also behind the project's "attention_lab"
+  dispatcher) attention runs row by row with the very call a single-sequence generate() makes, so
+  a reply is bit for bit the same whatever else is in the batch (see the class for why). With
+  eager attention the engine passes the additive float mask eager expects (one batched call).
 * The running batch: rows 0..n-1 of the main cache. A finished row is removed by moving the last
   row into its slot (one row's copy, no compaction of the rest).
 * Newcomers are prefilled as a group in their own cache, several prompts per forward (left-padded,
   pads write to a scratch column nobody attends to), at most `prefill_tokens` tokens per forward
-  (a long prompt is chunked), one prefill forward then one decode step per iteration, so running
-  streams stall for one chunk at most. A row whose prompt is done draws its first token from the
-  prefill's logits and is copied into the main cache.
+  (a longer prompt is cut into chunks of that size), one prefill forward then one decode step per
+  iteration, so running streams stall for one chunk at most. A row whose prompt is done draws its
+  first token from the prefill's logits and is copied into the main cache.
+* `PrefixStore`: the engine's first job (`start()`) is a one-token warm-up reply whose prompt's
+  keys/values are kept; every prompt sharing its beginning (the system prompt and dialogue format
+  of the plain prompt, a chat template's header) copies them instead of recomputing them. Only
+  that fixed prefix is reused, so where a prompt's prefill is split never depends on history.
 * Sampling: `generation.sampling.BatchSampler`, per-row parameters and per-row generators.
 
-The same code runs on CUDA (buffers live where the model's layers put their keys).
+The same code runs on CUDA (buffers live where the model's layers put their keys). Keep the
+first forward of a freshly loaded 4-bit model single-threaded: bitsandbytes repacks its CPU
+weights lazily on the first forward, and two threads doing that at once crash one of them.
 """
 
 from __future__ import annotations
@@ -50,8 +59,7 @@ DEFAULT_MAX_BATCH = 32
 # the longest a running stream waits for a newcomer; a GPU takes thousands in one go cheaply.
 DEFAULT_PREFILL_TOKENS_CPU = 256
 DEFAULT_PREFILL_TOKENS_CUDA = 2048
-# Recent prompts whose keys/values are kept for reuse (PrefixStore), and the shortest reuse worth a copy.
-DEFAULT_PREFIX_ENTRIES = 8
+# The shortest prompt prefix worth copying from the PrefixStore, and the warm-up reply's message.
 MIN_PREFIX = 8
 WARMUP_MESSAGE = "Hello"
 WARMUP_PARAMS = SamplingParams(temperature=0.0, max_new_tokens=1)
@@ -268,15 +276,15 @@ class SlotKVCache(Cache):
 
 
 class PrefixStore:
-    """Keys/values of recent prompts, so a newcomer sharing a prefix with one (the system prompt and
-    the dialogue format every chat starts with; the earlier turns of a conversation) prefills only
-    what is new. LRU, at most `entries` prompts of at most `max_tokens` tokens each.
+    """Keys/values of stored prompts, so a newcomer sharing a beginning with one prefills only what
+    is new. LRU, at most `entries` prompts of at most `max_tokens` tokens each; the engine stores
+    only its warm-up prompt (see the module notes).
 
-    Mathematically a causal prefix's keys/values are the same whatever follows it; numerically they
-    come from another forward (other batch shapes), as with chunked prefill.
+    A causal prefix's keys/values do not depend on what follows it; a prompt's prefill is split
+    at the same place every time, so its numbers are reproducible.
     """
 
-    def __init__(self, entries: int, max_tokens: int = 2048) -> None:
+    def __init__(self, entries: int = 4, max_tokens: int = 2048) -> None:
         self.entries = entries
         self.max_tokens = max_tokens
         self._items: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # LRU first
@@ -392,11 +400,14 @@ class ChatEngine:
     with `start()` or on the first request. Requests beyond `max_batch` wait in FIFO order. An
     exception inside the loop fails the requests it touched with a RuntimeError and the loop goes on;
     `close()` ends the loop and fails whatever is pending.
+
+    max_batch: rows decoded together (the app's CHAT_CONCURRENCY). prefill_tokens: prompt tokens
+    per prefill forward (default 256 on CPU, 2048 on CUDA). warmup: start() first runs a one-token
+    reply whose prompt prefix every later prompt reuses (PrefixStore).
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_tokens: int | None = None,
-                 prefix_cache: int = DEFAULT_PREFIX_ENTRIES, warmup: bool = True,
-                 sampler: BatchSampler | None = None) -> None:
+                 warmup: bool = True, sampler: BatchSampler | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.lm = lm
@@ -410,8 +421,8 @@ class ChatEngine:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens!r}")
         self.prefill_tokens = prefill_tokens
         self.sampler = sampler or BatchSampler()
-        self.prefixes = PrefixStore(prefix_cache)
-        self._warmup = warmup and prefix_cache > 0
+        self.prefixes = PrefixStore()
+        self._warmup = warmup
         self._warmed = False
         cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
         self._cfg = cfg
@@ -645,7 +656,7 @@ class ChatEngine:
             group.append(req)
             hits.append((cached, where))
             tokens += req.prompt_len - cached
-        self._n_group = len(group)  # counted as active from here on
+        self._n_group = sum(not r._alone for r in group)  # counted as active from here on (not the warm-up)
         return [(r, cached) for r, (cached, _) in zip(group, hits)]
 
     def _start_group(self, admitted: list[tuple[EngineRequest, int]]) -> None:
@@ -883,7 +894,7 @@ class ChatEngine:
                 self._gcache.move_row(i, last, self._group[last]._prefilled)
                 self._group[i] = self._group[last]
             self._group.pop()
-        self._n_group = len(self._group)
+        self._n_group = sum(not r._alone for r in self._group)
         if not self._group:
             self._gcache = None
 
