@@ -110,9 +110,10 @@ class SeededSampler(LogitsProcessor):
 # its own torch.Generator, exact against transformers' warpers, without sorting the vocabulary.
 #
 # Per row the pipeline is transformers' own: repetition penalty -> temperature -> top-k -> top-p
-# -> draw (greedy rows: penalty -> argmax). The kept set of top-k/top-p is computed from the
-# `torch.topk` candidates (widening k only for rows whose nucleus the candidates do not provably
-# cover) and equals TopKLogitsWarper's / TopPLogitsWarper's:
+# -> draw (greedy rows: penalty -> argmax). The kept set of top-k/top-p is computed from the k
+# largest scores of each row (`top_candidates`, k = 64 first, x4 only for rows whose nucleus those
+# candidates do not provably cover, up to k_max, then the full sort) and equals
+# TopKLogitsWarper's / TopPLogitsWarper's:
 # * top-k keeps every token >= the k-th largest value (ties included), as the warper does;
 # * top-p removes tokens in ascending order while their cumulative probability is <= 1 - top_p.
 #   Where the candidates' tail masses come within FILTER_MARGIN_REL of the threshold (float32
