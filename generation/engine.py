@@ -886,6 +886,8 @@ class ChatEngine:
             self._running.pop()
             self._lens.pop()
             self._next.pop()
+        if not self._running and self._main is not None and self._main.capacity > CAPACITY_STEP:
+            self._main = None  # a long reply grew the buffers; give the memory back once idle
 
     def _remove_group(self, indices: Sequence[int]) -> None:
         for i in sorted(indices, reverse=True):

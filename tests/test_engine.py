@@ -103,6 +103,20 @@ def test_greedy_matches_generate_alone_and_mixed(tiny):
     assert all(r.error is None and r.stopped_by in ("eos", "max_new_tokens") for r in reqs)
 
 
+def test_long_replies_grow_the_cache(tiny_qwen):
+    """Replies past the KV buffers' first capacity (256 positions) grow them mid-batch, token-exact;
+    once the batch is empty the grown buffers are given back."""
+    prompts = _prompts(tiny_qwen, (41, 5))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=300)
+    refs = [_generate(tiny_qwen, p, 300, do_sample=False) for p in prompts]
+    assert min(len(r) for r in refs) + 5 > 256, "the references must outgrow the first capacity"
+    with ChatEngine(tiny_qwen, warmup=False) as engine:
+        reqs = [engine.submit(p, greedy) for p in prompts]
+        assert all(r.wait(120) for r in reqs)
+        assert engine._main is None
+    assert [r.token_ids for r in reqs] == refs
+
+
 def test_seeded_sample_same_alone_and_in_batch(tiny_qwen):
     prompts = _prompts(tiny_qwen)
     mine = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.2, seed=11, max_new_tokens=NEW)
