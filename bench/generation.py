@@ -217,18 +217,24 @@ def decode_worker(lm) -> dict:
     threads = torch.get_num_threads()
     model, tok = lm.model, lm.tokenizer
     res: dict = {"machine_start": describe(threads)}
-    rss0 = _peak_rss_mib()
+    import psutil
+
+    rss = lambda: psutil.Process().memory_info().rss / 2**20  # noqa: E731  (current, not peak)
+    rss0 = rss()
     t = time.perf_counter()
     head = quantize_lm_head(model)
     res["quantize_s"] = time.perf_counter() - t
     res["head_kernel"] = native_int8_status()
     res["head_mib"] = head.nbytes / 2**20
+    res["rss_head_mib"] = rss() - rss0
+    rss1 = rss()
     decoders = {
         "loop": FastDecoder(model, direct_nf4=False),
         "loop_nf4": FastDecoder(model),
         "all": FastDecoder(model, head=head),
         "all_exact_attn": FastDecoder(model, head=head, exact_attention=True),
     }
+    res["rss_decoder_mib"] = (rss() - rss1) / len(decoders)
     llm, res["llama_version"] = _load_llama(threads)
     prompt = build_prompt(tok, PROMPTS[0])
     ids = prompt.input_ids
@@ -278,7 +284,6 @@ def decode_worker(lm) -> dict:
     res["llama_text"] = tok.decode(tokens["llama"]) if "llama" in tokens else ""
     res["today_text"] = tok.decode(tokens["today"])
     res["second_steps"] = (decoders["all"].second_steps, decoders["all"].steps)
-    res["rss_extra_mib"] = _peak_rss_mib() - rss0  # int8 copy + KV caches + decoders' buffers
     res["load_end"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
     # Perplexity and top-1 agreement of the int8 head on the same 2,000 tokens as the ppl column.
@@ -325,7 +330,8 @@ def print_decode(res: dict, base_ppl: float | None = None) -> None:
               f"| {vs} | {vf} | {same} |")
     s2, n = res["second_steps"]
     print(f"\nExact greedy with the int8 head: {n - s2} of {n} steps decided by the 64 rescored candidates, "
-          f"{s2} by the second step. Memory for the levers: +{res['rss_extra_mib']:.0f} MiB peak RSS.")
+          f"{s2} by the second step. Memory: the int8 head +{res['rss_head_mib']:.0f} MiB RSS (the model's weight "
+          f"bytes unchanged), each decoder (KV cache for 1,024 positions, buffers) +{res['rss_decoder_mib']:.0f} MiB.")
     p = res["ppl"]
     print("\n| head | perplexity (2,000 tok) | vs bf16 head | top-1 = bf16 head's |")
     print("|---|---:|---:|---:|")
