@@ -90,7 +90,8 @@ static void split_rows(int64_t M, int64_t K, const float *x, uint8_t *xq, float 
 }
 
 /* out[m*N + n] = wscale[n] * sum_k xhat[m, k] * w[n, k]
-   w: int8 tiles (N/4, K/64, 4, 64); wsum[n] = sum_k w[n, k]; N % 4 == 0, K % 64 == 0. */
+   w: int8 tiles (N/4, K/64, 4, 64); wsum[n] = sum_k w[n, k]; N % 4 == 0, K % 64 == 0, K <= 1024
+   (so that the int32 sums below stay exact in float). */
 void int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *wscale,
                const int32_t *wsum, float *out, int nthreads) {
     size_t qbytes = ((size_t)(M * 2 * K) + 127) / 64 * 64;
@@ -121,9 +122,11 @@ void int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w,
                     }
                 }
                 for (int r = 0; r < RB; r++) {
-                    float c = 128.f * (float)wsum[n + r];  /* undo the +128 of the unsigned levels */
-                    float v1 = (float)_mm512_reduce_add_epi32(a1[r]) - c;
-                    float v2 = (float)_mm512_reduce_add_epi32(a2[r]) - c;
+                    /* undo the +128 of the unsigned levels in int32 (exact); the differences fit
+                       in 24 bits (|.| <= K * 127 * 127), so their float conversion is exact too */
+                    int32_t c = 128 * wsum[n + r];
+                    float v1 = (float)(_mm512_reduce_add_epi32(a1[r]) - c);
+                    float v2 = (float)(_mm512_reduce_add_epi32(a2[r]) - c);
                     out[m * N + n + r] = wscale[n + r] * (xs[2 * m] * v1 + xs[2 * m + 1] * v2);
                 }
             }
@@ -280,11 +283,15 @@ class QuantizedHead:
         h2 = hidden.reshape(-1, d).float().contiguous()  # (M, D)
         if out is None:
             out = torch.empty(h2.shape[0], v, dtype=torch.float32)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != h2.shape[0] * v:
+            raise ValueError(f"out must be a contiguous fp32 tensor of {h2.shape[0]} x {v} values")
         fn(h2.shape[0], v, d, h2.data_ptr(), self.codes.data_ptr(), self.scale.data_ptr(),
            self.row_sum.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out.view(*lead, v)
 
-    def logits_exact_top(self, hidden: torch.Tensor, k: int = RESCORE_K, out: torch.Tensor | None = None) -> torch.Tensor:
+    def logits_exact_top(
+        self, hidden: torch.Tensor, k: int = RESCORE_K, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """hidden (M, D) -> int8 logits (M, V) fp32 with each row's k largest replaced by the exact
         bf16 head's values: for sampling, where the few tokens that carry the probability mass
         then have exactly the model's logits and only the tail is approximate."""
@@ -361,16 +368,17 @@ def argmax_first(logits: torch.Tensor) -> int:
 def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> QuantizedHead:
     """Symmetric int8 per output row of the model's LM head (V, D): scale = max|row| / 127.
 
-    layout None = "tiles" where the native kernel is available (and V % 4 == D % 64 == 0), else
-    "rows". The model and its tied embedding are only read. ~3 s for Gemma 3 270m's head.
+    layout None = "tiles" where the native kernel is available (and V % 4 == 0, D % 64 == 0,
+    D <= 1024), else "rows". The model and its tied embedding are only read. ~2-8 s for Gemma 3
+    270m's head on 2 cores.
     """
     w = model.get_output_embeddings().weight.detach()  # (V, D): the embedding's storage when tied
     v, d = w.shape
-    tiles_ok = v % _TILE_ROWS == 0 and d % _TILE_COLS == 0
+    tiles_ok = v % _TILE_ROWS == 0 and d % _TILE_COLS == 0 and d <= 1024  # the kernel's limits
     if layout is None:
         layout = "tiles" if tiles_ok and native_int8_kernel() is not None else "rows"
     if layout not in ("rows", "tiles") or (layout == "tiles" and not tiles_ok):
-        raise ValueError(f"layout must be 'rows' or 'tiles' (V % 4 == D % 64 == 0), got {layout!r}")
+        raise ValueError(f"layout must be 'rows' or 'tiles' (V % 4 == 0, D % 64 == 0, D <= 1024), got {layout!r}")
     q = torch.empty(v, d, dtype=torch.int8)
     scale = torch.empty(v, dtype=torch.float32)
     half = torch.empty(v, dtype=torch.float32)

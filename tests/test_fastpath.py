@@ -34,7 +34,8 @@ NOTEBOOK_PROMPTS = [
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 pytestmark = pytest.mark.skipif(
-    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"), reason="bitsandbytes' CPU NF4 kernel needs AVX-512"
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+    reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
 )
 
 
