@@ -899,6 +899,15 @@ class FastDecoder:
         return self._logits_of(self._decode_one(int(token)))
 
     @torch.inference_mode()
+    def exact_top(self, logits: torch.Tensor, k: int = RESCORE_K) -> torch.Tensor:
+        """For sampling: the (V,) logits of the last prefill/step with their k largest replaced, in
+        place, by the bf16 head's exact values (a no-op with the exact head)."""
+        if self.head is not None:
+            top = torch.topk(logits, k)
+            logits.index_copy_(0, top.indices, self.head.rescore(self.last_hidden, top.indices).float())
+        return logits
+
+    @torch.inference_mode()
     def greedy_pick(self, logits: torch.Tensor) -> int:
         """The greedy token for `logits` from the last prefill/step: exactly the bf16 head's argmax."""
         self.steps += 1

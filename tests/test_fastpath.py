@@ -300,6 +300,17 @@ def test_sliding_window_matches_the_model(lm4, model, n_prompt, n_steps):
             assert kl <= 0.05, kl
 
 
+def test_decoder_exact_top_for_sampling(lm4, model, head):
+    dec = FastDecoder(model, head=head)
+    ids = build_prompt(lm4.tokenizer, NOTEBOOK_PROMPTS[0]).input_ids
+    logits = dec.prefill(ids)
+    idx = torch.topk(logits, 8).indices
+    mixed = dec.exact_top(logits, k=8)
+    with torch.inference_mode():
+        want = F.linear(dec.last_hidden, head.exact)[0, idx].float()
+    assert mixed.data_ptr() == logits.data_ptr() and torch.equal(mixed[idx], want)
+
+
 def test_step_before_prefill_is_an_error(model):
     with pytest.raises(RuntimeError):
         FastDecoder(model).step(5)
