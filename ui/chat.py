@@ -505,8 +505,8 @@ class ChatHandlers:
         """
         lm = self.model.lm
         remote = self.backend.remote
-        ready = lm is not None if remote is None else remote.check() is None
         error = self.model.error if remote is None else remote.check()
+        ready = lm is not None if remote is None else error is None
         engine = self.backend.engine() if remote is None else None
         return {"ready": ready, "error": error, "summary": lm.summary() if lm else None,
                 "generating": self.backend.active(), "waiting": self.backend.waiting(),
