@@ -57,6 +57,7 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
     state = AppState.create(settings)
     if load_model_now and not state.model.lazy:
         state.model.start()
+        state.chat.backend.start_when_loaded()
     with gr.Blocks(title=TITLE, delete_cache=(1800, 3600)) as demo:  # figures served as files: an hour each
         demo.app_state = state  # for tests and main(); gradio ignores extra attributes
         gr.Markdown(INTRO)

@@ -27,10 +27,17 @@ Layout of one engine (all of it owned by the loop thread, named ENGINE_THREAD_NA
   of the plain prompt, a chat template's header) copies them instead of recomputing them. Only
   that fixed prefix is reused, so where a prompt's prefill is split never depends on history.
 * Sampling: `generation.sampling.BatchSampler`, per-row parameters and per-row generators.
+* The fast CPU decode (`generation.batchstep`, on by default where it applies: a Gemma 3 NF4 model
+  on CPU with sdpa): the loop thread first builds a lean batched decode step (bit for bit the
+  model path's numbers, without its per-step machinery) and an int8 copy of the LM head; every
+  decode step then takes them, and every row's token comes through the int8 head, chosen exactly
+  (greedy: the bf16 head's argmax; sampled: the 64 most likely tokens with exact logits). Prefill
+  keeps the model's forward. `fast_status` says whether it is on, and why not.
 
-The same code runs on CUDA (buffers live where the model's layers put their keys). Keep the
-first forward of a freshly loaded 4-bit model single-threaded: bitsandbytes repacks its CPU
-weights lazily on the first forward, and two threads doing that at once crash one of them.
+The same code runs on CUDA (buffers live where the model's layers put their keys; the fast decode
+is CPU-only). Keep the first forward of a freshly loaded 4-bit model single-threaded where
+load_model has not repacked it already: bitsandbytes repacks its CPU weights lazily on the first
+forward, and two threads doing that at once crash one of them.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ class RowAttentionMask(torch.Tensor):
                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
         """query (n, Hq, T, d) (or GQA-packed (n, Hkv, n_rep, d) for T = 1), key/value (n, Hk, S, d)
         -> (n, H, T, d); pad queries get zeros."""
-        from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
+        from transformers.integrations.sdpa_attention import repeat_kv
 
         sdpa = torch.nn.functional.scaled_dot_product_attention
         n, t, rep = query.shape[0], self.shape[2], self._n_rep
@@ -126,34 +133,17 @@ class RowAttentionMask(torch.Tensor):
         heads = query.shape[1]
         if rep > 1 and key.shape[1] == heads:  # undo repeat_kv: generate() passes the kv heads
             key, value = key[:, ::rep], value[:, ::rep]
-        # as transformers decides for one unpadded sequence (no mask): GQA inside sdpa or repeated heads
-        gqa = rep > 1 and use_gqa_in_sdpa(None, key, value)
-        gqa_kw = {"enable_gqa": True} if gqa else {}
-        copy = key.shape[1] > 1  # a row slice of several kv heads is strided; generate() has it contiguous
         window, ends, counts = self._window, self._ends, self._counts
-
-        def kv(b: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-            k, v = key[b : b + 1, :, first:end], value[b : b + 1, :, first:end]
-            if copy:
-                k, v = k.contiguous(), v.contiguous()
-            if rep > 1 and not gqa:
-                k, v = repeat_kv(k, rep), repeat_kv(v, rep)
-            return k, v
-
-        if t == 1:  # decode: every row over its own keys (the last `window` on sliding layers)
-            outs = []
-            for b in range(n):
-                end = ends[b]
-                k, v = kv(b, max(0, end - window) if window else 0, end)
-                outs.append(sdpa(query[b : b + 1], k, v, dropout_p=dropout_p, scale=scale, **gqa_kw))
-            return torch.cat(outs)
+        if t == 1:
+            return decode_attention_rows(query, key, value, ends, window, rep, scale, dropout_p)
         out = query.new_zeros(n, heads, t, value.shape[-1])
         for b in range(n):
             c, end = counts[b], ends[b]
             start = end - c
             q = query[b : b + 1, :, t - c :]
             if start == 0 and (window is None or c <= window):  # a causal prefill from 0, as generate()
-                k, v = kv(b, 0, end)
+                gqa_kw = _gqa_kw(key, value, rep)
+                k, v = _row_kv(key, value, b, 0, end, rep, bool(gqa_kw))
                 o = sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa_kw)
             else:  # a chunk after cached positions (or past the window): an explicit mask
                 j = torch.arange(end, device=q.device)
@@ -167,6 +157,43 @@ class RowAttentionMask(torch.Tensor):
                 o = sdpa(q, k, v, attn_mask=keep[None, None], dropout_p=dropout_p, scale=scale)
             out[b, :, t - c :] = o[0]
         return out
+
+
+def _gqa_kw(key: torch.Tensor, value: torch.Tensor, rep: int) -> dict[str, bool]:
+    """As transformers decides for one unpadded sequence (no mask): GQA inside sdpa, or ({}) the
+    key/value heads repeated (_row_kv does that then)."""
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+    return {"enable_gqa": True} if rep > 1 and use_gqa_in_sdpa(None, key, value) else {}
+
+
+def _row_kv(key: torch.Tensor, value: torch.Tensor, b: int, first: int, end: int, rep: int,
+            gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row b's keys/values at positions [first, end) -> (1, Hk or H, end - first, d), laid out as a
+    single-sequence generate() hands them to sdpa (gqa: sdpa groups the heads itself)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    k, v = key[b : b + 1, :, first:end], value[b : b + 1, :, first:end]
+    if key.shape[1] > 1:  # a row slice of several kv heads is strided; generate() has it contiguous
+        k, v = k.contiguous(), v.contiguous()
+    if rep > 1 and not gqa:
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    return k, v
+
+
+def decode_attention_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ends: Sequence[int],
+                          window: int | None, rep: int, scale: float | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """One new query per row, each row over its own keys with the very sdpa call a single-sequence
+    generate() makes (see RowAttentionMask): query (n, H, 1, d), key/value (n, Hk, S, d) with
+    H = Hk * rep; row b's keys are positions [0, ends[b]) (the last `window` on sliding layers)
+    -> (n, H, 1, d)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa_kw = _gqa_kw(key, value, rep)
+    outs = []
+    for b, end in enumerate(ends):
+        k, v = _row_kv(key, value, b, max(0, end - window) if window else 0, end, rep, bool(gqa_kw))
+        outs.append(sdpa(query[b : b + 1], k, v, dropout_p=dropout_p, scale=scale, **gqa_kw))  # (1, H, 1, d)
+    return torch.cat(outs)
 
 
 class SlotKVCache(Cache):
@@ -407,7 +434,7 @@ class ChatEngine:
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_tokens: int | None = None,
-                 warmup: bool = True, sampler: BatchSampler | None = None) -> None:
+                 warmup: bool = True, sampler: BatchSampler | None = None, fast: bool = True) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.lm = lm
@@ -450,7 +477,13 @@ class ChatEngine:
         self._group: list[EngineRequest] = []
         self._gcache: SlotKVCache | None = None
         self._n_group = 0
-        self.counters = {"steps": 0, "prefill_forwards": 0, "tokens": 0}
+        self.counters = {"steps": 0, "fast_steps": 0, "prefill_forwards": 0, "tokens": 0}
+        # The fast CPU decode (generation/batchstep.py), set up by the loop thread before its first job.
+        self._fast_wanted = fast
+        self._step = None  # BatchDecodeStep
+        self._head = None  # fastpath.QuantizedHead
+        self._logits_buf: torch.Tensor | None = None
+        self.fast_status = "not started" if fast else "off"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -498,7 +531,8 @@ class ChatEngine:
     # -- ChatBackend -----------------------------------------------------------------------------
 
     def describe(self) -> str:
-        return f"local engine · batch ≤ {self.max_batch}"
+        fast = " · fast CPU decode" if self._step is not None else ""
+        return f"local engine · batch ≤ {self.max_batch}{fast}"
 
     def active(self) -> int:
         """Requests in the running batch (decoding or being prefilled)."""
@@ -605,9 +639,45 @@ class ChatEngine:
         t = self._thread
         return t is not None and t.is_alive()
 
+    def _setup_fast(self) -> None:
+        """Build the fast CPU decode step and the int8 LM head copy (a few seconds, once, here in the
+        loop thread before its first job), where the model allows it; else say why not."""
+        if not self._fast_wanted:
+            return
+        why = None
+        if self.device.type != "cpu":
+            why = f"the model is on {self.device.type}"
+        elif self.lm.quantization != "nf4":
+            why = "the model is not 4-bit NF4"
+        elif self._additive_mask:
+            why = "the model uses eager attention"
+        else:
+            from .fastpath import fast_path_supported
+
+            why = fast_path_supported(self.model)
+        if why is not None:
+            self.fast_status = f"off: {why}"
+            return
+        t0 = time.perf_counter()
+        try:
+            from .batchstep import BatchDecodeStep
+            from .fastpath import native_int8_status, quantize_lm_head
+
+            step = BatchDecodeStep(self.model)
+            head = quantize_lm_head(self.model)
+        except Exception as exc:  # the model's own path serves instead
+            log.warning("fast CPU decode unavailable, using the model's forward", exc_info=True)
+            self.fast_status = f"off: {type(exc).__name__}: {exc}"
+            return
+        self._step, self._head = step, head
+        self.fast_status = (f"on: lean batched step, int8 LM head ({head.nbytes / 2**20:.0f} MiB, "
+                            f"{native_int8_status().split(' (')[0]}), ready in {time.perf_counter() - t0:.1f} s")
+        log.info("chat engine fast CPU decode %s", self.fast_status)
+
     def _loop(self) -> None:
         try:
             with torch.inference_mode():
+                self._setup_fast()
                 while True:
                     with self._cond:
                         while not (self._closed or self._waiting or self._running or self._group):
@@ -738,19 +808,27 @@ class ChatEngine:
     def _forward(self, cache: SlotKVCache, ids: torch.Tensor, qpos: torch.Tensor, wpos: torch.Tensor,
                  span: int, ends: list[int], counts: list[int]) -> torch.Tensor:
         """One forward of ids (n, T) at positions qpos, writing K/V at wpos; row b's real tokens are
-        its last counts[b], the last at position ends[b] - 1 (left padding). -> last logits (n, V)."""
+        its last counts[b], the last at position ends[b] - 1 (left padding). -> last logits (n, V),
+        or with the fast decode the last final hidden states (n, D) (`_pick` takes either)."""
         dev = self.device
         qpos = qpos.to(dev)
         cache.prepare(ids.shape[0], wpos.to(dev), span)
-        out = self.model(
-            input_ids=ids.to(dev),
-            position_ids=qpos,
-            attention_mask=self._masks(qpos, span, ends, counts),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :]
+        kw = dict(input_ids=ids.to(dev), position_ids=qpos, attention_mask=self._masks(qpos, span, ends, counts),
+                  past_key_values=cache, use_cache=True)
+        if self._head is not None:
+            return self.model.model(**kw).last_hidden_state[:, -1, :]
+        return self.model(**kw, logits_to_keep=1).logits[:, -1, :]
+
+    def _pick(self, out: torch.Tensor, rows: list[RowSampling]) -> list[int]:
+        """Next tokens from `_forward`'s output (logits, or hidden states for the int8 head)."""
+        if self._head is None:
+            return self.sampler.sample(out, rows).tolist()
+        from .batchstep import pick_tokens
+
+        n, v = out.shape[0], self._head.shape[0]
+        if self._logits_buf is None or self._logits_buf.shape[0] < n:
+            self._logits_buf = torch.empty(max(n, 8), v, dtype=torch.float32)
+        return pick_tokens(out, self._head, rows, self.sampler, out=self._logits_buf[:n])
 
     def _prefill_chunk(self) -> None:
         group, cache = self._group, self._gcache
@@ -783,7 +861,7 @@ class ChatEngine:
         ready = [b for b, r in enumerate(group) if r._prefilled == r.prompt_len]
         if not ready:
             return
-        tokens = self.sampler.sample(logits[ready], [group[b]._sampling for b in ready]).tolist()
+        tokens = self._pick(logits[ready], [group[b]._sampling for b in ready])
         now = time.perf_counter()
         if self._main is None:
             self._main = SlotKVCache(self._n_layers, self.max_batch, CAPACITY_STEP)
@@ -811,8 +889,12 @@ class ChatEngine:
         span = max(self._lens) + 1
         self._main.ensure(span)
         ids = torch.tensor(self._next, dtype=torch.long).unsqueeze(1)
-        logits = self._forward(self._main, ids, lens, lens, span, [x + 1 for x in self._lens], [1] * n)
-        tokens = self.sampler.sample(logits, [r._sampling for r in self._running]).tolist()
+        if self._step is not None:
+            out = self._step(ids.reshape(-1), lens.reshape(-1), self._main)  # (n, D)
+            self.counters["fast_steps"] += 1
+        else:
+            out = self._forward(self._main, ids, lens, lens, span, [x + 1 for x in self._lens], [1] * n)
+        tokens = self._pick(out, [r._sampling for r in self._running])
         now = time.perf_counter()
         self.counters["steps"] += 1
         done, ended = [], []

@@ -44,8 +44,10 @@ __all__ = [
     "fast_path_supported",
     "native_int8_kernel",
     "native_int8_status",
+    "prepare_layers",
     "quantize_lm_head",
     "restore_linear4bit",
+    "rope_tables",
 ]
 
 
@@ -142,11 +144,14 @@ _NATIVE_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 
 
 def _native_cache_dir() -> Path:
-    """Where the compiled kernel is kept: $ATTN_LAB_CACHE/kernels (the app's cache), else XDG's."""
-    root = os.environ.get("ATTN_LAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "attention-lab"
-    )
-    return Path(root).expanduser() / "kernels"
+    """Where the compiled kernel is kept: the app's cache (ATTN_LAB_CACHE), folder kernels/."""
+    from .settings import Settings, _default_cache_dir
+
+    try:
+        root = Settings.from_env().cache_dir
+    except ValueError:
+        root = _default_cache_dir()
+    return Path(root) / "kernels"
 
 
 def _cpu_flags() -> set[str]:
@@ -192,6 +197,15 @@ def _build_native() -> Callable[..., None]:
     return fn
 
 
+def _native_enabled() -> bool:
+    from .settings import Settings
+
+    try:
+        return Settings.from_env().native_kernels
+    except ValueError:  # a malformed variable: the app reports it where it reads its settings
+        return True
+
+
 def native_int8_kernel() -> Callable[..., None] | None:
     """The compiled int8 head kernel, or None where it cannot be built here (see native_int8_status).
 
@@ -201,7 +215,7 @@ def native_int8_kernel() -> Callable[..., None] | None:
     with _native_lock:
         if "fn" not in _native_state:
             fn = None
-            if os.environ.get("ATTN_LAB_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            if not _native_enabled():
                 _native_state["status"] = "torch _weight_int8pack_mm (native kernel off: ATTN_LAB_NATIVE=0)"
             else:
                 try:
@@ -563,7 +577,21 @@ def _fast_linear4bit_class():
                 return nf4(x2).view(*x.shape[:-1], nf4.n)
             return super().forward(x)
 
+        def __reduce_ex__(self, protocol):
+            # Copies and pickles are plain Linear4bit modules: the kernel call holds raw pointers
+            # into this process's tensors (accelerate the copy again if wanted).
+            state = self.__dict__.copy()
+            state.pop("_nf4", None)
+            return (_plain_linear4bit, (), state)
+
     return FastLinear4bit
+
+
+def _plain_linear4bit():
+    """An empty bitsandbytes Linear4bit for copy/pickle to fill in (FastLinear4bit.__reduce_ex__)."""
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit.__new__(bnb.nn.Linear4bit)
 
 
 _FAST_CLASS = None
@@ -661,6 +689,49 @@ class _Layer:
     sliding: bool
 
 
+def prepare_layers(model: torch.nn.Module, linear: Callable | None = None) -> list[_Layer]:
+    """The decoder layers of a Gemma 3 NF4 model as `_Layer`s: each projection wrapped by `linear`
+    (default NF4Linear: bitsandbytes' kernel on the module's own bytes), norms as fp32 1 + w."""
+    linear = linear or NF4Linear
+    cfg = model.config
+    nh, nkv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    one = lambda norm: 1.0 + norm.weight.detach().float()  # noqa: E731  (Gemma's 1 + w, in fp32)
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        q_norm, k_norm = one(a.q_norm), one(a.k_norm)
+        layers.append(_Layer(
+            q=linear(a.q_proj), k=linear(a.k_proj), v=linear(a.v_proj), o=linear(a.o_proj),
+            gate=linear(m.gate_proj), up=linear(m.up_proj), down=linear(m.down_proj),
+            in_norm=one(layer.input_layernorm), post_attn_norm=one(layer.post_attention_layernorm),
+            pre_ff_norm=one(layer.pre_feedforward_layernorm), post_ff_norm=one(layer.post_feedforward_layernorm),
+            q_norm=q_norm, k_norm=k_norm,
+            qk_norm=torch.cat([q_norm.expand(nh, -1), k_norm.expand(nkv, -1)]).contiguous(),
+            sliding=cfg.layer_types[i] == "sliding_attention",
+        ))
+    return layers
+
+
+def rope_tables(rotary: torch.nn.Module, n: int, head_dim: int) -> tuple[dict, dict, dict]:
+    """cos, sin and signed sin (n, head_dim) bf16 for positions 0..n-1, keyed by sliding (bool).
+
+    Exactly as transformers computes them (its own rotary module: fp32, then bf16; one multiply per
+    element, so a position's values do not depend on which others are computed with it), per layer
+    kind (local and global RoPE bases differ). signed: rotate_half(x) * sin == roll(x, half) *
+    [-sin_1, sin_2], bit for bit.
+    """
+    positions = torch.arange(n).unsqueeze(0)
+    probe = torch.empty(0, dtype=torch.bfloat16)
+    half = head_dim // 2
+    cos, sin, signed = {}, {}, {}
+    with torch.inference_mode():
+        for sliding, kind in ((True, "sliding_attention"), (False, "full_attention")):
+            c, s = rotary(probe, positions, kind)
+            cos[sliding], sin[sliding] = c[0], s[0]  # (n, head_dim) bf16
+            signed[sliding] = torch.cat([-s[0, :, :half], s[0, :, half:]], dim=-1)
+    return cos, sin, signed
+
+
 class _ModuleLinear:
     """Adapter with NF4Linear's call signature over the bitsandbytes module's own forward (to
     measure the decode loop without lever 2)."""
@@ -724,7 +795,7 @@ class FastDecoder:
         self.final_norm = 1.0 + body.norm.weight.detach().float()
         self._rotary = body.rotary_emb
         linear = NF4Linear if direct_nf4 else _ModuleLinear
-        self.layers = [self._prepare(layer, cfg.layer_types[i], linear) for i, layer in enumerate(body.layers)]
+        self.layers = prepare_layers(model, linear)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         d, inter = int(cfg.hidden_size), int(cfg.intermediate_size)
         self.second_steps = 0  # greedy picks that needed greedy_token's second step
@@ -744,20 +815,6 @@ class FastDecoder:
         self._cos = self._sin = self._sin_signed = torch.empty(0)
         self._ensure_capacity(max_len)
 
-    def _prepare(self, layer: torch.nn.Module, kind: str, linear: Callable) -> _Layer:
-        a, m = layer.self_attn, layer.mlp
-        one = lambda norm: 1.0 + norm.weight.detach().float()  # noqa: E731  (Gemma's 1 + w, in fp32)
-        q_norm, k_norm = one(a.q_norm), one(a.k_norm)
-        return _Layer(
-            q=linear(a.q_proj), k=linear(a.k_proj), v=linear(a.v_proj), o=linear(a.o_proj),
-            gate=linear(m.gate_proj), up=linear(m.up_proj), down=linear(m.down_proj),
-            in_norm=one(layer.input_layernorm), post_attn_norm=one(layer.post_attention_layernorm),
-            pre_ff_norm=one(layer.pre_feedforward_layernorm), post_ff_norm=one(layer.post_feedforward_layernorm),
-            q_norm=q_norm, k_norm=k_norm,
-            qk_norm=torch.cat([q_norm.expand(self.n_heads, -1), k_norm.expand(self.n_kv, -1)]).contiguous(),
-            sliding=kind == "sliding_attention",
-        )
-
     def _ensure_capacity(self, n: int) -> None:
         """Hold at least `n` positions: grow the KV cache (keeping its contents) and RoPE tables."""
         if n <= self.max_len:
@@ -770,19 +827,7 @@ class FastDecoder:
             k[:, :, : self.pos] = self.k_cache[:, :, : self.pos]
             v[:, :, : self.pos] = self.v_cache[:, :, : self.pos]
         self.k_cache, self.v_cache = k, v
-        # cos/sin per position exactly as transformers computes them (its own rotary module:
-        # fp32, then bf16), per layer kind (local and global RoPE bases differ).
-        positions = torch.arange(n).unsqueeze(0)
-        probe = torch.empty(0, dtype=torch.bfloat16)
-        half = self.head_dim // 2
-        cos, sin, signed = {}, {}, {}
-        with torch.inference_mode():
-            for sliding, kind in ((True, "sliding_attention"), (False, "full_attention")):
-                c, s = self._rotary(probe, positions, kind)
-                cos[sliding], sin[sliding] = c[0], s[0]  # (n, head_dim) bf16
-                # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2], bit for bit
-                signed[sliding] = torch.cat([-s[0, :, :half], s[0, :, half:]], dim=-1)
-        self._cos, self._sin, self._sin_signed = cos, sin, signed
+        self._cos, self._sin, self._sin_signed = rope_tables(self._rotary, n, self.head_dim)
         self.max_len = n
 
     # -- prefill: T new tokens at once (allocates; once per request) ------------------------------

@@ -334,6 +334,13 @@ def load_model(
     from .attention_capture import install as install_attention_capture
 
     install_attention_capture(model)
+    if load_4bit and not cuda:
+        # bitsandbytes repacks CPU NF4 weights on a layer's first forward; doing it here, once, before
+        # the model is shared, also lets each Linear4bit call that kernel without the Python around it
+        # (same module, same bytes, bit-equal results; see generation/fastpath.py).
+        from .fastpath import accelerate_linear4bit
+
+        accelerate_linear4bit(model)
 
     n4 = count_4bit_layers(model)
     return LoadedModel(

@@ -99,12 +99,16 @@ class Settings:
     chat_backend_api_key: str | None = field(default=None, repr=False)
     chat_backend_api: str = "auto"
     chat_backend_timeout: float = 60.0
+    # The local engine's fast CPU decode (lean batched step + int8 LM head copy, exact greedy), and
+    # the small native int8 kernel it compiles with the system's C compiler.
+    fast_decode: bool = True
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
             raise ValueError(f"model_id must be a non-empty model id or folder, got {self.model_id!r}")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
-        for name in ("load_4bit", "trust_remote_code"):
+        for name in ("load_4bit", "trust_remote_code", "fast_decode", "native_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_int("max_input_tokens", self.max_input_tokens, 16, 1_000_000)
@@ -182,6 +186,8 @@ class Settings:
             ("CHAT_BACKEND_API_KEY", "chat_backend_api_key", None),
             ("CHAT_BACKEND_API", "chat_backend_api", as_lower),
             ("CHAT_BACKEND_TIMEOUT", "chat_backend_timeout", as_float),
+            ("FAST_DECODE", "fast_decode", as_bool),
+            ("ATTN_LAB_NATIVE", "native_kernels", as_bool),
         ):
             raw = get(var)
             if raw is None:

@@ -67,6 +67,12 @@ def test_model_status_reports_the_loaded_model(client):
     assert status["ready"] is True and status["error"] is None
     assert status["generating"] == 0  # no reply is being written
     assert "NF4 4-bit" in status["summary"] and "MiB" in status["summary"]
+    deadline = time.monotonic() + 120  # the engine sets its fast decode up once, in the background
+    while not (status["fast_decode"] or "").startswith(("on:", "off:")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.predict(api_name="/model_status")
+    assert status["fast_decode"].startswith("on: lean batched step, int8 LM head"), status["fast_decode"]
+    assert "fast CPU decode" in status["backend"]
 
 
 # ---------------------------------------------------------------------------------------------

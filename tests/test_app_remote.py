@@ -69,6 +69,7 @@ def test_the_chat_is_the_servers_reply_and_no_local_model_is_loaded(client, prox
     st = status(client)
     assert st["ready"] is True and st["generating"] == 0
     assert st["backend"].startswith("remote: 127.0.0.1:") and openai_server.model in st["backend"]
+    assert st["fast_decode"] is None  # no local engine
     assert st["summary"] is None  # a chat-only deployment loaded no local weights
     assert "Loading model" not in remote_app.log()
     assert "Chat backend remote: 127.0.0.1:" in remote_app.log() and "reachable" in remote_app.log()

@@ -314,3 +314,20 @@ def test_decoder_exact_top_for_sampling(lm4, model, head):
 def test_step_before_prefill_is_an_error(model):
     with pytest.raises(RuntimeError):
         FastDecoder(model).step(5)
+
+
+def test_the_loaded_model_calls_the_nf4_kernel_directly_and_copies_stay_plain(lm4, model):
+    """load_model accelerates every CPU NF4 layer (same modules, same count); a copy of one is a plain
+    bitsandbytes Linear4bit with the same result (the kernel call's raw pointers stay behind)."""
+    import bitsandbytes as bnb
+
+    from generation.model import count_4bit_layers
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(type(m).__name__ == "FastLinear4bit" for m in layers)
+    assert count_4bit_layers(model) == lm4.n_4bit_layers == len(layers)
+    twin = copy.deepcopy(layers[0])
+    assert type(twin) is bnb.nn.Linear4bit and "_nf4" not in twin.__dict__
+    x = torch.randn(3, layers[0].in_features).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(twin(x), layers[0](x))

@@ -202,16 +202,19 @@ def test_settings_defaults_and_parsing(tmp_path):
         "MODEL_ID": "Qwen/Qwen2.5-3B-Instruct", "ATTN_LAB_CACHE": str(tmp_path), "LOAD_IN_4BIT": "false",
         "TRUST_REMOTE_CODE": "1", "MAX_INPUT_TOKENS": "2048", "GRADIO_SERVER_NAME": "0.0.0.0",
         "GRADIO_SERVER_PORT": "8080", "QUEUE_SIZE": "8", "CHAT_CONCURRENCY": "3",
-        "TORCH_NUM_THREADS": "4",
+        "TORCH_NUM_THREADS": "4", "FAST_DECODE": "off", "ATTN_LAB_NATIVE": "0",
     })
-    assert s == Settings("Qwen/Qwen2.5-3B-Instruct", tmp_path, False, True, 2048, "0.0.0.0", 8080, 8, 3, 4)
+    assert s == Settings("Qwen/Qwen2.5-3B-Instruct", tmp_path, False, True, 2048, "0.0.0.0", 8080, 8, 3, 4,
+                         fast_decode=False, native_kernels=False)
+    assert Settings.from_env({}).fast_decode and Settings.from_env({}).native_kernels
     assert Settings.from_env({"MAX_INPUT_TOKENS": "  "}).max_input_tokens == 1024  # blank = default
 
 
 @pytest.mark.parametrize("var, value", [
     ("LOAD_IN_4BIT", "maybe"), ("TRUST_REMOTE_CODE", "2"), ("MAX_INPUT_TOKENS", "many"), ("MAX_INPUT_TOKENS", "8"),
     ("GRADIO_SERVER_PORT", "0"), ("GRADIO_SERVER_PORT", "70000"), ("QUEUE_SIZE", "-1"), ("CHAT_CONCURRENCY", "0"),
-    ("CHAT_CONCURRENCY", "1.5"), ("TORCH_NUM_THREADS", "0"), ("TORCH_NUM_THREADS", "all"),
+    ("CHAT_CONCURRENCY", "1.5"), ("TORCH_NUM_THREADS", "0"), ("TORCH_NUM_THREADS", "all"), ("FAST_DECODE", "fast"),
+    ("ATTN_LAB_NATIVE", "2"),
 ])
 def test_settings_bad_env_raises_naming_the_variable(var, value):
     with pytest.raises(ValueError, match=var):

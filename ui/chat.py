@@ -204,9 +204,21 @@ class BackendSlot:
             if self._engine is None:
                 from generation.engine import ChatEngine
 
-                self._engine = ChatEngine(lm, max_batch=self.settings.chat_concurrency)
+                self._engine = ChatEngine(lm, max_batch=self.settings.chat_concurrency, fast=self.settings.fast_decode)
                 self._engine.start()
             return self._engine
+
+    def start_when_loaded(self) -> None:
+        """Start the local engine as soon as the model has loaded (a background thread), so its
+        one-time set-up (the warm-up prompt, the fast decode's int8 head) is done before users come."""
+        if self.remote is not None:
+            return
+
+        def start() -> None:
+            if self.model.wait():
+                self.engine()
+
+        threading.Thread(target=start, name="start-chat-engine", daemon=True).start()
 
     def get(self) -> ChatBackend:
         """The backend to stream from, or gr.Error saying why there is none yet."""
@@ -501,7 +513,8 @@ class ChatHandlers:
         generating: replies being generated right now (all users), so a client can see Stop or a
         cancelled job really free its row; waiting: requests held until a row frees.
         summary: the local model (None until loaded); backend: "local engine ..." or the remote
-        server's host and model (never its key).
+        server's host and model (never its key); fast_decode: the local engine's fast CPU decode,
+        "on: ..." or "off: why" (None for a remote server).
         """
         lm = self.model.lm
         remote = self.backend.remote
@@ -510,7 +523,8 @@ class ChatHandlers:
         engine = self.backend.engine() if remote is None else None
         return {"ready": ready, "error": error, "summary": lm.summary() if lm else None,
                 "generating": self.backend.active(), "waiting": self.backend.waiting(),
-                "backend": remote.describe() if remote is not None else (engine.describe() if engine else "local")}
+                "backend": remote.describe() if remote is not None else (engine.describe() if engine else "local"),
+                "fast_decode": engine.fast_status if engine is not None else None}
 
 
 @dataclass

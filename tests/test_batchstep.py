@@ -1,0 +1,191 @@
+"""The chat engine's fast CPU decode (generation/batchstep.py) on the real NF4 model.
+
+The lean batched step is compared with the engine's own model path (transformers' forward over
+the same KV cache) bit for bit, logits and written keys, for batches of mixed lengths and across
+Gemma 3's sliding window; the token choice through the int8 head with the bf16 head's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generation import SamplingParams, build_prompt
+from generation.batchstep import BatchDecodeStep, pick_tokens
+from generation.engine import ChatEngine, SlotKVCache
+from generation.fastpath import fast_path_supported, quantize_lm_head
+from generation.sampling import BatchSampler, RowSampling, make_generator
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+    reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
+)
+
+PROMPTS = ["What is the capital of France?", "Explain self-attention in one paragraph.", "Hi",
+           "Write a haiku about transformers."]
+
+
+@pytest.fixture(scope="module")
+def model(lm4):
+    why = fast_path_supported(lm4.model)
+    if why is not None:
+        pytest.skip(why)
+    return lm4.model
+
+
+@pytest.fixture(scope="module")
+def slow(lm4, model):
+    """An engine that is never started: its `_forward` is the model path (logits), used directly."""
+    return ChatEngine(lm4, warmup=False, fast=False)
+
+
+@pytest.fixture(scope="module")
+def step(model):
+    return BatchDecodeStep(model)
+
+
+@pytest.fixture(scope="module")
+def head(model):
+    return quantize_lm_head(model)
+
+
+def _prefilled(slow: ChatEngine, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:
+    """Each prompt prefilled alone by the model path into one row of a shared cache:
+    (cache, lengths, greedy first tokens)."""
+    n_layers = slow._n_layers
+    cache = SlotKVCache(n_layers, len(prompts), 64)
+    lens, first = [], []
+    for b, ids in enumerate(prompts):
+        n = ids.numel()
+        one = SlotKVCache(n_layers, 1, n + 64)
+        pos = torch.arange(n)[None]
+        with torch.inference_mode():
+            logits = slow._forward(one, ids[None], pos, pos, n, [n], [n])
+        cache.copy_row(b, one, 0, n)
+        lens.append(n)
+        first.append(int(logits[0].argmax()))
+    return cache, lens, first
+
+
+def _copy(cache: SlotKVCache, lens: list[int]) -> SlotKVCache:
+    other = SlotKVCache(cache.n_layers, cache.rows, cache.capacity)
+    for b, n in enumerate(lens):
+        other.copy_row(b, cache, b, n)
+    return other
+
+
+@pytest.mark.parametrize("case", ["mixed", "window"])
+def test_step_equals_the_model_path_bit_for_bit(lm4, model, slow, step, case):
+    """A few greedy steps of a batch through both paths: the same logits (the lean step's hidden
+    through the bf16 head) and the same keys/values written, every step. "window": rows of 508
+    and 505 tokens decoding across the 512-token sliding window of the local layers."""
+    tok = lm4.tokenizer
+    if case == "mixed":
+        prompts = [build_prompt(tok, p).input_ids[0] for p in PROMPTS]
+        steps = 4
+    else:
+        text = tok("All the world's a stage, and all the men and women merely players. " * 60,
+                   return_tensors="pt").input_ids[0]
+        prompts = [text[:508], text[3:508], build_prompt(tok, PROMPTS[0]).input_ids[0]]
+        steps = 10
+    ref, lens, nxt = _prefilled(slow, prompts)
+    fast = _copy(ref, lens)
+    n = len(prompts)
+    w = model.get_output_embeddings().weight
+    for _ in range(steps):
+        span = max(lens) + 1
+        ref.ensure(span)
+        fast.ensure(span)
+        ids = torch.tensor(nxt)
+        pos = torch.tensor(lens)
+        with torch.inference_mode():
+            want = slow._forward(ref, ids[:, None], pos[:, None], pos[:, None], span, [x + 1 for x in lens], [1] * n)
+            hidden = step(ids, pos, fast)
+            got = F.linear(hidden, w)
+        assert torch.equal(got, want)
+        for layer in range(ref.n_layers):
+            assert torch.equal(ref.keys[layer][:n, :, :span], fast.keys[layer][:n, :, :span])
+            assert torch.equal(ref.values[layer][:n, :, :span], fast.values[layer][:n, :, :span])
+        nxt = want.argmax(-1).tolist()
+        lens = [x + 1 for x in lens]
+    if case == "window":
+        assert min(lens[:2]) > 512  # the local layers' window really moved
+
+
+@pytest.fixture(scope="module")
+def hidden(lm4, model):
+    """Final hidden states (40, D) bf16 of real text, one row per position."""
+    ids = build_prompt(lm4.tokenizer, "Tell me a long story about a dragon who learns to fly.").input_ids
+    with torch.inference_mode():
+        return model.model(input_ids=ids).last_hidden_state[0, -40:]
+
+
+def _exact_row(head, h: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return F.linear(h[None], head.exact)[0]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_rows_get_the_bf16_heads_choice(lm4, head, hidden, penalty):
+    params = SamplingParams(temperature=0.0, repetition_penalty=penalty)
+    prompt = torch.arange(100, 140)
+    rows = [RowSampling(params, prompt) for _ in range(hidden.shape[0])]
+    with torch.inference_mode():
+        got = pick_tokens(hidden, head, rows, BatchSampler())
+        want = BatchSampler().sample(torch.stack([_exact_row(head, h) for h in hidden]), rows).tolist()
+    assert got == want
+
+
+def test_a_sampled_row_does_not_depend_on_the_batch(head, hidden):
+    """The same hidden state and seed give the same draws alone and among other rows."""
+    params = SamplingParams(seed=11)
+    target = hidden[7:8]
+    with torch.inference_mode():
+        alone = [pick_tokens(target, head, [RowSampling(params, generator=make_generator(s))], BatchSampler())[0]
+                 for s in range(12)]
+        mixed = []
+        for s in range(12):
+            rows = [RowSampling(SamplingParams(seed=50 + i)) for i in range(6)]
+            rows[3] = RowSampling(params, generator=make_generator(s))
+            batch = torch.cat([hidden[:3], target, hidden[10:12]])
+            mixed.append(pick_tokens(batch, head, rows, BatchSampler())[3])
+    assert alone == mixed
+
+
+def test_sampled_distribution_is_close_to_the_bf16_heads(head, hidden):
+    """The notebook's sampling (T 0.7, top-p 0.95) from int8 logits with the top 64 exact vs from the
+    bf16 head's: total variation distance between the two kept distributions, per position."""
+    from generation.fastpath import RESCORE_K
+
+    sampler = BatchSampler()
+    tv = []
+    with torch.inference_mode():
+        for h in hidden:
+            exact = _exact_row(head, h).float()
+            approx = head.logits(h[None])[0]
+            top = torch.topk(approx, RESCORE_K).indices
+            approx.index_copy_(0, top, head.rescore(h[None], top).float())
+            dist = []
+            for logits in (exact, approx):
+                scaled = logits / 0.7
+                kept = sampler.kept_ids(scaled[None], [0], [0.95])[0]
+                p = torch.zeros_like(scaled)
+                p[kept] = torch.softmax(scaled[kept].double(), -1).float()
+                dist.append(p)
+            tv.append(0.5 * float((dist[0] - dist[1]).abs().sum()))
+    assert max(tv) < 0.02 and sum(tv) / len(tv) < 0.005, (max(tv), sum(tv) / len(tv))
+
+
+def test_the_engine_decodes_through_the_fast_path(lm4):
+    """The 4-bit model on CPU: the engine sets the fast decode up itself and every decode step
+    takes it; its greedy replies are the model path's (an engine with fast=False)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    with ChatEngine(lm4, max_batch=4) as fast, ChatEngine(lm4, max_batch=4, fast=False) as plain:
+        got = [list(fast.stream_reply(p, params=params))[-1] for p in PROMPTS[:2]]
+        want = [list(plain.stream_reply(p, params=params))[-1] for p in PROMPTS[:2]]
+        assert fast.fast_status.startswith("on:"), fast.fast_status
+        assert plain.fast_status == "off" and plain.counters["fast_steps"] == 0
+        assert fast.counters["fast_steps"] == fast.counters["steps"] > 0
+        assert "fast CPU decode" in fast.describe()
+    assert got == want and "Paris" in got[0]
