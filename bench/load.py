@@ -6,9 +6,11 @@ One run measures, on the default model in NF4 (each part prints a markdown table
    transformers' warpers + softmax + multinomial vs `generation.sampling.BatchSampler`, ms per step.
 2. The hardware's batched rate: one static padded greedy `generate()` of 30 rows, 128 new tokens
    each (min_new_tokens=128), prefill included.
-3. One user alone, today's `generation.stream.stream_reply` vs the engine (`ChatEngine.stream_reply`),
-   the notebook's sampling and greedy: decode tokens/s (ReplyStats: (n-1) / (t_last - t_first),
-   pooled over the prompts) and time to the first token; rounds interleaved so drift hits both.
+3. One user alone, today's `generation.stream.stream_reply` (generate() over bitsandbytes' own
+   Linear4bit modules, as before the fast path) vs the engine (`ChatEngine.stream_reply`) with the
+   model's forward (fast=False) and with its fast CPU decode, the notebook's sampling and greedy:
+   decode tokens/s (ReplyStats: (n-1) / (t_last - t_first), pooled over the prompts) and time to
+   the first token; rounds interleaved so drift hits all of them.
 4. N users at once (default 1, 8, 30) on the engine in-process (no gradio): each calls
    `stream_reply` at the same moment (the notebook's three prompts in turn, its sampling, 128 new
    tokens, seed = user). Failures, first streamed piece median / p90 / max, aggregate tokens/s
@@ -168,24 +170,32 @@ def bench_static(lm, rows: int, new_tokens: int) -> dict[str, float]:
 # --- 3. one user alone -----------------------------------------------------------------------------
 
 
-def bench_single(lm, engine, new_tokens: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+    """One user at a time: today's `stream_reply` (generate(), with bitsandbytes' Linear4bit modules
+    as they were before the fast path: `restore_linear4bit` for those rounds) and each engine in
+    `engines` ({name: ChatEngine}); decode tokens/s pooled over the prompts, median first token."""
+    from generation.fastpath import accelerate_linear4bit, restore_linear4bit
     from generation.sampling import SamplingParams
     from generation.stream import ReplyStats, stream_reply
 
     prompts = [*PROMPTS, LONG_PROMPT]
     modes = {"sampled": lambda i: SamplingParams(max_new_tokens=new_tokens, seed=i),
              "greedy": lambda i: SamplingParams(temperature=0.0, max_new_tokens=new_tokens)}
-    acc = {f"{who}_{mode}": {"tokens": 0, "decode_s": 0.0, "first": []} for who in ("today", "engine")
-           for mode in modes}
+    who_all = ["today", *engines]
+    acc = {f"{who}_{mode}": {"tokens": 0, "decode_s": 0.0, "first": []} for who in who_all for mode in modes}
     for _ in range(rounds):
         for mode, make in modes.items():
             for i, prompt in enumerate(prompts):
-                for who in ("today", "engine"):
+                for who in who_all:
                     stats = ReplyStats()
                     if who == "today":
-                        list(stream_reply(lm, prompt, params=make(i), stats=stats))
+                        restore_linear4bit(lm.model)
+                        try:
+                            list(stream_reply(lm, prompt, params=make(i), stats=stats))
+                        finally:
+                            accelerate_linear4bit(lm.model)
                     else:
-                        list(engine.stream_reply(prompt, params=make(i), stats=stats))
+                        list(engines[who].stream_reply(prompt, params=make(i), stats=stats))
                     a = acc[f"{who}_{mode}"]
                     if stats.new_tokens > 1 and stats.tokens_per_s > 0:
                         a["tokens"] += stats.new_tokens - 1
@@ -342,14 +352,21 @@ def main() -> int:
 
     engine = ChatEngine(lm, max_batch=args.max_batch)
     engine.start()
-    single = bench_single(lm, engine, args.new_tokens)
+    plain = ChatEngine(lm, max_batch=args.max_batch, fast=False)  # the model's own forward and bf16 head
+    plain.start()
+    single = bench_single(lm, {"engine": engine, "plain": plain}, args.new_tokens)
+    plain.close()
+    del plain
     results["single"] = single
+    results["fast_decode"] = engine.fast_status
     print("### One user alone (4 prompts x 2 rounds, decode tokens/s pooled)\n")
-    print("| sampling | stream_reply today tok/s | engine tok/s | ratio | first token today / engine s |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"Fast decode: {engine.fast_status}\n")
+    print("| sampling | stream_reply today tok/s | engine, model's forward tok/s | engine, fast decode tok/s | "
+          "fast vs today | first token today / fast s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for mode in ("sampled", "greedy"):
-        a, b = single[f"today_{mode}"], single[f"engine_{mode}"]
-        print(f"| {mode} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
+        a, p, b = single[f"today_{mode}"], single[f"plain_{mode}"], single[f"engine_{mode}"]
+        print(f"| {mode} | {a['tokens_per_s']:.1f} | {p['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
               f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {a['first_token_s']:.2f} / {b['first_token_s']:.2f} |")
     print(flush=True)
 

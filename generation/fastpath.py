@@ -333,7 +333,8 @@ class QuantizedHead:
             slack += d * float(hf.max()) / (2 * 127 * 254) * (self.w_max + self.half_max) * (1 + 2**-10)
         return l1, slack
 
-    def greedy_token(self, hidden: torch.Tensor, logits: torch.Tensor, k: int = RESCORE_K) -> tuple[int, bool]:
+    def greedy_token(self, hidden: torch.Tensor, logits: torch.Tensor, k: int = RESCORE_K,
+                     top: tuple[torch.Tensor, float] | None = None) -> tuple[int, bool]:
         """The bf16 head's greedy token (torch.argmax of its logits) for hidden (1, D), given this
         head's `logits` (V,) for it. Returns (token, decided by step 1).
 
@@ -342,9 +343,10 @@ class QuantizedHead:
         outputs); a best candidate above the limit is the argmax. Step 2 otherwise: every token
         whose exact logit could reach the best candidate's (by its own row's bound) is recomputed
         exactly, and the argmax is among them. Ties go to the lowest token id, as with torch.argmax.
-        The answer is exact either way; only the cost differs (~0.5 ms vs ~2 ms).
+        The answer is exact either way; only the cost differs (~0.5 ms vs ~2 ms). `top`: step 1's
+        candidates when the caller has them (the k largest logits' ids, the k-th largest value).
         """
-        cand, kth = _candidates(logits, k)
+        cand, kth = top if top is not None else _candidates(logits, k)
         exact = self.rescore(hidden, cand)
         best = float(exact.max())
         l1, slack = self.error_bound(hidden)
