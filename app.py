@@ -57,7 +57,6 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
     state = AppState.create(settings)
     if load_model_now and not state.model.lazy:
         state.model.start()
-        state.chat.backend.start_when_loaded()
     with gr.Blocks(title=TITLE, delete_cache=(1800, 3600)) as demo:  # figures served as files: an hour each
         demo.app_state = state  # for tests and main(); gradio ignores extra attributes
         gr.Markdown(INTRO)
@@ -106,7 +105,10 @@ def main() -> int:
 
         threading.Thread(target=report, name="check-chat-backend", daemon=True).start()
     try:
-        demo.block_thread()
+        # The local chat engine's decode loop runs here, in the main thread, from the moment the
+        # model has loaded (its small ops are cheapest here; see ChatEngine.run_here).
+        demo.app_state.chat.backend.serve_here()
+        demo.block_thread()  # a remote backend, or a model that failed to load
     except KeyboardInterrupt:
         pass
     finally:

@@ -21,6 +21,7 @@ its last hidden state goes through the head here.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,10 @@ __all__ = ["BatchDecodeStep", "pick_tokens"]
 
 # Rows the activation buffers hold at first; they grow with the batch.
 _MIN_ROWS = 8
+# From this many rows on the NF4 matmuls run on every thread; below, one thread is faster in the
+# engine's thread (measured in a worker thread, 2 cores: 1 row 7.9 vs 13.0 ms per step, 8 rows
+# 21.3 vs 26.3, 16 rows 38.5 vs 33.5, 30 rows 69 vs 54), see `single_threaded`.
+MANY_THREADS_ROWS = 12
 
 
 class BatchDecodeStep:
@@ -109,7 +114,7 @@ class BatchDecodeStep:
         gate_out, up_out = gu[:, :inter], gu[:, inter:]
         rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
         with single_threaded() as few:
-            many = few.many()  # the NF4 matmuls of n rows keep every thread
+            many = few.many(n >= MANY_THREADS_ROWS)  # the NF4 matmuls of many rows keep every thread
             x = F.embedding(tokens.reshape(-1), self.embed) * self.embed_scale  # (n, D)
             for li, L in enumerate(self.layers):
                 h = _rms(x, L.in_norm, eps)
@@ -167,18 +172,23 @@ def _omp():
 
 class single_threaded:
     """Context: this thread's torch ops run without parallel regions (OpenMP's per-thread setting;
-    other threads and torch's global thread count are untouched), except inside `many()`.
+    other threads and torch's global thread count are untouched), except inside `many()`. A no-op
+    in the process's main thread.
 
-    For runs of small ops, such as one sdpa call per row: outside the process's main thread, and
-    whenever more OpenMP threads exist than cores (the app's worker threads each have their own),
-    GNU OpenMP stops spinning between parallel regions and wakes its workers with a futex, ~0.1 ms
-    per region here, more than the op itself; a 30-row step makes 540 attention calls. Measured
-    in a worker thread, 30 rows: 112 ms per step with every op parallel, 58 ms like this.
+    For runs of small ops, such as one sdpa call per row. GNU OpenMP keeps its workers spinning
+    between parallel regions only while the process has no more OpenMP threads than cores, which
+    a second thread with parallel regions already breaks (it brings its own team); then every
+    region wakes its workers with a futex, ~0.1 ms here, more than the op itself, and a 30-row
+    step makes 540 attention calls. Measured in a worker thread, 30 rows: 112 ms per step with
+    every op parallel, 58 ms like this. In the main thread alone (`ChatEngine.run_here`, as
+    `python app.py` runs the engine) the workers spin and parallel regions are cheap; switching the
+    team size there costs more than it saves (1 row: 71 vs 64 tokens/s), so it is left alone.
     """
 
     def __enter__(self) -> single_threaded:
         self._lib = _omp()
-        self._before = self._lib.omp_get_max_threads() if self._lib is not None else 1
+        main = threading.current_thread() is threading.main_thread()
+        self._before = self._lib.omp_get_max_threads() if self._lib is not None and not main else 1
         if self._before > 1:
             self._lib.omp_set_num_threads(1)
         return self
@@ -187,9 +197,10 @@ class single_threaded:
         if self._before > 1:
             self._lib.omp_set_num_threads(self._before)
 
-    def many(self) -> _Many:
-        """Context inside: the thread count from before, for the kernels that pay for it."""
-        return _Many(self._lib, self._before)
+    def many(self, when: bool = True) -> _Many:
+        """Context inside: the thread count from before, for the kernels that pay for it (a no-op
+        context when `when` is False)."""
+        return _Many(self._lib, self._before if when else 1)
 
 
 class _Many:

@@ -430,11 +430,14 @@ class ChatEngine:
 
     max_batch: rows decoded together (the app's CHAT_CONCURRENCY). prefill_tokens: prompt tokens
     per prefill forward (default 256 on CPU, 2048 on CUDA). warmup: start() first runs a one-token
-    reply whose prompt prefix every later prompt reuses (PrefixStore).
+    reply whose prompt prefix every later prompt reuses (PrefixStore). fast: the fast CPU decode
+    where it applies (see the module notes). autostart=False: the first request does not start a
+    thread; requests wait until someone calls `run_here()` (the app's main thread).
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_tokens: int | None = None,
-                 warmup: bool = True, sampler: BatchSampler | None = None, fast: bool = True) -> None:
+                 warmup: bool = True, sampler: BatchSampler | None = None, fast: bool = True,
+                 autostart: bool = True) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.lm = lm
@@ -465,6 +468,8 @@ class ChatEngine:
         self._eos = _eos_ids(lm)
         self._pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
+        self._autostart = autostart
+        self._loop_exited = threading.Event()
         self._cond = threading.Condition()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._closed = False
@@ -495,17 +500,37 @@ class ChatEngine:
             if self._closed:
                 raise RuntimeError("the chat engine is closed")
             if self._thread is None or not self._thread.is_alive():
-                if self._warmup and not self._warmed:
-                    self._warmed = True
-                    try:
-                        ids = build_prompt(self.tokenizer, WARMUP_MESSAGE).input_ids
-                        warm = EngineRequest(self, ids.reshape(-1), WARMUP_PARAMS, (), None)
-                        warm._alone = True
-                        self._waiting.append(warm)
-                    except Exception:  # a tokenizer that cannot build the prompt: no warm-up, no harm
-                        log.warning("chat engine warm-up skipped", exc_info=True)
+                self._queue_warmup_locked()
                 self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD_NAME, daemon=True)
                 self._thread.start()
+
+    def run_here(self) -> None:
+        """Run the decode loop in the calling thread until `close()` (instead of `start()`'s thread).
+
+        `python app.py` runs it in the process's main thread, whose OpenMP workers keep spinning
+        between parallel regions when no other thread has parallel regions of its own: the many
+        small ops of a decode step then cost less (one stream: ~71 vs ~63 tokens/s here, see
+        generation/batchstep.py `single_threaded`). Requests may be submitted before it starts.
+        """
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the chat engine is closed")
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("the chat engine's loop is already running")
+            self._queue_warmup_locked()
+            self._thread = threading.current_thread()
+        self._loop()
+
+    def _queue_warmup_locked(self) -> None:
+        if self._warmup and not self._warmed:
+            self._warmed = True
+            try:
+                ids = build_prompt(self.tokenizer, WARMUP_MESSAGE).input_ids
+                warm = EngineRequest(self, ids.reshape(-1), WARMUP_PARAMS, (), None)
+                warm._alone = True
+                self._waiting.appendleft(warm)
+            except Exception:  # a tokenizer that cannot build the prompt: no warm-up, no harm
+                log.warning("chat engine warm-up skipped", exc_info=True)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the loop thread; requests still queued or running fail with a RuntimeError."""
@@ -514,7 +539,7 @@ class ChatEngine:
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            self._loop_exited.wait(timeout)  # not join(): run_here() may run the loop in the main thread
         with self._cond:  # the loop is gone (or never ran): nobody else touches these now
             pending = list(self._waiting) + self._running + self._group
             self._waiting.clear()
@@ -551,7 +576,8 @@ class ChatEngine:
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
         req = EngineRequest(self, ids, params, stop_strings, stop_event)
-        self.start()
+        if self._autostart:
+            self.start()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the chat engine is closed")
@@ -637,6 +663,8 @@ class ChatEngine:
 
     def _alive(self) -> bool:
         t = self._thread
+        if t is None and not self._autostart:
+            return not self._closed  # run_here() is yet to be called: the requests wait for it
         return t is not None and t.is_alive()
 
     def _setup_fast(self) -> None:
@@ -703,6 +731,7 @@ class ChatEngine:
                     self._finish(req, "error", closed)
             self._running, self._lens, self._next, self._group = [], [], [], []
             self._n_group = 0
+            self._loop_exited.set()
 
     def _admit_locked(self) -> list[tuple[EngineRequest, int]]:
         """Take waiting requests (FIFO) for a new prefill group, within the batch and the token

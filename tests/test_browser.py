@@ -64,7 +64,7 @@ def start_long_reply(pg, max_new: int) -> None:
     set_number(pg, "max-new", max_new)
     set_number(pg, "temperature", 1.3)
     set_number(pg, "top-p", 1.0)
-    pg.locator("#chat-seed input").fill("3")  # seeded: a reply that runs long
+    pg.locator("#chat-seed input").fill("2")  # seeded: a reply that runs long (400 tokens)
     send_chat(pg, LONG_PROMPT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (bot_texts(pg) and len(bot_texts(pg)[-1]) > 20):
@@ -114,7 +114,7 @@ def test_typed_message_gets_a_streamed_reply(page):
     set_number(page, "max-new", 40)
     set_number(page, "temperature", 1.3)
     set_number(page, "top-p", 1.0)
-    page.locator("#chat-seed input").fill("3")  # seeded: a reply that runs the full 40 tokens
+    page.locator("#chat-seed input").fill("2")  # seeded: a reply that runs the full 40 tokens
     send_chat(page, LONG_PROMPT)
     seen: list[str] = []
     deadline = time.monotonic() + 180

@@ -409,3 +409,32 @@ def test_real_model_thirty_concurrent_requests_finish(engine4):
     assert peak["active"] >= 16  # they really shared the batch
     assert results[0][0] == alone
     assert engine4.active() == 0 and engine4.waiting() == 0
+
+
+def test_run_here_serves_from_the_calling_thread(tiny_qwen):
+    """autostart=False: requests submitted before the loop runs wait for it (no thread of its own);
+    run_here() serves them from the calling thread until close()."""
+    before = set(_engine_threads())  # other tests' engines may still run
+    engine = ChatEngine(tiny_qwen, max_batch=4, autostart=False)
+    prompts = _prompts(tiny_qwen, (5, 9))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    reqs = [engine.submit(p, greedy) for p in prompts]
+    time.sleep(0.3)
+    assert set(_engine_threads()) == before and engine.waiting() == 2 and not reqs[0].done.is_set()
+    served: list[list[int]] = []
+
+    def user() -> None:
+        for r in reqs:
+            r.wait(60)
+        served.extend(r.token_ids for r in reqs)
+        served.append(next(iter(engine.stream_reply("hi", params=greedy, max_input_tokens=64))) is not None)
+        engine.close()
+
+    t = threading.Thread(target=user)
+    t.start()
+    engine.run_here()  # returns once the user thread closed the engine
+    t.join(60)
+    assert served[:2] == [_generate(tiny_qwen, p, 6) for p in prompts] and served[2] is True
+    assert set(_engine_threads()) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.run_here()

@@ -182,6 +182,7 @@ class BackendSlot:
         self.model = model
         self.remote: RemoteChat | None = RemoteChat(settings) if settings.chat_backend_url else None
         self._engine: Any = None  # generation.engine.ChatEngine once created
+        self._run_here = False  # serve_here() runs its loop (else the engine's own thread)
         self._lock = threading.Lock()
 
     @property
@@ -196,7 +197,8 @@ class BackendSlot:
         return self.model.not_ready_message()
 
     def engine(self) -> Any:
-        """The local engine, created and started on first call once the model is loaded (else None)."""
+        """The local engine, created on first call once the model is loaded (else None); started
+        in its own thread unless serve_here() runs it."""
         lm = self.model.lm
         if self.remote is not None or lm is None:
             return None
@@ -204,21 +206,27 @@ class BackendSlot:
             if self._engine is None:
                 from generation.engine import ChatEngine
 
-                self._engine = ChatEngine(lm, max_batch=self.settings.chat_concurrency, fast=self.settings.fast_decode)
-                self._engine.start()
+                self._engine = ChatEngine(lm, max_batch=self.settings.chat_concurrency, fast=self.settings.fast_decode,
+                                          autostart=not self._run_here)
+                if not self._run_here:
+                    self._engine.start()
             return self._engine
 
-    def start_when_loaded(self) -> None:
-        """Start the local engine as soon as the model has loaded (a background thread), so its
-        one-time set-up (the warm-up prompt, the fast decode's int8 head) is done before users come."""
+    def serve_here(self) -> None:
+        """Run the local engine's decode loop in the calling thread (`python app.py`: the main
+        thread, where its many small ops cost least; see ChatEngine.run_here) from the moment the
+        model has loaded until `close()`, so its one-time set-up (the warm-up prompt, the fast
+        decode's int8 head) is done before users come. Returns at once for a remote backend, and
+        when the model failed to load."""
         if self.remote is not None:
             return
-
-        def start() -> None:
-            if self.model.wait():
-                self.engine()
-
-        threading.Thread(target=start, name="start-chat-engine", daemon=True).start()
+        with self._lock:
+            self._run_here = True  # an engine created from now on waits for this thread
+        if not self.model.wait():
+            return
+        engine = self.engine()
+        if engine is not None:
+            engine.run_here()
 
     def get(self) -> ChatBackend:
         """The backend to stream from, or gr.Error saying why there is none yet."""
