@@ -10,8 +10,10 @@ One run measures, on the default model in NF4 (each part prints a markdown table
    Linear4bit modules, as before the fast path) vs the engine (`ChatEngine.stream_reply`) with the
    model's forward (fast=False) and with its fast CPU decode, the notebook's sampling and greedy:
    decode tokens/s (ReplyStats: (n-1) / (t_last - t_first), pooled over the prompts) and time to
-   the first token; rounds interleaved so drift hits all of them.
-4. N users at once (default 1, 8, 30) on the engine in-process (no gradio): each calls
+   the first token. Each path in turn (today's in the main thread, the model-forward engine in its
+   own thread, then the fast engine with its loop in the main thread as in `python app.py`).
+4. N users at once (default 1, 8, 30) on the engine in-process (no gradio; its loop in the main
+   thread, as in the app): each calls
    `stream_reply` at the same moment (the notebook's three prompts in turn, its sampling, 128 new
    tokens, seed = user). Failures, first streamed piece median / p90 / max, aggregate tokens/s
    (all replies' tokens, counted with the model's tokenizer, / wall time of the round).
@@ -54,7 +56,7 @@ POLL_S = 0.05
 
 @dataclass
 class Round:
-    where: str  # "engine" | "app"
+    where: str  # "engine" | "engine, fixed length" | "app"
     users: int
     failures: int
     first_p50: float
@@ -170,10 +172,11 @@ def bench_static(lm, rows: int, new_tokens: int) -> dict[str, float]:
 # --- 3. one user alone -----------------------------------------------------------------------------
 
 
-def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2, today: bool = True) -> dict[str, dict[str, float]]:
     """One user at a time: today's `stream_reply` (generate(), with bitsandbytes' Linear4bit modules
-    as they were before the fast path: `restore_linear4bit` for those rounds) and each engine in
-    `engines` ({name: ChatEngine}); decode tokens/s pooled over the prompts, median first token."""
+    as they were before the fast path: `restore_linear4bit` for those rounds; unless today=False)
+    and each engine in `engines` ({name: ChatEngine}); decode tokens/s pooled over the prompts,
+    median first token."""
     from generation.fastpath import accelerate_linear4bit, restore_linear4bit
     from generation.sampling import SamplingParams
     from generation.stream import ReplyStats, stream_reply
@@ -181,7 +184,7 @@ def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2) -> dict[st
     prompts = [*PROMPTS, LONG_PROMPT]
     modes = {"sampled": lambda i: SamplingParams(max_new_tokens=new_tokens, seed=i),
              "greedy": lambda i: SamplingParams(temperature=0.0, max_new_tokens=new_tokens)}
-    who_all = ["today", *engines]
+    who_all = ["today", *engines] if today else list(engines)
     acc = {f"{who}_{mode}": {"tokens": 0, "decode_s": 0.0, "first": []} for who in who_all for mode in modes}
     for _ in range(rounds):
         for mode, make in modes.items():
@@ -239,6 +242,27 @@ def engine_round(engine, n: int, new_tokens: int, count_tokens) -> Round:
     for t in threads:
         t.join()
     return summarize("engine", n, firsts, tokens, errors, max(ends))
+
+
+def engine_fixed_round(engine, n: int, new_tokens: int) -> Round:
+    """n users at once, each reply exactly new_tokens long (EOS and stop strings ignored), the
+    like-for-like figure beside the static generate() of as many rows, which makes new_tokens each."""
+    from generation.prompt import build_prompt
+    from generation.sampling import SamplingParams
+
+    eos, engine._eos = engine._eos, frozenset()  # as min_new_tokens does for generate()
+    try:
+        ids = [build_prompt(engine.tokenizer, PROMPTS[i % 3]).input_ids for i in range(n)]
+        t0 = time.perf_counter()
+        reqs = [engine.submit(x, SamplingParams(max_new_tokens=new_tokens, seed=i)) for i, x in enumerate(ids)]
+        for r in reqs:
+            r.wait()
+        wall = time.perf_counter() - t0
+    finally:
+        engine._eos = eos
+    errors = [None if r.error is None else str(r.error) for r in reqs]
+    firsts = [None if r.t_first is None else r.t_first - t0 for r in reqs]
+    return summarize("engine, fixed length", n, firsts, [len(r.token_ids) for r in reqs], errors, wall)
 
 
 # --- 5. N users through python app.py --------------------------------------------------------------
@@ -350,13 +374,29 @@ def main() -> int:
     print(f"{static['tokens']} tokens in {static['wall_s']:.1f} s: **{static['tokens_per_s']:.1f} tokens/s**\n",
           flush=True)
 
-    engine = ChatEngine(lm, max_batch=args.max_batch)
-    engine.start()
-    plain = ChatEngine(lm, max_batch=args.max_batch, fast=False)  # the model's own forward and bf16 head
-    plain.start()
-    single = bench_single(lm, {"engine": engine, "plain": plain}, args.new_tokens)
-    plain.close()
-    del plain
+    # Today's path first, in this (main) thread; then the engine as `python app.py` runs it: its loop
+    # in the main thread (ChatEngine.run_here), the users in other threads.
+    # The engine without its fast decode (the model's own forward and bf16 head) in its own thread,
+    # closed before the fast one runs: a second thread with a live OpenMP team of its own would
+    # slow the main thread's parallel regions (see generation/batchstep.py `single_threaded`).
+    single = bench_single(lm, {}, args.new_tokens)
+    with ChatEngine(lm, max_batch=args.max_batch, fast=False) as plain:
+        single.update(bench_single(lm, {"plain": plain}, args.new_tokens, today=False))
+    engine = ChatEngine(lm, max_batch=args.max_batch, autostart=False)
+    rounds: list[Round] = []
+
+    def drive() -> None:
+        try:
+            single.update(bench_single(lm, {"engine": engine}, args.new_tokens, today=False))
+            rounds.extend(engine_round(engine, n, args.new_tokens, count_tokens) for n in users)
+            rounds.append(engine_fixed_round(engine, max(users), args.new_tokens))
+        finally:
+            engine.close()
+
+    driver = threading.Thread(target=drive, name="bench-driver")
+    driver.start()
+    engine.run_here()
+    driver.join()
     results["single"] = single
     results["fast_decode"] = engine.fast_status
     print("### One user alone (4 prompts x 2 rounds, decode tokens/s pooled)\n")
@@ -370,11 +410,9 @@ def main() -> int:
               f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {a['first_token_s']:.2f} / {b['first_token_s']:.2f} |")
     print(flush=True)
 
-    rounds = [engine_round(engine, n, args.new_tokens, count_tokens) for n in users]
-    engine.close()
     print(f"(engine: prefix tokens reused {engine.prefixes.tokens_saved}, sampler rows widened "
           f"{engine.sampler.stats['widened']}, exact {engine.sampler.stats['exact']})")
-    del engine
+    engine = None  # its memory back before the app starts
     if not args.skip_app:
         env = {"CHAT_CONCURRENCY": str(args.chat_concurrency)}
         if args.threads:
@@ -400,7 +438,7 @@ def main() -> int:
 
     by = {(r.where, r.users): r for r in rounds}
     big = max(users)
-    for where in ("app", "engine"):
+    for where in ("app", "engine", "engine, fixed length"):
         r = by.get((where, big))
         if r is None:
             continue

@@ -113,3 +113,23 @@ def lm_full():
     from generation import DEFAULT_MODEL_ID, Settings, load_model
 
     return load_model(DEFAULT_MODEL_ID, load_4bit=False, settings=Settings.from_env(), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def fast_model(lm4):
+    """The default NF4 model, where the fast decode (generation/fastpath.py) can run it here; skips
+    otherwise (it needs bitsandbytes' AVX512-BF16 CPU kernel)."""
+    from generation.fastpath import fast_path_supported
+
+    why = fast_path_supported(lm4.model)
+    if why is not None:
+        pytest.skip(why)
+    return lm4.model
+
+
+@pytest.fixture(scope="session")
+def int8_head(fast_model):
+    """The int8 copy of the default model's LM head (the layout the native kernel wants, if built)."""
+    from generation.fastpath import quantize_lm_head
+
+    return quantize_lm_head(fast_model)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from generation import SamplingParams, build_prompt
 from generation.batchstep import BatchDecodeStep, pick_tokens
 from generation.engine import ChatEngine, SlotKVCache
-from generation.fastpath import fast_path_supported, quantize_lm_head
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
 pytestmark = pytest.mark.skipif(
@@ -27,11 +26,8 @@ PROMPTS = ["What is the capital of France?", "Explain self-attention in one para
 
 
 @pytest.fixture(scope="module")
-def model(lm4):
-    why = fast_path_supported(lm4.model)
-    if why is not None:
-        pytest.skip(why)
-    return lm4.model
+def model(fast_model):
+    return fast_model
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +49,8 @@ def packed(model):
 
 
 @pytest.fixture(scope="module")
-def head(model):
-    return quantize_lm_head(model)
+def head(int8_head):
+    return int8_head
 
 
 def _prefilled(slow: ChatEngine, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:

@@ -21,7 +21,6 @@ from generation.fastpath import (
     QuantizedLMHead,
     accelerate_linear4bit,
     argmax_first,
-    fast_path_supported,
     native_int8_kernel,
     quantize_lm_head,
 )
@@ -40,16 +39,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def model(lm4):
-    why = fast_path_supported(lm4.model)
-    if why is not None:
-        pytest.skip(why)
-    return lm4.model
+def model(fast_model):
+    return fast_model
 
 
 @pytest.fixture(scope="module")
-def head(model):
-    return quantize_lm_head(model)
+def head(int8_head):
+    return int8_head
 
 
 @pytest.fixture(scope="module")
