@@ -148,9 +148,8 @@ DECODE_CONFIGS = [  # (key, label)
     ("all", "all levers (int8 head, exact greedy)"),
     ("all_exact_attn", "all levers, attention call as transformers' (bit-equal)"),
     ("llama", "llama.cpp (llama-cpp-python, same GGUF)"),
+    ("engine", "the app's chat engine: one chat, fast decode, loop in the main thread (`python app.py`)"),
 ]
-# The app's own path, measured after the interleaved rounds (its loop must own the main thread).
-ENGINE_LABEL = "the app's chat engine: one chat, fast decode, loop in the main thread (`python app.py`)"
 
 
 def _rate(t0: float, times: list[float]) -> dict:
@@ -205,43 +204,28 @@ def _load_llama(threads: int):
     return llm, f"llama-cpp-python {llama_cpp.__version__}"
 
 
-def _decode_engine(lm, ids, today: list[int]) -> dict:
-    """DECODE_ROUNDS greedy replies of NEW_TOKENS tokens from the app's ChatEngine, its loop in this
-    (the main) thread as `python app.py` runs it, the requests from a second thread."""
-    import statistics
-    import threading
-
+def _engine_runner(lm):
+    """(run(ids) -> (figures, tokens), status()): one greedy reply of NEW_TOKENS tokens from the app's
+    ChatEngine, its loop in this (the main) thread as `python app.py` runs it, paused between rounds
+    (run_here(until_idle=True)) so that its rounds interleave with the others."""
     from generation.engine import ChatEngine
-    from generation.fastpath import accelerate_linear4bit
+    from generation.fastpath import accelerate_linear4bit, restore_linear4bit
     from generation.sampling import SamplingParams
 
-    accelerate_linear4bit(lm.model)  # as load_model leaves it
     engine = ChatEngine(lm, autostart=False)
     engine._eos = frozenset()  # a fixed NEW_TOKENS, as min_new_tokens does for generate() above
-    runs: list[dict] = []
-    same: list[bool] = []
 
-    def drive() -> None:
+    def run(ids) -> tuple[dict, list[int]]:
+        accelerate_linear4bit(lm.model)  # as load_model leaves it (the engine's prefill uses the modules)
         try:
-            engine.submit(ids, SamplingParams(temperature=0.0, max_new_tokens=2)).wait(600)  # set-up, warm-up
-            for r in range(DECODE_ROUNDS):
-                req = engine.submit(ids, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
-                req.wait(600)
-                st = req.stats()
-                runs.append({"tps": st["tokens_per_s"], "ttft_s": st["first_token_s"]})
-                same.append(req.token_ids == today)
-                print(f"round {r + 1} engine: {st['tokens_per_s']:.1f} tok/s, first token "
-                      f"{st['first_token_s'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+            req = engine.submit(ids, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
+            engine.run_here(until_idle=True)
         finally:
-            engine.close()
+            restore_linear4bit(lm.model)
+        st = req.stats()
+        return {"tps": st["tokens_per_s"], "ttft_s": st["first_token_s"]}, req.token_ids
 
-    t = threading.Thread(target=drive)
-    t.start()
-    engine.run_here()
-    t.join()
-    return {"tps": statistics.median(x["tps"] for x in runs), "tps_min": min(x["tps"] for x in runs),
-            "tps_max": max(x["tps"] for x in runs), "ttft_s": statistics.median(x["ttft_s"] for x in runs),
-            "same_tokens": all(same), "fast_status": engine.fast_status}
+    return run, lambda: engine.fast_status
 
 
 def decode_worker(lm) -> dict:
@@ -304,7 +288,12 @@ def decode_worker(lm) -> dict:
                 restore_linear4bit(model)
         if key == "llama":
             return _decode_llama(llm, ids[0].tolist())
+        if key == "engine":
+            return engine_run(ids)
         return _decode_fast(decoders[key], ids)
+
+    engine_run, engine_status = _engine_runner(lm)
+    engine_run(ids[:, :8])  # its one-time set-up (int8 head, warm-up reply) before the rounds
 
     rounds: dict[str, list[dict]] = {k: [] for k, _ in DECODE_CONFIGS}
     tokens: dict[str, list[int]] = {}
@@ -327,7 +316,7 @@ def decode_worker(lm) -> dict:
         }
         for key, runs in rounds.items() if runs
     }
-    res["rows"]["engine"] = _decode_engine(lm, ids, tokens["today"])
+    res["engine_status"] = engine_status()
     res["llama_text"] = tok.decode(tokens["llama"]) if "llama" in tokens else ""
     res["today_text"] = tok.decode(tokens["today"])
     res["second_steps"] = (decoders["all"].second_steps, decoders["all"].steps)
@@ -366,7 +355,7 @@ def print_decode(res: dict, base_ppl: float | None = None) -> None:
     print("| path | decode tok/s (min-max) | first token ms | decode vs llama.cpp | first token vs llama.cpp "
           "| 128 tokens = today's |")
     print("|---|---:|---:|---:|---:|---|")
-    for key, label in [*DECODE_CONFIGS, ("engine", ENGINE_LABEL)]:
+    for key, label in DECODE_CONFIGS:
         r = rows.get(key)
         if r is None:
             print(f"| {label} | {res['llama_version']} | | | | |")

@@ -504,8 +504,9 @@ class ChatEngine:
                 self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD_NAME, daemon=True)
                 self._thread.start()
 
-    def run_here(self) -> None:
-        """Run the decode loop in the calling thread until `close()` (instead of `start()`'s thread).
+    def run_here(self, until_idle: bool = False) -> None:
+        """Run the decode loop in the calling thread until `close()` (instead of `start()`'s thread);
+        with until_idle, only until no request is left (then call it again for the next ones).
 
         `python app.py` runs it in the process's main thread, whose OpenMP workers keep spinning
         between parallel regions when no other thread has parallel regions of its own: the many
@@ -519,7 +520,12 @@ class ChatEngine:
                 raise RuntimeError("the chat engine's loop is already running")
             self._queue_warmup_locked()
             self._thread = threading.current_thread()
-        self._loop()
+        try:
+            self._loop(until_idle)
+        finally:
+            if until_idle:
+                with self._cond:
+                    self._thread = None
 
     def _queue_warmup_locked(self) -> None:
         if self._warmup and not self._warmed:
@@ -670,8 +676,8 @@ class ChatEngine:
     def _setup_fast(self) -> None:
         """Build the fast CPU decode step and the int8 LM head copy (a few seconds, once, here in the
         loop thread before its first job), where the model allows it; else say why not."""
-        if not self._fast_wanted:
-            return
+        if not self._fast_wanted or self.fast_status != "not started":
+            return  # off, or already set up (run_here(until_idle=True) enters the loop again)
         why = None
         if self.device.type != "cpu":
             why = f"the model is on {self.device.type}"
@@ -702,12 +708,15 @@ class ChatEngine:
                             f"{native_int8_status().split(' (')[0]}), ready in {time.perf_counter() - t0:.1f} s")
         log.info("chat engine fast CPU decode %s", self.fast_status)
 
-    def _loop(self) -> None:
+    def _loop(self, until_idle: bool = False) -> None:
         try:
             with torch.inference_mode():
                 self._setup_fast()
                 while True:
                     with self._cond:
+                        idle = not (self._waiting or self._running or self._group)
+                        if idle and until_idle:
+                            break
                         while not (self._closed or self._waiting or self._running or self._group):
                             self._cond.wait()
                         if self._closed:
@@ -723,8 +732,12 @@ class ChatEngine:
                         self._fail_group(exc)
         finally:
             with self._cond:
-                pending = list(self._waiting) + self._running + self._group
-                self._waiting.clear()
+                # Paused when idle (run_here(until_idle=True)): whatever arrived meanwhile waits
+                # for the next run. Otherwise (closed, or an exception such as Ctrl-C) it fails.
+                paused = until_idle and not self._closed and not self._running and not self._group
+                pending = [] if paused else list(self._waiting) + self._running + self._group
+                if not paused:
+                    self._waiting.clear()
             closed = RuntimeError("the chat engine was closed")
             for req in pending:
                 if not req.done.is_set():

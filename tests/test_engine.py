@@ -438,3 +438,19 @@ def test_run_here_serves_from_the_calling_thread(tiny_qwen):
     assert set(_engine_threads()) == before
     with pytest.raises(RuntimeError, match="closed"):
         engine.run_here()
+
+
+def test_run_here_until_idle_pauses_and_resumes(tiny_qwen):
+    """until_idle: the loop serves what is queued, returns, and serves later requests on the next call."""
+    engine = ChatEngine(tiny_qwen, max_batch=4, autostart=False)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=5)
+    prompts = _prompts(tiny_qwen, (6, 11, 4))
+    first = [engine.submit(p, greedy) for p in prompts[:2]]
+    engine.run_here(until_idle=True)
+    assert all(r.done.is_set() and r.error is None for r in first)
+    late = engine.submit(prompts[2], greedy)
+    time.sleep(0.2)
+    assert not late.done.is_set()  # nothing runs between calls
+    engine.run_here(until_idle=True)
+    assert [r.token_ids for r in [*first, late]] == [_generate(tiny_qwen, p, 5) for p in prompts]
+    engine.close()
