@@ -200,3 +200,27 @@ def test_the_engine_decodes_through_the_fast_path(lm4):
         assert fast.counters["fast_steps"] == fast.counters["steps"] > 0
         assert "fast CPU decode" in fast.describe()
     assert got == want and "Paris" in got[0]
+
+
+def test_one_thread_here_is_per_thread():
+    """A worker thread goes single-threaded; the main thread (the engine's, in the app) keeps its threads."""
+    import threading
+
+    from generation.batchstep import _omp, one_thread_here
+
+    if _omp() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs torch's OpenMP runtime and 2+ threads")
+    before = torch.get_num_threads()
+    seen = {}
+
+    def worker() -> None:
+        seen["first"] = torch.get_num_threads()
+        one_thread_here()
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"first": before, "after": 1}
+    one_thread_here()  # the main thread: a no-op
+    assert torch.get_num_threads() == before

@@ -245,3 +245,29 @@ def test_download_folders_are_per_call_and_swept():
     time.sleep(1.0)
     c = files.write({"y.svg": "<svg/>"})
     assert not os.path.exists(a[0]) and not os.path.exists(b[0]) and os.path.exists(c[0])
+
+
+def test_views_compute_on_one_thread_beside_the_main_thread_engine(lm4):
+    """ModelSlot.require() in a worker thread: one OpenMP thread there when the chat engine owns the
+    main thread (views_one_thread, set by `python app.py`), untouched otherwise."""
+    import threading
+
+    import torch
+
+    from generation import Settings
+    from ui.common import ModelSlot
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2+ torch threads")
+    seen = {}
+
+    def view(slot: ModelSlot, key: str) -> None:
+        assert slot.require() is lm4
+        seen[key] = torch.get_num_threads()
+
+    for flag in (False, True):
+        slot = ModelSlot(Settings.from_env(), lm=lm4, views_one_thread=flag)
+        t = threading.Thread(target=view, args=(slot, flag))
+        t.start()
+        t.join()
+    assert seen == {False: torch.get_num_threads(), True: 1}

@@ -222,6 +222,7 @@ class BackendSlot:
             return
         with self._lock:
             self._run_here = True  # an engine created from now on waits for this thread
+        self.model.views_one_thread = True  # the views' forwards leave the parallel regions to the engine
         if not self.model.wait():
             return
         engine = self.engine()

@@ -82,6 +82,9 @@ class ModelSlot:
     lm: LoadedModel | None = None
     error: str | None = None
     started_at: float | None = None
+    # Set when the local chat engine's loop owns the main thread (`python app.py`): the views then
+    # run the model on one thread each, so that they do not slow every chat (see require()).
+    views_one_thread: bool = False
     _ready: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -117,8 +120,16 @@ class ModelSlot:
         return self.ready
 
     def require(self) -> LoadedModel:
-        """The model, or a gr.Error saying why it is not there (loading, failed, not started)."""
+        """The model, or a gr.Error saying why it is not there (loading, failed, not started).
+
+        With views_one_thread, the calling worker thread computes on one thread from then on
+        (generation.batchstep.one_thread_here): a view's forward takes ~25% longer, the chats
+        beside it keep their speed."""
         if self.lm is not None:
+            if self.views_one_thread:
+                from generation.batchstep import one_thread_here
+
+                one_thread_here()
             return self.lm
         if self.lazy and self.started_at is None:
             self.start()
