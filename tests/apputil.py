@@ -8,6 +8,7 @@ Used by tests/test_app_api.py and tests/test_browser.py. Both request the sessio
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -162,6 +163,41 @@ def open_app(browser, url: str, timeout_ms: int = 60_000):
     page.goto(url)
     page.wait_for_selector("#lab-heatmaps img", timeout=timeout_ms)
     return context, page, off_host
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright, one per test module (skips without playwright)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()
+
+
+@contextlib.contextmanager
+def app_page(browser, url: str, ready_js: str | None = None):
+    """A page on the app in its own session (open_app), closed afterwards; `ready_js`: a JS
+    condition to wait for first. Asserts at the end that nothing left this machine."""
+    context, page, off_host = open_app(browser, url)
+    try:
+        if ready_js:
+            page.wait_for_function(ready_js, timeout=120_000)
+        yield page
+    finally:
+        context.close()
+    assert off_host == [], f"the page made requests off this machine: {off_host}"
+
+
+def wait_changed(get, old, timeout_s: float = 60):
+    """Poll get() until it returns something truthy and different from old; that value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = get()
+        if new and new != old:
+            return new
+        time.sleep(0.1)
+    raise AssertionError(f"value did not change within {timeout_s} s (still {old!r})")
 
 
 def set_number(page, elem_id: str, value: float) -> None:

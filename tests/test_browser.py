@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import app_server, bot_texts, launch_chromium, open_app, send_chat, set_number  # noqa: F401
-from apputil import user_texts, wait_reply_done
+from apputil import app_page, app_server, bot_texts, browser, open_app, send_chat, set_number  # noqa: F401
+from apputil import user_texts, wait_changed, wait_reply_done
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -22,20 +22,10 @@ pytestmark = pytest.mark.timeout(600)
 LONG_PROMPT = "Tell me a long story about a dragon who learns to fly."
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        b = launch_chromium(p)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, app_server):  # noqa: F811
-    context, pg, off_host = open_app(browser, app_server.url)
-    yield pg
-    context.close()
-    assert off_host == [], f"the page made requests off this machine: {off_host}"
+    with app_page(browser, app_server.url) as pg:
+        yield pg
 
 
 def trace_column(pg, col: int) -> list[str]:
@@ -46,16 +36,6 @@ def trace_column(pg, col: int) -> list[str]:
 
 def heatmap_src(pg) -> str:
     return pg.locator("#lab-heatmaps img").get_attribute("src")
-
-
-def wait_changed(get, old, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        new = get()
-        if new and new != old:
-            return new
-        time.sleep(0.1)
-    raise AssertionError(f"value did not change within {timeout_s} s")
 
 
 def start_long_reply(pg, max_new: int) -> None:

@@ -5,34 +5,23 @@ preset, no heads), and what a chat reply looked at while it was written.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-from apputil import app_server, launch_chromium, open_app, send_chat, set_number, wait_reply_done  # noqa: F401
+from apputil import app_page, app_server, browser, open_app, send_chat, set_number, wait_changed  # noqa: F401
+from apputil import wait_reply_done
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.timeout(600)
 
 DEFAULT_LAYER_KINDS = ["global" if i % 6 == 5 else "sliding" for i in range(18)]  # Gemma 3 270m
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        b = launch_chromium(p)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, app_server):  # noqa: F811
-    context, pg, off_host = open_app(browser, app_server.url)
-    pg.wait_for_function("document.querySelector('#status-line').innerText.includes('4-bit: on')", timeout=120_000)
-    yield pg
-    context.close()
-    assert off_host == [], f"the page made requests off this machine: {off_host}"
+    with app_page(browser, app_server.url, "document.querySelector('#status-line').innerText.includes('4-bit: on')") as pg:
+        yield pg
 
 
 def open_panel(pg, accordion: str) -> None:
@@ -43,16 +32,6 @@ def open_panel(pg, accordion: str) -> None:
 def src(pg, selector: str) -> str | None:
     loc = pg.locator(selector)
     return loc.get_attribute("src") if loc.count() else None
-
-
-def wait_changed(get, old, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        new = get()
-        if new and new != old:
-            return new
-        time.sleep(0.1)
-    raise AssertionError(f"value did not change within {timeout_s} s (still {old!r})")
 
 
 def slider_value(pg, elem_id: str) -> str:
