@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from benchutil import describe  # noqa: E402
+from benchutil import chat_round, describe, percentile  # noqa: E402
 
 PROMPTS = ("What is the capital of France?", "Explain self-attention in one paragraph.",
            "Write a haiku about transformers.")
@@ -66,15 +66,6 @@ class Round:
     wall_s: float
     tokens_per_s: float
     first_error: str | None = None
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); nan for no data."""
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = max(0, min(len(xs) - 1, round(q / 100 * len(xs) + 0.5) - 1))
-    return xs[k]
 
 
 def summarize(where: str, n: int, firsts: list[float | None], tokens: list[int], errors: list[str | None],
@@ -269,38 +260,10 @@ def engine_fixed_round(engine, n: int, new_tokens: int) -> Round:
 
 
 def app_round(url: str, n: int, new_tokens: int, count_tokens, timeout_s: float) -> Round:
-    from gradio_client import Client
-
-    clients = [Client(url, verbose=False) for _ in range(n)]  # sessions first: not part of the timing
-    t0 = time.perf_counter()
-    jobs = [c.submit(PROMPTS[i % 3], "", new_tokens, 0.7, 0.95, 0, 1.0, i, api_name="/chat")
-            for i, c in enumerate(clients)]
-    firsts: list[float | None] = [None] * n
-    ends: list[float | None] = [None] * n
-    while any(e is None for e in ends) and time.perf_counter() - t0 < timeout_s:
-        now = time.perf_counter() - t0
-        for i, job in enumerate(jobs):
-            if ends[i] is not None:
-                continue
-            if firsts[i] is None and any(o for o in job.outputs()):
-                firsts[i] = now
-            if job.done():
-                ends[i] = now
-        time.sleep(POLL_S)
-    tokens = [0] * n
-    errors: list[str | None] = [None] * n
-    for i, job in enumerate(jobs):
-        if ends[i] is None:
-            errors[i], ends[i] = f"no reply within {timeout_s:g} s", time.perf_counter() - t0
-            job.cancel()
-            continue
-        try:
-            tokens[i] = count_tokens(job.result() or "")
-        except Exception as exc:  # noqa: BLE001 - the app's gr.Error
-            errors[i] = f"{type(exc).__name__}: {exc}"
-    for c in clients:
-        c.close()
-    return summarize("app", n, firsts, tokens, errors, max(e for e in ends if e is not None))
+    results = chat_round(url, n, lambda i: (PROMPTS[i % 3], "", new_tokens, 0.7, 0.95, 0, 1.0, i),
+                         count_tokens, timeout_s, POLL_S)
+    return summarize("app", n, [r.first_s for r in results], [r.tokens for r in results],
+                     [r.error for r in results], max(r.end_s for r in results))
 
 
 def bench_app(users: list[int], new_tokens: int, env: dict[str, str], count_tokens, timeout_s: float) -> list[Round]:

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,21 +38,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from apputil import start_app  # noqa: E402
-from benchutil import describe  # noqa: E402
+from benchutil import ChatResult, chat_round, describe, percentile  # noqa: E402
 from openai_server import default_model_folder, start_transformers_serve  # noqa: E402
 
 # The original notebook's three prompts (the Chat tab's examples).
 PROMPTS = ("What is the capital of France?", "Explain self-attention in one paragraph.",
            "Write a haiku about transformers.")
 POLL_S = 0.02  # one thread watches every job: per-user threads polling gradio_client would eat the cores
-
-
-@dataclass
-class UserResult:
-    ttft_s: float | None
-    latency_s: float
-    tokens: int
-    error: str | None
 
 
 @dataclass
@@ -71,64 +62,21 @@ class Row:
     first_error: str | None
 
 
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); nan for no data."""
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = max(0, min(len(xs) - 1, round(q / 100 * len(xs) + 0.5) - 1))
-    return xs[k]
-
-
 def run_users(url: str, n: int, max_new_tokens: int, temperature: float, count_tokens,
-              timeout_s: float) -> tuple[list[UserResult], float]:
+              timeout_s: float) -> tuple[list[ChatResult], float]:
     """N users send one chat each at once; returns their results and the wall time of the whole round."""
-    from gradio_client import Client
-
-    clients = [Client(url, verbose=False) for _ in range(n)]  # sessions first: not part of the timing
-    t0 = time.perf_counter()
-    jobs = [c.submit(PROMPTS[i % len(PROMPTS)], "", max_new_tokens, temperature, api_name="/chat")
-            for i, c in enumerate(clients)]
-    first: list[float | None] = [None] * n
-    end: list[float | None] = [None] * n
-    deadline = t0 + timeout_s
-    while any(e is None for e in end) and time.perf_counter() < deadline:
-        now = time.perf_counter()
-        for i, job in enumerate(jobs):
-            if end[i] is not None:
-                continue
-            if first[i] is None and any(o for o in job.outputs()):
-                first[i] = now
-            if job.done():
-                end[i] = now
-        time.sleep(POLL_S)
-    results = []
-    for i, job in enumerate(jobs):
-        error = None
-        reply = ""
-        if end[i] is None:
-            error, end[i] = f"no reply within {timeout_s:g} s", time.perf_counter()
-            job.cancel()
-        else:
-            try:
-                reply = job.result() or ""
-            except Exception as exc:  # the app's gr.Error text, e.g. the server's message
-                error = f"{type(exc).__name__}: {exc}"
-        ttft = first[i] - t0 if first[i] is not None else None
-        results.append(UserResult(ttft, end[i] - t0, count_tokens(reply), error))
-    wall = max(r.latency_s for r in results)
-    for c in clients:
-        c.close()
-    return results, wall
+    results = chat_round(url, n, lambda i: (PROMPTS[i % len(PROMPTS)], "", max_new_tokens, temperature),
+                         count_tokens, timeout_s, POLL_S)
+    return results, max(r.end_s for r in results)
 
 
-def summarize(backend: str, n: int, results: list[UserResult], wall: float) -> Row:
+def summarize(backend: str, n: int, results: list[ChatResult], wall: float) -> Row:
     ok = [r for r in results if r.error is None]
-    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    ttfts = [r.first_s for r in ok if r.first_s is not None]
     tokens = sum(r.tokens for r in ok)
     errors = [r.error for r in results if r.error is not None]
     return Row(backend, n, percentile(ttfts, 50), percentile(ttfts, 95),
-               percentile([r.latency_s for r in ok], 50), max((r.latency_s for r in ok), default=float("nan")),
+               percentile([r.end_s for r in ok], 50), max((r.end_s for r in ok), default=float("nan")),
                tokens, wall, tokens / wall if wall > 0 else 0.0, len(errors), errors[0] if errors else None)
 
 
