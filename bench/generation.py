@@ -64,21 +64,11 @@ class _Clock:
 
 
 def _fixed_decode(lm) -> dict:
-    import torch
-    from transformers import StoppingCriteriaList
-
     from generation import build_prompt
 
     ids = build_prompt(lm.tokenizer, "Tell me a long story about a dragon.").input_ids
-    clock = _Clock()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                min_new_tokens=NEW_TOKENS, stopping_criteria=StoppingCriteriaList([clock]),
-                                pad_token_id=lm.tokenizer.pad_token_id)
-    n = out.shape[1] - ids.shape[1]
-    assert n == NEW_TOKENS == len(clock.times)
-    return {"ttft_fixed_s": clock.times[0] - t0, "decode_tps": (n - 1) / (clock.times[-1] - clock.times[0])}
+    rate, _ = _decode_generate(lm, ids)
+    return {"ttft_fixed_s": rate["ttft_s"], "decode_tps": rate["tps"]}
 
 
 def _app_stream(lm) -> dict:

@@ -21,12 +21,16 @@ its last hidden state goes through the head here.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import threading
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .engine import decode_attention_rows
 from .fastpath import RESCORE_K, QuantizedHead, _rms, fast_path_supported, prepare_layers, rope_tables
 from .sampling import BatchSampler, RowSampling
 
@@ -99,8 +103,6 @@ class BatchDecodeStep:
         """tokens (n,) long, row b's token at position positions[b] ((n,) long) -> final-normed
         hidden (n, D) bf16. Writes each row's keys/values into rows 0..n-1 of `cache`; row b
         attends to its positions [0, positions[b]] (the last `window` on sliding layers)."""
-        from .engine import decode_attention_rows
-
         n = int(tokens.shape[0])
         pos = positions.reshape(-1).to(torch.long)
         ends = [int(p) + 1 for p in pos.tolist()]
@@ -148,26 +150,18 @@ class BatchDecodeStep:
         return _rms(x, self.final_norm, eps)
 
 
-_omp_lib: list = []
-
-
+@functools.cache
 def _omp():
     """The OpenMP runtime torch runs on (ctypes), or None where it cannot be found."""
-    if not _omp_lib:
-        lib = None
-        try:
-            import ctypes
-            import os
-
-            path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-            if os.path.exists(path):
-                lib = ctypes.CDLL(path)
-                lib.omp_get_max_threads.restype = ctypes.c_int
-                lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-        except OSError:
-            lib = None
-        _omp_lib.append(lib)
-    return _omp_lib[0]
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    try:
+        lib = ctypes.CDLL(path) if os.path.exists(path) else None
+    except OSError:
+        return None
+    if lib is not None:
+        lib.omp_get_max_threads.restype = ctypes.c_int
+        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+    return lib
 
 
 def one_thread_here() -> None:
@@ -279,7 +273,7 @@ def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSam
             elif p.greedy:
                 penalised.append(i)
             else:
-                logits[i].index_copy_(0, top.indices[i], head.rescore(h, top.indices[i]).float())
+                head.make_exact(logits[i], h, top.indices[i])
                 rest.append(i)
     for i in penalised:  # the whole bf16 row (~20 ms), as the model's head computes it
         logits[i].copy_(F.linear(hidden[i : i + 1], head.exact)[0])

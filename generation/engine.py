@@ -484,7 +484,6 @@ class ChatEngine:
         self._n_group = 0
         self.counters = {"steps": 0, "fast_steps": 0, "prefill_forwards": 0, "tokens": 0}
         # The fast CPU decode (generation/batchstep.py), set up by the loop thread before its first job.
-        self._fast_wanted = fast
         self._step = None  # BatchDecodeStep
         self._head = None  # fastpath.QuantizedHead
         self._logits_buf: torch.Tensor | None = None
@@ -676,7 +675,7 @@ class ChatEngine:
     def _setup_fast(self) -> None:
         """Build the fast CPU decode step and the int8 LM head copy (a few seconds, once, here in the
         loop thread before its first job), where the model allows it; else say why not."""
-        if not self._fast_wanted or self.fast_status != "not started":
+        if self.fast_status != "not started":
             return  # off, or already set up (run_here(until_idle=True) enters the loop again)
         why = None
         if self.device.type != "cpu":

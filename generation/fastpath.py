@@ -312,8 +312,13 @@ class QuantizedHead:
         logits = self.logits(hidden, out=out)
         top = torch.topk(logits, k, dim=-1)
         for m in range(logits.shape[0]):
-            logits[m].index_copy_(0, top.indices[m], self.rescore(hidden[m], top.indices[m]).float())
+            self.make_exact(logits[m], hidden[m], top.indices[m])
         return logits
+
+    def make_exact(self, logits: torch.Tensor, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """logits (V,) of hidden (1, D): the entries at idx (n,) replaced, in place, by the bf16
+        head's exact values (`rescore`); returns logits."""
+        return logits.index_copy_(0, idx, self.rescore(hidden, idx).to(logits.dtype))
 
     def rescore(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Exact bf16-head logits of tokens idx (n,) for hidden (1, D) -> (n,) bf16, bit-equal to the
@@ -961,8 +966,7 @@ class FastDecoder:
         """For sampling: the (V,) logits of the last prefill/step with their k largest replaced, in
         place, by the bf16 head's exact values (a no-op with the exact head)."""
         if self.head is not None:
-            top = torch.topk(logits, k)
-            logits.index_copy_(0, top.indices, self.head.rescore(self.last_hidden, top.indices).float())
+            self.head.make_exact(logits, self.last_hidden, torch.topk(logits, k).indices)
         return logits
 
     @torch.inference_mode()
