@@ -55,87 +55,132 @@ __all__ = [
 # A small native kernel for the int8 head
 
 # torch's int8 weight-only kernels (aten._weight_int8pack_mm, fbgemm's dynamic linear, _int_mm)
-# take ~12 ms for the 262,144 x 640 head on this 2-core AVX-512 EPYC, and so did a plain
-# int8 -> fp32 FMA kernel with the (V, D) row layout: the reads of 4 rows at once, 640 bytes
-# apart, stay far below the memory bandwidth. This kernel reads the codes in the order it uses
-# them (tiles of 4 rows x 64 columns, contiguous) and multiplies with AVX512-VNNI (vpdpbusd, 64
-# multiply-adds per instruction) against the activations split in two int8 levels
-# (x ~= s1*q1 + s2*q2, relative error <= 2**-16), which makes it memory-bound: ~8 ms. Compiled
-# once with the system C compiler (the same dependency torch.compile has on CPU); without a
-# compiler, or without AVX512-VNNI, the head uses aten._weight_int8pack_mm on the row layout.
+# take ~12 ms for the 262,144 x 640 head on this 2-core AVX-512 EPYC at one row, and they and the
+# bf16 head grow with the rows (bf16 F.linear: 20 ms at 1 row, 42 at 30). This kernel multiplies
+# with AVX512-VNNI (vpdpbusd, 64 multiply-adds per instruction) against the activations split in
+# two int8 levels (x ~= s1*q1 + s2*q2, relative error <= 2**-16). The codes are stored in the
+# order it reads them, tiles of 16 vocabulary rows x 4 columns (one int32 lane per vocabulary
+# row), so a register accumulates 16 logits at once and is reused for up to 6 activation rows:
+# no horizontal sums; a tile comes from memory once, then from L1 for every further 6 rows. One
+# row: memory-bound, ~4 ms; 30 rows ~26 ms (an earlier layout with a horizontal sum per logit
+# took 46). Compiled once with the system C compiler (the same dependency torch.compile has on CPU); without a compiler, or
+# without AVX512-VNNI, the head uses aten._weight_int8pack_mm on the row layout.
 _NATIVE_SRC = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
 #include <immintrin.h>
 
-#define RB 4        /* weight rows per tile */
+#define NB 16       /* vocabulary rows per tile: one int32 lane each */
 #define PF 4096     /* prefetch distance, bytes */
 
-/* x (M, K) fp32 -> two unsigned levels q + 128 for vpdpbusd: x ~= s1 * q1 + s2 * q2, s2 = s1 / 254. */
-static void split_rows(int64_t M, int64_t K, const float *x, uint8_t *xq, float *xs) {
+/* x (M, K) fp32 -> two signed int8 levels: x ~= s1 * q1 + s2 * q2, s2 = s1 / 254; qsum = their sums. */
+static void split_rows(int64_t M, int64_t K, const float *x, int8_t *xq, float *xs, int32_t *qsum) {
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float amax = 0.f;
         for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
         float s1 = amax > 0.f ? amax / 127.f : 1.f, s2 = s1 / 254.f;
-        uint8_t *q1 = xq + m * 2 * K, *q2 = q1 + K;
+        int8_t *q1 = xq + m * 2 * K, *q2 = q1 + K;
+        int32_t c1 = 0, c2 = 0;
         for (int64_t k = 0; k < K; k++) {
             float a = fminf(fmaxf(nearbyintf(xr[k] / s1), -127.f), 127.f);
             float b = fminf(fmaxf(nearbyintf((xr[k] - a * s1) / s2), -127.f), 127.f);
-            q1[k] = (uint8_t)(int)(a + 128.f);
-            q2[k] = (uint8_t)(int)(b + 128.f);
+            q1[k] = (int8_t)a;
+            q2[k] = (int8_t)b;
+            c1 += (int32_t)a;
+            c2 += (int32_t)b;
         }
         xs[2 * m] = s1;
         xs[2 * m + 1] = s2;
+        qsum[2 * m] = c1;
+        qsum[2 * m + 1] = c2;
     }
 }
 
+/* One tile of 16 vocabulary rows (K/4 groups of 16 x 4 codes) against R activation rows from m0
+   (R <= 6: 12 accumulators stay in registers). xp: the activations packed as (K/4, M, 2, 4) bytes. */
+#define TILE_ROWS_FN(R) \
+static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0, const int8_t *tile, \
+                          const int8_t *xp, const float *xs, const int32_t *qsum, const float *wscale, float *out) { \
+    const __m512i flip = _mm512_set1_epi8((char)0x80); \
+    __m512i a10 = _mm512_setzero_si512(), a20 = a10, a11 = a10, a21 = a10, a12 = a10, a22 = a10, \
+            a13 = a10, a23 = a10, a14 = a10, a24 = a10, a15 = a10, a25 = a10; \
+    const int8_t *p = xp + m0 * 8; \
+    for (int64_t g = 0; g < K / 4; g++, p += M * 8) { \
+        _mm_prefetch((const char *)(tile + 64 * g + PF), _MM_HINT_T0); \
+        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * g)), flip); \
+        STEP(0, a10, a20) \
+        if (R > 1) STEP(1, a11, a21) \
+        if (R > 2) STEP(2, a12, a22) \
+        if (R > 3) STEP(3, a13, a23) \
+        if (R > 4) STEP(4, a14, a24) \
+        if (R > 5) STEP(5, a15, a25) \
+    } \
+    __m512 ws = _mm512_loadu_ps(wscale + n); \
+    FINISH(0, a10, a20) \
+    if (R > 1) FINISH(1, a11, a21) \
+    if (R > 2) FINISH(2, a12, a22) \
+    if (R > 3) FINISH(3, a13, a23) \
+    if (R > 4) FINISH(4, a14, a24) \
+    if (R > 5) FINISH(5, a15, a25) \
+}
+#define STEP(r, x1, x2) { \
+    x1 = _mm512_dpbusd_epi32(x1, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r))); \
+    x2 = _mm512_dpbusd_epi32(x2, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r + 4))); }
+/* undo the +128 in int32 (exact); the differences fit in 24 bits (|.| <= K * 127 * 127), so their
+   float conversion is exact too */
+#define FINISH(r, x1, x2) { \
+    int64_t m = m0 + r; \
+    __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1, _mm512_set1_epi32(128 * qsum[2 * m]))); \
+    __m512 v2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x2, _mm512_set1_epi32(128 * qsum[2 * m + 1]))); \
+    __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(xs[2 * m]), v1), \
+                             _mm512_mul_ps(_mm512_set1_ps(xs[2 * m + 1]), v2)); \
+    _mm512_storeu_ps(out + m * N + n, _mm512_mul_ps(ws, s)); }
+TILE_ROWS_FN(1)
+TILE_ROWS_FN(2)
+TILE_ROWS_FN(3)
+TILE_ROWS_FN(4)
+TILE_ROWS_FN(5)
+TILE_ROWS_FN(6)
+
 /* out[m*N + n] = wscale[n] * sum_k xhat[m, k] * w[n, k]
-   w: int8 tiles (N/4, K/64, 4, 64); wsum[n] = sum_k w[n, k]; N % 4 == 0, K % 64 == 0, K <= 1024
-   (so that the int32 sums below stay exact in float). */
+   w: int8 tiles (N/16, K/4, 16, 4); N % 16 == 0, K % 4 == 0, K <= 1024 (so that the int32 sums
+   above stay exact in float). */
 void int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *wscale,
-               const int32_t *wsum, float *out, int nthreads) {
+               float *out, int nthreads) {
     size_t qbytes = ((size_t)(M * 2 * K) + 127) / 64 * 64;
-    uint8_t *xq = (uint8_t *)aligned_alloc(64, qbytes);
+    int8_t *xq = (int8_t *)aligned_alloc(64, qbytes);
     float *xs = (float *)malloc(sizeof(float) * 2 * M);
-    if (!xq || !xs) { free(xq); free(xs); return; }
-    split_rows(M, K, x, xq, xs);
-    int64_t nblocks = (N + 255) / 256;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t b = 0; b < nblocks; b++) {
-        int64_t n1 = (b + 1) * 256 < N ? (b + 1) * 256 : N;
-        for (int64_t n = b * 256; n < n1; n += RB) {
-            const int8_t *tile = w + n * K;
-            for (int64_t m = 0; m < M; m++) {
-                const uint8_t *q1 = xq + m * 2 * K, *q2 = q1 + K;
-                __m512i a1[RB], a2[RB];
-                for (int r = 0; r < RB; r++) { a1[r] = _mm512_setzero_si512(); a2[r] = _mm512_setzero_si512(); }
-                for (int64_t k = 0; k < K; k += 64) {
-                    const int8_t *src = tile + k * RB;
-                    if (m == 0)
-                        for (int r = 0; r < RB; r++) _mm_prefetch((const char *)(src + PF + 64 * r), _MM_HINT_T0);
-                    __m512i x1 = _mm512_loadu_si512((const void *)(q1 + k));
-                    __m512i x2 = _mm512_loadu_si512((const void *)(q2 + k));
-                    for (int r = 0; r < RB; r++) {
-                        __m512i wv = _mm512_loadu_si512((const void *)(src + 64 * r));
-                        a1[r] = _mm512_dpbusd_epi32(a1[r], x1, wv);
-                        a2[r] = _mm512_dpbusd_epi32(a2[r], x2, wv);
-                    }
-                }
-                for (int r = 0; r < RB; r++) {
-                    /* undo the +128 of the unsigned levels in int32 (exact); the differences fit
-                       in 24 bits (|.| <= K * 127 * 127), so their float conversion is exact too */
-                    int32_t c = 128 * wsum[n + r];
-                    float v1 = (float)(_mm512_reduce_add_epi32(a1[r]) - c);
-                    float v2 = (float)(_mm512_reduce_add_epi32(a2[r]) - c);
-                    out[m * N + n + r] = wscale[n + r] * (xs[2 * m] * v1 + xs[2 * m + 1] * v2);
-                }
-            }
+    int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * 2 * M);
+    if (!xq || !xs || !qsum) { free(xq); free(xs); free(qsum); return; }
+    split_rows(M, K, x, xq, xs, qsum);
+    int8_t *xp = (int8_t *)aligned_alloc(64, qbytes);
+    if (!xp) { free(xq); free(xs); free(qsum); return; }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t l = 0; l < 2; l++)
+            for (int64_t g = 0; g < K / 4; g++)
+                *(int32_t *)(xp + (g * M + m) * 8 + 4 * l) = *(const int32_t *)(xq + m * 2 * K + l * K + 4 * g);
+    int64_t ntiles = N / NB;
+    #pragma omp parallel for schedule(static, 16) num_threads(nthreads)
+    for (int64_t t = 0; t < ntiles; t++) {
+        const int8_t *tile = w + t * NB * K;
+        int64_t n = t * NB;
+        int64_t m0 = 0;
+        for (; m0 + 6 <= M; m0 += 6) tile_rows_6(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out);
+        switch (M - m0) {
+            case 5: tile_rows_5(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
+            case 4: tile_rows_4(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
+            case 3: tile_rows_3(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
+            case 2: tile_rows_2(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
+            case 1: tile_rows_1(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
+            default: break;
         }
     }
+    free(xp);
     free(xq);
     free(xs);
+    free(qsum);
 }
 """
 _native_lock = threading.Lock()
@@ -191,7 +236,7 @@ def _build_native() -> Callable[..., None]:
     lib = ct.CDLL(str(so))
     fn = lib.int8_head
     fn.restype = None
-    fn.argtypes = [ct.c_int64] * 3 + [ct.c_void_p] * 5 + [ct.c_int]
+    fn.argtypes = [ct.c_int64] * 3 + [ct.c_void_p] * 4 + [ct.c_int]
     _native_state["lib"] = lib  # keep the library loaded
     _native_state["status"] = f"native AVX512-VNNI int8 kernel ({so})"
     return fn
@@ -238,14 +283,14 @@ def native_int8_status() -> str:
 # Candidates recomputed from the exact bf16 weights in greedy_token: enough that the error bound
 # decides ~90% of steps at once; 64 rows of 640 bf16 weights cost ~50 us.
 RESCORE_K = 64
-_TILE_ROWS, _TILE_COLS = 4, 64  # the native kernel's layout
+_TILE_ROWS, _TILE_COLS = 16, 4  # the native kernel's layout
 
 
 @dataclass(frozen=True)
 class QuantizedHead:
     """int8 copy of an LM head (V, D): W[v] ~= codes[v] * scale[v], symmetric, one scale per row.
 
-    codes: int8, as (V, D) rows (layout "rows"), or in the native kernel's tiles (V/4, D/64, 4, 64)
+    codes: int8, as (V, D) rows (layout "rows"), or in the native kernel's tiles (V/16, D/4, 16, 4)
     (layout "tiles"). exact: the model's own (V, D) bf16 head weight (the tied embedding, shared,
     never written): rows of it recompute chosen logits exactly. half_step (V,) fp32: the largest
     rounding error of a weight in that row (<= scale / 2).
@@ -255,7 +300,6 @@ class QuantizedHead:
     layout: str
     scale: torch.Tensor  # (V,) fp32, values representable in bf16
     scale_bf16: torch.Tensor  # (V,) the same values in bf16, for aten._weight_int8pack_mm
-    row_sum: torch.Tensor  # (V,) int32, sum of each row's codes (the native kernel's zero point)
     exact: torch.Tensor
     half_step: torch.Tensor
     half_max: float
@@ -299,8 +343,8 @@ class QuantizedHead:
             out = torch.empty(h2.shape[0], v, dtype=torch.float32)
         elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != h2.shape[0] * v:
             raise ValueError(f"out must be a contiguous fp32 tensor of {h2.shape[0]} x {v} values")
-        fn(h2.shape[0], v, d, h2.data_ptr(), self.codes.data_ptr(), self.scale.data_ptr(),
-           self.row_sum.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        fn(h2.shape[0], v, d, h2.data_ptr(), self.codes.data_ptr(), self.scale.data_ptr(), out.data_ptr(),
+           torch.get_num_threads())
         return out.view(*lead, v)
 
     def logits_exact_top(
@@ -400,7 +444,7 @@ def argmax_first(logits: torch.Tensor) -> int:
 def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> QuantizedHead:
     """Symmetric int8 per output row of the model's LM head (V, D): scale = max|row| / 127.
 
-    layout None = "tiles" where the native kernel is available (and V % 4 == 0, D % 64 == 0,
+    layout None = "tiles" where the native kernel is available (and V % 16 == 0, D % 4 == 0,
     D <= 1024), else "rows". The model and its tied embedding are only read. ~2-8 s for Gemma 3
     270m's head on 2 cores.
     """
@@ -410,11 +454,10 @@ def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> Quant
     if layout is None:
         layout = "tiles" if tiles_ok and native_int8_kernel() is not None else "rows"
     if layout not in ("rows", "tiles") or (layout == "tiles" and not tiles_ok):
-        raise ValueError(f"layout must be 'rows' or 'tiles' (V % 4 == 0, D % 64 == 0, D <= 1024), got {layout!r}")
+        raise ValueError(f"layout must be 'rows' or 'tiles' (V % 16 == 0, D % 4 == 0, D <= 1024), got {layout!r}")
     q = torch.empty(v, d, dtype=torch.int8)
     scale = torch.empty(v, dtype=torch.float32)
     half = torch.empty(v, dtype=torch.float32)
-    row_sum = torch.empty(v, dtype=torch.int32)
     w_max = 0.0
     chunk = 16384  # rows at a time: an fp32 copy of the whole head would be 671 MB at once
     for i in range(0, v, chunk):
@@ -425,15 +468,14 @@ def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> Quant
         qi = torch.round(wf / s[:, None]).clamp_(-127, 127)
         scale[i : i + chunk] = s
         half[i : i + chunk] = (qi * s[:, None] - wf).abs().amax(dim=1) * (1 + 2**-20)
-        row_sum[i : i + chunk] = qi.sum(dim=1).to(torch.int32)  # exact: |sum| <= 640 * 127
         w_max = max(w_max, float(wf.abs().max()))
         qi = qi.to(torch.int8)
-        if layout == "tiles":  # rows r..r+3, columns c..c+63 contiguous: the kernel's read order
+        if layout == "tiles":  # 16 rows x 4 columns contiguous: the kernel's read order
             n = qi.shape[0]
             qi = qi.view(n // _TILE_ROWS, _TILE_ROWS, d // _TILE_COLS, _TILE_COLS).transpose(1, 2).reshape(n, d)
         q[i : i + chunk] = qi
     return QuantizedHead(codes=q, layout=layout, scale=scale, scale_bf16=scale.to(torch.bfloat16),
-                         row_sum=row_sum, exact=w, half_step=half, half_max=float(half.max()), w_max=w_max)
+                         exact=w, half_step=half, half_max=float(half.max()), w_max=w_max)
 
 
 class QuantizedLMHead(torch.nn.Module):

@@ -119,6 +119,17 @@ def test_head_logits_within_the_int8_error_bound(model, head, head_rows, hidden,
         assert torch.all((approx[i].double() - exact[i]).abs() <= bound + rounding)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 30])
+def test_head_logits_of_a_row_do_not_depend_on_the_batch(head, hidden, rows):
+    """The native kernel works on blocks of 6 rows plus a remainder: a row's logits must come out
+    bit for bit the same whatever rows share the call (sampled replies are batch-invariant)."""
+    hs = hidden[:rows]
+    with torch.inference_mode():
+        together = head.logits(hs)  # (rows, V)
+        for i in {0, rows // 2, rows - 1}:
+            assert torch.equal(together[i], head.logits(hs[i : i + 1])[0])
+
+
 def test_head_top1_agrees_with_the_bf16_head_on_real_text(model, head, hidden):
     with torch.inference_mode():
         exact = F.linear(hidden, head.exact).float().argmax(-1)
