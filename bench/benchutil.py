@@ -43,20 +43,24 @@ def percentile(xs: list[float], q: float) -> float:
 
 @dataclass
 class ChatResult:
-    """One user's /chat call: seconds from the round's start to the first streamed text (None if
-    none came) and to the end, the reply's tokens, the error (None when it answered)."""
+    """One `/chat` call: seconds from its own submission to the first streamed text (None if none
+    came), seconds from the round's start to its end, the reply's tokens, the error (None when it
+    answered), and which user and turn it was."""
 
     first_s: float | None
     end_s: float
     tokens: int
     error: str | None
+    user: int = 0
+    turn: int = 0
 
 
-def chat_round(url: str, n: int, args_of: Callable[[int], tuple], count_tokens: Callable[[str], int],
-               timeout_s: float, poll_s: float = 0.05) -> list[ChatResult]:
+def chat_round(url: str, n: int, args_of: Callable[..., tuple], count_tokens: Callable[[str], int],
+               timeout_s: float, poll_s: float = 0.05, turns: int = 1) -> list[ChatResult]:
     """n `gradio_client` users (a session each, opened before the clock starts) send `/chat` with
-    args_of(i) at the same moment; one thread watches every job's streamed outputs (a polling
-    thread per user would eat the cores of a small machine)."""
+    args_of(i) (args_of(i, t) for turns > 1) at the same moment, each the next of its `turns`
+    messages as soon as the previous reply has ended; one thread watches every job's streamed
+    outputs (a polling thread per user would eat the cores of a small machine)."""
     import ssl
 
     from gradio_client import Client
@@ -66,32 +70,45 @@ def chat_round(url: str, n: int, args_of: Callable[[int], tuple], count_tokens: 
     # two cores delays the submissions by a second or more (browsers elsewhere pay nothing here).
     tls = ssl.create_default_context()
     clients = [Client(url, verbose=False, ssl_verify=tls) for _ in range(n)]  # httpx takes a context as verify
+
+    def args(i: int, t: int) -> tuple:
+        return args_of(i) if turns == 1 else args_of(i, t)
+
+    results: list[ChatResult] = []
     t0 = time.perf_counter()
-    jobs = [c.submit(*args_of(i), api_name="/chat") for i, c in enumerate(clients)]
+    jobs = [c.submit(*args(i, 0), api_name="/chat") for i, c in enumerate(clients)]
+    turn = [0] * n
+    start = [0.0] * n
     first: list[float | None] = [None] * n
-    end: list[float | None] = [None] * n
-    while any(e is None for e in end) and time.perf_counter() - t0 < timeout_s:
-        now = time.perf_counter() - t0
-        for i, job in enumerate(jobs):
-            if end[i] is not None:
-                continue
-            if first[i] is None and any(o for o in job.outputs()):
-                first[i] = now
-            if job.done():
-                end[i] = now
-        time.sleep(poll_s)
-    results = []
-    for i, job in enumerate(jobs):
-        error, tokens = None, 0
-        if end[i] is None:
-            error, end[i] = f"no reply within {timeout_s:g} s", time.perf_counter() - t0
-            job.cancel()
-        else:
+    live = set(range(n))
+
+    def finish(i: int, now: float, error: str | None) -> None:
+        tokens = 0
+        if error is None:
             try:
-                tokens = count_tokens(job.result() or "")
+                tokens = count_tokens(jobs[i].result() or "")
             except Exception as exc:  # noqa: BLE001 - the app's gr.Error text, e.g. a server's message
                 error = f"{type(exc).__name__}: {exc}"
-        results.append(ChatResult(first[i], end[i], tokens, error))
+        results.append(ChatResult(first[i], now, tokens, error, i, turn[i]))
+
+    while live and time.perf_counter() - t0 < timeout_s:
+        for i in sorted(live):
+            now = time.perf_counter() - t0
+            job = jobs[i]
+            if first[i] is None and any(o for o in job.outputs()):
+                first[i] = now - start[i]
+            if job.done():
+                finish(i, now, None)
+                if turn[i] + 1 < turns:
+                    turn[i] += 1
+                    start[i], first[i] = time.perf_counter() - t0, None
+                    jobs[i] = clients[i].submit(*args(i, turn[i]), api_name="/chat")
+                else:
+                    live.discard(i)
+        time.sleep(poll_s)
+    for i in live:
+        jobs[i].cancel()
+        finish(i, time.perf_counter() - t0, f"no reply within {timeout_s:g} s")
     for c in clients:
         c.close()
     return results

@@ -13,21 +13,27 @@ One run measures, on the default model in NF4 (each part prints a markdown table
    the first token. Each path in turn (today's in the main thread, the model-forward engine in its
    own thread, then the fast engine with its loop in the main thread as in `python app.py`).
 4. N users at once (default 1, 8, 30) on the engine in-process (no gradio; its loop in the main
-   thread, as in the app): each calls
-   `stream_reply` at the same moment (the notebook's three prompts in turn, its sampling, 128 new
-   tokens, seed = user). Failures, first streamed piece median / p90 / max, aggregate tokens/s
-   (all replies' tokens, counted with the model's tokenizer, / wall time of the round).
-5. The same N users through `python app.py`: one `gradio_client` session each, `/chat` submitted
-   at once, the streamed outputs watched by one polling thread (per-user polling threads would eat
-   the two cores). The app is started with CHAT_CONCURRENCY=--chat-concurrency (default 32). The
-   30 clients' own work (SSE parsing in gradio_client: most of a core here) runs at a lower CPU
-   priority than the server (os.nice after the app has started), as if the users sat elsewhere.
+   thread, as in the app): each calls `stream_reply` at the same moment (the notebook's three
+   prompts in turn, its sampling, 128 new tokens at most). Failures, first streamed piece median /
+   p90 / max, aggregate tokens/s (all replies' tokens, counted with the model's tokenizer, / wall
+   time of the round). The base model's replies end at their turn, so which seeds draw a long
+   reply decides much of a round's wall time: --rounds rounds (default 3) per N, each with new
+   seeds (round 0: seed = user), pooled (tokens / total wall). Then 30 users with --turns
+   messages each (default 3), each sent as soon as the user's previous reply has ended, as a
+   class keeps chatting (first piece: after each message). Then all 30 replies run to exactly 128
+   tokens ("fixed length"), the like-for-like figure beside the static generate().
+5. The same through `python app.py`: one `gradio_client` session per user, `/chat`, the streamed
+   outputs watched by one polling thread (per-user polling threads would eat the two cores). The
+   app is started with CHAT_CONCURRENCY=--chat-concurrency (default 32). The clients' own work
+   (gradio_client's HTTP and SSE parsing, ~1 s of CPU per round of 30) runs at a lower CPU
+   priority than the server (os.nice after the app has started), as if the users sat elsewhere;
+   it still shares the server's two cores.
 
 Then the issue's targets, met or not. Figures on a shared machine are noisy: the machine line
 prints the load average at the start.
 
-Usage: python bench/load.py [--users 1,8,30] [--new-tokens 128] [--chat-concurrency 32]
-                            [--threads N] [--skip-app] [--json FILE]
+Usage: python bench/load.py [--users 1,8,30] [--new-tokens 128] [--rounds 3] [--turns 3]
+                            [--chat-concurrency 32] [--threads N] [--skip-app] [--json FILE]
 """
 
 from __future__ import annotations
@@ -66,16 +72,30 @@ class Round:
     wall_s: float
     tokens_per_s: float
     first_error: str | None = None
+    rounds: int = 1
 
 
 def summarize(where: str, n: int, firsts: list[float | None], tokens: list[int], errors: list[str | None],
-              wall: float) -> Round:
-    ok = [i for i in range(n) if errors[i] is None]
+              wall: float, rounds: int = 1) -> Round:
+    """One table row from every reply of `rounds` rounds (lists over all replies, `wall` their total)."""
+    ok = [i for i in range(len(errors)) if errors[i] is None]
     fs = [firsts[i] for i in ok if firsts[i] is not None]
     total = sum(tokens[i] for i in ok)
     errs = [e for e in errors if e is not None]
     return Round(where, n, len(errs), percentile(fs, 50), percentile(fs, 90), max(fs, default=float("nan")),
-                 total, wall, total / wall if wall > 0 else 0.0, errs[0] if errs else None)
+                 total, wall, total / wall if wall > 0 else 0.0, errs[0] if errs else None, rounds)
+
+
+def pooled(where: str, n: int, runs: list[tuple[list, float]]) -> Round:
+    """Rounds pooled: runs = [(replies as (first_s, tokens, error), wall_s)]; tokens over total wall."""
+    replies = [r for got, _ in runs for r in got]
+    return summarize(where, n, [r[0] for r in replies], [r[1] for r in replies], [r[2] for r in replies],
+                     sum(w for _, w in runs), len(runs))
+
+
+def seed_of(i: int, turn: int, rnd: int) -> int:
+    """User i's seed in turn `turn` of round `rnd` (round 0, turn 0: the user's index)."""
+    return i + 1000 * turn + 100_000 * rnd
 
 
 # --- 1. the sampling step --------------------------------------------------------------------------
@@ -202,28 +222,32 @@ def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2, today: boo
 # --- 4. N users on the engine, in-process ----------------------------------------------------------
 
 
-def engine_round(engine, n: int, new_tokens: int, count_tokens) -> Round:
+def engine_round(engine, n: int, new_tokens: int, count_tokens, rnd: int = 0, turns: int = 1) -> tuple[list, float]:
+    """n users call `stream_reply` at the same moment, each its next message as soon as a reply has
+    ended, `turns` messages in all -> ([(first piece s after its message, tokens, error)], wall s)."""
     from generation.sampling import SamplingParams
 
-    firsts: list[float | None] = [None] * n
-    tokens = [0] * n
-    errors: list[str | None] = [None] * n
-    ends = [0.0] * n
+    replies: list[tuple[float | None, int, str | None]] = []
+    lock = threading.Lock()
     barrier = threading.Barrier(n + 1)
+    ends = [0.0] * n
     t0_box: list[float] = []
 
     def user(i: int) -> None:
         barrier.wait()
-        t0 = t0_box[0]
-        reply = ""
-        try:
-            for reply in engine.stream_reply(PROMPTS[i % 3], params=SamplingParams(max_new_tokens=new_tokens, seed=i)):
-                if firsts[i] is None and reply:
-                    firsts[i] = time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001 - counted as a failure
-            errors[i] = f"{type(exc).__name__}: {exc}"
-        ends[i] = time.perf_counter() - t0
-        tokens[i] = count_tokens(reply)
+        for t in range(turns):
+            start = time.perf_counter()
+            first, reply, error = None, "", None
+            try:
+                params = SamplingParams(max_new_tokens=new_tokens, seed=seed_of(i, t, rnd))
+                for reply in engine.stream_reply(PROMPTS[(i + t) % 3], params=params):
+                    if first is None and reply:
+                        first = time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001 - counted as a failure
+                error = f"{type(exc).__name__}: {exc}"
+            with lock:
+                replies.append((first, count_tokens(reply), error))
+        ends[i] = time.perf_counter() - t0_box[0]
 
     threads = [threading.Thread(target=user, args=(i,)) for i in range(n)]
     for t in threads:
@@ -232,7 +256,7 @@ def engine_round(engine, n: int, new_tokens: int, count_tokens) -> Round:
     barrier.wait()
     for t in threads:
         t.join()
-    return summarize("engine", n, firsts, tokens, errors, max(ends))
+    return replies, max(ends)
 
 
 def engine_fixed_round(engine, n: int, new_tokens: int) -> Round:
@@ -259,32 +283,49 @@ def engine_fixed_round(engine, n: int, new_tokens: int) -> Round:
 # --- 5. N users through python app.py --------------------------------------------------------------
 
 
-def app_round(url: str, n: int, new_tokens: int, count_tokens, timeout_s: float) -> Round:
-    results = chat_round(url, n, lambda i: (PROMPTS[i % 3], "", new_tokens, 0.7, 0.95, 0, 1.0, i),
-                         count_tokens, timeout_s, POLL_S)
-    return summarize("app", n, [r.first_s for r in results], [r.tokens for r in results],
-                     [r.error for r in results], max(r.end_s for r in results))
+def app_round(url: str, n: int, new_tokens: int, count_tokens, timeout_s: float, rnd: int = 0,
+              turns: int = 1) -> tuple[list, float]:
+    """As engine_round, through the app's /chat with gradio_client."""
+    def args(i: int, t: int = 0) -> tuple:
+        return PROMPTS[(i + t) % 3], "", new_tokens, 0.7, 0.95, 0, 1.0, seed_of(i, t, rnd)
+
+    results = chat_round(url, n, args, count_tokens, timeout_s, POLL_S, turns=turns)
+    return [(r.first_s, r.tokens, r.error) for r in results], max(r.end_s for r in results)
 
 
-def bench_app(users: list[int], new_tokens: int, env: dict[str, str], count_tokens, timeout_s: float) -> list[Round]:
+def user_rounds(run, where: str, users: list[int], rounds: int, turns: int) -> list[Round]:
+    """For each N: `rounds` rounds of N users at once (new seeds each round), pooled; then N = the
+    largest, `turns` messages per user back to back. run(n, rnd, turns) -> (replies, wall s)."""
+    out = []
+    for n in users:
+        r = pooled(where, n, [run(n, rnd, 1) for rnd in range(rounds)])
+        print(f"  {where} N={n}: {r.tokens} tokens in {r.wall_s:.1f} s ({rounds} rounds), {r.failures} failures",
+              flush=True)
+        out.append(r)
+    if turns > 1:
+        n = max(users)
+        r = pooled(f"{where}, {turns} turns each", n, [run(n, 0, turns)])
+        print(f"  {r.where} N={n}: {r.tokens} tokens in {r.wall_s:.1f} s, {r.failures} failures", flush=True)
+        out.append(r)
+    return out
+
+
+def bench_app(users: list[int], new_tokens: int, env: dict[str, str], count_tokens, timeout_s: float,
+              rounds: int, turns: int) -> list[Round]:
     from apputil import start_app
 
     print("\nstarting python app.py ...", flush=True)
     app = start_app(env)
-    rounds = []
     if hasattr(os, "nice"):
         os.nice(10)  # this process (the clients) yields the cores to the server started above
     try:
-        warm = app_round(app.url, 1, 4, count_tokens, timeout_s)  # lazy inits, the engine's warm-up
-        if warm.failures:
-            raise RuntimeError(f"warm-up request failed: {warm.first_error}\n{app.log()[-3000:]}")
-        for n in users:
-            r = app_round(app.url, n, new_tokens, count_tokens, timeout_s)
-            print(f"  app N={n}: {r.tokens} tokens in {r.wall_s:.1f} s, {r.failures} failures", flush=True)
-            rounds.append(r)
+        warm, _ = app_round(app.url, 1, 4, count_tokens, timeout_s)  # lazy inits, the engine's warm-up
+        if warm[0][2] is not None:
+            raise RuntimeError(f"warm-up request failed: {warm[0][2]}\n{app.log()[-3000:]}")
+        return user_rounds(lambda n, rnd, t: app_round(app.url, n, new_tokens, count_tokens, timeout_s, rnd, t),
+                           "app", users, rounds, turns)
     finally:
         app.stop()
-    return rounds
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -294,6 +335,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", default="1,8,30")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of N users at once per N (new seeds each), pooled")
+    ap.add_argument("--turns", type=int, default=3,
+                    help="then the largest N with this many messages per user back to back (1: skip)")
     ap.add_argument("--chat-concurrency", type=int, default=32, help="CHAT_CONCURRENCY of the app (its largest batch)")
     ap.add_argument("--max-batch", type=int, default=32, help="the in-process engine's largest batch")
     ap.add_argument("--threads", type=int, help="torch threads here and in the app (default: all cores)")
@@ -351,7 +395,8 @@ def main() -> int:
     def drive() -> None:
         try:
             single.update(bench_single(lm, {"engine": engine}, args.new_tokens, today=False))
-            rounds.extend(engine_round(engine, n, args.new_tokens, count_tokens) for n in users)
+            rounds.extend(user_rounds(lambda n, rnd, t: engine_round(engine, n, args.new_tokens, count_tokens, rnd, t),
+                                      "engine", users, args.rounds, args.turns))
             rounds.append(engine_fixed_round(engine, max(users), args.new_tokens))
         finally:
             engine.close()
@@ -380,17 +425,18 @@ def main() -> int:
         env = {"CHAT_CONCURRENCY": str(args.chat_concurrency)}
         if args.threads:
             env["TORCH_NUM_THREADS"] = str(args.threads)
-        rounds += bench_app(users, args.new_tokens, env, count_tokens, args.timeout)
+        rounds += bench_app(users, args.new_tokens, env, count_tokens, args.timeout, args.rounds, args.turns)
     results["rounds"] = [asdict(r) for r in rounds]
     print("\n### N simultaneous users, the notebook's sampling, "
           f"{args.new_tokens} new tokens at most\n")
-    print("| where | N | failures | first piece p50 / p90 / max s | reply tokens | wall s | aggregate tok/s |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| where | N | rounds | failures | first piece p50 / p90 / max s | reply tokens | wall s | aggregate tok/s |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rounds:
-        print(f"| {r.where} | {r.users} | {r.failures} | {r.first_p50:.2f} / {r.first_p90:.2f} / {r.first_max:.2f} | "
-              f"{r.tokens} | {r.wall_s:.1f} | {r.tokens_per_s:.1f} |")
+        print(f"| {r.where} | {r.users} | {r.rounds} | {r.failures} | "
+              f"{r.first_p50:.2f} / {r.first_p90:.2f} / {r.first_max:.2f} | {r.tokens} | {r.wall_s:.1f} | "
+              f"{r.tokens_per_s:.1f} |")
         if r.first_error:
-            print(f"|  | first error: {r.first_error[:120]} | | | | | |")
+            print(f"|  | first error: {r.first_error[:120]} | | | | | | |")
 
     print("\n### Targets\n")
     print("| target | measured | met |")
@@ -401,7 +447,8 @@ def main() -> int:
 
     by = {(r.where, r.users): r for r in rounds}
     big = max(users)
-    for where in ("app", "engine", "engine, fixed length"):
+    for where in ("app", "engine", f"app, {args.turns} turns each", f"engine, {args.turns} turns each",
+                  "engine, fixed length"):
         r = by.get((where, big))
         if r is None:
             continue
