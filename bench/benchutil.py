@@ -70,6 +70,11 @@ def chat_round(url: str, n: int, args_of: Callable[..., tuple], count_tokens: Ca
     # two cores delays the submissions by a second or more (browsers elsewhere pay nothing here).
     tls = ssl.create_default_context()
     clients = [Client(url, verbose=False, ssl_verify=tls) for _ in range(n)]  # httpx takes a context as verify
+    for c in clients:
+        # Each user's server-side session opened before the clock, as a browser's page load opens
+        # it (the app's load events): gradio builds a new session's state from every component's
+        # config (~20 ms for this app), one session after another on its event loop.
+        c.predict(api_name="/model_status")
 
     def args(i: int, t: int) -> tuple:
         return args_of(i) if turns == 1 else args_of(i, t)
