@@ -7,10 +7,11 @@ within one token and joins it.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,3 +211,19 @@ def stream_reply(
     if "error" in result:
         exc = result["error"]
         raise RuntimeError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+
+
+def throttled(replies: Iterable[str], min_interval_s: float) -> Iterator[str]:
+    """The growing replies of a stream at most once per min_interval_s (the newest one each time),
+    and always the last one. For a web UI, where every update costs the server more than a token."""
+    last = -math.inf
+    pending = None
+    for text in replies:
+        now = time.monotonic()
+        if now - last >= min_interval_s:
+            last, pending = now, None
+            yield text
+        else:
+            pending = text
+    if pending is not None:
+        yield pending

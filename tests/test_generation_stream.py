@@ -11,7 +11,7 @@ import torch
 from generation import ReplyStats, SamplingParams, load_model, stream_reply
 from generation.model import LoadedModel
 from generation.prompt import PLAIN_STOP_STRINGS
-from generation.stream import WORKER_THREAD_NAME
+from generation.stream import WORKER_THREAD_NAME, throttled
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 QUESTION = "What is the capital of France?"
@@ -154,3 +154,31 @@ def test_bad_input_raises_before_any_thread(lm4, bad):
     with pytest.raises(ValueError):
         next(stream_reply(lm4, message, **kw))
     assert not _workers()
+
+
+def _paced(texts: list[str], gap_s: float):
+    for t in texts:
+        time.sleep(gap_s)
+        yield t
+
+
+@pytest.mark.parametrize("gap_s, interval_s", [(0.0, 0.05), (0.01, 0.05), (0.03, 0.0)])
+def test_throttled_keeps_order_and_the_last_reply(gap_s, interval_s):
+    """At most one update per interval (the newest each time), never one out of order, always the last."""
+    texts = [f"reply {'x' * i}" for i in range(1, 21)]
+    stamps, got = [], []
+    for t in throttled(_paced(texts, gap_s), interval_s):
+        stamps.append(time.monotonic())
+        got.append(t)
+    assert got[-1] == texts[-1]
+    assert [texts.index(t) for t in got] == sorted(texts.index(t) for t in got)  # a subsequence
+    if interval_s == 0:
+        assert got == texts
+    else:
+        # every update but the closing one at least an interval after the previous (small slack for the clock)
+        assert all(b - a >= interval_s * 0.9 for a, b in zip(stamps[:-2], stamps[1:-1]))
+        assert len(got) < len(texts)
+
+
+def test_throttled_passes_on_nothing_for_an_empty_stream():
+    assert list(throttled(iter(()), 0.1)) == []

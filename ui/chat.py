@@ -21,7 +21,7 @@ from generation.sampling import SamplingParams
 from generation.settings import Settings
 from generation.backend import ChatBackend
 from generation.remote import RemoteChat
-from generation.stream import ReplyStats
+from generation.stream import ReplyStats, throttled
 from generation.tokens import preview_tokens
 
 from .common import (
@@ -62,6 +62,10 @@ DEFAULT_PARAMS = SamplingParams()
 # ~8 characters per token is generous for English, so this never refuses a message that fits.
 CHARS_PER_TOKEN_LIMIT = 8
 
+# A streamed reply reaches the browser at most this often (the newest text each time): every
+# update costs the server a worker-thread hop, gradio's diff and an SSE message, and each browser
+# a re-render of the message. 30 users at once: rounds ~4% shorter than with every token sent.
+STREAM_INTERVAL_S = 0.1
 BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
 
 
@@ -388,7 +392,7 @@ class ChatHandlers:
                 stop_event=stop,
             )
             try:
-                for text in gen:
+                for text in throttled(gen, STREAM_INTERVAL_S):
                     history[reply_at:] = [{"role": "assistant", "content": text}]
                     yield history, gr.skip(), gr.skip()
             finally:
@@ -461,7 +465,7 @@ class ChatHandlers:
                                        max_input_tokens=self.settings.max_input_tokens)
             reply = None
             try:  # closing this generator (a cancelled job) closes the backend's, which ends the request
-                for reply in gen:
+                for reply in throttled(gen, STREAM_INTERVAL_S):
                     yield reply
             finally:
                 gen.close()
