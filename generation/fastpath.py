@@ -63,8 +63,9 @@ __all__ = [
 # row), so a register accumulates 16 logits at once and is reused for up to 6 activation rows:
 # no horizontal sums; a tile comes from memory once, then from L1 for every further 6 rows. One
 # row: memory-bound, ~4 ms; 30 rows ~26 ms (an earlier layout with a horizontal sum per logit
-# took 46). Compiled once with the system C compiler (the same dependency torch.compile has on CPU); without a compiler, or
-# without AVX512-VNNI, the head uses aten._weight_int8pack_mm on the row layout.
+# took 46). Compiled once with the system C compiler (the same dependency torch.compile has on
+# CPU); without a compiler, or without AVX512-VNNI, the head uses aten._weight_int8pack_mm on the
+# row layout.
 _NATIVE_SRC = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -128,8 +129,9 @@ static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0
 #define STEP(r, x1, x2) { \
     x1 = _mm512_dpbusd_epi32(x1, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r))); \
     x2 = _mm512_dpbusd_epi32(x2, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r + 4))); }
-/* undo the +128 in int32 (exact); the differences fit in 24 bits (|.| <= K * 127 * 127), so their
-   float conversion is exact too */
+/* vpdpbusd multiplies unsigned by signed bytes: the codes go in as w + 128 (the sign bit
+   flipped), so sum (w + 128) q = sum w q + 128 sum q; the correction is exact in int32, and
+   |sum w q| <= K * 127 * 127 < 2**24 makes the float conversion exact too */
 #define FINISH(r, x1, x2) { \
     int64_t m = m0 + r; \
     __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1, _mm512_set1_epi32(128 * qsum[2 * m]))); \
