@@ -164,7 +164,7 @@ void int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w,
             for (int64_t g = 0; g < K / 4; g++)
                 *(int32_t *)(xp + (g * M + m) * 8 + 4 * l) = *(const int32_t *)(xq + m * 2 * K + l * K + 4 * g);
     int64_t ntiles = N / NB;
-    #pragma omp parallel for schedule(static, 16) num_threads(nthreads)
+    #pragma omp parallel for schedule(static, 1024) num_threads(nthreads)  /* 10 MB a chunk: long streams for the prefetchers */
     for (int64_t t = 0; t < ntiles; t++) {
         const int8_t *tile = w + t * NB * K;
         int64_t n = t * NB;
