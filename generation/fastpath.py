@@ -111,21 +111,15 @@ static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0
     for (int64_t g = 0; g < K / 4; g++, p += M * 8) { \
         _mm_prefetch((const char *)(tile + 64 * g + PF), _MM_HINT_T0); \
         __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * g)), flip); \
-        STEP(0, a10, a20) \
-        if (R > 1) STEP(1, a11, a21) \
-        if (R > 2) STEP(2, a12, a22) \
-        if (R > 3) STEP(3, a13, a23) \
-        if (R > 4) STEP(4, a14, a24) \
-        if (R > 5) STEP(5, a15, a25) \
+        FOR_ROWS(STEP, R) \
     } \
     __m512 ws = _mm512_loadu_ps(wscale + n); \
-    FINISH(0, a10, a20) \
-    if (R > 1) FINISH(1, a11, a21) \
-    if (R > 2) FINISH(2, a12, a22) \
-    if (R > 3) FINISH(3, a13, a23) \
-    if (R > 4) FINISH(4, a14, a24) \
-    if (R > 5) FINISH(5, a15, a25) \
+    FOR_ROWS(FINISH, R) \
 }
+/* OP(row, its level-1 accumulator, its level-2 accumulator) for the first R rows */
+#define FOR_ROWS(OP, R) \
+    OP(0, a10, a20) if (R > 1) OP(1, a11, a21) if (R > 2) OP(2, a12, a22) \
+    if (R > 3) OP(3, a13, a23) if (R > 4) OP(4, a14, a24) if (R > 5) OP(5, a15, a25)
 #define STEP(r, x1, x2) { \
     x1 = _mm512_dpbusd_epi32(x1, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r))); \
     x2 = _mm512_dpbusd_epi32(x2, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r + 4))); }
