@@ -101,20 +101,23 @@ def seed_of(i: int, turn: int, rnd: int) -> int:
 # --- 1. the sampling step --------------------------------------------------------------------------
 
 
+def left_padded(tok, messages: list[str]) -> dict:
+    """The chat prompts of `messages`, tokenized as one left-padded batch (as generate() wants it)."""
+    from generation.prompt import build_prompt
+
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        return tok([build_prompt(tok, m).text for m in messages], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+
+
 def real_logits(lm, rows: int):
     """(rows, V) bf16 next-token logits of the model for `rows` chat prompts (one padded forward)."""
     import torch
 
-    from generation.prompt import build_prompt
-
-    tok = lm.tokenizer
-    texts = [build_prompt(tok, f"{PROMPTS[i % 3]} ({i})").text for i in range(rows)]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
+    enc = left_padded(lm.tokenizer, [f"{PROMPTS[i % 3]} ({i})" for i in range(rows)])
     with torch.inference_mode():
         return lm.model(**enc, logits_to_keep=1).logits[:, -1, :]
 
@@ -161,16 +164,8 @@ def bench_sampling(lm, rows: int = 30, repeats: int = 15) -> dict[str, float]:
 def bench_static(lm, rows: int, new_tokens: int) -> dict[str, float]:
     import torch
 
-    from generation.prompt import build_prompt
-
     tok = lm.tokenizer
-    texts = [build_prompt(tok, PROMPTS[i % 3]).text for i in range(rows)]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
+    enc = left_padded(tok, [PROMPTS[i % 3] for i in range(rows)])
     t = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

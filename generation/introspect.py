@@ -253,6 +253,25 @@ def _split_hidden(weights: Tensor, keep: list[int], hidden: list[int]) -> tuple[
     return rows.index_select(-1, keep_t), hidden_mass
 
 
+def _shown_fields(lm: Any, labels: list[str], id_list: list[int], keep: list[int], hidden: list[int],
+                  hidden_mass: Tensor, n_heads: int, n_kv: int, capped: bool, n_text: int,
+                  notes: list[str]) -> dict[str, Any]:
+    """The fields a ModelAttention and a ModelView share: the shown tokens and their ids, which
+    key/value head each query head reads, what was cut or hidden, the notes, the model's id."""
+    return dict(
+        tokens=[labels[i] for i in keep],
+        token_ids=[id_list[i] for i in keep],
+        kv_groups=[h // (n_heads // n_kv) for h in range(n_heads)],  # HF repeat_kv: head h reads KV h // groups
+        n_kv_heads=n_kv,
+        capped=capped,
+        n_text_tokens=n_text,
+        hidden_tokens=[labels[i] for i in hidden],
+        hidden_mass=hidden_mass,
+        notice=" ".join(notes),
+        model_id=str(getattr(lm, "model_id", "")),
+    )
+
+
 def model_attention(
     lm: Any,
     text: str,
@@ -305,21 +324,12 @@ def model_attention(
         else:
             notes.append(f"Sliding-window layer: each token sees only the last {window} tokens.")
     return ModelAttention(
-        tokens=[labels_all[i] for i in keep],
-        token_ids=[id_list[i] for i in keep],
         weights=shown,
         layer=layer,
         n_layers=n_layers,
         layer_kind=kind,
         window=window,
-        kv_groups=[h // (n_heads // n_kv) for h in range(n_heads)],  # HF repeat_kv: head h reads KV h // groups
-        n_kv_heads=n_kv,
-        capped=capped,
-        n_text_tokens=n_text,
-        hidden_tokens=[labels_all[i] for i in hidden],
-        hidden_mass=hidden_mass,
-        notice=" ".join(notes),
-        model_id=str(getattr(lm, "model_id", "")),
+        **_shown_fields(lm, labels_all, id_list, keep, hidden, hidden_mass, n_heads, n_kv, capped, n_text, notes),
     )
 
 

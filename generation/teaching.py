@@ -33,6 +33,7 @@ from .introspect import (
     _ensure_capture,
     _layer_kind,
     _prompt_ids,
+    _shown_fields,
     _shown_positions,
     _split_hidden,
     _text_config,
@@ -183,19 +184,10 @@ def model_view(
         cut = "cuts nothing here" if len(id_list) <= window else "hides keys further back than that"
         notes.append(f"Sliding-window layers see at most the last {window} tokens; this text's window {cut}.")
     return ModelView(
-        tokens=[labels_all[i] for i in keep],
-        token_ids=[id_list[i] for i in keep],
         weights=shown,
         layer_kinds=[k for k, _ in kinds],
         window=window,
-        kv_groups=[h // (n_heads // n_kv) for h in range(n_heads)],  # HF repeat_kv: head h reads KV h // groups
-        n_kv_heads=n_kv,
-        capped=capped,
-        n_text_tokens=n_text,
-        hidden_tokens=[labels_all[i] for i in hidden],
-        hidden_mass=hidden_mass,
-        notice=" ".join(notes),
-        model_id=str(getattr(lm, "model_id", "")),
+        **_shown_fields(lm, labels_all, id_list, keep, hidden, hidden_mass, n_heads, n_kv, capped, n_text, notes),
     )
 
 
