@@ -489,7 +489,8 @@ def main() -> None:
           f"{nf4['app_tps']:.1f}) vs {n['app_tps']:.1f} tok/s | {'yes' if nf4['decode_tps'] >= n['app_tps'] else 'NO'} |")
     print(f"| NF4 perplexity within 5% of bf16 | {nf4['ppl']:.3f} vs {bf16['ppl']:.3f} ({rel:+.1%}) "
           f"| {'yes' if abs(rel) <= 0.05 else 'NO'} |")
-    print_decode(rows["decode"], base_ppl=nf4["ppl"])
+    if "decode" in rows:  # not with --section precision
+        print_decode(rows["decode"], base_ppl=nf4["ppl"])
 
 
 if __name__ == "__main__":
