@@ -203,12 +203,12 @@ def _engine_runner(lm):
     from generation.sampling import SamplingParams
 
     engine = ChatEngine(lm, autostart=False)
-    engine._eos = frozenset()  # a fixed NEW_TOKENS, as min_new_tokens does for generate() above
 
     def run(ids) -> tuple[dict, list[int]]:
         accelerate_linear4bit(lm.model)  # as load_model leaves it (the engine's prefill uses the modules)
         try:
-            req = engine.submit(ids, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
+            # a fixed NEW_TOKENS, as min_new_tokens gives generate() above
+            req = engine.submit(ids, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS), ignore_eos=True)
             engine.run_here(until_idle=True)
         finally:
             restore_linear4bit(lm.model)

@@ -255,21 +255,18 @@ def engine_round(engine, n: int, new_tokens: int, count_tokens, rnd: int = 0, tu
 
 
 def engine_fixed_round(engine, n: int, new_tokens: int) -> Round:
-    """n users at once, each reply exactly new_tokens long (EOS and stop strings ignored), the
+    """n users at once, each reply exactly new_tokens long (ignore_eos, no stop strings), the
     like-for-like figure beside the static generate() of as many rows, which makes new_tokens each."""
     from generation.prompt import build_prompt
     from generation.sampling import SamplingParams
 
-    eos, engine._eos = engine._eos, frozenset()  # as min_new_tokens does for generate()
-    try:
-        ids = [build_prompt(engine.tokenizer, PROMPTS[i % 3]).input_ids for i in range(n)]
-        t0 = time.perf_counter()
-        reqs = [engine.submit(x, SamplingParams(max_new_tokens=new_tokens, seed=i)) for i, x in enumerate(ids)]
-        for r in reqs:
-            r.wait()
-        wall = time.perf_counter() - t0
-    finally:
-        engine._eos = eos
+    ids = [build_prompt(engine.tokenizer, PROMPTS[i % 3]).input_ids for i in range(n)]
+    t0 = time.perf_counter()
+    reqs = [engine.submit(x, SamplingParams(max_new_tokens=new_tokens, seed=i), ignore_eos=True)
+            for i, x in enumerate(ids)]
+    for r in reqs:
+        r.wait()
+    wall = time.perf_counter() - t0
     errors = [None if r.error is None else str(r.error) for r in reqs]
     firsts = [None if r.t_first is None else r.t_first - t0 for r in reqs]
     return summarize("engine, fixed length", n, firsts, [len(r.token_ids) for r in reqs], errors, wall)

@@ -371,12 +371,13 @@ class EngineRequest:
     """
 
     def __init__(self, engine: ChatEngine, prompt_ids: torch.Tensor, params: SamplingParams,
-                 stop_strings: Sequence[str], stop_event: threading.Event | None) -> None:
+                 stop_strings: Sequence[str], stop_event: threading.Event | None, *, ignore_eos: bool = False) -> None:
         self._engine = engine
         self.prompt_ids = prompt_ids
         self.params = params
         self.stop_strings = tuple(stop_strings)
         self.stop_event = stop_event
+        self.ignore_eos = ignore_eos
         self.updates: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.done = threading.Event()
         self.token_ids: list[int] = []
@@ -573,14 +574,17 @@ class ChatEngine:
         return len(self._waiting)
 
     def submit(self, prompt_ids: torch.Tensor | Sequence[int], params: SamplingParams = SamplingParams(), *,
-               stop_strings: Sequence[str] = (), stop_event: threading.Event | None = None) -> EngineRequest:
-        """Queue a generation for `prompt_ids` ((P,) or (1, P)); returns its handle at once."""
+               stop_strings: Sequence[str] = (), stop_event: threading.Event | None = None,
+               ignore_eos: bool = False) -> EngineRequest:
+        """Queue a generation for `prompt_ids` ((P,) or (1, P)); returns its handle at once.
+        ignore_eos (as vLLM's): an end-of-sequence token does not end the reply (benchmarks of
+        fixed-length replies)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).cpu()
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
-        req = EngineRequest(self, ids, params, stop_strings, stop_event)
+        req = EngineRequest(self, ids, params, stop_strings, stop_event, ignore_eos=bool(ignore_eos))
         if self._autostart:
             self.start()
         with self._cond:
@@ -962,7 +966,8 @@ class ChatEngine:
             req.t_first = now
         req.t_last = now
         hit = False
-        if token not in self._eos:
+        eos = token in self._eos and not req.ignore_eos
+        if not eos:
             try:
                 hit = self._detokenize(req)
             except Exception as exc:
@@ -971,7 +976,7 @@ class ChatEngine:
             return "stop_string", None
         if len(req.token_ids) >= req.params.max_new_tokens:
             return "max_new_tokens", None
-        if token in self._eos:
+        if eos:
             return "eos", None
         return None
 

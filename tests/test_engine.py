@@ -83,6 +83,23 @@ def _generate(lm: LoadedModel, prompt: torch.Tensor, new: int, **kw) -> list[int
     return out[0, len(prompt):].tolist()
 
 
+def test_ignore_eos_goes_on_to_max_new_tokens(tiny_qwen):
+    """ignore_eos (as vLLM's): an end-of-sequence token no longer ends the reply, which runs on to
+    max_new_tokens with the same tokens; without it the same reply ends at that token."""
+    prompt = _prompts(tiny_qwen)[0]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW)
+    with ChatEngine(tiny_qwen, warmup=False) as engine:
+        free = engine.submit(prompt, greedy)
+        assert free.wait(60) and free.stopped_by == "max_new_tokens"
+        eos = free.token_ids[2]
+        engine._eos = frozenset({eos})  # the tiny model's third token stands for an end of turn here
+        ended, on = engine.submit(prompt, greedy), engine.submit(prompt, greedy, ignore_eos=True)
+        assert ended.wait(60) and on.wait(60)
+    first = free.token_ids.index(eos)
+    assert ended.stopped_by == "eos" and ended.token_ids == free.token_ids[: first + 1]
+    assert on.stopped_by == "max_new_tokens" and on.token_ids == free.token_ids
+
+
 def test_greedy_matches_generate_alone_and_mixed(tiny):
     """Token for token: each prompt alone, then all six at once in a batch of at most 3 (so rows
     queue, join and leave between steps) with prefill chunks of 12 tokens."""
