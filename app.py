@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot  # sets GRADIO_ANALYTICS_ENABLED first
+from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
 
 import gradio as gr  # noqa: E402,I001
 
@@ -86,6 +86,9 @@ def main() -> int:
     torch.set_num_threads(settings.torch_threads)
     demo = build_demo(settings, load_model_now=True)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=LAB_CONCURRENCY)
+    missing = tune_queue(demo)
+    if missing:  # another gradio version: the app works, only busier
+        print(f"attention-lab: gradio's queue has no {', '.join(missing)} to tune", file=sys.stderr)
     demo.launch(
         server_name=settings.server_name,
         server_port=settings.server_port,

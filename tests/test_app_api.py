@@ -396,6 +396,20 @@ def test_model_that_fails_to_load_is_reported(tmp_path):
         list(state.chat.chat_api("Hello"))
 
 
+def test_queue_polls_gently_in_this_gradio_version():
+    import gradio as gr
+
+    from ui.common import QUEUE_ANALYTICS_EVERY, QUEUE_POLL_S, tune_queue
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    demo.queue()
+    assert demo._queue.sleep_when_free < QUEUE_POLL_S  # gradio's own: a wake-up every millisecond
+    assert tune_queue(demo) == []  # a gradio that renamed them would fail here, not slow down unseen
+    assert demo._queue.sleep_when_free == QUEUE_POLL_S
+    assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == QUEUE_ANALYTICS_EVERY
+
+
 def test_history_sent_to_the_model_alternates():
     import app
     from ui.chat import ChatHandlers
