@@ -7,6 +7,9 @@ thirty users both get them:
 * the projections call bitsandbytes' NF4 kernel directly on the modules' own bytes (M = n rows in
   one call, as the model's own forward makes it), into activation buffers reused every step;
 * no `generate()`/`forward()` machinery: no mask tensors, no cache objects, no per-step `isin`;
+* each layer's RMSNorms, residual adds, q/k norms and RoPE in three C calls that give torch's
+  bits (`generation.normkernels`, checked against torch on this machine first; torch's ops where
+  they cannot be built or differ);
 * attention row by row with exactly the sdpa call the engine's model path makes
   (`decode_attention_rows`), so a row's numbers are the model path's, bit for bit, whatever else
   is in the batch (the tests compare the two paths' logits);
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from .engine import decode_attention_rows
 from .fastpath import RESCORE_K, QuantizedHead, _rms, fast_path_supported, prepare_layers, rope_tables
+from .normkernels import norm_kernels
 from .sampling import BatchSampler, RowSampling
 
 __all__ = ["BatchDecodeStep", "one_thread_here", "pick_tokens", "single_threaded"]
@@ -52,7 +56,7 @@ class BatchDecodeStep:
     `generation.engine.SlotKVCache` has them.
     """
 
-    def __init__(self, model: torch.nn.Module, *, exact_attention: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, *, exact_attention: bool = False, native_norms: bool = True) -> None:
         why = fast_path_supported(model)
         if why is not None:
             raise ValueError(f"fast path not supported: {why}")
@@ -72,6 +76,8 @@ class BatchDecodeStep:
         self._rotary = body.rotary_emb
         self.layers = prepare_layers(model)
         self.exact_attention = exact_attention
+        self._kernels, self.norm_status = (norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim,
+                                                        self.eps) if native_norms else (None, "torch ops"))
         self.max_len = 0
         self._cos: dict = {}
         self._sin_signed: dict = {}
@@ -89,13 +95,16 @@ class BatchDecodeStep:
         self._o = torch.empty(n, d, dtype=torch.bfloat16)
         self._gu = torch.empty(n, 2 * self.intermediate, dtype=torch.bfloat16)
         self._down = torch.empty(n, d, dtype=torch.bfloat16)
+        self._h = torch.empty(n, d, dtype=torch.bfloat16)
         self._rows = n
 
     def _grow_positions(self, n: int) -> None:
         if n <= self.max_len:
             return
         n = max(n, 2 * self.max_len)
-        self._cos, _, self._sin_signed = rope_tables(self._rotary, n, self.head_dim)
+        cos, _, sin_signed = rope_tables(self._rotary, n, self.head_dim)
+        self._cos = {k: v.contiguous() for k, v in cos.items()}
+        self._sin_signed = {k: v.contiguous() for k, v in sin_signed.items()}
         self.max_len = n
 
     @torch.inference_mode()
@@ -104,7 +113,7 @@ class BatchDecodeStep:
         hidden (n, D) bf16. Writes each row's keys/values into rows 0..n-1 of `cache`; row b
         attends to its positions [0, positions[b]] (the last `window` on sliding layers)."""
         n = int(tokens.shape[0])
-        pos = positions.reshape(-1).to(torch.long)
+        pos = positions.reshape(-1).to(torch.long).contiguous()
         ends = [int(p) + 1 for p in pos.tolist()]
         self._grow_rows(n)
         self._grow_positions(max(ends))
@@ -114,21 +123,32 @@ class BatchDecodeStep:
         qkv, gu, o, down = self._qkv[:n], self._gu[:n], self._o[:n], self._down[:n]
         q_out, k_out, v_out = qkv[:, :qd], qkv[:, qd : qd + kd], qkv[:, qd + kd :]
         gate_out, up_out = gu[:, :inter], gu[:, inter:]
-        rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
+        kern = self._kernels
+        if kern is None:
+            rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
+        layers = self.layers
         with single_threaded() as few:
             many = few.many(n >= MANY_THREADS_ROWS)  # the NF4 matmuls of many rows keep every thread
-            x = F.embedding(tokens.reshape(-1), self.embed) * self.embed_scale  # (n, D)
-            for li, L in enumerate(self.layers):
-                h = _rms(x, L.in_norm, eps)
+            x = F.embedding(tokens.reshape(-1), self.embed) * self.embed_scale  # (n, D), this step's own
+            if kern is not None:
+                h = kern.rms(x, layers[0].in_norm, eps, self._h[:n])  # (n, D)
+            for li, L in enumerate(layers):
+                if kern is None:
+                    h = _rms(x, L.in_norm, eps)
                 with many:
                     L.q(h, q_out)
                     L.k(h, k_out)
                     L.v(h, v_out)
                 # q and k heads normed and rotated together: (n, H + KV, hd), each head its own norm weight
-                qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
-                qk = (F.rms_norm(qk.float(), (hd,), None, eps) * L.qk_norm).to(torch.bfloat16)
-                cos, sin = rope[L.sliding]  # (n, 1, hd)
-                qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin
+                if kern is not None:
+                    kern.qk_norm_rope(qkv, nh + nkv, hd, L.qk_norm, eps, self._cos[L.sliding],
+                                      self._sin_signed[L.sliding], pos)
+                    qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
+                else:
+                    qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
+                    qk = (F.rms_norm(qk.float(), (hd,), None, eps) * L.qk_norm).to(torch.bfloat16)
+                    cos, sin = rope[L.sliding]  # (n, 1, hd)
+                    qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin
                 keys, values = cache.update(qk[:, nh:].unsqueeze(2), v_out.view(n, nkv, 1, hd), li)  # (n, KV, S, hd)
                 window = self.window if L.sliding else None
                 if self.exact_attention:
@@ -138,16 +158,23 @@ class BatchDecodeStep:
                     attn = _packed_attention_rows(qk[:, :nh], keys, values, ends, window, self.scaling)  # (n, H, hd)
                 with many:
                     L.o(attn.view(n, qd), o)
-                x = x + _rms(o, L.post_attn_norm, eps)
-                h = _rms(x, L.pre_ff_norm, eps)
+                if kern is not None:  # x += post_attn_norm(o); h = pre_ff_norm(x)
+                    kern.add_rms(x, o, L.post_attn_norm, L.pre_ff_norm, eps, h)
+                else:
+                    x = x + _rms(o, L.post_attn_norm, eps)
+                    h = _rms(x, L.pre_ff_norm, eps)
                 with many:
                     L.gate(h, gate_out)
                     L.up(h, up_out)
                 a = F.gelu(gate_out, approximate="tanh") * up_out
                 with many:
                     L.down(a, down)
-                x = x + _rms(down, L.post_ff_norm, eps)
-        return _rms(x, self.final_norm, eps)
+                if kern is not None:  # x += post_ff_norm(down); h = the next layer's input norm (or the final norm)
+                    nxt = layers[li + 1].in_norm if li + 1 < len(layers) else self.final_norm
+                    kern.add_rms(x, down, L.post_ff_norm, nxt, eps, h)
+                else:
+                    x = x + _rms(down, L.post_ff_norm, eps)
+        return h.clone() if kern is not None else _rms(x, self.final_norm, eps)
 
 
 @functools.cache

@@ -707,7 +707,8 @@ class ChatEngine:
             self.fast_status = f"off: {type(exc).__name__}: {exc}"
             return
         self._step, self._head = step, head
-        self.fast_status = (f"on: lean batched step, int8 LM head ({head.nbytes / 2**20:.0f} MiB, "
+        self.fast_status = (f"on: lean batched step ({step.norm_status.split(' (')[0]}), "
+                            f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, "
                             f"{native_int8_status().split(' (')[0]}), ready in {time.perf_counter() - t0:.1f} s")
         log.info("chat engine fast CPU decode %s", self.fast_status)
 

@@ -206,35 +206,42 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build_native() -> Callable[..., None]:
+def build_native(name: str, source: str, extra_flags: Sequence[str] = (), needs: Sequence[str] = ()) -> ct.CDLL:
+    """Compile C `source` into a shared library once per machine (cached by source, flags, compiler
+    and CPU flags in the app's cache, folder kernels/) and load it. RuntimeError where it cannot be
+    built here (this CPU lacks one of the CPU flags `needs`, no C compiler, the compiler fails)."""
     flags = _cpu_flags()
-    missing = [f for f in _NATIVE_FLAGS if f not in flags]
+    missing = [f for f in needs if f not in flags]
     if missing:
         raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([_NATIVE_SRC, version, " ".join(sorted(flags))]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, *extra_flags, version, " ".join(sorted(flags))]).encode()).hexdigest()[:16]
     folder = _native_cache_dir()
-    so = folder / f"int8head-{key}.so"
+    so = folder / f"{name}-{key}.so"
     if not so.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
-            src = Path(tmp) / "int8head.c"
-            src.write_text(_NATIVE_SRC)
+            src = Path(tmp) / f"{name}.c"
+            src.write_text(source)
             out = Path(tmp) / so.name
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out)]
+            cmd = [cc, "-O3", "-march=native", "-fopenmp", *extra_flags, "-shared", "-fPIC", str(src), "-o", str(out)]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"compiling failed: {res.stderr.strip()[-300:]}")
             os.replace(out, so)  # atomic; a concurrent builder writes the identical file
-    lib = ct.CDLL(str(so))
+    return ct.CDLL(str(so))
+
+
+def _build_native() -> Callable[..., None]:
+    lib = build_native("int8head", _NATIVE_SRC, needs=_NATIVE_FLAGS)
     fn = lib.int8_head
     fn.restype = None
     fn.argtypes = [ct.c_int64] * 3 + [ct.c_void_p] * 4 + [ct.c_int]
     _native_state["lib"] = lib  # keep the library loaded
-    _native_state["status"] = f"native AVX512-VNNI int8 kernel ({so})"
+    _native_state["status"] = f"native AVX512-VNNI int8 kernel ({lib._name})"
     return fn
 
 

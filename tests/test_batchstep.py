@@ -124,6 +124,31 @@ def test_step_equals_the_model_path_bit_for_bit(lm4, model, slow, step, packed, 
         assert min(lens[:2]) > 512  # the local layers' window really moved
 
 
+@pytest.mark.parametrize("n", [1, 3, 30])
+def test_native_norm_kernels_change_no_bit(lm4, model, slow, packed, n):
+    """The default step (RMSNorms, residual adds, q/k norms and RoPE in the native kernels, where
+    they build here) and the same step on torch's ops: the same hidden states and keys/values."""
+    plain = BatchDecodeStep(model, native_norms=False)
+    assert plain.norm_status == "torch ops"
+    if packed._kernels is None:
+        pytest.skip(packed.norm_status)
+    assert packed.norm_status.startswith("native")
+    ids = [build_prompt(lm4.tokenizer, PROMPTS[i % len(PROMPTS)]).input_ids[0] for i in range(n)]
+    ref, lens, nxt = _prefilled(slow, ids)
+    other = _copy(ref, lens)
+    for _ in range(3):
+        for c in (ref, other):
+            c.ensure(max(lens) + 1)
+        tokens, pos = torch.tensor(nxt), torch.tensor(lens)
+        with torch.inference_mode():
+            a, b = packed(tokens, pos, ref), plain(tokens, pos, other)
+            nxt = F.linear(a, model.get_output_embeddings().weight).argmax(-1).tolist()
+        assert torch.equal(a, b)
+        for layer in range(ref.n_layers):
+            assert torch.equal(ref.keys[layer][:n], other.keys[layer][:n])
+        lens = [x + 1 for x in lens]
+
+
 @pytest.fixture(scope="module")
 def hidden(lm4, model):
     """Final hidden states (40, D) bf16 of real text, one row per position."""
