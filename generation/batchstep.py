@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .engine import decode_attention_rows
 from .fastpath import RESCORE_K, QuantizedHead, _rms, fast_path_supported, prepare_layers, rope_tables
 from .normkernels import norm_kernels
-from .sampling import BatchSampler, RowSampling
+from .sampling import BatchSampler, RowSampling, top_candidates
 
 __all__ = ["BatchDecodeStep", "one_thread_here", "pick_tokens", "single_threaded"]
 
@@ -282,13 +282,16 @@ def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSam
     penalty, which reorders tokens, the row's exact bf16 logits go through the sampler instead.
     Sampled rows: int8 logits with the RESCORE_K largest replaced by exact ones, then `sampler`
     (each row's own parameters and generator). Every row's numbers come from its own hidden state
-    only (torch.topk treats each row of a batch alone), so a reply does not depend on the batch.
+    only (the candidate search treats each row of a batch alone), so a reply does not depend on
+    the batch.
     out: an (n, V) fp32 buffer to reuse.
     """
     n = hidden.shape[0]
     logits = head.logits(hidden, out=out)  # (n, V) fp32
-    top = torch.topk(logits, RESCORE_K, dim=-1)  # (n, k): one call for all rows, ~2x faster than n calls
-    kth = top.values[:, -1].tolist()
+    # (n, k) descending: the block-maxima search reads the logits once (1 row 0.06 ms, 30 rows 1.3,
+    # against torch.topk's 0.43 and 4.9 in the engine's main thread)
+    top_values, top_ids = top_candidates(logits, RESCORE_K)
+    kth = top_values[:, -1].tolist()
     tokens = [0] * n
     rest, penalised = [], []
     with single_threaded():  # one small matmul per row: a parallel region would cost more than it
@@ -296,11 +299,11 @@ def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSam
             p = r.params
             h = hidden[i : i + 1]
             if p.greedy and p.repetition_penalty == 1.0:
-                tokens[i] = head.greedy_token(h, logits[i], top=(top.indices[i], kth[i]))[0]
+                tokens[i] = head.greedy_token(h, logits[i], top=(top_ids[i], kth[i]))[0]
             elif p.greedy:
                 penalised.append(i)
             else:
-                head.make_exact(logits[i], h, top.indices[i])
+                head.make_exact(logits[i], h, top_ids[i])
                 rest.append(i)
     for i in penalised:  # the whole bf16 row (~20 ms), as the model's head computes it
         logits[i].copy_(F.linear(hidden[i : i + 1], head.exact)[0])
