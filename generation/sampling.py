@@ -331,9 +331,11 @@ class BatchSampler:
             buf.copy_(logits)
         else:
             tcol = torch.tensor(temps, dtype=torch.float32, device=logits.device).unsqueeze(1)
-            # == logits.float() / T bit for bit; two plain passes beat one mixed-dtype div(out=) 2x
-            buf.copy_(logits)
-            buf.div_(tcol)
+            if logits.dtype == torch.float32:  # one pass (30 rows: 1.3 instead of 1.7 ms)
+                torch.div(logits, tcol, out=buf)
+            else:  # == logits.float() / T bit for bit; two plain passes beat one mixed-dtype div(out=) 2x
+                buf.copy_(logits)
+                buf.div_(tcol)
         for i, r in enumerate(rows):
             ids = r.token_ids
             if ids is None or ids.numel() == 0:
