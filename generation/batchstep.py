@@ -140,12 +140,11 @@ class BatchDecodeStep:
                     L.k(h, k_out)
                     L.v(h, v_out)
                 # q and k heads normed and rotated together: (n, H + KV, hd), each head its own norm weight
-                if kern is not None:
+                qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
+                if kern is not None:  # in place, in qkv
                     kern.qk_norm_rope(qkv, nh + nkv, hd, L.qk_norm, eps, self._cos[L.sliding],
                                       self._sin_signed[L.sliding], pos)
-                    qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
                 else:
-                    qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
                     qk = (F.rms_norm(qk.float(), (hd,), None, eps) * L.qk_norm).to(torch.bfloat16)
                     cos, sin = rope[L.sliding]  # (n, 1, hd)
                     qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin
