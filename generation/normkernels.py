@@ -32,13 +32,13 @@ import torch.nn.functional as F
 
 _SRC = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
 #define LANES 8
 #define ILP 4
 #define LEVELS 4
-#define MAXD 8192
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {
@@ -89,9 +89,9 @@ static float row_sum(const float *x, int64_t d) {
     return f;
 }
 
-/* y = (xf * r) * w in fp32, r = 1 / sqrt(mean(xf^2) + eps): F.rms_norm(x.float(), (d,), w, eps) */
-static void rms_f32(const float *xf, int64_t d, const float *w, float eps, float *y) {
-    float sq[MAXD];
+/* y = (xf * r) * w in fp32, r = 1 / sqrt(mean(xf^2) + eps): F.rms_norm(x.float(), (d,), w, eps);
+   sq: d floats of scratch */
+static void rms_f32(const float *xf, int64_t d, const float *w, float eps, float *y, float *sq) {
     for (int64_t j = 0; j < d; j++) sq[j] = xf[j] * xf[j];
     const float mean = row_sum(sq, d) / (float)d;
     const float r = 1.0f / sqrtf(mean + eps);
@@ -99,39 +99,46 @@ static void rms_f32(const float *xf, int64_t d, const float *w, float eps, float
 }
 
 /* out[b] = bf16(rms(x[b]) * w) for n rows of d (row strides in elements) */
-void rms_rows(int64_t n, int64_t d, const uint16_t *x, int64_t xs, const float *w, float eps,
+int rms_rows(int64_t n, int64_t d, const uint16_t *x, int64_t xs, const float *w, float eps,
               uint16_t *out, int64_t os) {
-    float xf[MAXD], y[MAXD];
+    float *xf = malloc(3 * d * sizeof(float)), *y = xf + d, *sq = y + d;  /* heap: any thread's stack */
+    if (!xf) return -1;
     for (int64_t b = 0; b < n; b++) {
         for (int64_t j = 0; j < d; j++) xf[j] = bf2f(x[b * xs + j]);
-        rms_f32(xf, d, w, eps, y);
+        rms_f32(xf, d, w, eps, y, sq);
         for (int64_t j = 0; j < d; j++) out[b * os + j] = f2bf(y[j]);
     }
+    free(xf);
+    return 0;
 }
 
 /* x[b] = bf16(x[b] + bf16(rms(o[b]) * w1)); h[b] = bf16(rms(x[b]) * w2); x, h: (n, d) contiguous */
-void add_rms_rows(int64_t n, int64_t d, uint16_t *x, const uint16_t *o, int64_t ostride, const float *w1,
+int add_rms_rows(int64_t n, int64_t d, uint16_t *x, const uint16_t *o, int64_t ostride, const float *w1,
                   const float *w2, float eps, uint16_t *h) {
-    float xf[MAXD], y[MAXD];
+    float *xf = malloc(3 * d * sizeof(float)), *y = xf + d, *sq = y + d;
+    if (!xf) return -1;
     for (int64_t b = 0; b < n; b++) {
         for (int64_t j = 0; j < d; j++) xf[j] = bf2f(o[b * ostride + j]);
-        rms_f32(xf, d, w1, eps, y);
+        rms_f32(xf, d, w1, eps, y, sq);
         for (int64_t j = 0; j < d; j++) {
             const uint16_t v = f2bf(bf2f(x[b * d + j]) + bf2f(f2bf(y[j])));
             x[b * d + j] = v;
             xf[j] = bf2f(v);
         }
-        rms_f32(xf, d, w2, eps, y);
+        rms_f32(xf, d, w2, eps, y, sq);
         for (int64_t j = 0; j < d; j++) h[b * d + j] = f2bf(y[j]);
     }
+    free(xf);
+    return 0;
 }
 
 /* In place, row b's `heads` heads of hd at qk + b * qs: y = bf16(rms(head) * w[head]) (no weight
    inside the norm, w after it, as transformers' Gemma3RMSNorm over q/k), then RoPE at position
    pos[b]: bf16(bf16(y * cos) + bf16(roll(y, hd / 2) * sin_signed)), cos/sin rows of (len, hd). */
-void qk_norm_rope(int64_t n, int64_t heads, int64_t hd, uint16_t *qk, int64_t qs, const float *w, float eps,
+int qk_norm_rope(int64_t n, int64_t heads, int64_t hd, uint16_t *qk, int64_t qs, const float *w, float eps,
                   const uint16_t *cos, const uint16_t *sin, const int64_t *pos) {
-    float xf[MAXD], y[MAXD], ones[MAXD];
+    float *xf = malloc(4 * hd * sizeof(float)), *y = xf + hd, *ones = y + hd, *sq = ones + hd;
+    if (!xf) return -1;
     for (int64_t j = 0; j < hd; j++) ones[j] = 1.0f;
     const int64_t half = hd / 2;
     for (int64_t b = 0; b < n; b++) {
@@ -140,7 +147,7 @@ void qk_norm_rope(int64_t n, int64_t heads, int64_t hd, uint16_t *qk, int64_t qs
             uint16_t *p = qk + b * qs + hh * hd;
             const float *wh = w + hh * hd;
             for (int64_t j = 0; j < hd; j++) xf[j] = bf2f(p[j]);
-            rms_f32(xf, hd, ones, eps, y);  /* * 1.0f is exact: the norm without weight */
+            rms_f32(xf, hd, ones, eps, y, sq);  /* * 1.0f is exact: the norm without weight */
             for (int64_t j = 0; j < hd; j++) xf[j] = bf2f(f2bf(y[j] * wh[j]));
             for (int64_t j = 0; j < hd; j++) {
                 const float a = bf2f(f2bf(xf[j] * bf2f(c[j])));
@@ -149,10 +156,11 @@ void qk_norm_rope(int64_t n, int64_t heads, int64_t hd, uint16_t *qk, int64_t qs
             }
         }
     }
+    free(xf);
+    return 0;
 }
 """
 
-_MAX_D = 8192
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -168,7 +176,8 @@ class NormKernels:
         """out (n, d) bf16 = bf16(F.rms_norm(x.float(), (d,), w, eps)); x (n, d) bf16 with
         contiguous rows (any row stride), w (d,) fp32."""
         n, d = x.shape
-        self.lib.rms_rows(n, d, x.data_ptr(), x.stride(0), w.data_ptr(), eps, out.data_ptr(), out.stride(0))
+        if self.lib.rms_rows(n, d, x.data_ptr(), x.stride(0), w.data_ptr(), eps, out.data_ptr(), out.stride(0)):
+            raise MemoryError("rms_rows: no memory for its scratch row")
         return out
 
     def add_rms(self, x: torch.Tensor, o: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
@@ -176,8 +185,9 @@ class NormKernels:
         """In place: x += rms(o) * w1 (bf16, as `x + _rms(o, w1)`), then h = rms(x) * w2.
         x, h (n, d) contiguous bf16; o (n, d) bf16 rows (any row stride); w1, w2 (d,) fp32."""
         n, d = x.shape
-        self.lib.add_rms_rows(n, d, x.data_ptr(), o.data_ptr(), o.stride(0), w1.data_ptr(), w2.data_ptr(), eps,
-                              h.data_ptr())
+        if self.lib.add_rms_rows(n, d, x.data_ptr(), o.data_ptr(), o.stride(0), w1.data_ptr(), w2.data_ptr(), eps,
+                                 h.data_ptr()):
+            raise MemoryError("add_rms_rows: no memory for its scratch rows")
 
     def qk_norm_rope(self, qk: torch.Tensor, heads: int, hd: int, w: torch.Tensor, eps: float,
                      cos: torch.Tensor, sin_signed: torch.Tensor, pos: torch.Tensor) -> None:
@@ -185,8 +195,9 @@ class NormKernels:
         normed (F.rms_norm without weight, times w (heads, hd) fp32, to bf16), then rotated at
         position pos[b] ((n,) int64) with the (len, hd) bf16 tables cos and signed sin."""
         n = qk.shape[0]
-        self.lib.qk_norm_rope(n, heads, hd, qk.data_ptr(), qk.stride(0), w.data_ptr(), eps, cos.data_ptr(),
-                              sin_signed.data_ptr(), pos.data_ptr())
+        if self.lib.qk_norm_rope(n, heads, hd, qk.data_ptr(), qk.stride(0), w.data_ptr(), eps, cos.data_ptr(),
+                                 sin_signed.data_ptr(), pos.data_ptr()):
+            raise MemoryError("qk_norm_rope: no memory for its scratch rows")
 
 
 def _load() -> NormKernels:
@@ -198,7 +209,7 @@ def _load() -> NormKernels:
                        ("add_rms_rows", [i64, i64, ptr, ptr, i64, ptr, ptr, f32, ptr]),
                        ("qk_norm_rope", [i64, i64, i64, ptr, i64, ptr, f32, ptr, ptr, ptr])):
         fn = getattr(lib, name)
-        fn.restype = None
+        fn.restype = ct.c_int  # -1: out of memory for its scratch rows
         fn.argtypes = args
     return NormKernels(lib)
 
@@ -258,8 +269,6 @@ def norm_kernels(d: int, heads: int, hd: int, eps: float) -> tuple[NormKernels |
 
     if not _native_enabled():
         return None, "torch ops (native kernels off: ATTN_LAB_NATIVE=0)"
-    if max(d, hd) > _MAX_D:
-        return None, f"torch ops (sizes above {_MAX_D})"
     with _lock:
         if "kernels" not in _state:
             try:
