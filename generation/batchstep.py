@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from .engine import decode_attention_rows
-from .fastpath import RESCORE_K, QuantizedHead, _rms, fast_path_supported, prepare_layers, rope_tables
+from .fastpath import (
+    RESCORE_K,
+    FusedNF4Linear,
+    QuantizedHead,
+    _rms,
+    fast_path_supported,
+    prepare_layers,
+    rope_tables,
+)
 from .normkernels import norm_kernels
 from .sampling import BatchSampler, RowSampling, top_candidates
 
@@ -75,6 +83,11 @@ class BatchDecodeStep:
         self.final_norm = 1.0 + body.norm.weight.detach().float()
         self._rotary = body.rotary_emb
         self.layers = prepare_layers(model)
+        # q|k|v and gate|up of each layer as one NF4 call each, straight into the activation
+        # buffers laid out the same way (1 row: ~0.3 ms a step less; copies of their codes,
+        # `fused_bytes`, 33 MiB for the 270M model)
+        self._fused = [(FusedNF4Linear(L.q, L.k, L.v), FusedNF4Linear(L.gate, L.up)) for L in self.layers]
+        self.fused_bytes = sum(a.nbytes + b.nbytes for a, b in self._fused)
         self.exact_attention = exact_attention
         self._kernels, self.norm_status = (norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim,
                                                         self.eps) if native_norms else (None, "torch ops"))
@@ -121,7 +134,7 @@ class BatchDecodeStep:
         eps, nh, nkv, hd = self.eps, self.n_heads, self.n_kv, self.head_dim
         qd, kd, inter = nh * hd, nkv * hd, self.intermediate
         qkv, gu, o, down = self._qkv[:n], self._gu[:n], self._o[:n], self._down[:n]
-        q_out, k_out, v_out = qkv[:, :qd], qkv[:, qd : qd + kd], qkv[:, qd + kd :]
+        v_out = qkv[:, qd + kd :]  # q | k | v side by side, as the fused projection writes them
         gate_out, up_out = gu[:, :inter], gu[:, inter:]
         kern = self._kernels
         if kern is None:
@@ -132,13 +145,11 @@ class BatchDecodeStep:
             x = F.embedding(tokens.reshape(-1), self.embed) * self.embed_scale  # (n, D), this step's own
             if kern is not None:
                 h = kern.rms(x, layers[0].in_norm, eps, self._h[:n])  # (n, D)
-            for li, L in enumerate(layers):
+            for li, (L, (qkv_proj, gate_up_proj)) in enumerate(zip(layers, self._fused)):
                 if kern is None:
                     h = _rms(x, L.in_norm, eps)
                 with many:
-                    L.q(h, q_out)
-                    L.k(h, k_out)
-                    L.v(h, v_out)
+                    qkv_proj(h, qkv)  # (n, H*hd | KV*hd | KV*hd)
                 # q and k heads normed and rotated together: (n, H + KV, hd), each head its own norm weight
                 qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
                 if kern is not None:  # in place, in qkv
@@ -163,8 +174,7 @@ class BatchDecodeStep:
                     x = x + _rms(o, L.post_attn_norm, eps)
                     h = _rms(x, L.pre_ff_norm, eps)
                 with many:
-                    L.gate(h, gate_out)
-                    L.up(h, up_out)
+                    gate_up_proj(h, gu)  # (n, I | I)
                 a = F.gelu(gate_out, approximate="tanh") * up_out
                 with many:
                     L.down(a, down)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "RESCORE_K",
     "FastDecoder",
+    "FusedNF4Linear",
     "NF4Linear",
     "QuantizedHead",
     "QuantizedLMHead",
@@ -601,6 +602,32 @@ class NF4Linear:
         self._fn(m, self.n, self.k, x.data_ptr(), self._wptr, self._aptr, out.data_ptr(),
                  self.blocksize, x.stride(0), out.stride(0))
         return out
+
+
+class FusedNF4Linear(NF4Linear):
+    """Several NF4Linear layers of one input as one kernel call (q|k|v, gate|up): their packed
+    codes stacked and their absmax side by side in a copy of their own (the layers' bytes are
+    untouched), outputs in the order of the parts. Bit-equal to calling the parts one by one (each
+    output is the same dot product over the same bytes; the tests check it); one call instead of
+    three at one row saves ~12 us of q|k|v's ~29 here."""
+
+    def __init__(self, *parts: NF4Linear) -> None:
+        if not parts or any(p.k != parts[0].k or p.blocksize != parts[0].blocksize for p in parts):
+            raise ValueError("fused NF4 layers need the same input size and block size")
+        self.layer = None
+        self.k, self.blocksize = parts[0].k, parts[0].blocksize
+        self.n = sum(p.n for p in parts)
+        self._w = torch.cat([p._w for p in parts]).contiguous()  # (N, K/2) uint8
+        self._absmax = torch.cat([p._absmax for p in parts], dim=1).contiguous()  # (K/blocksize, N) bf16
+        self._wptr, self._aptr = self._w.data_ptr(), self._absmax.data_ptr()
+        self._fn = parts[0]._fn
+
+    def still_valid(self) -> bool:
+        return True  # a copy of its own
+
+    @property
+    def nbytes(self) -> int:
+        return self._w.numel() * self._w.element_size() + self._absmax.numel() * self._absmax.element_size()
 
 
 def _fast_linear4bit_class():

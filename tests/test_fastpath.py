@@ -338,3 +338,19 @@ def test_the_loaded_model_calls_the_nf4_kernel_directly_and_copies_stay_plain(lm
     x = torch.randn(3, layers[0].in_features).to(torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(twin(x), layers[0](x))
+
+
+@pytest.mark.parametrize("m", [1, 3, 30])
+def test_fused_nf4_projections_equal_the_separate_calls(fast_model, m):
+    """q|k|v and gate|up as one NF4 kernel call each: the same bits as the three (two) calls."""
+    from generation.fastpath import FusedNF4Linear, prepare_layers
+
+    layer = prepare_layers(fast_model)[3]
+    g = torch.Generator().manual_seed(m)
+    for parts in ((layer.q, layer.k, layer.v), (layer.gate, layer.up)):
+        fused = FusedNF4Linear(*parts)
+        x = torch.randn(m, fused.k, generator=g).bfloat16()
+        want = torch.cat([p(x) for p in parts], dim=1)
+        out = torch.full((m, fused.n), float("nan"), dtype=torch.bfloat16)
+        assert torch.equal(fused(x, out), want)
+        assert parts[0].still_valid()  # the layers' own bytes are untouched
