@@ -76,20 +76,22 @@ _NATIVE_SRC = r"""
 #define NB 16       /* vocabulary rows per tile: one int32 lane each */
 #define PF 4096     /* prefetch distance, bytes */
 
-/* x (M, K) fp32 -> two signed int8 levels: x ~= s1 * q1 + s2 * q2, s2 = s1 / 254; qsum = their sums. */
-static void split_rows(int64_t M, int64_t K, const float *x, int8_t *xq, float *xs, int32_t *qsum) {
+/* x (M, K) fp32 -> two signed int8 levels: x ~= s1 * q1 + s2 * q2, s2 = s1 / 254; qsum = their sums.
+   The levels go straight into the kernel's read order xp (K/4, M, 2, 4): for each group of 4
+   columns, every row's 4 level-1 bytes then its 4 level-2 bytes. */
+static void split_rows(int64_t M, int64_t K, const float *x, int8_t *xp, float *xs, int32_t *qsum) {
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float amax = 0.f;
         for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
         float s1 = amax > 0.f ? amax / 127.f : 1.f, s2 = s1 / 254.f;
-        int8_t *q1 = xq + m * 2 * K, *q2 = q1 + K;
         int32_t c1 = 0, c2 = 0;
         for (int64_t k = 0; k < K; k++) {
             float a = fminf(fmaxf(nearbyintf(xr[k] / s1), -127.f), 127.f);
             float b = fminf(fmaxf(nearbyintf((xr[k] - a * s1) / s2), -127.f), 127.f);
-            q1[k] = (int8_t)a;
-            q2[k] = (int8_t)b;
+            int8_t *q = xp + ((k / 4) * M + m) * 8 + k % 4;
+            q[0] = (int8_t)a;
+            q[4] = (int8_t)b;
             c1 += (int32_t)a;
             c2 += (int32_t)b;
         }
@@ -144,20 +146,14 @@ TILE_ROWS_FN(6)
 /* out[m*N + n] = wscale[n] * sum_k xhat[m, k] * w[n, k]
    w: int8 tiles (N/16, K/4, 16, 4); N % 16 == 0, K % 4 == 0, K <= 1024 (so that the int32 sums
    above stay exact in float). */
-void int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *wscale,
+int int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *wscale,
                float *out, int nthreads) {
     size_t qbytes = ((size_t)(M * 2 * K) + 127) / 64 * 64;
-    int8_t *xq = (int8_t *)aligned_alloc(64, qbytes);
+    int8_t *xp = (int8_t *)aligned_alloc(64, qbytes);
     float *xs = (float *)malloc(sizeof(float) * 2 * M);
     int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * 2 * M);
-    if (!xq || !xs || !qsum) { free(xq); free(xs); free(qsum); return; }
-    split_rows(M, K, x, xq, xs, qsum);
-    int8_t *xp = (int8_t *)aligned_alloc(64, qbytes);
-    if (!xp) { free(xq); free(xs); free(qsum); return; }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t l = 0; l < 2; l++)
-            for (int64_t g = 0; g < K / 4; g++)
-                *(int32_t *)(xp + (g * M + m) * 8 + 4 * l) = *(const int32_t *)(xq + m * 2 * K + l * K + 4 * g);
+    if (!xp || !xs || !qsum) { free(xp); free(xs); free(qsum); return -1; }
+    split_rows(M, K, x, xp, xs, qsum);
     int64_t ntiles = N / NB;
     #pragma omp parallel for schedule(static, 1024) num_threads(nthreads)  /* 10 MB a chunk: long streams for the prefetchers */
     for (int64_t t = 0; t < ntiles; t++) {
@@ -175,9 +171,9 @@ void int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w,
         }
     }
     free(xp);
-    free(xq);
     free(xs);
     free(qsum);
+    return 0;
 }
 """
 _native_lock = threading.Lock()
@@ -236,10 +232,10 @@ def build_native(name: str, source: str, extra_flags: Sequence[str] = (), needs:
     return ct.CDLL(str(so))
 
 
-def _build_native() -> Callable[..., None]:
+def _build_native() -> Callable[..., int]:
     lib = build_native("int8head", _NATIVE_SRC, needs=_NATIVE_FLAGS)
     fn = lib.int8_head
-    fn.restype = None
+    fn.restype = ct.c_int  # -1: no memory for the packed activations
     fn.argtypes = [ct.c_int64] * 3 + [ct.c_void_p] * 4 + [ct.c_int]
     _native_state["lib"] = lib  # keep the library loaded
     _native_state["status"] = f"native AVX512-VNNI int8 kernel ({lib._name})"
@@ -255,7 +251,7 @@ def _native_enabled() -> bool:
         return True
 
 
-def native_int8_kernel() -> Callable[..., None] | None:
+def native_int8_kernel() -> Callable[..., int] | None:
     """The compiled int8 head kernel, or None where it cannot be built here (see native_int8_status).
 
     Built once per machine (cached by source, compiler and CPU flags; ~1 s), loaded once per process.
@@ -347,8 +343,9 @@ class QuantizedHead:
             out = torch.empty(h2.shape[0], v, dtype=torch.float32)
         elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != h2.shape[0] * v:
             raise ValueError(f"out must be a contiguous fp32 tensor of {h2.shape[0]} x {v} values")
-        fn(h2.shape[0], v, d, h2.data_ptr(), self.codes.data_ptr(), self.scale.data_ptr(), out.data_ptr(),
-           torch.get_num_threads())
+        if fn(h2.shape[0], v, d, h2.data_ptr(), self.codes.data_ptr(), self.scale.data_ptr(), out.data_ptr(),
+              torch.get_num_threads()):
+            raise MemoryError("int8_head: no memory for the packed activations")
         return out.view(*lead, v)
 
     def logits_exact_top(

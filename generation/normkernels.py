@@ -89,13 +89,13 @@ static float row_sum(const float *x, int64_t d) {
     return f;
 }
 
-/* y = (xf * r) * w in fp32, r = 1 / sqrt(mean(xf^2) + eps): F.rms_norm(x.float(), (d,), w, eps);
-   sq: d floats of scratch */
+/* y = (xf * r) * w in fp32, r = 1 / sqrt(mean(xf^2) + eps): F.rms_norm(x.float(), (d,), w, eps)
+   (w NULL: no weight, y = xf * r); sq: d floats of scratch */
 static void rms_f32(const float *xf, int64_t d, const float *w, float eps, float *y, float *sq) {
     for (int64_t j = 0; j < d; j++) sq[j] = xf[j] * xf[j];
     const float mean = row_sum(sq, d) / (float)d;
     const float r = 1.0f / sqrtf(mean + eps);
-    for (int64_t j = 0; j < d; j++) y[j] = (xf[j] * r) * w[j];
+    for (int64_t j = 0; j < d; j++) y[j] = w ? (xf[j] * r) * w[j] : xf[j] * r;
 }
 
 /* out[b] = bf16(rms(x[b]) * w) for n rows of d (row strides in elements) */
@@ -137,9 +137,8 @@ int add_rms_rows(int64_t n, int64_t d, uint16_t *x, const uint16_t *o, int64_t o
    pos[b]: bf16(bf16(y * cos) + bf16(roll(y, hd / 2) * sin_signed)), cos/sin rows of (len, hd). */
 int qk_norm_rope(int64_t n, int64_t heads, int64_t hd, uint16_t *qk, int64_t qs, const float *w, float eps,
                   const uint16_t *cos, const uint16_t *sin, const int64_t *pos) {
-    float *xf = malloc(4 * hd * sizeof(float)), *y = xf + hd, *ones = y + hd, *sq = ones + hd;
+    float *xf = malloc(3 * hd * sizeof(float)), *y = xf + hd, *sq = y + hd;
     if (!xf) return -1;
-    for (int64_t j = 0; j < hd; j++) ones[j] = 1.0f;
     const int64_t half = hd / 2;
     for (int64_t b = 0; b < n; b++) {
         const uint16_t *c = cos + pos[b] * hd, *s = sin + pos[b] * hd;
@@ -147,7 +146,7 @@ int qk_norm_rope(int64_t n, int64_t heads, int64_t hd, uint16_t *qk, int64_t qs,
             uint16_t *p = qk + b * qs + hh * hd;
             const float *wh = w + hh * hd;
             for (int64_t j = 0; j < hd; j++) xf[j] = bf2f(p[j]);
-            rms_f32(xf, hd, ones, eps, y, sq);  /* * 1.0f is exact: the norm without weight */
+            rms_f32(xf, hd, NULL, eps, y, sq);  /* the norm without weight; w[head] after it */
             for (int64_t j = 0; j < hd; j++) xf[j] = bf2f(f2bf(y[j] * wh[j]));
             for (int64_t j = 0; j < hd; j++) {
                 const float a = bf2f(f2bf(xf[j] * bf2f(c[j])));
