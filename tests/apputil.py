@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -215,20 +216,30 @@ def user_texts(page) -> list[str]:
     return page.locator("#chatbot [data-testid='user']").all_inner_texts()
 
 
-def send_chat(page, message: str) -> None:
+def replies_done(page) -> int:
+    """This page's finished chat replies, as the status line numbers them ("last reply (#3)"); 0
+    before the first. The number changes with a reply's last update, the end signal to wait for
+    (a streamed reply arrives in pieces, and the text may pause between them on a busy machine)."""
+    match = re.search(r"last reply \(#(\d+)\)", page.locator("#status-line").inner_text())
+    return int(match.group(1)) if match else 0
+
+
+def send_chat(page, message: str) -> int:
+    """Type `message` in the chat tab and press Enter; the finished replies before it (for wait_reply_done)."""
     page.get_by_role("tab", name="4-bit Chat").click()
+    before = replies_done(page)
     page.fill("#chat-input textarea", message)
     page.press("#chat-input textarea", "Enter")
+    return before
 
 
-def wait_reply_done(page, n_bot: int, timeout_s: float = 180) -> str:
-    """Wait until the chat shows `n_bot` assistant messages and generation is over; return the last."""
+def wait_reply_done(page, after: int, timeout_s: float = 180, replies: int = 1) -> str:
+    """Wait until `replies` more replies have finished than the `after` that send_chat (or
+    replies_done) returned before they were asked for; the last assistant message."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        texts = bot_texts(page)
-        # The chatbot's status tracker loses its "hide" class while an event writes to it.
-        busy = page.locator("#chatbot [data-testid='status-tracker']:not(.hide)")
-        if len(texts) >= n_bot and texts[-1].strip() and busy.count() == 0:
-            return texts[-1]
+        if replies_done(page) >= after + replies:
+            return bot_texts(page)[-1]
         time.sleep(0.1)
-    raise AssertionError(f"no finished reply #{n_bot} within {timeout_s} s; bot messages: {bot_texts(page)}")
+    raise AssertionError(f"reply #{after + replies} did not finish within {timeout_s} s; "
+                         f"bot messages: {bot_texts(page)}")

@@ -1,6 +1,12 @@
-"""Shared fixtures: the real default model (loaded once per session) and a tiny chat-template model.
+"""Shared fixtures: the real default model (loaded once per session), a tiny chat-template model,
+the running app with its `client` and browser `page`; and the markers that say what a test needs.
 
 Everything runs offline: HF_HUB_OFFLINE is forced on, so nothing tries to reach a model hub.
+
+Markers: a test that uses the real model or the real app (through the fixtures below) is marked
+`slow`, one that drives chromium `browser`, here from its fixtures, so no test can forget its
+marker; tests that start their own app or load the model themselves carry the marker explicitly.
+`python -m pytest -m "not slow and not browser"` is the contributors' fast loop.
 """
 
 from __future__ import annotations
@@ -13,6 +19,36 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from apputil import app_page, app_server, browser  # noqa: E402,F401  (fixtures, shared by every module)
+
+# Fixtures that load the real default model or start the real app / a real browser.
+SLOW_FIXTURES = frozenset({"lm4", "lm_full", "fast_model", "int8_head", "app_server", "remote_app"})
+BROWSER_FIXTURES = frozenset({"browser"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if needs & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if needs & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def client(app_server):  # noqa: F811
+    """A gradio_client on the session's app (the real default model loaded)."""
+    from gradio_client import Client
+
+    return Client(app_server.url, verbose=False)
+
+
+@pytest.fixture
+def page(browser, app_server):  # noqa: F811
+    """A fresh browser session on the app, once the model is loaded (the status line says 4-bit)."""
+    with app_page(browser, app_server.url,
+                  "document.querySelector('#status-line').innerText.includes('4-bit: on')") as pg:
+        yield pg
 
 # ChatML, as Qwen2.5-Instruct's template renders it (system message supported).
 TINY_CHAT_TEMPLATE = (

@@ -15,18 +15,13 @@ import sys
 import time
 
 import pytest
-from apputil import REPO, app_server, start_app  # noqa: F401  (app_server is a fixture)
+from apputil import REPO, start_app
 from gradio_client import Client
 from gradio_client.utils import Status
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def client(app_server):  # noqa: F811
-    return Client(app_server.url, verbose=False)
 
 
 def _png(payload: dict) -> Image.Image:

@@ -155,10 +155,8 @@ def test_the_chat_tab_with_the_remote_backend_in_a_browser(remote_app):
             page.locator("#temperature input[type=number]").press("Tab")
             page.locator("#max-new input[type=number]").fill("16")
             page.locator("#max-new input[type=number]").press("Tab")
-            send_chat(page, QUESTION)
-            reply = wait_reply_done(page, 1, timeout_s=180)
-            assert reply.strip()
-            wait_for(lambda: "last reply" in page.locator("#status-line").inner_text(), 20, "the reply's stats")
+            reply = wait_reply_done(page, send_chat(page, QUESTION), timeout_s=180)
+            assert reply.strip() and "last reply (#1)" in page.locator("#status-line").inner_text()
             assert SECRET not in page.content()
         finally:
             browser.close()

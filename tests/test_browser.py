@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import app_page, app_server, bot_texts, browser, open_app, send_chat, set_number  # noqa: F401
-from apputil import user_texts, wait_changed, wait_reply_done
+from apputil import bot_texts, open_app, send_chat, set_number
+from apputil import replies_done, user_texts, wait_changed, wait_reply_done
 
 pytest.importorskip("playwright.sync_api")
 
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.timeout(600)
 # A seeded, hot sampling setting under which the base model rambles on (no "User:" turn) well past
 # 100 tokens: a reply long enough to be stopped in the middle.
 LONG_PROMPT = "Tell me a long story about a dragon who learns to fly."
-
-
-@pytest.fixture
-def page(browser, app_server):  # noqa: F811
-    with app_page(browser, app_server.url) as pg:
-        yield pg
 
 
 def trace_column(pg, col: int) -> list[str]:
@@ -95,24 +89,22 @@ def test_typed_message_gets_a_streamed_reply(page):
     set_number(page, "temperature", 1.3)
     set_number(page, "top-p", 1.0)
     page.locator("#chat-seed input").fill("2")  # seeded: a reply that runs the full 40 tokens
-    send_chat(page, LONG_PROMPT)
+    before = send_chat(page, LONG_PROMPT)
     seen: list[str] = []
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and replies_done(page) == before:
         texts = bot_texts(page)
         if texts and (not seen or texts[-1] != seen[-1]):
             seen.append(texts[-1])
-        if texts and page.locator("#chatbot [data-testid='status-tracker']:not(.hide)").count() == 0:
-            break
         time.sleep(0.03)
-    final = wait_reply_done(page, 1)
+    final = wait_reply_done(page, before)
     assert user_texts(page) == [LONG_PROMPT]
     assert final.strip()
     assert page.locator("#chat-input textarea").input_value() == ""
     # the tokenization preview shows what was just sent, as the model's tokenizer cut it
     preview = page.locator("#token-preview").inner_text()
     assert "Just sent" in preview and "dragon" in preview
-    assert "last reply" in page.locator("#status-line").inner_text()
+    assert "last reply (#1)" in page.locator("#status-line").inner_text()
     assert len(final) > 80
     growing = [s for s in seen if s.strip()]
     assert len(growing) >= 3, growing  # it arrived in pieces, each extending the last
@@ -140,12 +132,11 @@ def test_send_while_a_reply_streams_is_refused_and_keeps_the_text(page):
     assert user_texts(page) == [LONG_PROMPT], "a second user turn slipped into a streaming reply"
     assert page.locator("#chat-input textarea").input_value() == "Second question"
     page.click("#stop-btn")
-    page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='status-tracker']:not(.hide)\")"
-                           ".length === 0", timeout=30_000)
-    # after Stop the kept text can be sent and gets its own reply
+    # after Stop the kept text can be sent and gets its own reply (a stopped reply is not counted)
     set_number(page, "max-new", 8)
+    before = replies_done(page)
     page.click("#send-btn")
-    wait_reply_done(page, 2, timeout_s=120)
+    wait_reply_done(page, before, timeout_s=120)
     assert user_texts(page) == [LONG_PROMPT, "Second question"] and len(bot_texts(page)) == 2
 
 
@@ -154,23 +145,20 @@ def test_inspect_text_follows_the_chat_unless_the_user_typed(page):
     assert inspect_box.input_value() == "The cat sat on the mat because it was tired."
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 8)
-    send_chat(page, "What is the capital of France?")
-    reply = wait_reply_done(page, 1)
+    reply = wait_reply_done(page, send_chat(page, "What is the capital of France?"))
     page.wait_for_function("document.querySelector('#inspect-text textarea').value.startsWith('What is')",
                            timeout=30_000)
     filled = inspect_box.input_value()  # the untouched default went: question, then the (raw) reply
     assert filled.startswith("What is the capital of France?\n") and len(filled) > 31 and reply.strip()
     # the next exchange replaces the one filled in automatically
-    send_chat(page, "Hello!")
-    wait_reply_done(page, 2)
+    wait_reply_done(page, send_chat(page, "Hello!"))
     page.wait_for_function("document.querySelector('#inspect-text textarea').value.startsWith('Hello!')",
                            timeout=30_000)
     # text the user typed is never overwritten
     page.get_by_role("tab", name="Attention Lab").click()
     inspect_box.fill("My own sentence.")
     page.get_by_role("tab", name="4-bit Chat").click()
-    send_chat(page, "Write a haiku about transformers.")
-    wait_reply_done(page, 3)
+    wait_reply_done(page, send_chat(page, "Write a haiku about transformers."))
     time.sleep(1.5)  # the follow-up event has run (or would have)
     assert inspect_box.input_value() == "My own sentence."
 
@@ -191,8 +179,7 @@ def test_stop_halts_a_long_reply_and_the_next_message_works(page):
     assert len(stopped) < 1500  # 400 tokens would be far longer
     # the worker is free again: a new message gets its own reply
     set_number(page, "max-new", 12)
-    send_chat(page, "What is the capital of France?")
-    reply = wait_reply_done(page, 2, timeout_s=120)
+    reply = wait_reply_done(page, send_chat(page, "What is the capital of France?"), timeout_s=120)
     assert reply.strip() and reply != stopped
     assert user_texts(page)[-1] == "What is the capital of France?"
 
@@ -204,10 +191,10 @@ def test_two_pages_chatting_at_once_each_get_their_own_reply(browser, app_server
         for pg in (a, b):
             pg.get_by_role("tab", name="4-bit Chat").click()
             set_number(pg, "max-new", 24)
-        send_chat(a, "What is the capital of France?")
-        send_chat(b, "Write a haiku about transformers.")
-        reply_a = wait_reply_done(a, 1)
-        reply_b = wait_reply_done(b, 1)
+        before_a = send_chat(a, "What is the capital of France?")
+        before_b = send_chat(b, "Write a haiku about transformers.")
+        reply_a = wait_reply_done(a, before_a)
+        reply_b = wait_reply_done(b, before_b)
         assert user_texts(a) == ["What is the capital of France?"]
         assert user_texts(b) == ["Write a haiku about transformers."]
         assert len(bot_texts(a)) == 1 and len(bot_texts(b)) == 1
@@ -223,13 +210,12 @@ def test_empty_message_warns_and_clear_empties_the_chat(page):
     page.get_by_text("Type a message first").first.wait_for(timeout=30_000)
     assert bot_texts(page) == [] and user_texts(page) == []
     set_number(page, "max-new", 8)
-    send_chat(page, "Hello!")
-    wait_reply_done(page, 1)
+    wait_reply_done(page, send_chat(page, "Hello!"))
     page.click("#undo-btn")
     page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='user']\").length === 0")
     assert page.locator("#chat-input textarea").input_value() == "Hello!"  # back in the box
     page.press("#chat-input textarea", "Enter")
-    wait_reply_done(page, 1)
+    wait_reply_done(page, 1)  # the second reply of this page (the first was undone)
     page.click("#clear-btn")
     page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0")
 

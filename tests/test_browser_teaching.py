@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from apputil import app_page, app_server, browser, open_app, send_chat, set_number, wait_changed  # noqa: F401
+from apputil import open_app, send_chat, set_number, wait_changed
 from apputil import wait_reply_done
 
 pytest.importorskip("playwright.sync_api")
@@ -16,12 +16,6 @@ pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.timeout(600)
 
 DEFAULT_LAYER_KINDS = ["global" if i % 6 == 5 else "sliding" for i in range(18)]  # Gemma 3 270m
-
-
-@pytest.fixture
-def page(browser, app_server):  # noqa: F811
-    with app_page(browser, app_server.url, "document.querySelector('#status-line').innerText.includes('4-bit: on')") as pg:
-        yield pg
 
 
 def open_panel(pg, accordion: str) -> None:
@@ -147,8 +141,7 @@ def test_reply_tokens_show_what_they_looked_at(page):
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 16)
     set_number(page, "temperature", 0)
-    send_chat(page, "What is the capital of France?")
-    reply = wait_reply_done(page, 1)
+    reply = wait_reply_done(page, send_chat(page, "What is the capital of France?"))
     assert "Paris" in reply
     page.get_by_role("tab", name="Attention Lab").click()
     open_panel(page, "writing-accordion")
@@ -184,8 +177,7 @@ def test_reply_tokens_show_what_they_looked_at(page):
     # Having read one reply, the next one is read as soon as it is written.
     first_tokens = page.locator("#writing-reply").inner_text()
     page.get_by_role("tab", name="4-bit Chat").click()
-    send_chat(page, "Write a haiku about transformers.")
-    wait_reply_done(page, 2)
+    wait_reply_done(page, send_chat(page, "Write a haiku about transformers."))
     page.get_by_role("tab", name="Attention Lab").click()
     wait_changed(lambda: page.locator("#writing-reply").inner_text(), first_tokens)
 

@@ -130,11 +130,25 @@ def test_head_logits_of_a_row_do_not_depend_on_the_batch(head, hidden, rows):
             assert torch.equal(together[i], head.logits(hs[i : i + 1])[0])
 
 
-def test_head_top1_agrees_with_the_bf16_head_on_real_text(model, head, hidden):
+def test_head_top1_differs_from_the_bf16_heads_only_within_the_error_bound(model, head, hidden):
+    """Where the int8 head's top token is not the bf16 head's, the two were too close to tell apart.
+
+    How often they differ depends on the CPU's int8 and bf16 kernels (an agreement rate measured
+    on one CPU is no bound); what the method guarantees is that each logit is within its row's
+    error bound (`error_bound`), so the int8 choice u over the exact best b needs
+    exact[b] - exact[u] <= bound_b + bound_u, plus the bf16 rounding of both exact outputs.
+    """
     with torch.inference_mode():
-        exact = F.linear(hidden, head.exact).float().argmax(-1)
-        approx = head.logits(hidden).argmax(-1)
-    assert (exact == approx).float().mean().item() >= 0.97
+        exact = F.linear(hidden, head.exact).float()  # (T, V): bf16 outputs, as the model's head
+        approx = head.logits(hidden)  # (T, V)
+    best, chosen = exact.argmax(-1), approx.argmax(-1)  # (T,)
+    differ = torch.nonzero(best != chosen).flatten().tolist()
+    for t in differ:
+        l1, slack = head.error_bound(hidden[t : t + 1])
+        b, u = int(best[t]), int(chosen[t])
+        bound = l1 * float(head.half_step[b] + head.half_step[u]) + 2 * slack
+        rounding = 2**-8 * (abs(float(exact[t, b])) + abs(float(exact[t, u])))
+        assert float(exact[t, b] - exact[t, u]) <= bound + rounding + 1e-6, (t, b, u)
 
 
 def test_rescore_is_bit_equal_to_the_bf16_head(head, hidden):

@@ -11,7 +11,6 @@ import time
 import warnings
 
 import pytest
-from apputil import app_server  # noqa: F401  (a fixture)
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -19,11 +18,6 @@ from PIL import Image
 pytestmark = pytest.mark.timeout(600)
 
 DEFAULT_TEXT_TOKENS = ["The", "cat", "sat", "on", "the", "mat", "because", "it", "was", "tired", "."]
-
-
-@pytest.fixture(scope="module")
-def client(app_server):  # noqa: F811
-    return Client(app_server.url, verbose=False)
 
 
 def _png(payload: dict) -> Image.Image:

@@ -114,10 +114,13 @@ def token_preview_html(lm: LoadedModel | None, text: str, *, sent: bool = False,
     )
 
 
-def stats_line(stats: ReplyStats) -> str:
-    """The last reply's speed, length, time to first token and why it stopped, for the status line."""
+def stats_line(stats: ReplyStats, number: int) -> str:
+    """The last reply's speed, length, time to first token and why it stopped, for the status line.
+
+    `number` counts this session's finished replies: it tells which reply the figures are about,
+    and a browser (or a test) sees a reply end when it changes."""
     return (
-        f"last reply: **{stats.tokens_per_s:.1f} tokens/s** ({stats.new_tokens} tokens, "
+        f"last reply (#{number}): **{stats.tokens_per_s:.1f} tokens/s** ({stats.new_tokens} tokens, "
         f"first token after {stats.first_token_s:.2f} s, stopped by {stats.stopped_by})"
     )
 
@@ -341,6 +344,7 @@ class ChatHandlers:
         self,
         go: bool,
         history: list[Any],
+        replies: int,
         system: str,
         max_new_tokens: float,
         temperature: float,
@@ -350,17 +354,18 @@ class ChatHandlers:
         seed: Any,
         request: gr.Request,
     ) -> Iterator[tuple[Any, Any, Any]]:
-        """Stream the assistant's reply to the last user turn into the chatbot."""
+        """Stream the assistant's reply to the last user turn into the chatbot; `replies` counts
+        this session's finished replies (the last update carries it, one up)."""
         if not go:
             return
         key = session_key(request)
         try:
-            yield from self._bot_turn(history, system, max_new_tokens, temperature, top_p, top_k,
+            yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
                                       repetition_penalty, seed, key)
         finally:
             self.stops.done(key, self.stops.current(key))
 
-    def _bot_turn(self, history, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+    def _bot_turn(self, history, replies, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                   key: str) -> Iterator[tuple[Any, Any, Any]]:
         if not history:
             return
@@ -394,7 +399,7 @@ class ChatHandlers:
             try:
                 for text in throttled(gen, STREAM_INTERVAL_S):
                     history[reply_at:] = [{"role": "assistant", "content": text}]
-                    yield history, gr.skip(), gr.skip()
+                    yield history, gr.skip(), gr.skip(), gr.skip()
             finally:
                 gen.close()  # ends the request within one decode step
         except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the history
@@ -405,8 +410,9 @@ class ChatHandlers:
         if reply_at == len(history):
             note = "stopped before the first token" if stats.stopped_by == "stopped" else "no text generated"
             history.append({"role": "assistant", "content": f"*({note})*"})
-        user_stats = stats_line(stats)
-        yield history, self.status_markdown(user_stats), user_stats
+        number = (replies or 0) + 1
+        user_stats = stats_line(stats, number)
+        yield history, self.status_markdown(user_stats), user_stats, number
 
     def stop(self, request: gr.Request) -> None:
         """Stop button: halt this session's generation at the next token (cancels= does the rest)."""
@@ -546,6 +552,7 @@ class StatusBar:
 
     line: gr.Markdown
     user_stats: gr.State
+    replies: gr.State  # this session's finished replies (never reset: Clear keeps counting)
     timer: gr.Timer
 
 
@@ -561,7 +568,7 @@ class ChatView:
 def build_status(handlers: ChatHandlers) -> StatusBar:
     """The status line (model, 4-bit, device, weights; this user's last reply) and its timer."""
     line = gr.Markdown(handlers.status_markdown(), elem_id="status-line")
-    return StatusBar(line=line, user_stats=gr.State(""), timer=gr.Timer(1.0))
+    return StatusBar(line=line, user_stats=gr.State(""), replies=gr.State(0), timer=gr.Timer(1.0))
 
 
 def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatView:
@@ -616,7 +623,8 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
     private = PRIVATE
     lab_kw = LAB_EVENTS  # turn bookkeeping is instant: it must not wait for a chat slot
     sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat]
-    bot = dict(fn=state.bot_turn, inputs=[go, chatbot, *sampling], outputs=[chatbot, status, user_stats],
+    bot = dict(fn=state.bot_turn, inputs=[go, chatbot, bar.replies, *sampling],
+               outputs=[chatbot, status, user_stats, bar.replies],
                show_progress="minimal", concurrency_id=CHAT_GROUP,
                concurrency_limit=state.settings.chat_concurrency, **private)
     sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [msg, chatbot, tokens, go],
