@@ -18,7 +18,7 @@ from generation.introspect import FullPrecisionCache, compare_quantization, mode
 from generation.settings import Settings
 
 from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, error_text, last_exchange, pct
-from .share import Field, bool_field, int_field, query_of, read_fields, text_field, warn
+from .share import Field, bool_field, clamp_index, int_field, query_of, read_fields, text_field, warn
 from .teaching import TEACHING_FIELDS, TeachingHandlers, TeachingView, build_teaching
 
 DEFAULT_INSPECT_TEXT = "The cat sat on the mat because it was tired."
@@ -146,8 +146,14 @@ class InsideHandlers:
 
     def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
         """Page load: the layer maps' fields from a shared link (or no change), and whether the
-        link set any (then the map is drawn at once, if the model is there)."""
+        link set any (then the map is drawn at once, if the model is there). A layer or head beyond
+        the loaded model's is clamped and named in the warning (while it loads, drawing checks the layer)."""
         values, problems = read_fields(LAYER_FIELDS, query_of(request))
+        if self.model.lm is not None:
+            info = model_layers(self.model.lm)
+            values, clamped_layer = clamp_index(values, "layer", info["n_layers"], "layer")
+            values, clamped_head = clamp_index(values, "inspect_head", info["n_heads"], "head")
+            problems += clamped_layer + clamped_head
         warn(problems)
         return (*(values.get(f.name, gr.skip()) for f in LAYER_FIELDS), bool(values))
 

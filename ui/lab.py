@@ -6,17 +6,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from attention.lab import LabConfig, run_lab, valid_head_counts
+from attention.lab import LabConfig, run_lab, tokenize, valid_head_counts
 from attention.plot import figure_bytes, plot_heads, plot_steps, weights_csv
 from attention.trace import explain_head
 
 from .common import LAB_EVENTS, PRIVATE, DownloadDir, as_float, as_int
-from .share import Field, bool_field, float_field, int_field, query_of, read_fields, text_field, warn
+from .share import (Field, bool_field, clamp_index, float_field, int_field, query_of, read_fields, text_field,
+                    warn)
 
 # The notebook's sentence.
 DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
@@ -39,6 +41,8 @@ saturate as heads get wider. **mask**: blocked cells (causal: the future) become
 **softmax**: each row turns into weights that sum to 1, the heatmap above.
 """
 
+MAX_KV_HEADS = 16  # the n_kv_heads slider's top
+
 # The lab's inputs in a shared link, in the order of `LabView.inputs`.
 LAB_DEFAULTS = dict(sentence=DEFAULT_SENTENCE, multi_head=True, emb_dim=32, n_heads=4, n_kv_heads=4, dropout=0.0,
                     seed=0, causal=False, head=0)
@@ -47,7 +51,7 @@ LAB_FIELDS: tuple[Field, ...] = (
     bool_field("multi_head", LAB_DEFAULTS["multi_head"]),
     int_field("emb_dim", 4, 128, 4, LAB_DEFAULTS["emb_dim"]),
     int_field("n_heads", 1, 128, default=LAB_DEFAULTS["n_heads"]),
-    int_field("n_kv_heads", 1, 16, default=LAB_DEFAULTS["n_kv_heads"]),
+    int_field("n_kv_heads", 1, MAX_KV_HEADS, default=LAB_DEFAULTS["n_kv_heads"]),
     float_field("dropout", 0.0, 0.5, LAB_DEFAULTS["dropout"]),
     int_field("seed", 0, 100, default=LAB_DEFAULTS["seed"]),
     bool_field("causal", LAB_DEFAULTS["causal"]),
@@ -82,6 +86,49 @@ def lab_config(
         causal=bool(causal),
         multi_head=bool(multi_head),
     )
+
+
+def nearest(choices: Sequence[int], value: int) -> int:
+    """The choice closest to `value`, the smaller one on a tie (as the n_heads dropdown does)."""
+    return min(choices, key=lambda c: (abs(c - value), c))
+
+
+def repair_setup(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A shared link's parsed lab values (`read_fields` over LAB_FIELDS) -> (values to set, problems).
+
+    Every value valid on its own is kept; a sentence with nothing to attend over is dropped; the
+    head counts that do not fit are repaired to the nearest that does, the link's emb_dim winning
+    over its n_heads, and n_heads over n_kv_heads (a default that no longer fits is repaired and
+    set too); a head beyond the heads is clamped. Each drop or repair is one problem naming the
+    parameter. With LAB_DEFAULTS for the rest, the values always pass `lab_config`.
+    """
+    out = dict(values)
+    problems: list[str] = []
+    if "sentence" in out and not tokenize(out["sentence"])[0]:
+        del out["sentence"]
+        problems.append("'sentence' was ignored: it has no words or punctuation to attend over")
+    v = {**LAB_DEFAULTS, **out}
+
+    def fit(name: str, choices: list[int], why: str) -> None:
+        if v[name] in choices:
+            return
+        fixed = nearest(choices, v[name])
+        default = "" if name in values else " (the default)"
+        problems.append(f"'{name}' was {v[name]}{default}, which does not divide {why}: set to {fixed}")
+        out[name] = v[name] = fixed
+
+    fit("n_heads", valid_head_counts(v["emb_dim"]), f"emb_dim {v['emb_dim']}")
+    fit("n_kv_heads", [c for c in valid_head_counts(v["n_heads"]) if c <= MAX_KV_HEADS],
+        f"{v['n_heads']} query head{'s' if v['n_heads'] > 1 else ''}")
+    out, clamped = clamp_index(out, "head", v["n_heads"] if v["multi_head"] else 1, "head")
+    return out, problems + clamped
+
+
+def read_setup(query: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """A shared link's query -> (lab values to set, one problem per parameter ignored or repaired)."""
+    values, problems = read_fields(LAB_FIELDS, query)
+    values, repaired = repair_setup(values)
+    return values, problems + repaired
 
 
 def lab_figure(cfg: LabConfig, result: Any) -> Any:
@@ -218,26 +265,24 @@ class LabHandlers:
     def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
         """Page load: the lab's fields from the page URL's query (a shared link), or no change.
 
-        Refused parameters, or a combination that does not fit (8 heads in 12 dimensions), give
-        a warning and the default setup."""
-        values, problems = read_fields(LAB_FIELDS, query_of(request))
-        if values and not problems:
-            v = {**LAB_DEFAULTS, **values}
-            try:
-                lab_config(v["sentence"], v["emb_dim"], v["n_heads"], v["n_kv_heads"], v["dropout"], v["seed"],
-                           v["causal"], v["multi_head"])
-            except ValueError as exc:
-                problems.append(f"the lab settings do not fit together ({exc})")
-        warn(problems)
-        if not values or problems:
-            return tuple(gr.skip() for _ in LAB_FIELDS)
+        Every value valid on its own is applied; those refused or repaired to fit the others (8
+        heads in 12 dimensions -> 6) are named in one warning (`read_setup`)."""
+        values, problems = read_setup(query_of(request))
         v = {**LAB_DEFAULTS, **values}
-        out = [v[f.name] if f.name in values else gr.skip() for f in LAB_FIELDS]
+        try:  # repair_setup follows lab_config's rules; should they drift apart, no half-applied setup
+            lab_config(v["sentence"], v["emb_dim"], v["n_heads"], v["n_kv_heads"], v["dropout"], v["seed"],
+                       v["causal"], v["multi_head"])
+        except ValueError as exc:
+            problems, values = [*problems, f"the lab settings do not fit together ({exc})"], {}
+        warn(problems)
+        if not values:
+            return tuple(gr.skip() for _ in LAB_FIELDS)
+        out = [values[f.name] if f.name in values else gr.skip() for f in LAB_FIELDS]
         # The head-count choices follow emb_dim, as when the slider moves; the head slider's range
         # follows the head count before the first drawing reads it (gradio checks its bounds).
         out[3] = gr.Dropdown(choices=valid_head_counts(v["emb_dim"]), value=v["n_heads"])
         n_out = v["n_heads"] if v["multi_head"] else 1
-        out[8] = gr.Slider(maximum=max(n_out - 1, 1), value=min(v["head"], n_out - 1), interactive=n_out > 1)
+        out[8] = gr.Slider(maximum=max(n_out - 1, 1), value=v["head"], interactive=n_out > 1)
         return tuple(out)
 
     def attention_api(

@@ -4,7 +4,9 @@ A link such as `?sentence=The+cat+sat&emb_dim=64&n_heads=8&causal=1` puts a whol
 same example. Each view reads its own fields on page load (`read_fields`); the "Copy link to this
 setup" button (`build_share`) writes the current ones. A query string is untrusted input: a
 value that does not parse, is out of range or looks like markup is ignored with a warning that
-names the parameter (never the value), and the field keeps its default.
+names the parameter (never the value), and the field keeps its default. Every other value is
+applied; a view repairs the ones that conflict with each other (its own rules, e.g. the lab's
+`repair_setup`) and names them in the same warning (`clamp_index` for indices beyond a count).
 """
 
 from __future__ import annotations
@@ -106,6 +108,22 @@ def read_fields(fields: Sequence[Field], query: Mapping[str, str]) -> tuple[dict
     return values, problems
 
 
+def clamp_index(values: Mapping[str, Any], name: str, count: int, noun: str) -> tuple[dict[str, Any], list[str]]:
+    """`values[name]`, a 0-based index into `count` things (a head, a layer), moved into range ->
+    (the values, a problem naming it when it moved; none when absent or in range).
+
+    The value it names was parsed into an int by its field, so it cannot carry markup.
+    """
+    out = dict(values)
+    index = out.get(name)
+    if index is None or index < count:
+        return out, []
+    top = max(count - 1, 0)
+    out[name] = top
+    things = noun if count == 1 else noun + "s"
+    return out, [f"'{name}' was {index}, beyond the {count} {things} (numbered from 0): set to {top}"]
+
+
 def query_string(fields: Sequence[Field], values: Sequence[Any]) -> str:
     """The current values as '?a=1&b=2'; empty values and those equal to the field's default are
     left out ('?' alone: everything is the default)."""
@@ -129,9 +147,9 @@ def query_of(request: Any) -> Mapping[str, str]:
 
 
 def warn(problems: Sequence[str]) -> None:
-    """One toast for all refused parameters of a shared link."""
+    """One toast for all refused or repaired parameters of a shared link (per view)."""
     if problems:
-        gr.Warning("This link's setup was partly ignored: " + "; ".join(problems) + ".", title="Shared link")
+        gr.Warning("This link's setup was partly changed: " + "; ".join(problems) + ".", title="Shared link")
 
 
 # Copies the URL the server built from the current values, and shows it in the address bar too.
