@@ -288,7 +288,8 @@ def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSam
     """The next token of each row from final hidden states (n, D) through the int8 head.
 
     Greedy rows: exactly the bf16 head's argmax (`QuantizedHead.greedy_token`); with a repetition
-    penalty, which reorders tokens, the row's exact bf16 logits go through the sampler instead.
+    penalty, which reorders tokens, or suppressed tokens, the row's exact bf16 logits go through
+    the sampler instead.
     Sampled rows: int8 logits with the RESCORE_K largest replaced by exact ones, then `sampler`
     (each row's own parameters and generator). Every row's numbers come from its own hidden state
     only (the candidate search treats each row of a batch alone), so a reply does not depend on
@@ -307,7 +308,7 @@ def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSam
         for i, r in enumerate(rows):
             p = r.params
             h = hidden[i : i + 1]
-            if p.greedy and p.repetition_penalty == 1.0:
+            if p.greedy and p.repetition_penalty == 1.0 and r.suppress is None:
                 tokens[i] = head.greedy_token(h, logits[i], top=(top_ids[i], kth[i]))[0]
             elif p.greedy:
                 penalised.append(i)

@@ -395,6 +395,8 @@ class EngineRequest:
         self._prefix_off = 0
         self._read_off = 0
         self._stop_tail = max((len(s) for s in self.stop_strings), default=0)
+        # Where stop strings start to count in `text`: None until min_new_tokens have been written.
+        self.min_chars: int | None = 0 if params.min_new_tokens == 0 else None
 
     @property
     def prompt_len(self) -> int:
@@ -467,6 +469,7 @@ class ChatEngine:
         self._n_rep = heads // int(getattr(cfg, "num_key_value_heads", None) or heads)
         self._additive_mask = _delegate(lm.model.config) == "eager"
         self._eos = _eos_ids(lm)
+        self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
         self._pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
         self._autostart = autostart
@@ -644,7 +647,8 @@ class ChatEngine:
                         req.updates.put(None)
                         break
                     raw = nxt
-                text, _ = visible_text(raw, prompt.stop_strings)
+                start = req.min_chars
+                text, _ = visible_text(raw, prompt.stop_strings, len(raw) if start is None else start)
                 if len(text) > len(shown):
                     shown = text
                     yield shown
@@ -907,7 +911,7 @@ class ChatEngine:
         ready = [b for b, r in enumerate(group) if r._prefilled == r.prompt_len]
         if not ready:
             return
-        tokens = self._pick(logits[ready], [group[b]._sampling for b in ready])
+        tokens = self._pick(logits[ready], [self._sampling_now(group[b]) for b in ready])
         now = time.perf_counter()
         if self._main is None:
             self._main = SlotKVCache(self._n_layers, self.max_batch, CAPACITY_STEP)
@@ -940,7 +944,7 @@ class ChatEngine:
             self.counters["fast_steps"] += 1
         else:
             out = self._forward(self._main, ids, lens, lens, span, [x + 1 for x in self._lens], [1] * n)
-        tokens = self._pick(out, [r._sampling for r in self._running])
+        tokens = self._pick(out, [self._sampling_now(r) for r in self._running])
         now = time.perf_counter()
         self.counters["steps"] += 1
         done, ended = [], []
@@ -956,6 +960,14 @@ class ChatEngine:
             self._finish(r, reason, err)
 
     # -- per-request bookkeeping -----------------------------------------------------------------
+
+    def _sampling_now(self, req: EngineRequest) -> RowSampling:
+        """The request's sampling state for this step: end-of-sequence ids cannot be drawn before
+        min_new_tokens (as transformers' min_new_tokens and vLLM's min_tokens)."""
+        s = req._sampling
+        early = len(req.token_ids) < req.params.min_new_tokens and not req.ignore_eos
+        s.suppress = self._eos_tensor if early and self._eos else None
+        return s
 
     def _accept(self, req: EngineRequest, token: int, now: float) -> tuple[str, BaseException | None] | None:
         """Record a generated token and publish its text; (stopped_by, error) if the request ends
@@ -973,6 +985,8 @@ class ChatEngine:
                 hit = self._detokenize(req)
             except Exception as exc:
                 return "error", RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+        if req.min_chars is None and len(req.token_ids) >= req.params.min_new_tokens:
+            req.min_chars = len(req.text)  # stop strings count from here on
         if hit:
             return "stop_string", None
         if len(req.token_ids) >= req.params.max_new_tokens:
@@ -995,6 +1009,9 @@ class ChatEngine:
         start = max(0, len(req.text) - req._stop_tail)
         req.text += delta
         req.updates.put(req.text)
+        if req.min_chars is None:  # min_new_tokens: no stop string ends the reply yet
+            return False
+        start = max(start, req.min_chars)
         return any(req.text.find(s, start) != -1 for s in req.stop_strings)
 
     def _finish(self, req: EngineRequest, reason: str, error: BaseException | None = None) -> None:

@@ -468,6 +468,9 @@ class RemoteChat:
         if params.repetition_penalty != 1.0:
             extra["repetition_penalty"] = params.repetition_penalty
             extras.append("repetition_penalty")
+        if params.min_new_tokens:
+            extra["min_tokens"] = params.min_new_tokens  # vLLM's and SGLang's name
+            extras.append("min_tokens")
         if api == "chat":
             messages = ([{"role": "system", "content": system}] if system else []) + turns
             kw["messages"] = messages + [{"role": "user", "content": message}]
@@ -577,6 +580,7 @@ class RemoteChat:
             reader.start()
             raw = ""
             shown = ""
+            min_chars: int | None = 0 if params.min_new_tokens == 0 else None
             finish: str | None = None
             stop_reason: object = None
             drain_until: float | None = None  # set once we found a stop string ourselves
@@ -627,7 +631,11 @@ class RemoteChat:
                         break
                     times.append(t)
                     raw += piece
-                    text, hit = visible_text(raw, stops)
+                    # min_new_tokens: stop strings count once that many pieces (a token each, as
+                    # servers stream) have arrived; the server itself ignores them before that.
+                    if min_chars is None and len(times) >= params.min_new_tokens:
+                        min_chars = len(raw)
+                    text, hit = visible_text(raw, stops, len(raw) if min_chars is None else min_chars)
                     if len(text) > len(shown):
                         shown = text
                         yield shown
@@ -640,7 +648,8 @@ class RemoteChat:
             if not outcome:
                 if finish == "length":
                     outcome = "max_new_tokens"
-                elif finish == "stop" and (isinstance(stop_reason, str) or visible_text(raw, stops)[1]):
+                elif finish == "stop" and (isinstance(stop_reason, str)
+                                           or visible_text(raw, stops, min_chars or 0)[1]):
                     outcome = "stop_string"
                 else:
                     outcome = "eos"

@@ -26,6 +26,8 @@ class SamplingParams:
     """Sampling controls; defaults are the original notebook's (128 tokens, T=0.7, top-p 0.95).
 
     temperature 0 means greedy decoding (top_p/top_k/seed are then irrelevant); top_k 0 means off.
+    min_new_tokens (vLLM's min_tokens): neither an end-of-sequence token nor a stop string ends the
+    reply before this many tokens; a stop string that begins earlier is part of the reply.
     """
 
     max_new_tokens: int = 128
@@ -34,11 +36,15 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         m = self.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {m!r}")
+        n = self.min_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= m:
+            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens = {m}], got {n!r}")
         if not _is_number(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}] (0 = greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -71,6 +77,8 @@ class SamplingParams:
             "do_sample": False,
             "repetition_penalty": self.repetition_penalty,
         }
+        if self.min_new_tokens:  # end-of-sequence only: the caller's stopping criteria skip stop strings
+            kw["min_new_tokens"] = self.min_new_tokens
         if not self.greedy:
             procs: list[LogitsProcessor] = [TemperatureLogitsWarper(self.temperature)]
             if self.top_k > 0:
@@ -150,15 +158,18 @@ class RowSampling:
     """One request's sampling state in a batch: its parameters, generator and penalty history.
 
     `token_ids` holds the prompt and every generated id (RepetitionPenaltyLogitsProcessor's
-    input_ids); it is kept only when repetition_penalty != 1.
+    input_ids); it is kept only when repetition_penalty != 1. `suppress`: token ids that cannot be
+    drawn at this step (the end-of-sequence ids before min_new_tokens, as transformers'
+    MinNewTokensLengthLogitsProcessor), or None.
     """
 
-    __slots__ = ("params", "generator", "_ids", "_n")
+    __slots__ = ("params", "generator", "suppress", "_ids", "_n")
 
     def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> None:
         self.params = params
         self.generator = None if params.greedy else (generator or make_generator(params.seed))
+        self.suppress: torch.Tensor | None = None
         self._ids: torch.Tensor | None = None
         self._n = 0
         if params.repetition_penalty != 1.0:
@@ -348,6 +359,9 @@ class BatchSampler:
             if temps[i] != 1.0:
                 vals = vals / temps[i]
             buf[i].index_copy_(0, ids, vals)
+        for i, r in enumerate(rows):
+            if r.suppress is not None:
+                buf[i].index_fill_(0, r.suppress.to(buf.device), float("-inf"))
         return buf
 
     def _select(self, x: torch.Tensor, top_k: list[int], top_p: list[float], *,

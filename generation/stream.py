@@ -49,25 +49,27 @@ class ReplyStats:
     stopped_by: str = ""
 
 
-def visible_text(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+def visible_text(text: str, stop_strings: Sequence[str], search_from: int = 0) -> tuple[str, bool]:
     """Return (the part of the raw reply `text` safe to show, whether a stop string occurred).
 
     Cuts at the first complete stop string; while streaming, holds back a tail that could still
     become a stop string (e.g. "\\nUs") and trailing whitespace, so what is shown only ever grows.
     Leading whitespace is dropped, after the search: a reply that opens with "\nUser:" is a stop,
     not a user line to show. At the end of a reply the held-back tail is simply never shown.
+    Only stop strings that begin at `search_from` or later count (min_new_tokens: the text of the
+    first tokens is the reply whatever it holds; past the end of `text`: none counts yet).
     """
     cut = len(text)
     hit = False
     for s in stop_strings:
-        i = text.find(s)
+        i = text.find(s, search_from)
         if i != -1 and i < cut:
             cut, hit = i, True
     text = text[:cut]
     if not hit:
         hold = 0
         for s in stop_strings:
-            for n in range(min(len(s) - 1, len(text)), hold, -1):
+            for n in range(min(len(s) - 1, len(text) - search_from), hold, -1):
                 if text.endswith(s[:n]):
                     hold = n
                     break
@@ -82,12 +84,16 @@ class _StopCriteria(StoppingCriteria):
     """
 
     def __init__(
-        self, events: Sequence[threading.Event], tokenizer, prompt_len: int, stop_strings: Sequence[str]
+        self, events: Sequence[threading.Event], tokenizer, prompt_len: int, stop_strings: Sequence[str],
+        min_new_tokens: int = 0,
     ) -> None:
         self.events = tuple(events)
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
         self.stop_strings = tuple(stop_strings)
+        self.min_new_tokens = min_new_tokens
+        # With min_new_tokens: where stop strings start to count, in the reply's text (None: not yet).
+        self.min_chars: int | None = 0 if min_new_tokens == 0 else None
         # Enough trailing tokens to contain any stop string (>= 1 character per token).
         self.tail = max((len(s) for s in self.stop_strings), default=0) + 2
         self.token_times: list[float] = []
@@ -99,12 +105,19 @@ class _StopCriteria(StoppingCriteria):
         done = False
         if any(e.is_set() for e in self.events):
             self.hit_event = done = True
-        elif self.stop_strings:
-            new = input_ids[0, self.prompt_len :][-self.tail :]
-            tail = self.tokenizer.decode(new, skip_special_tokens=True)
-            if any(s in tail for s in self.stop_strings):
-                self.hit_stop_string = done = True
+        elif self.stop_strings and input_ids.shape[1] - self.prompt_len >= self.min_new_tokens:
+            done = self.hit_stop_string = self._stop_string_in(input_ids[0, self.prompt_len :])
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def _stop_string_in(self, new: torch.Tensor) -> bool:
+        decode = self.tokenizer.decode
+        if self.min_new_tokens == 0:
+            tail = decode(new[-self.tail :], skip_special_tokens=True)
+            return any(s in tail for s in self.stop_strings)
+        if self.min_chars is None:
+            self.min_chars = len(decode(new[: self.min_new_tokens], skip_special_tokens=True))
+        text = decode(new, skip_special_tokens=True)  # (the whole reply: a stop string must begin late enough)
+        return any(text.find(s, self.min_chars) != -1 for s in self.stop_strings)
 
 
 def stream_reply(
@@ -140,7 +153,7 @@ def stream_reply(
 
     event = threading.Event()
     events = [event] if stop_event is None else [event, stop_event]
-    criteria = _StopCriteria(events, tok, stats.prompt_tokens, prompt.stop_strings)
+    criteria = _StopCriteria(events, tok, stats.prompt_tokens, prompt.stop_strings, params.min_new_tokens)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=POLL_S)
     device = lm.model.device if hasattr(lm.model, "device") else torch.device("cpu")
     input_ids = prompt.input_ids.to(device)
@@ -180,7 +193,8 @@ def stream_reply(
                     break
                 continue
             raw += piece
-            text, hit = visible_text(raw, prompt.stop_strings)
+            start = criteria.min_chars
+            text, hit = visible_text(raw, prompt.stop_strings, len(raw) if start is None else start)
             if hit:
                 event.set()
             if len(text) > len(shown):

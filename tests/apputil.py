@@ -138,6 +138,43 @@ def app_server():
 
 
 # ---------------------------------------------------------------------------------------------
+# Figures from the API
+
+
+def plot_png(payload: dict):
+    """A gr.Plot API payload (a matplotlib figure sent as a PNG data URL) -> PIL image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert payload["type"] == "matplotlib"
+    head, data = payload["plot"].split(",", 1)
+    assert head == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def assert_same_picture(payload: dict, fig) -> None:
+    """The API's figure is `fig`, drawn here by the same code (gradio sends `fig.savefig(png)`).
+
+    Same size, and pixels equal up to anti-aliasing: the server may compute the weights on another
+    number of threads, which can move a colour by a level in a cell (mean difference < 1 of 255),
+    while another figure (other weights, tokens or layout) differs by far more."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    got = plot_png(payload).convert("RGB")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    want = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    assert got.size == want.size, (got.size, want.size)
+    diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16))
+    assert diff.mean() < 1.0, f"the pictures differ (mean {diff.mean():.2f} of 255)"
+
+
+# ---------------------------------------------------------------------------------------------
 # Browser helpers (Debian's chromium driven by Playwright; never `playwright install`)
 
 CHROMIUM = "/usr/bin/chromium"

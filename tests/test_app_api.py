@@ -6,8 +6,6 @@ check the wiring logic that a running server cannot reach deterministically (e.g
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 import re
 import subprocess
@@ -15,20 +13,15 @@ import sys
 import time
 
 import pytest
-from apputil import REPO, start_app
+from apputil import REPO, assert_same_picture, plot_png, start_app
 from gradio_client import Client
 from gradio_client.utils import Status
 from gradio_client.exceptions import AppError
-from PIL import Image
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def _png(payload: dict) -> Image.Image:
-    assert payload["type"] == "matplotlib"
-    head, data = payload["plot"].split(",", 1)
-    assert head == "data:image/png;base64"
-    return Image.open(io.BytesIO(base64.b64decode(data)))
+_png = plot_png
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +172,13 @@ def test_simultaneous_chats_are_answered_together(app_server, client):  # noqa: 
 
 
 def test_attention_returns_the_heatmap_figure(client):
-    img = _png(client.predict(api_name="/attention"))
-    assert img.width > 400 and img.height > 150
-    other = _png(client.predict("The cat sat on the mat because it was tired.", 32, 4, 4, 0.0, 5, False, True,
-                                api_name="/attention"))
-    assert other.tobytes() != img.tobytes()  # another seed, other projections, another picture
+    from ui.lab import LabHandlers
+
+    assert_same_picture(client.predict(api_name="/attention"), LabHandlers().attention_api())
+    args = ("The cat sat on the mat because it was tired.", 32, 4, 4, 0.0, 5, False, True)
+    other = client.predict(*args, api_name="/attention")
+    assert_same_picture(other, LabHandlers().attention_api(*args))
+    assert _png(other).tobytes() != _png(client.predict(api_name="/attention")).tobytes()  # another seed
 
 
 @pytest.mark.parametrize(
@@ -191,9 +186,10 @@ def test_attention_returns_the_heatmap_figure(client):
     [(32, 8, 2, True), (12, 3, 3, True), (16, 1, 1, True), (8, 4, 4, False)],
 )
 def test_attention_layouts(client, emb_dim, n_heads, n_kv_heads, multi_head):
-    img = _png(client.predict("Attention is all you need.", emb_dim, n_heads, n_kv_heads, 0.1, 1, True,
-                              multi_head, api_name="/attention"))
-    assert img.width > 200
+    from ui.lab import LabHandlers
+
+    args = ("Attention is all you need.", emb_dim, n_heads, n_kv_heads, 0.1, 1, True, multi_head)
+    assert_same_picture(client.predict(*args, api_name="/attention"), LabHandlers().attention_api(*args))
 
 
 @pytest.mark.parametrize(
@@ -266,10 +262,23 @@ def test_chat_non_numbers_are_a_clear_error(client, kwargs, expected):
 # /model_attention and /next_token
 
 
-def test_model_attention_returns_the_grid_and_follows_the_layer(client):
-    a = _png(client.predict("The cat sat on the mat.", 0, True, api_name="/model_attention"))
-    b = _png(client.predict("The cat sat on the mat.", 5, True, api_name="/model_attention"))
-    assert a.width > 400 and a.tobytes() != b.tobytes()
+@pytest.fixture(scope="module")
+def inside(lm4):
+    """The inside view's handlers here, over this process's copy of the same model."""
+    from generation.settings import Settings
+    from ui.common import ModelSlot
+    from ui.inside import InsideHandlers
+
+    settings = Settings.from_env()
+    return InsideHandlers(settings, ModelSlot(settings, lm=lm4))
+
+
+def test_model_attention_returns_the_grid_and_follows_the_layer(client, inside):
+    a = client.predict("The cat sat on the mat.", 0, True, api_name="/model_attention")
+    b = client.predict("The cat sat on the mat.", 5, True, api_name="/model_attention")
+    assert_same_picture(a, inside.model_attention_api("The cat sat on the mat.", 0, True))
+    assert_same_picture(b, inside.model_attention_api("The cat sat on the mat.", 5, True))
+    assert _png(a).tobytes() != _png(b).tobytes()
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -286,9 +295,9 @@ def test_model_attention_bad_input_is_a_clear_error(client, args, expected):
         client.predict(*args, api_name="/model_attention")
 
 
-def test_model_attention_reaches_the_last_layer(client):
-    img = _png(client.predict("The cat sat on the mat.", 17, True, api_name="/model_attention"))
-    assert img.width > 400
+def test_model_attention_reaches_the_last_layer(client, inside):
+    last = client.predict("The cat sat on the mat.", 17, True, api_name="/model_attention")
+    assert_same_picture(last, inside.model_attention_api("The cat sat on the mat.", 17, True))
 
 
 def test_next_token_follows_the_sampling_settings(client):

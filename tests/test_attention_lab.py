@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
@@ -377,12 +378,18 @@ def test_batched_labels_draw_what_text_draws(kw):
 
 def test_plot_vector_output_keeps_the_text():
     result = run_lab(LabConfig("The cat sat on the mat .", causal=True))
+    heads = plot_heads(result.weights, result.tokens, title="Attention")
+    steps = plot_steps(result.explain(0), result.tokens)
+    # Every token labels the axes, and each figure's own words are there as text, not paths.
+    wanted = {heads: ["Attention", "query (attending)", "attention weight", *(f"head {h}" for h in range(8))],
+              steps: ["QKᵀ", "÷ √d_k", "mask", "softmax", "−∞"]}
     with matplotlib.rc_context({"svg.fonttype": "none"}):
-        for fig in (plot_heads(result.weights, result.tokens, title="Attention"),
-                    plot_steps(result.explain(0), result.tokens)):
+        for fig, words in wanted.items():
             svg = io.StringIO()
             fig.savefig(svg, format="svg")
-            assert ">cat<" in svg.getvalue() and "query" in svg.getvalue() or "rows: queries" in svg.getvalue()
+            texts = set(re.findall(r">([^<>]+)</text>", svg.getvalue()))
+            missing = [w for w in [*result.tokens, *words] if w not in texts]
+            assert not missing, missing
     fig = plot_heads(result.weights, result.tokens)
     fig.savefig(io.BytesIO(), format="pdf")
 

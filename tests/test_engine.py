@@ -471,3 +471,102 @@ def test_run_here_until_idle_pauses_and_resumes(tiny_qwen):
     engine.run_here(until_idle=True)
     assert [r.token_ids for r in [*first, late]] == [_generate(tiny_qwen, p, 5) for p in prompts]
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_eos(tmp_path_factory, tiny_qwen) -> tuple[LoadedModel, list[int]]:
+    """The same tiny model (same seed) saved with its third greedy token as end-of-sequence; and
+    the greedy reply with no end-of-sequence (20 tokens)."""
+    prompt = _prompts(tiny_qwen)[0]
+    free = _generate(tiny_qwen, prompt, NEW, do_sample=False)
+    folder = tmp_path_factory.mktemp("qwen_eos")
+    save_tiny_lm(folder, eos_token_id=free[2])
+    return load_model(str(folder), load_4bit=False, dtype=torch.float32), free
+
+
+@pytest.mark.parametrize("min_new", [0, 1, 3, 8, NEW])
+def test_min_new_tokens_is_transformers_min_new_tokens(tiny_qwen_eos, min_new):
+    """Before min_new_tokens no end-of-sequence token can be drawn (its logit is -inf, as in
+    transformers' MinNewTokensLengthLogitsProcessor): greedy replies equal generate()'s."""
+    lm, free = tiny_qwen_eos
+    prompt = _prompts(lm)[0]
+    eos = free[2]
+    want = _generate(lm, prompt, NEW, do_sample=False, min_new_tokens=min_new, eos_token_id=eos)
+    with ChatEngine(lm, warmup=False) as engine:
+        req = engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=NEW, min_new_tokens=min_new))
+        assert req.wait(60)
+    assert req.token_ids == want
+    assert eos not in req.token_ids[:min_new]
+    assert req.stopped_by == ("eos" if eos in want else "max_new_tokens")
+
+
+def test_min_new_tokens_holds_sampled_rows(tiny_qwen_eos):
+    """Sampled rows cannot draw end-of-sequence before min_new_tokens either (a hot temperature
+    makes it likely otherwise)."""
+    lm, free = tiny_qwen_eos
+    prompt = _prompts(lm)[0]
+    with ChatEngine(lm, warmup=False) as engine:
+        reqs = [engine.submit(prompt, SamplingParams(temperature=2.0, top_p=1.0, max_new_tokens=NEW,
+                                                     min_new_tokens=NEW, seed=s)) for s in range(8)]
+        assert all(r.wait(60) for r in reqs)
+    for r in reqs:
+        assert free[2] not in r.token_ids and len(r.token_ids) == NEW and r.stopped_by == "max_new_tokens"
+
+
+def test_min_new_tokens_keeps_an_early_stop_string_in_the_reply(tiny_qwen):
+    """A stop string that begins in the text of the first min_new_tokens tokens is part of the
+    reply, not its end; without min_new_tokens the same reply ends there."""
+    prompt = _prompts(tiny_qwen)[0]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW)
+    with ChatEngine(tiny_qwen, warmup=False) as engine:
+        free = engine.submit(prompt, greedy)
+        assert free.wait(60)
+        # two printable characters of the reply's middle (the first tokens are byte fragments)
+        at = next(i for i in range(len(free.text) // 3, len(free.text)) if free.text[i : i + 2].isalpha())
+        stop = free.text[at : at + 2]
+        held = engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=NEW, min_new_tokens=NEW),
+                             stop_strings=[stop])
+        ended = engine.submit(prompt, greedy, stop_strings=[stop])
+        assert held.wait(60) and ended.wait(60)
+    assert held.token_ids == free.token_ids and held.stopped_by == "max_new_tokens"
+    assert ended.stopped_by == "stop_string" and len(ended.token_ids) < NEW
+
+
+@pytest.mark.parametrize(("text", "search_from", "shown", "hit"), [
+    ("Paris.\nUser: hi", 0, "Paris.", True),
+    ("Paris.\nUser: hi", 3, "Paris.", True),
+    ("Paris.\nUser: hi", 7, "Paris.\nUser: hi", False),  # the stop began before search_from
+    ("Paris.\nUser: hi\nUser: x", 7, "Paris.\nUser: hi", True),
+    ("Paris.\nUs", 0, "Paris.", False),  # held back: it may become a stop
+    ("Paris.\nUs", 99, "Paris.\nUs", False),  # nothing counts yet: nothing held back
+])
+def test_visible_text_counts_stop_strings_from_search_from(text, search_from, shown, hit):
+    from generation.stream import visible_text
+
+    assert visible_text(text, ["\nUser:"], search_from) == (shown, hit)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(min_new_tokens=-1), r"min_new_tokens must be an integer in \[0, max_new_tokens = 128\], got -1"),
+    (dict(min_new_tokens=129), r"got 129"),
+    (dict(min_new_tokens=5, max_new_tokens=4), r"\[0, max_new_tokens = 4\], got 5"),
+    (dict(min_new_tokens=True), r"got True"),
+    (dict(min_new_tokens=2.0), r"got 2.0"),
+])
+def test_min_new_tokens_is_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_min_new_tokens_in_the_generate_path_too(tiny_qwen_eos):
+    """generation.stream (one reply through generate()) honours min_new_tokens as the engine does."""
+    lm, free = tiny_qwen_eos
+    for min_new in (0, 8):
+        stats = ReplyStats()
+        params = SamplingParams(temperature=0.0, max_new_tokens=NEW, min_new_tokens=min_new)
+        list(stream_reply(lm, "hello", params=params, stats=stats))
+        with ChatEngine(lm, warmup=False) as engine:
+            engine_stats = ReplyStats()
+            list(engine.stream_reply("hello", params=params, stats=engine_stats))
+        assert stats.new_tokens == engine_stats.new_tokens >= max(min_new, 1)
+        assert stats.stopped_by == engine_stats.stopped_by

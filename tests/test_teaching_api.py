@@ -4,34 +4,31 @@ reply is read, shared-link fields, a click between thumbnails, the download fold
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import time
 import warnings
 
 import pytest
-from gradio_client import Client
+from apputil import assert_same_picture, plot_png
 from gradio_client.exceptions import AppError
-from PIL import Image
 
 pytestmark = pytest.mark.timeout(600)
 
 DEFAULT_TEXT_TOKENS = ["The", "cat", "sat", "on", "the", "mat", "because", "it", "was", "tired", "."]
 
 
-def _png(payload: dict) -> Image.Image:
-    assert payload["type"] == "matplotlib"
-    head, data = payload["plot"].split(",", 1)
-    assert head == "data:image/png;base64"
-    return Image.open(io.BytesIO(base64.b64decode(data)))
+_png = plot_png
 
 
 # ---------------------------------------------------------------------------------------------
 # /model_view
 
 
-def test_model_view_defaults_give_every_layer_and_head(client):
+def test_model_view_defaults_give_every_layer_and_head(client, lm4):
+    from generation.settings import Settings
+    from ui.common import ModelSlot
+    from ui.teaching import DEFAULT_MV_TEXT, TeachingHandlers
+
     grid, info = client.predict(api_name="/model_view")
     assert info["shape"] == [18, 4, 11, 11]  # <bos> hidden: the 11 tokens of the default text
     assert info["tokens"] == DEFAULT_TEXT_TOKENS
@@ -39,6 +36,9 @@ def test_model_view_defaults_give_every_layer_and_head(client):
     assert info["kv_groups"] == [0, 0, 0, 0] and "<bos>" in info["notice"]
     img = _png(grid)
     assert img.height > 2 * img.width > 500  # 18 rows of 4 thumbnails
+    settings = Settings.from_env()
+    here, _ = TeachingHandlers(settings, ModelSlot(settings, lm=lm4)).model_view_api(DEFAULT_MV_TEXT)
+    assert_same_picture(grid, here)
 
 
 def test_model_view_options_and_cap(client):
