@@ -339,6 +339,7 @@ def test_lab_is_not_stuck_behind_a_chat(app_server):  # noqa: F811
     assert lab_s < 10
 
 
+@pytest.mark.slow
 def test_full_queue_gives_a_clear_message():
     server = start_app({"QUEUE_SIZE": "1", "CHAT_CONCURRENCY": "1"})
     try:

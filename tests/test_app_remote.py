@@ -20,7 +20,7 @@ from openai_server import openai_server, start_proxy  # noqa: F401  (openai_serv
 from generation import SamplingParams
 from generation.remote import RemoteChat
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # each test starts the real app
 
 SECRET = "sk-app-SECRET-9876543210"
 QUESTION = "What is the capital of France?"
@@ -133,6 +133,7 @@ def test_inside_views_load_the_local_model_on_first_use(client, remote_app):
     assert status(client)["backend"].startswith("remote:")  # the chat stays remote
 
 
+@pytest.mark.browser
 def test_the_chat_tab_with_the_remote_backend_in_a_browser(remote_app):
     from playwright.sync_api import sync_playwright
 

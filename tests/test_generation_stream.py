@@ -70,7 +70,7 @@ def test_closing_the_stream_stops_the_worker(lm4):
     assert first and _workers()
     t0 = time.perf_counter()
     gen.close()
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 30  # within a token or two, not the 24-token reply: not a hang
     assert not _workers()
     assert stats.stopped_by == "stopped"
     assert stats.new_tokens < params.max_new_tokens
@@ -134,7 +134,7 @@ def test_worker_crash_surfaces_as_error(lm4, tiny_qwen_dir, tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="generation failed: IndexError"):
         list(stream_reply(broken, QUESTION, params=GREEDY, stats=stats))
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # an error, not a hang
     assert stats.stopped_by == "error" and not _workers()
 
 

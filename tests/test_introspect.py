@@ -110,6 +110,7 @@ def tiny_gemma_window(tmp_path_factory):
 # Attention maps equal transformers' eager attention
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["lm_full", "lm4"])
 def test_default_model_maps_equal_eager(request, which):
     lm = request.getfixturevalue(which)

@@ -159,7 +159,7 @@ def test_unreachable_server_is_one_clear_line_from_check_and_stream_reply():
     with pytest.raises(RuntimeError) as err:
         list(rc.stream_reply(QUESTION, stats=stats))
     assert str(err.value) == reason
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 30  # refused at once, no retry loop
     assert stats.stopped_by == "error" and rc.active() == 0
 
 
@@ -175,7 +175,7 @@ def test_a_server_that_never_answers_times_out():
         stats = ReplyStats()
         with pytest.raises(RuntimeError, match=r"no answer within 1 s"):
             list(rc.stream_reply(QUESTION, stats=stats))
-        assert time.monotonic() - t0 < 8
+        assert time.monotonic() - t0 < 30  # the 1 s timeout, twice, not the default 60 s
         assert stats.stopped_by == "error"
 
 
@@ -311,7 +311,7 @@ def test_closing_the_generator_closes_the_http_stream(openai_server: ServedModel
     next(gen)
     t0 = time.monotonic()
     gen.close()
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 10  # the stream is dropped, not read to its 400 tokens
     assert stats.stopped_by == "stopped" and rc.active() == 0
     # The server side sees the client go (at its next token) and drops its own upstream request.
     wait_for(lambda: proxy.stats()["client_disconnects"] == 1, 30, "the proxy sees the client disconnect")
