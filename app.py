@@ -17,6 +17,7 @@ from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue 
 import gradio as gr  # noqa: E402,I001
 
 from generation.settings import Settings  # noqa: E402
+from ui.apigate import gate_middleware  # noqa: E402
 from ui.chat import ChatHandlers, build_chat, build_status  # noqa: E402
 from ui.inside import INSIDE_FIELDS, InsideHandlers, build_inside  # noqa: E402
 from ui.lab import LAB_FIELDS, LabHandlers, build_lab  # noqa: E402
@@ -98,6 +99,9 @@ def main() -> int:
         footer_links=["api"],
         prevent_thread_lock=True,
         quiet=True,
+        # Only public endpoints answer to their names, an unknown one is a 404, and a raw call's
+        # omitted values get their documented defaults (ui/apigate.py).
+        app_kwargs={"middleware": gate_middleware(demo)},
     )
     print(f"Attention Lab is serving on http://{settings.server_name}:{settings.server_port}", flush=True)
     remote = demo.app_state.chat.backend.remote

@@ -15,9 +15,9 @@ from typing import Any
 
 import gradio as gr
 
-from generation.introspect import next_token_candidates
+from generation.introspect import MAX_CANDIDATES, next_token_candidates
 from generation.model import LoadedModel
-from generation.sampling import SamplingParams
+from generation.sampling import MAX_SEED, SamplingParams
 from generation.settings import Settings
 from generation.backend import ChatBackend
 from generation.remote import RemoteChat
@@ -25,6 +25,7 @@ from generation.stream import ReplyStats, throttled
 from generation.tokens import preview_tokens
 
 from .common import (
+    API_TEXT_CHARS,
     CHAT_GROUP,
     INSPECT_EVENTS,
     LAB_EVENTS,
@@ -32,6 +33,7 @@ from .common import (
     ModelSlot,
     as_float,
     as_int,
+    as_text,
     content_text,
     dot,
     error_text,
@@ -48,6 +50,15 @@ REMOVED_BY = {None: "kept", "top_k": "removed by top-k", "top_p": "removed by to
 
 # The chat's "max new tokens" slider maximum; /chat refuses more, so no client holds the slot longer.
 MAX_NEW_TOKENS = 512
+# top-k's cap for /chat and /next_token (the slider stops at 200): beyond a few hundred of a
+# vocabulary of a quarter million tokens, top-k filters nothing a sampler would draw; 0 = off.
+MAX_TOP_K = 1000
+
+# Sampling settings as each side names them in its messages: the UI by its labels, the API by its
+# parameter names.
+UI_NAMES = dict(max_new_tokens="max new tokens", temperature="temperature", top_p="top-p", top_k="top-k",
+                repetition_penalty="repetition penalty", seed="seed")
+API_NAMES = {name: name for name in UI_NAMES}
 
 # The notebook's prompts and sampling defaults.
 EXAMPLE_PROMPTS = [
@@ -70,17 +81,20 @@ BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
 
 
 def sampling_params(
-    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
+    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any,
+    names: dict[str, str] = UI_NAMES,
 ) -> SamplingParams:
-    """Widget values -> validated SamplingParams (ValueError with the reason otherwise)."""
-    seed_val = None if seed is None or seed == "" or as_float(seed, "seed") < 0 else as_int(seed, "seed")
+    """Widget or API values -> validated SamplingParams (ValueError naming the setting by `names`
+    otherwise). A negative or empty seed means a random one; the floats' ranges are the library's."""
+    n = names
+    seed_val = None if seed is None or seed == "" else as_int(seed, n["seed"], hi=MAX_SEED)
     return SamplingParams(
-        max_new_tokens=as_int(max_new_tokens, "max new tokens"),
-        temperature=as_float(temperature, "temperature"),
-        top_p=as_float(top_p, "top-p"),
-        top_k=as_int(top_k, "top-k"),
-        repetition_penalty=as_float(repetition_penalty, "repetition penalty"),
-        seed=seed_val,
+        max_new_tokens=as_int(max_new_tokens, n["max_new_tokens"], 1, MAX_NEW_TOKENS),
+        temperature=as_float(temperature, n["temperature"]),
+        top_p=as_float(top_p, n["top_p"]),
+        top_k=as_int(top_k, n["top_k"], 0, MAX_TOP_K),
+        repetition_penalty=as_float(repetition_penalty, n["repetition_penalty"]),
+        seed=None if seed_val is None or seed_val < 0 else seed_val,
     )
 
 
@@ -307,10 +321,10 @@ class ChatHandlers:
         try:
             return token_preview_html(self.model.lm, text, remote=self.backend.is_remote)
         except ValueError as exc:
-            return f"<div class='token-preview'><span class='meta'>{html.escape(str(exc))}</span></div>"
+            return f"<div class='token-preview'><span class='meta'>{html.escape(error_text(exc))}</span></div>"
 
-    def _check_message(self, message: str) -> str:
-        message = (message or "").strip()
+    def _check_message(self, message: Any) -> str:
+        message = as_text(message, "message").strip()
         if not message:
             raise ValueError("Type a message first: an empty message has nothing to answer.")
         limit = self.settings.max_input_tokens * CHARS_PER_TOKEN_LIMIT
@@ -330,9 +344,9 @@ class ChatHandlers:
             gr.Warning(self.backend.not_ready_message(), title="Model loading")
             return gr.skip(), gr.skip(), gr.skip(), False
         try:
-            text = self._check_message(message)
+            text = self._check_message(message or "")
         except ValueError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(error_text(exc))
             return gr.skip(), gr.skip(), gr.skip(), False
         if self.stops.begin(session_key(request)) is None:
             gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
@@ -380,7 +394,7 @@ class ChatHandlers:
         try:
             params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except ValueError as exc:
-            gr.Warning(str(exc), title="Invalid sampling settings")
+            gr.Warning(error_text(exc), title="Invalid sampling settings")
             return
         stop = self.stops.current(key)  # registered by user_turn / retry; Stop sets it
         stats = ReplyStats()
@@ -403,7 +417,7 @@ class ChatHandlers:
             finally:
                 gen.close()  # ends the request within one decode step
         except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the history
-            gr.Warning(str(exc), title="No reply")
+            gr.Warning(error_text(exc), title="No reply")
             return
         finally:
             self.stops.done(key, stop)
@@ -455,19 +469,18 @@ class ChatHandlers:
     ) -> Iterator[str]:
         """API /chat: one message (plus optional system prompt and sampling settings) -> the reply.
 
-        Streams the growing reply; `client.predict` returns the final one. A cancelled job closes
-        this generator, which stops the worker at the next token. seed < 0 means a random seed;
-        max_new_tokens is capped like the UI's slider. Errors (model loading, empty or oversized
-        message, bad sampling values) come back as a gr.Error with the reason.
+        Streams the growing reply; `client.predict` returns the final one. message, system: text;
+        max_new_tokens 1-512; temperature 0-2 (0 = greedy); top_p in (0, 1]; top_k 0-1000 (0 = off);
+        repetition_penalty 1-2; seed: an integer, < 0 = random. A cancelled job closes this
+        generator, which stops the worker at the next token. Errors (model loading, empty or
+        oversized message, bad values) come back as a gr.Error naming the input.
         """
-        backend = self.backend.get()
         try:
             text = self._check_message(message)
-            if as_int(max_new_tokens, "max new tokens") > MAX_NEW_TOKENS:
-                raise ValueError(f"max new tokens must be at most {MAX_NEW_TOKENS} (the chat's limit), "
-                                 f"got {max_new_tokens!r}")
-            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-            gen = backend.stream_reply(text, (), system=(system or "").strip() or None, params=params,
+            system = as_text(system, "system", none_ok=True, max_chars=API_TEXT_CHARS).strip() or None
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, API_NAMES)
+            backend = self.backend.get()
+            gen = backend.stream_reply(text, (), system=system, params=params,
                                        max_input_tokens=self.settings.max_input_tokens)
             reply = None
             try:  # closing this generator (a cancelled job) closes the backend's, which ends the request
@@ -478,14 +491,15 @@ class ChatHandlers:
             if reply is None:
                 yield ""  # nothing generated: the result is still a string
         except (ValueError, RuntimeError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(error_text(exc), print_exception=False) from None
 
-    def _next_token(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
-                    k: int = 10) -> Any:
+    def _next_token(self, prompt: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
+                    k: int = 10, names: dict[str, str] = UI_NAMES) -> Any:
+        prompt = as_text(prompt, "prompt", none_ok=True, max_chars=API_TEXT_CHARS)
+        params = sampling_params(1, temperature, top_p, top_k, repetition_penalty, -1, names)
         lm = self.model.require()
-        if not (prompt or "").strip():
+        if not prompt.strip():
             raise ValueError("Type a text whose next token you want to see.")
-        params = sampling_params(1, temperature, top_p, top_k, repetition_penalty, -1)
         return next_token_candidates(lm, prompt, params, k=k)
 
     def next_token_update(self, prompt: str, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any):
@@ -515,12 +529,15 @@ class ChatHandlers:
         repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
         k: int = 10,
     ) -> list[dict]:
-        """API /next_token: the k most likely next tokens, each {token, token_id, prob, prob_temperature,
-        sampling_prob, removed_by} (removed_by: null, "top_k", "top_p" or "greedy")."""
+        """API /next_token: the k most likely next tokens after `prompt` (text, up to 10,000 characters),
+        each {token, token_id, prob, prob_temperature, sampling_prob, removed_by} (removed_by: null,
+        "top_k", "top_p" or "greedy"). k 1-1000; the sampling settings as for /chat."""
         try:
-            nt = self._next_token(prompt, temperature, top_p, top_k, repetition_penalty, k=as_int(k, "k"))
+            prompt = as_text(prompt, "prompt", max_chars=API_TEXT_CHARS)  # null too is refused here
+            nt = self._next_token(prompt, temperature, top_p, top_k, repetition_penalty,
+                                  k=as_int(k, "k", 1, MAX_CANDIDATES), names=API_NAMES)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(error_text(exc), print_exception=False) from None
         return [dict(token=c.token, token_id=c.token_id, prob=c.prob, prob_temperature=c.prob_temperature,
                      sampling_prob=c.sampling_prob, removed_by=c.removed_by) for c in nt.candidates]
 
@@ -593,7 +610,7 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                 retry = gr.Button("↻ Retry", elem_id="retry-btn")
                 undo = gr.Button("↩ Undo", elem_id="undo-btn")
                 clear = gr.Button("✕ Clear", elem_id="clear-btn")
-            gr.Examples(EXAMPLE_PROMPTS, inputs=[msg], label="Try one of these")
+            gr.Examples(EXAMPLE_PROMPTS, inputs=[msg], label="Try one of these", api_visibility="private")
             tokens = gr.HTML(token_preview_html(None, ""), label="Tokenization", elem_id="token-preview")
             with gr.Accordion("What comes next? Next-token probabilities under these sliders", open=True):
                 with gr.Row():

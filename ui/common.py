@@ -6,14 +6,18 @@ the groups are what keeps a chat from starving the Attention Lab.
 
 from __future__ import annotations
 
+import base64
 import functools
 import inspect
 import math
 import os
+import re
+import reprlib
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 
+from attention.plot import figure_bytes  # noqa: E402
 from generation.model import LoadedModel, load_model  # noqa: E402
 from generation.settings import Settings  # noqa: E402
 
@@ -190,31 +195,155 @@ class ModelSlot:
         return f"{dot('#d97706')} Loading **{self.settings.model_id}** … ({time.perf_counter() - self.started_at:.0f} s)"
 
 
-def as_float(value: Any, name: str) -> float:
-    """A widget or API value -> a finite float, or ValueError naming the field and the problem."""
+# ---------------------------------------------------------------------------------------------
+# Values checked by type, and values echoed in error messages
+#
+# An API client can send anything JSON holds (and a widget's value can be edited in the browser).
+# Each check names the input and says what it accepts; a message quotes the refused value only
+# cut short and never as markup (gr.Error and gr.Warning render HTML), so a 100,000-character or
+# script-bearing value never comes back as a 100 KB message or as live HTML.
+
+QUOTE_CHARS = 40  # a quoted value is cut to about this many characters, then "…"
+MESSAGE_CHARS = 400  # any error message, the libraries' too, is cut to this many
+# A text input of an endpoint (other than a chat message, capped by its token budget) is at most
+# this long: each view reads only its first tokens, and a library's message may quote the text.
+API_TEXT_CHARS = 10_000
+_LONG_RUN = re.compile(r"\S{61,}")  # a run this long without a space is a value, not words
+_BIG_DIGITS = 15  # a longer integer is shown as a power of ten
+
+
+def _no_markup(text: str) -> str:
+    # As a Python literal writes them: unambiguous to read, inert in any HTML that shows it.
+    return text.replace("<", "\\x3c").replace(">", "\\x3e")
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`value` as an error message may show it: repr-like, cut to about `limit` characters (then
+    "…" and the full length), `<` and `>` escaped, a huge integer as a power of ten."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)  # short whatever the value: 1e+308, nan, inf
+    if isinstance(value, int):
+        digits = str(abs(value))
+        if len(digits) <= _BIG_DIGITS:
+            return str(value)
+        sign = "-" if value < 0 else ""
+        return f"{sign}{digits[0]}.{digits[1:3]}e+{len(digits) - 1} (an integer of {len(digits)} digits)"
+    if isinstance(value, str):
+        shown = _no_markup(repr(value[:limit]))  # escapes ("\\n", "\\x3c") can lengthen it: cut again
+        if len(value) <= limit and len(shown) <= limit + 10:
+            return shown
+        return f"{shown[:limit + 2]}… ({len(value):,} characters)"
+    short = reprlib.Repr()  # containers: the first few items, each cut short
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 2, limit, limit, 2 * _BIG_DIGITS
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    text = _no_markup(short.repr(value))
+    return text if len(text) <= 2 * limit else text[: 2 * limit] + "…"
+
+
+def kind(value: Any) -> str:
+    """What a JSON value is, in words: "null", "a boolean", "a number", "text", "a list", "an object"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _got(value: Any) -> str:
+    # A string or number speaks for itself; anything else also says what it is ("[1] (a list)").
+    shown = quote(value)
+    return shown if isinstance(value, (str, int, float)) and not isinstance(value, bool) else f"{shown} ({kind(value)})"
+
+
+def safe_text(message: str, limit: int = MESSAGE_CHARS) -> str:
+    """Any message made safe to show: no markup (`<`, `>` become ‹ ›), each run of more than 60
+    characters without a space cut (a value the library quoted in full), at most `limit` characters."""
+    text = str(message).replace("<", "‹").replace(">", "›")
+    text = _LONG_RUN.sub(lambda m: m[0][:60] + "…", text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _range(lo: float | None, hi: float | None, fmt: str) -> str:
+    if lo is not None and hi is not None:
+        return f" in [{lo:{fmt}}, {hi:{fmt}}]"
+    if lo is not None:
+        return f" >= {lo:{fmt}}"
+    return "" if hi is None else f" <= {hi:{fmt}}"
+
+
+def as_float(value: Any, name: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A widget or API value -> a finite float (in [lo, hi] when given), or ValueError naming the
+    field and what it accepts. Numbers and numeric text are read; a boolean is not a number."""
+    what = f"a number{_range(lo, hi, 'g')}"
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"{name} is empty; pick a value")
+        raise ValueError(f"{name} is empty; it must be {what}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be {what}, got {_got(value)}")
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ValueError(f"{name} must be a number, got {_got(value)}") from None
     # float("1e400") is inf and float("nan") is nan: neither is a setting anyone means.
     if not math.isfinite(f):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {_got(value)}")
+    if (lo is not None and f < lo) or (hi is not None and f > hi):
+        raise ValueError(f"{name} must be {what}, got {_got(value)}")
     return f
 
 
-def as_int(value: Any, name: str) -> int:
-    """A widget or API value -> an int (4.0 is fine, 4.5 is not); ValueError naming the field otherwise."""
-    f = as_float(value, name)
-    if f != int(f):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(f)
+def as_int(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    """A widget or API value -> an int (4.0 is fine, 4.5 is not), in [lo, hi] when given;
+    ValueError naming the field and what it accepts otherwise. A boolean is not a number."""
+    what = f"an integer{_range(lo, hi, 'd')}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        i = value  # exact, however long (float() would overflow)
+    elif value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{name} is empty; it must be {what}")
+    elif isinstance(value, (float, str)):
+        f = as_float(value, name)
+        if f != int(f):
+            raise ValueError(f"{name} must be a whole number, got {_got(value)}")
+        i = int(f)
+    else:
+        raise ValueError(f"{name} must be {what}, got {_got(value)}")
+    if (lo is not None and i < lo) or (hi is not None and i > hi):
+        raise ValueError(f"{name} must be {what}, got {_got(value)}")
+    return i
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A widget or API value -> a bool: true or false, or the text "true"/"false" (any case; what
+    a client that reads the API info as text sends). Numbers, lists and other text are refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {_got(value)}")
+
+
+def as_text(value: Any, name: str, *, max_chars: int | None = None, none_ok: bool = False) -> str:
+    """A widget or API value -> a string (None -> "" with none_ok), at most `max_chars` long;
+    ValueError naming the field otherwise. A number is not text."""
+    if value is None and none_ok:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text (a string), got {_got(value)}")
+    if max_chars is not None and len(value) > max_chars:
+        raise ValueError(f"{name} is {len(value):,} characters long; at most {max_chars:,} are accepted")
+    return value
 
 
 def error_text(exc: BaseException) -> str:
-    """The message of a ValueError or gr.Error (gr.Error keeps it in .message)."""
-    return getattr(exc, "message", None) or str(exc)
+    """The message of a ValueError or gr.Error (gr.Error keeps it in .message), safe to show (safe_text)."""
+    return safe_text(getattr(exc, "message", None) or str(exc))
 
 
 def session_key(request: Any) -> str:
@@ -222,9 +351,23 @@ def session_key(request: Any) -> str:
     return getattr(request, "session_hash", None) or str(id(request))
 
 
+def api_error(exc: Exception) -> gr.Error:
+    """The gr.Error an API client gets for `exc`: its message made safe (safe_text) for a gr.Error
+    or ValueError (bad input), else a line naming the failure without its details (they go to the
+    server's log): never a message-less error, never a traceback."""
+    if isinstance(exc, gr.Error):
+        return gr.Error(error_text(exc), title=exc.title, print_exception=False)
+    if isinstance(exc, ValueError):
+        return gr.Error(error_text(exc), title="Invalid input", print_exception=False)
+    traceback.print_exception(exc)
+    return gr.Error(f"The request failed on the server ({type(exc).__name__}); the server's log has the details.",
+                    title="Server error", print_exception=False)
+
+
 def typed_api(fn: Callable) -> Callable:
-    """`fn` with its string annotations evaluated: gr.api reads the return type from the raw
-    signature, and `from __future__ import annotations` would leave it as the string "str".
+    """`fn` as a public endpoint for gr.api: its string annotations evaluated (gr.api reads the
+    types from the raw signature, and `from __future__ import annotations` would leave them as
+    strings), and every exception turned into a gr.Error with a safe message (api_error).
 
     A generator stays a generator (gradio streams it and closes it on cancel); its return type is
     what each step yields (Iterator[str] -> str)."""
@@ -234,17 +377,37 @@ def typed_api(fn: Callable) -> Callable:
 
         @functools.wraps(fn)
         def stream(*args: Any, **kwargs: Any) -> Any:
-            yield from fn(*args, **kwargs)
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:  # GeneratorExit (a cancel) is no Exception: it passes
+                raise api_error(exc) from None
 
         stream.__signature__ = sig.replace(return_annotation=item)  # type: ignore[attr-defined]
         return stream
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise api_error(exc) from None
 
     call.__signature__ = sig  # type: ignore[attr-defined]
     return call
+
+
+class PlotPayload(typing.TypedDict):
+    """A figure as gr.Plot sends it to a client (and as the API info describes it)."""
+
+    type: typing.Literal["matplotlib"]
+    plot: str  # "data:image/png;base64,..."
+
+
+def plot_payload(fig: Any) -> PlotPayload:
+    """A matplotlib Figure as gr.Plot sends it to a client ({"type": "matplotlib", "plot": a PNG
+    data URL}): what a gr.api endpoint returns where a Plot output used to be."""
+    data = base64.b64encode(figure_bytes(fig, "png")).decode("ascii")
+    return {"type": "matplotlib", "plot": f"data:image/png;base64,{data}"}
 
 
 # Chat history as text (the chat and the inside view both read it)

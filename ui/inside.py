@@ -17,7 +17,22 @@ from attention.plot import figure_bytes, plot_head, plot_heads, weights_csv
 from generation.introspect import FullPrecisionCache, compare_quantization, model_attention, model_layers
 from generation.settings import Settings
 
-from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, error_text, last_exchange, pct
+from .common import (
+    API_TEXT_CHARS,
+    INSPECT_EVENTS,
+    PRIVATE,
+    ModelSlot,
+    PlotPayload,
+    as_bool,
+    as_int,
+    as_text,
+    error_text,
+    last_exchange,
+    pct,
+    plot_payload,
+    quote,
+    typed_api,
+)
 from .share import Field, bool_field, clamp_index, int_field, query_of, read_fields, text_field, warn
 from .teaching import TEACHING_FIELDS, TeachingHandlers, TeachingView, build_teaching
 
@@ -92,12 +107,20 @@ class InsideHandlers:
         self.full_precision = FullPrecisionCache()  # loaded on the first "What 4-bit costs" click
         self.teaching = TeachingHandlers(settings, model)  # every layer at once, heads off, while writing
 
-    def _map(self, text: str, layer: Any, hide_special: bool, history: list[Any] | None = None) -> Any:
+    def _map(self, text: Any, layer: Any, hide_special: Any, history: list[Any] | None = None) -> Any:
+        text = as_text(text, "text", none_ok=True, max_chars=API_TEXT_CHARS)
+        layer = as_int(layer, "layer")
+        hide_special = as_bool(hide_special, "hide_special")
         lm = self.model.require()
-        text = (text or "").strip() or last_exchange(history or [])
+        text = text.strip() or last_exchange(history or [])
         if not text:
             raise ValueError("Type a text (or chat first): there is nothing to run the model on.")
-        return model_attention(lm, text, layer=as_int(layer, "layer"), hide_special=bool(hide_special))
+        # The range is the loaded model's (another MODEL_ID has other layers); checked here so
+        # that a huge number is quoted short, in the library's words.
+        n = model_layers(lm)["n_layers"]
+        if not 0 <= layer < n:
+            raise ValueError(f"layer {quote(layer)} is out of range: this model has {n} layers, valid 0 to {n - 1}")
+        return model_attention(lm, text, layer=layer, hide_special=hide_special)
 
     @staticmethod
     def _map_figures(att: Any, head: Any) -> tuple[Any, Any, int]:
@@ -164,13 +187,17 @@ class InsideHandlers:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return self.inspect_update(text, layer, head, hide_special, history)
 
-    def model_attention_api(self, text: str, layer: Any = 0, hide_special: bool = True) -> Any:
-        """API /model_attention: the chat model's attention grid for `text` at `layer` (gr.Error on bad input)."""
+    def model_attention_api(self, text: str = DEFAULT_INSPECT_TEXT, layer: int = 0,
+                            hide_special: bool = True) -> PlotPayload:
+        """API /model_attention: the chat model's attention grid (every head of one layer) for `text`
+        (up to 10,000 characters; the first 64 tokens are drawn) at `layer` (0 to the model's layer
+        count - 1), as {"type": "matplotlib", "plot": a PNG data URL}. hide_special: true or false
+        (hide special tokens such as bos). gr.Error naming the input on bad values."""
         try:
-            att = self._map(text, layer, hide_special)
-            return self._map_figures(att, 0)[0]
+            att = self._map(as_text(text, "text", max_chars=API_TEXT_CHARS), layer, hide_special)
+            return plot_payload(self._map_figures(att, 0)[0])
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(error_text(exc), print_exception=False) from None
 
     def layer_slider(self) -> Any:
         """Layer slider fitted to the loaded model (unchanged while it loads)."""
@@ -299,12 +326,9 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
                                        show_label=False, interactive=False, elem_id="quant-table")
 
     inspect_auto = gr.State("")
-    # The API takes the layer as a plain integer (a hidden Number has no maximum): the slider's
-    # bound is frozen at build time, before the model says how many layers it has, and gradio
-    # validates API inputs against it. model_attention does the range check for the real model.
-    api_layer = gr.Number(0, visible=False, label="layer")  # no precision: 2.5 is refused, not rounded
-    gr.on([], state.model_attention_api, inputs=[inspect_text, api_layer, hide_special], outputs=[inspect_grid],
-          api_name="model_attention", **INSPECT_EVENTS)
+    # The API takes plain typed values and checks them itself, the layer against the loaded model
+    # (the slider's bound is frozen at build time, before the model says how many layers it has).
+    gr.api(typed_api(state.model_attention_api), api_name="model_attention", **INSPECT_EVENTS)
     quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **INSPECT_EVENTS, **PRIVATE)
     return InsideView(demo=demo, handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
                       head=inspect_head, hide_special=hide_special, show=show_map, notes=inspect_notes,

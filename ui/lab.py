@@ -16,9 +16,21 @@ from attention.lab import LabConfig, run_lab, tokenize, valid_head_counts
 from attention.plot import figure_bytes, plot_heads, plot_steps, weights_csv
 from attention.trace import explain_head
 
-from .common import LAB_EVENTS, PRIVATE, DownloadDir, as_float, as_int
-from .share import (Field, bool_field, clamp_index, float_field, int_field, query_of, read_fields, text_field,
-                    warn)
+from .common import (
+    API_TEXT_CHARS,
+    LAB_EVENTS,
+    PRIVATE,
+    DownloadDir,
+    PlotPayload,
+    as_bool,
+    as_float,
+    as_int,
+    as_text,
+    error_text,
+    plot_payload,
+    typed_api,
+)
+from .share import Field, bool_field, clamp_index, float_field, int_field, query_of, read_fields, text_field, warn
 
 # The notebook's sentence.
 DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
@@ -58,6 +70,9 @@ LAB_FIELDS: tuple[Field, ...] = (
     int_field("head", 0, 127, default=LAB_DEFAULTS["head"]),
 )
 
+# What /attention accepts: the lab's widget ranges (the library's own limits are wider).
+API_RANGES = dict(emb_dim=(4, 128), n_heads=(1, 128), n_kv_heads=(1, 16), dropout=(0.0, 0.5), seed=(0, 100))
+
 LAB_HELP = """
 **Try:** switch on the *causal mask* (a token may only look back), change the *seed* (new random
 projections → new patterns), lower *n_kv_heads* (grouped-query attention: query heads share keys and
@@ -77,14 +92,14 @@ def lab_config(
 ) -> LabConfig:
     """Widget values -> validated LabConfig (ValueError with the reason otherwise)."""
     return LabConfig(
-        text=text or "",
+        text=as_text(text, "text", none_ok=True),
         emb_dim=as_int(emb_dim, "emb_dim"),
         n_heads=as_int(n_heads, "n_heads"),
         n_kv_heads=as_int(n_kv_heads, "n_kv_heads"),
         dropout=as_float(dropout, "dropout"),
         seed=as_int(seed, "seed"),
-        causal=bool(causal),
-        multi_head=bool(multi_head),
+        causal=as_bool(causal, "causal"),
+        multi_head=as_bool(multi_head, "multi_head"),
     )
 
 
@@ -187,7 +202,7 @@ class LabHandlers:
             heat = lab_figure(cfg, result)
             steps = steps_figure(result, 0 if head is None or head == "" else head)
         except ValueError as exc:
-            gr.Warning(str(exc), title="Cannot make the files")
+            gr.Warning(error_text(exc), title="Cannot make the files")
             return gr.skip()
         n = int(result.weights.shape[0])
         h = min(max(as_int(0 if head is None or head == "" else head, "head"), 0), n - 1)
@@ -206,7 +221,7 @@ class LabHandlers:
         try:
             choices = valid_head_counts(as_int(emb_dim, "emb_dim"))
         except ValueError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(error_text(exc))
             return gr.skip()
         try:
             current = as_int(n_heads, "n_heads")
@@ -239,8 +254,8 @@ class LabHandlers:
             result = run_lab(cfg)
             heat = lab_figure(cfg, result)
         except ValueError as exc:
-            gr.Warning(str(exc), title="Invalid settings")
-            return gr.skip(), gr.skip(), f"**Not drawn:** {exc}", gr.skip(), None
+            gr.Warning(error_text(exc), title="Invalid settings")
+            return gr.skip(), gr.skip(), f"**Not drawn:** {error_text(exc)}", gr.skip(), None
         n_heads_out = int(result.weights.shape[0])
         return (
             heat,
@@ -259,7 +274,7 @@ class LabHandlers:
         try:
             return steps_figure(result, head)
         except ValueError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(error_text(exc))
             return gr.skip()
 
     def apply_setup(self, request: gr.Request) -> tuple[Any, ...]:
@@ -288,20 +303,29 @@ class LabHandlers:
     def attention_api(
         self,
         text: str = DEFAULT_SENTENCE,
-        emb_dim: float = 32,
-        n_heads: Any = 4,
-        n_kv_heads: Any = 4,
-        dropout: float = 0.0,
-        seed: float = 0,
-        causal: bool = False,
-        multi_head: bool = True,
-    ) -> Any:
-        """API /attention: slider values -> the per-head heatmap figure (gr.Error on bad values)."""
+        emb_dim: int = LAB_DEFAULTS["emb_dim"],
+        n_heads: int = LAB_DEFAULTS["n_heads"],
+        n_kv_heads: int = LAB_DEFAULTS["n_kv_heads"],
+        dropout: float = LAB_DEFAULTS["dropout"],
+        seed: int = LAB_DEFAULTS["seed"],
+        causal: bool = LAB_DEFAULTS["causal"],
+        multi_head: bool = LAB_DEFAULTS["multi_head"],
+    ) -> PlotPayload:
+        """API /attention: the lab's settings -> the per-head heatmaps as {"type": "matplotlib", "plot":
+        a PNG data URL}. text: up to 10,000 characters (the first 32 tokens are drawn); emb_dim 4-128;
+        n_heads 1-128, a divisor of emb_dim; n_kv_heads 1-16, a divisor of n_heads; dropout 0-0.5;
+        seed 0-100; causal, multi_head: true or false. gr.Error naming the input on bad values."""
         try:
-            cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
-            return lab_figure(cfg, run_lab(cfg))
+            r = API_RANGES
+            cfg = lab_config(
+                as_text(text, "text", max_chars=API_TEXT_CHARS), as_int(emb_dim, "emb_dim", *r["emb_dim"]),
+                as_int(n_heads, "n_heads", *r["n_heads"]), as_int(n_kv_heads, "n_kv_heads", *r["n_kv_heads"]),
+                as_float(dropout, "dropout", *r["dropout"]), as_int(seed, "seed", *r["seed"]),
+                as_bool(causal, "causal"), as_bool(multi_head, "multi_head"),
+            )
+            return plot_payload(lab_figure(cfg, run_lab(cfg)))
         except ValueError as exc:
-            raise gr.Error(str(exc), title="Invalid settings") from None
+            raise gr.Error(error_text(exc), title="Invalid settings", print_exception=False) from None
 
 
 @dataclass
@@ -372,8 +396,7 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
     explain = dict(fn=state.steps_update, inputs=[lab_result, head], outputs=[steps], show_progress="minimal",
                    api_visibility="private", **lab_kw)
     gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
-           multi_head.input, n_heads.input], **redraw, api_name="lab_update",
-          api_visibility="undocumented").then(**explain)
+           multi_head.input, n_heads.input], **redraw, **PRIVATE).then(**explain)
     # Handlers that may call gr.Warning go through the queue: toasts travel on its event stream.
     emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
                     api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
@@ -383,6 +406,8 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
     demo.load(state.apply_setup, None, [text, multi_head, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, head],
               show_progress="hidden", api_visibility="private", **lab_kw).then(
         **redraw, api_visibility="private").then(**explain)
-    gr.on([], state.attention_api, inputs=lab_inputs, outputs=[heatmaps], api_name="attention", **lab_kw)
+    # The endpoint takes plain typed values and checks them itself (the widgets' own checks would
+    # refuse bad input before it, with no message); its defaults are the widgets' first values.
+    gr.api(typed_api(state.attention_api), api_name="attention", **lab_kw)
     return LabView(inputs=[text, multi_head, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, head],
                    heatmaps=heatmaps, steps=steps)

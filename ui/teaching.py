@@ -37,6 +37,7 @@ from attention.plot import (
 from generation.introspect import model_layers
 from generation.prompt import Prompt, build_prompt
 from generation.settings import Settings
+from generation.teaching import MAX_NEW_TOKENS as ABLATE_MAX_NEW_TOKENS  # the continuation's cap
 from generation.teaching import (
     MODEL_VIEW_MAX_TOKENS,
     REPLY_MAX_TOKENS,
@@ -50,14 +51,19 @@ from generation.teaching import (
 )
 
 from .common import (
+    API_TEXT_CHARS,
     INSPECT_EVENTS,
     PRIVATE,
     DownloadDir,
     ModelSlot,
+    PlotPayload,
+    as_bool,
     as_int,
+    as_text,
     error_text,
     model_history,
     pct,
+    plot_payload,
     typed_api,
 )
 from .share import MAX_TEXT_CHARS, Field, query_of, read_fields, text_field, warn
@@ -67,6 +73,7 @@ DEFAULT_ABLATE_PROMPT = "The capital of France is"
 DEFAULT_ABLATE_HEADS = "5:*"  # all heads of layer 5, the default model's first global layer
 DEFAULT_NEW_TOKENS = 8
 ABLATE_K = 10  # candidates listed on each side
+ABLATE_MAX_K = 1000  # /ablate's k: the library's cap
 DEFAULT_LAYER = 5
 AVERAGE = -1  # the "head" value of the average over heads
 THUMB = 0.6  # inches per thumbnail: 18 layers fit one screen beside the large map
@@ -210,12 +217,14 @@ class TeachingHandlers:
 
     # -- 1. every layer at once ---------------------------------------------------------------
 
-    def _model_view(self, text: str, hide_special: Any, max_tokens: Any = MODEL_VIEW_MAX_TOKENS) -> ModelView:
+    def _model_view(self, text: Any, hide_special: Any, max_tokens: Any = MODEL_VIEW_MAX_TOKENS) -> ModelView:
+        text = as_text(text, "text", none_ok=True, max_chars=API_TEXT_CHARS).strip()
+        hide_special = as_bool(hide_special, "hide_special")
+        max_tokens = as_int(max_tokens, "max_tokens", 1, MODEL_VIEW_MAX_TOKENS)
         lm = self.model.require()
-        text = (text or "").strip()
         if not text:
             raise ValueError(f"Type a text to run the model on (the first {MODEL_VIEW_MAX_TOKENS} tokens are shown).")
-        return model_view(lm, text, max_tokens=as_int(max_tokens, "max_tokens"), hide_special=bool(hide_special))
+        return model_view(lm, text, max_tokens=max_tokens, hide_special=hide_special)
 
     def _model_view_outputs(self, mv: ModelView, layer: Any, head: Any, scale: str, notes: str | None) -> tuple:
         """(grid, large map, notes, cells, layer slider, head slider, 5 download buttons)."""
@@ -275,28 +284,33 @@ class TeachingHandlers:
             gr.Warning(error_text(exc), title="Every layer at once")
             return (gr.skip(),) * 11
 
-    def model_view_api(self, text: str, hide_special: bool = True, max_tokens: Any = MODEL_VIEW_MAX_TOKENS):
-        """API /model_view: (the grid figure, {"shape": [L, H, T, T], "tokens", "layer_kinds", "kv_groups",
-        "notice"}); gr.Error with the reason on bad input."""
+    def model_view_api(self, text: str = DEFAULT_MV_TEXT, hide_special: bool = True,
+                       max_tokens: int = MODEL_VIEW_MAX_TOKENS) -> tuple[PlotPayload, dict[str, Any]]:
+        """API /model_view: every layer's and head's attention for `text` (up to 10,000 characters; its
+        first max_tokens tokens, 1-64) -> (the grid as {"type": "matplotlib", "plot": a PNG data URL},
+        {"shape": [L, H, T, T], "tokens", "layer_kinds", "kv_groups", "notice"}). hide_special: true or
+        false. gr.Error naming the input on bad values."""
         try:
-            mv = self._model_view(text, hide_special, max_tokens)
+            mv = self._model_view(as_text(text, "text", max_chars=API_TEXT_CHARS), hide_special, max_tokens)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(error_text(exc), print_exception=False) from None
         info = {"shape": list(mv.shape), "tokens": mv.tokens, "layer_kinds": mv.layer_kinds,
                 "kv_groups": mv.kv_groups, "notice": mv.notice}
-        return grid_figure(mv), info
+        return plot_payload(grid_figure(mv)), info
 
     # -- 2. switch heads off ------------------------------------------------------------------
 
-    def _ablate(self, prompt: str, heads: str, new_tokens: Any, k: Any = ABLATE_K) -> Ablation:
+    def _ablate(self, prompt: Any, heads: Any, new_tokens: Any, k: Any = ABLATE_K) -> Ablation:
+        prompt = as_text(prompt, "prompt", none_ok=True, max_chars=API_TEXT_CHARS)
+        heads = as_text(heads, "heads", max_chars=API_TEXT_CHARS)  # its syntax is parse_heads' to check
+        k = as_int(k, "k", 1, ABLATE_MAX_K)
+        new_tokens = as_int(new_tokens, "new_tokens", 1, ABLATE_MAX_NEW_TOKENS)
         lm = self.model.require()
-        if not (prompt or "").strip():
+        if not prompt.strip():
             raise ValueError("Type a prompt: the model predicts what comes after it.")
-        if not isinstance(heads, str):
-            raise ValueError(f'heads must be text such as "5:*" or "3:1, 11:0", got {type(heads).__name__}')
         info = model_layers(lm)
         pairs = parse_heads(heads, info["n_layers"], info["n_heads"])
-        return ablate_heads(lm, prompt, pairs, k=as_int(k, "k"), new_tokens=as_int(new_tokens, "new tokens"))
+        return ablate_heads(lm, prompt, pairs, k=k, new_tokens=new_tokens)
 
     @staticmethod
     def ablation_tables(ab: Ablation, k: int = ABLATE_K) -> tuple[list[list[str]], list[list[str]]]:
@@ -333,7 +347,7 @@ class TeachingHandlers:
         try:
             return f"{as_int(layer, 'layer')}:*"
         except ValueError as exc:
-            gr.Warning(str(exc), title="Switch heads off")
+            gr.Warning(error_text(exc), title="Switch heads off")
             return gr.skip()
 
     def preset_head(self, head: Any) -> Any:
@@ -341,7 +355,7 @@ class TeachingHandlers:
         try:
             return f"*:{as_int(head, 'head')}"
         except ValueError as exc:
-            gr.Warning(str(exc), title="Switch heads off")
+            gr.Warning(error_text(exc), title="Switch heads off")
             return gr.skip()
 
     def ablate_api(self, prompt: str = DEFAULT_ABLATE_PROMPT, heads: str = DEFAULT_ABLATE_HEADS,
@@ -352,10 +366,11 @@ class TeachingHandlers:
         token_id, p, rank}, "continuation_plain", "continuation_ablated" (greedy, new_tokens tokens at
         most), "prompt_tokens", "notice"}. gr.Error with the reason on bad input."""
         try:
-            k = as_int(k, "k")
+            prompt = as_text(prompt, "prompt", max_chars=API_TEXT_CHARS)  # null too is refused here
+            k = as_int(k, "k", 1, ABLATE_MAX_K)
             ab = self._ablate(prompt, heads, new_tokens, k)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(error_text(exc), print_exception=False) from None
         side = {"plain": ("rank_plain", "p_plain"), "ablated": ("rank_ablated", "p_ablated")}
         out: dict[str, Any] = {"heads": [list(p) for p in ab.heads], "spec": ab.spec, "kl": ab.kl_plain_to_ablated,
                                "top1_changed": ab.top1_changed}
@@ -595,13 +610,9 @@ def _build_model_view(state: TeachingHandlers) -> dict[str, Any]:
     grid.select(state.model_view_select, [mv_state, cells, scale], draw, **INSPECT_EVENTS, **PRIVATE)
     gr.on([layer.release, head.release, scale.input], state.model_view_pick, [mv_state, scale, layer, head], draw,
           **INSPECT_EVENTS, **PRIVATE)
-    # The API takes plain values with defaults (hidden widgets: the sliders' bounds are frozen at
-    # build time and gradio would check API inputs against them).
-    api_in = [gr.Textbox(DEFAULT_MV_TEXT, visible=False, label="text"),
-              gr.Checkbox(True, visible=False, label="hide_special"),
-              gr.Number(MODEL_VIEW_MAX_TOKENS, visible=False, label="max_tokens")]
-    api_out = [gr.Plot(visible=False, format="png", label="grid"), gr.JSON(visible=False, label="info")]
-    gr.on([], state.model_view_api, api_in, api_out, api_name="model_view", **INSPECT_EVENTS)
+    # The API takes plain typed values with defaults and checks them itself (widgets would check
+    # API input against their build-time bounds first, with no message).
+    gr.api(typed_api(state.model_view_api), api_name="model_view", **INSPECT_EVENTS)
     return dict(text=text, inputs=inputs, outputs=outputs, sliders=[layer, head])
 
 
