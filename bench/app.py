@@ -84,7 +84,7 @@ def chat_first_token(state: app.AppState, repeats: int) -> list[tuple[float, flo
         t0 = time.perf_counter()
         first = None
         stats = ""
-        for hist, _, user_stats, _ in state.chat.bot_turn(True, history, 0, "", 48, 0.0, 0.95, 0, 1.0, -1, _Req()):
+        for hist, _, user_stats, _ in state.chat.bot_turn(True, history, 0, "", 48, 0.0, 0.95, 0, 1.0, -1, 0, _Req()):
             if first is None and len(hist) > 1:
                 first = time.perf_counter() - t0
             if isinstance(user_stats, str):

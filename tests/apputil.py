@@ -155,7 +155,7 @@ def plot_png(payload: dict):
 
 
 def assert_same_picture(payload: dict, fig) -> None:
-    """The API's figure is `fig`, drawn here by the same code (gradio sends `fig.savefig(png)`).
+    """The API's figure is `fig` (a matplotlib Figure drawn here by the same code, or a payload).
 
     Same size, and pixels equal up to anti-aliasing: the server may compute the weights on another
     number of threads, which can move a colour by a level in a cell (mean difference < 1 of 255),
@@ -165,10 +165,13 @@ def assert_same_picture(payload: dict, fig) -> None:
     import numpy as np
     from PIL import Image
 
+    from attention.plot import figure_bytes
+
     got = plot_png(payload).convert("RGB")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    want = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if isinstance(fig, dict):
+        want = plot_png(fig).convert("RGB")
+    else:
+        want = Image.open(io.BytesIO(figure_bytes(fig, "png"))).convert("RGB")
     assert got.size == want.size, (got.size, want.size)
     diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16))
     assert diff.mean() < 1.0, f"the pictures differ (mean {diff.mean():.2f} of 255)"

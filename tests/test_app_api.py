@@ -129,16 +129,32 @@ def _wait_generating(client, want: int, timeout_s: float) -> int:
     return n
 
 
+def start_endless_chat(app_server, client):  # noqa: F811
+    """A chat that cannot end before MAX_NEW_TOKENS (min_new_tokens = max_new_tokens), once it is
+    generating; (its job, the engine's token count before it)."""
+    from ui.chat import MAX_NEW_TOKENS
+
+    assert _wait_generating(client, 0, 120.0) == 0, "another chat is still running"
+    before = client.predict(api_name="/model_status")["tokens_generated"]
+    job = Client(app_server.url, verbose=False).submit(
+        "Tell me a long story about a dragon.", max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+        api_name="/chat")
+    assert _wait_generating(client, 1, 120.0) == 1, "the chat never started generating"
+    return job, before
+
+
 def test_cancelled_chat_job_frees_the_worker(app_server, client):  # noqa: F811
-    chat_client = Client(app_server.url, verbose=False)
-    job = chat_client.submit("Tell me a long story about a dragon who learns to fly.", max_new_tokens=400,
-                             temperature=1.3, top_p=1.0, seed=2, api_name="/chat")  # seeded: a reply that runs long
-    assert _wait_generating(client, 1, 60.0) == 1, "the chat never started generating"
-    time.sleep(1.0)  # some tokens in: the job is streaming
+    from ui.chat import MAX_NEW_TOKENS
+
+    job, before = start_endless_chat(app_server, client)
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:  # some tokens in: the job is streaming
+        time.sleep(0.05)
     assert not job.done()
     job.cancel()
-    # 400 tokens take ~15 s here; a freed worker ends within a token or two.
-    assert _wait_generating(client, 0, 5.0) == 0, "the request kept generating after cancel"
+    assert _wait_generating(client, 0, 120.0) == 0, "the request kept generating after cancel"
+    written = client.predict(api_name="/model_status")["tokens_generated"] - before
+    assert 0 < written < MAX_NEW_TOKENS, "the request ran to its end: cancel did not stop it"
     # and the slot serves the next caller
     assert client.predict("Hello!", max_new_tokens=4, api_name="/chat").strip()
 
@@ -171,13 +187,21 @@ def test_simultaneous_chats_are_answered_together(app_server, client):  # noqa: 
 # /attention
 
 
-def test_attention_returns_the_heatmap_figure(client):
-    from ui.lab import LabHandlers
+def lab_picture(*args):
+    """The lab's figure for these slider values, drawn here from attention/ directly."""
+    from attention.lab import run_lab
+    from ui.lab import lab_config, lab_figure
 
-    assert_same_picture(client.predict(api_name="/attention"), LabHandlers().attention_api())
+    cfg = lab_config(*args)
+    return lab_figure(cfg, run_lab(cfg))
+
+
+def test_attention_returns_the_heatmap_figure(client):
+    default = ("The cat sat on the mat because it was tired.", 32, 4, 4, 0.0, 0, False, True)
+    assert_same_picture(client.predict(api_name="/attention"), lab_picture(*default))
     args = ("The cat sat on the mat because it was tired.", 32, 4, 4, 0.0, 5, False, True)
     other = client.predict(*args, api_name="/attention")
-    assert_same_picture(other, LabHandlers().attention_api(*args))
+    assert_same_picture(other, lab_picture(*args))
     assert _png(other).tobytes() != _png(client.predict(api_name="/attention")).tobytes()  # another seed
 
 
@@ -186,10 +210,8 @@ def test_attention_returns_the_heatmap_figure(client):
     [(32, 8, 2, True), (12, 3, 3, True), (16, 1, 1, True), (8, 4, 4, False)],
 )
 def test_attention_layouts(client, emb_dim, n_heads, n_kv_heads, multi_head):
-    from ui.lab import LabHandlers
-
     args = ("Attention is all you need.", emb_dim, n_heads, n_kv_heads, 0.1, 1, True, multi_head)
-    assert_same_picture(client.predict(*args, api_name="/attention"), LabHandlers().attention_api(*args))
+    assert_same_picture(client.predict(*args, api_name="/attention"), lab_picture(*args))
 
 
 @pytest.mark.parametrize(
@@ -322,21 +344,15 @@ def test_next_token_bad_input_is_a_clear_error(client):
 # Many users
 
 
-def test_lab_is_not_stuck_behind_a_chat(app_server):  # noqa: F811
-    chat_client = Client(app_server.url, verbose=False)
-    lab_client = Client(app_server.url, verbose=False)
-    job = chat_client.submit("Write a long story about a dragon.", max_new_tokens=120, temperature=0.0,
-                             api_name="/chat")
-    deadline = time.monotonic() + 30
-    while job.status().code.name not in ("PROCESSING", "ITERATING") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    t0 = time.perf_counter()
-    lab_client.predict(api_name="/attention")
-    lab_s = time.perf_counter() - t0
-    chat_done = job.done()
-    job.result(timeout=300)
-    assert not chat_done, "the chat finished before the lab call; the test proved nothing"
-    assert lab_s < 10
+def test_lab_is_not_stuck_behind_a_chat(app_server, client):  # noqa: F811
+    """The lab has its own slots: it answers while a chat that cannot end early is generating."""
+    job, _ = start_endless_chat(app_server, client)
+    try:
+        Client(app_server.url, verbose=False).predict(api_name="/attention")
+        assert not job.done() and _generating(client) == 1, "the lab call waited for the chat"
+    finally:
+        job.cancel()
+        assert _wait_generating(client, 0, 120.0) == 0
 
 
 @pytest.mark.slow
@@ -344,22 +360,22 @@ def test_full_queue_gives_a_clear_message():
     server = start_app({"QUEUE_SIZE": "1", "CHAT_CONCURRENCY": "1"})
     try:
         clients = [Client(server.url, verbose=False) for _ in range(3)]
-        first = clients[0].submit("Write a long story.", max_new_tokens=200, api_name="/chat")
-        # Wait until the first job holds the only chat slot (not a fixed sleep: a short reply could
-        # already be over), then fill the one waiting place and knock at the full queue at once.
-        deadline = time.monotonic() + 60
-        while first.status().code not in (Status.PROCESSING, Status.ITERATING, Status.FINISHED):
+        # A first chat that cannot end before the full queue is tested holds the only chat slot;
+        # then the one waiting place is filled and a third knocks at the full queue.
+        first = clients[0].submit("Write a long story.", max_new_tokens=512, min_new_tokens=512, api_name="/chat")
+        deadline = time.monotonic() + 120
+        while first.status().code not in (Status.PROCESSING, Status.ITERATING):
             assert time.monotonic() < deadline, "the first chat never started"
             time.sleep(0.02)
         second = clients[1].submit("Write a long story.", max_new_tokens=20, api_name="/chat")
         while second.status().code not in (Status.IN_QUEUE, Status.PROCESSING, Status.ITERATING, Status.FINISHED):
             assert time.monotonic() < deadline, "the second chat never joined the queue"
             time.sleep(0.01)
-        jobs = [first, second]
+        assert not first.done()
         with pytest.raises(Exception, match="[Qq]ueue is full"):
             clients[2].predict("Hi", max_new_tokens=2, api_name="/chat")
-        for j in jobs:
-            assert isinstance(j.result(timeout=300), str)
+        first.cancel()
+        assert isinstance(second.result(timeout=300), str)  # the waiting one is served next
     finally:
         server.stop()
 

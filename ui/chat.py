@@ -57,7 +57,7 @@ MAX_TOP_K = 1000
 # Sampling settings as each side names them in its messages: the UI by its labels, the API by its
 # parameter names.
 UI_NAMES = dict(max_new_tokens="max new tokens", temperature="temperature", top_p="top-p", top_k="top-k",
-                repetition_penalty="repetition penalty", seed="seed")
+                repetition_penalty="repetition penalty", seed="seed", min_new_tokens="min new tokens")
 API_NAMES = {name: name for name in UI_NAMES}
 
 # The notebook's prompts and sampling defaults.
@@ -82,14 +82,19 @@ BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
 
 def sampling_params(
     max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any,
-    names: dict[str, str] = UI_NAMES,
+    names: dict[str, str] = UI_NAMES, min_new_tokens: Any = 0,
 ) -> SamplingParams:
     """Widget or API values -> validated SamplingParams (ValueError naming the setting by `names`
     otherwise). A negative or empty seed means a random one; the floats' ranges are the library's."""
     n = names
     seed_val = None if seed is None or seed == "" else as_int(seed, n["seed"], hi=MAX_SEED)
+    most = as_int(max_new_tokens, n["max_new_tokens"], 1, MAX_NEW_TOKENS)
+    least = as_int(min_new_tokens, n["min_new_tokens"], 0, MAX_NEW_TOKENS)
+    if least > most:
+        raise ValueError(f"{n['min_new_tokens']} ({least}) cannot be more than {n['max_new_tokens']} ({most})")
     return SamplingParams(
-        max_new_tokens=as_int(max_new_tokens, n["max_new_tokens"], 1, MAX_NEW_TOKENS),
+        max_new_tokens=most,
+        min_new_tokens=least,
         temperature=as_float(temperature, n["temperature"]),
         top_p=as_float(top_p, n["top_p"]),
         top_k=as_int(top_k, n["top_k"], 0, MAX_TOP_K),
@@ -366,6 +371,7 @@ class ChatHandlers:
         top_k: float,
         repetition_penalty: float,
         seed: Any,
+        min_new_tokens: Any,
         request: gr.Request,
     ) -> Iterator[tuple[Any, Any, Any]]:
         """Stream the assistant's reply to the last user turn into the chatbot; `replies` counts
@@ -375,12 +381,12 @@ class ChatHandlers:
         key = session_key(request)
         try:
             yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, key)
+                                      repetition_penalty, seed, min_new_tokens, key)
         finally:
             self.stops.done(key, self.stops.current(key))
 
     def _bot_turn(self, history, replies, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                  key: str) -> Iterator[tuple[Any, Any, Any]]:
+                  min_new_tokens, key: str) -> Iterator[tuple[Any, Any, Any]]:
         if not history:
             return
         turns = model_history(history)
@@ -392,7 +398,8 @@ class ChatHandlers:
             gr.Warning(error_text(exc), title="Model loading")
             return
         try:
-            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                                     min_new_tokens=min_new_tokens)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Invalid sampling settings")
             return
@@ -466,19 +473,22 @@ class ChatHandlers:
         top_k: int = DEFAULT_PARAMS.top_k,
         repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
         seed: int = -1,
+        min_new_tokens: int = 0,
     ) -> Iterator[str]:
         """API /chat: one message (plus optional system prompt and sampling settings) -> the reply.
 
         Streams the growing reply; `client.predict` returns the final one. message, system: text;
         max_new_tokens 1-512; temperature 0-2 (0 = greedy); top_p in (0, 1]; top_k 0-1000 (0 = off);
-        repetition_penalty 1-2; seed: an integer, < 0 = random. A cancelled job closes this
+        repetition_penalty 1-2; seed: an integer, < 0 = random; min_new_tokens 0-max_new_tokens:
+        the reply cannot end (end of sequence, end of turn) before that many tokens. A cancelled job closes this
         generator, which stops the worker at the next token. Errors (model loading, empty or
         oversized message, bad values) come back as a gr.Error naming the input.
         """
         try:
             text = self._check_message(message)
             system = as_text(system, "system", none_ok=True, max_chars=API_TEXT_CHARS).strip() or None
-            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, API_NAMES)
+            params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, API_NAMES,
+                                     min_new_tokens)
             backend = self.backend.get()
             gen = backend.stream_reply(text, (), system=system, params=params,
                                        max_input_tokens=self.settings.max_input_tokens)
@@ -550,7 +560,8 @@ class ChatHandlers:
         cancelled job really free its row; waiting: requests held until a row frees.
         summary: the local model (None until loaded); backend: "local engine ..." or the remote
         server's host and model (never its key); fast_decode: the local engine's fast CPU decode,
-        "on: ..." or "off: why" (None for a remote server).
+        "on: ..." or "off: why" (None for a remote server); tokens_generated: tokens the local
+        engine has written since it started, all users together (None for a remote server).
         """
         lm = self.model.lm
         remote = self.backend.remote
@@ -560,7 +571,8 @@ class ChatHandlers:
         return {"ready": ready, "error": error, "summary": lm.summary() if lm else None,
                 "generating": self.backend.active(), "waiting": self.backend.waiting(),
                 "backend": remote.describe() if remote is not None else (engine.describe() if engine else "local"),
-                "fast_decode": engine.fast_status if engine is not None else None}
+                "fast_decode": engine.fast_status if engine is not None else None,
+                "tokens_generated": engine.counters["tokens"] if engine is not None else None}
 
 
 @dataclass
@@ -635,11 +647,14 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
             rep = gr.Slider(1.0, 2.0, value=DEFAULT_PARAMS.repetition_penalty, step=0.05,
                             label="repetition penalty")
             seed_chat = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="chat-seed")
+            min_new = gr.Slider(0, MAX_NEW_TOKENS, value=DEFAULT_PARAMS.min_new_tokens, step=1,
+                                label="min new tokens", elem_id="min-new",
+                                info="the reply cannot end before (0 = the model decides)")
     go = gr.State(False)
 
     private = PRIVATE
     lab_kw = LAB_EVENTS  # turn bookkeeping is instant: it must not wait for a chat slot
-    sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat]
+    sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat, min_new]
     bot = dict(fn=state.bot_turn, inputs=[go, chatbot, bar.replies, *sampling],
                outputs=[chatbot, status, user_stats, bar.replies],
                show_progress="minimal", concurrency_id=CHAT_GROUP,
