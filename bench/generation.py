@@ -225,8 +225,9 @@ def decode_worker(lm) -> dict:
     import torch
 
     from generation import build_prompt
-    from generation.fastpath import (FastDecoder, QuantizedLMHead, accelerate_linear4bit, native_int8_status,
-                                     quantize_lm_head, restore_linear4bit)
+    from generation.fastpath import (FastDecoder, QuantizedLMHead, accelerate_linear4bit, quantize_lm_head,
+                                     restore_linear4bit)
+    from generation.kernels import native_int8_status
     from generation.stream import visible_text
 
     threads = torch.get_num_threads()
@@ -242,7 +243,7 @@ def decode_worker(lm) -> dict:
     t = time.perf_counter()
     head = quantize_lm_head(model)
     res["quantize_s"] = time.perf_counter() - t
-    res["head_kernel"] = native_int8_status()
+    res["head_kernel"] = str(native_int8_status())
     res["head_mib"] = head.nbytes / 2**20
     res["rss_head_mib"] = rss() - rss0
     decoders = {

@@ -8,7 +8,7 @@ thirty users both get them:
   one call, as the model's own forward makes it), into activation buffers reused every step;
 * no `generate()`/`forward()` machinery: no mask tensors, no cache objects, no per-step `isin`;
 * each layer's RMSNorms, residual adds, q/k norms and RoPE in three C calls that give torch's
-  bits (`generation.normkernels`, checked against torch on this machine first; torch's ops where
+  bits (`generation.kernels`, checked against torch on this machine first; torch's ops where
   they cannot be built or differ);
 * attention row by row with exactly the sdpa call the engine's model path makes
   (`decode_attention_rows`), so a row's numbers are the model path's, bit for bit, whatever else
@@ -43,7 +43,7 @@ from .fastpath import (
     prepare_layers,
     rope_tables,
 )
-from .normkernels import norm_kernels
+from .kernels import KernelStatus, norm_kernels
 from .sampling import BatchSampler, RowSampling, top_candidates
 
 __all__ = ["BatchDecodeStep", "one_thread_here", "pick_tokens", "single_threaded"]
@@ -89,8 +89,10 @@ class BatchDecodeStep:
         self._fused = [(FusedNF4Linear(L.q, L.k, L.v), FusedNF4Linear(L.gate, L.up)) for L in self.layers]
         self.fused_bytes = sum(a.nbytes + b.nbytes for a, b in self._fused)
         self.exact_attention = exact_attention
-        self._kernels, self.norm_status = (norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim,
-                                                        self.eps) if native_norms else (None, "torch ops"))
+        # norm_status: which norms run (KernelStatus), and why
+        self._kernels, self.norm_status = (
+            norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim, self.eps) if native_norms
+            else (None, KernelStatus("torch ops", False, "native norms not asked for")))
         self.max_len = 0
         self._cos: dict = {}
         self._sin_signed: dict = {}

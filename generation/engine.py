@@ -702,7 +702,8 @@ class ChatEngine:
         t0 = time.perf_counter()
         try:
             from .batchstep import BatchDecodeStep
-            from .fastpath import native_int8_status, quantize_lm_head
+            from .fastpath import quantize_lm_head
+            from .kernels import native_int8_status
 
             step = BatchDecodeStep(self.model)
             head = quantize_lm_head(self.model)
@@ -711,9 +712,9 @@ class ChatEngine:
             self.fast_status = f"off: {type(exc).__name__}: {exc}"
             return
         self._step, self._head = step, head
-        self.fast_status = (f"on: lean batched step ({step.norm_status.split(' (')[0]}), "
-                            f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, "
-                            f"{native_int8_status().split(' (')[0]}), ready in {time.perf_counter() - t0:.1f} s")
+        self.fast_status = (f"on: lean batched step ({step.norm_status.short}), "
+                            f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, {native_int8_status().short}), "
+                            f"ready in {time.perf_counter() - t0:.1f} s")
         log.info("chat engine fast CPU decode %s", self.fast_status)
 
     def _loop(self, until_idle: bool = False) -> None:

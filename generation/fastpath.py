@@ -3,7 +3,8 @@
 1. The logits (`quantize_lm_head` -> `QuantizedHead`). Gemma ties its 262,144 x 640 LM head to
    the embedding and bitsandbytes keeps it in bf16: 335 MB read per token, ~25 ms here. The head
    gets its own int8 copy (one scale per output row), used only for the output projection; the
-   embedding keeps its exact bf16 weights. Greedy decoding stays exactly the bf16 head's argmax
+   embedding keeps its exact bf16 weights (multiplied by the AVX512-VNNI kernel of
+   `generation.kernels` where it runs here, else by torch's int8 kernel). Greedy decoding stays exactly the bf16 head's argmax
    (`QuantizedHead.greedy_token`: the best candidates are recomputed from the exact weights and an
    error bound proves the winner).
 2. The 4-bit layers (`NF4Linear`, `accelerate_linear4bit`). bitsandbytes' own CPU NF4 kernel is
@@ -20,18 +21,13 @@ embedding (only `accelerate_linear4bit`, opt-in, swaps the class of the existing
 from __future__ import annotations
 
 import ctypes as ct
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import native_int8_kernel
 
 __all__ = [
     "RESCORE_K",
@@ -43,238 +39,11 @@ __all__ = [
     "accelerate_linear4bit",
     "argmax_first",
     "fast_path_supported",
-    "native_int8_kernel",
-    "native_int8_status",
     "prepare_layers",
     "quantize_lm_head",
     "restore_linear4bit",
     "rope_tables",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# A small native kernel for the int8 head
-
-# torch's int8 weight-only kernels (aten._weight_int8pack_mm, fbgemm's dynamic linear, _int_mm)
-# take ~12 ms for the 262,144 x 640 head on this 2-core AVX-512 EPYC at one row, and they and the
-# bf16 head grow with the rows (bf16 F.linear: 20 ms at 1 row, 42 at 30). This kernel multiplies
-# with AVX512-VNNI (vpdpbusd, 64 multiply-adds per instruction) against the activations split in
-# two int8 levels (x ~= s1*q1 + s2*q2, relative error <= 2**-16). The codes are stored in the
-# order it reads them, tiles of 16 vocabulary rows x 4 columns (one int32 lane per vocabulary
-# row), so a register accumulates 16 logits at once and is reused for up to 6 activation rows:
-# no horizontal sums; a tile comes from memory once, then from L1 for every further 6 rows. One
-# row: memory-bound, ~4 ms; 30 rows ~26 ms (an earlier layout with a horizontal sum per logit
-# took 46). Compiled once with the system C compiler (the same dependency torch.compile has on
-# CPU); without a compiler, or without AVX512-VNNI, the head uses aten._weight_int8pack_mm on the
-# row layout.
-_NATIVE_SRC = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <math.h>
-#include <immintrin.h>
-
-#define NB 16       /* vocabulary rows per tile: one int32 lane each */
-#define PF 4096     /* prefetch distance, bytes */
-
-/* x (M, K) fp32 -> two signed int8 levels: x ~= s1 * q1 + s2 * q2, s2 = s1 / 254; qsum = their sums.
-   The levels go straight into the kernel's read order xp (K/4, M, 2, 4): for each group of 4
-   columns, every row's 4 level-1 bytes then its 4 level-2 bytes. */
-static void split_rows(int64_t M, int64_t K, const float *x, int8_t *xp, float *xs, int32_t *qsum) {
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-        float s1 = amax > 0.f ? amax / 127.f : 1.f, s2 = s1 / 254.f;
-        int32_t c1 = 0, c2 = 0;
-        for (int64_t k = 0; k < K; k++) {
-            float a = fminf(fmaxf(nearbyintf(xr[k] / s1), -127.f), 127.f);
-            float b = fminf(fmaxf(nearbyintf((xr[k] - a * s1) / s2), -127.f), 127.f);
-            int8_t *q = xp + ((k / 4) * M + m) * 8 + k % 4;
-            q[0] = (int8_t)a;
-            q[4] = (int8_t)b;
-            c1 += (int32_t)a;
-            c2 += (int32_t)b;
-        }
-        xs[2 * m] = s1;
-        xs[2 * m + 1] = s2;
-        qsum[2 * m] = c1;
-        qsum[2 * m + 1] = c2;
-    }
-}
-
-/* One tile of 16 vocabulary rows (K/4 groups of 16 x 4 codes) against R activation rows from m0
-   (R <= 6: 12 accumulators stay in registers). xp: the activations packed as (K/4, M, 2, 4) bytes. */
-#define TILE_ROWS_FN(R) \
-static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0, const int8_t *tile, \
-                          const int8_t *xp, const float *xs, const int32_t *qsum, const float *wscale, float *out) { \
-    const __m512i flip = _mm512_set1_epi8((char)0x80); \
-    __m512i a10 = _mm512_setzero_si512(), a20 = a10, a11 = a10, a21 = a10, a12 = a10, a22 = a10, \
-            a13 = a10, a23 = a10, a14 = a10, a24 = a10, a15 = a10, a25 = a10; \
-    const int8_t *p = xp + m0 * 8; \
-    for (int64_t g = 0; g < K / 4; g++, p += M * 8) { \
-        _mm_prefetch((const char *)(tile + 64 * g + PF), _MM_HINT_T0); \
-        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * g)), flip); \
-        FOR_ROWS(STEP, R) \
-    } \
-    __m512 ws = _mm512_loadu_ps(wscale + n); \
-    FOR_ROWS(FINISH, R) \
-}
-/* OP(row, its level-1 accumulator, its level-2 accumulator) for the first R rows */
-#define FOR_ROWS(OP, R) \
-    OP(0, a10, a20) if (R > 1) OP(1, a11, a21) if (R > 2) OP(2, a12, a22) \
-    if (R > 3) OP(3, a13, a23) if (R > 4) OP(4, a14, a24) if (R > 5) OP(5, a15, a25)
-#define STEP(r, x1, x2) { \
-    x1 = _mm512_dpbusd_epi32(x1, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r))); \
-    x2 = _mm512_dpbusd_epi32(x2, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r + 4))); }
-/* vpdpbusd multiplies unsigned by signed bytes: the codes go in as w + 128 (the sign bit
-   flipped), so sum (w + 128) q = sum w q + 128 sum q; the correction is exact in int32, and
-   |sum w q| <= K * 127 * 127 < 2**24 makes the float conversion exact too */
-#define FINISH(r, x1, x2) { \
-    int64_t m = m0 + r; \
-    __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1, _mm512_set1_epi32(128 * qsum[2 * m]))); \
-    __m512 v2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x2, _mm512_set1_epi32(128 * qsum[2 * m + 1]))); \
-    __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(xs[2 * m]), v1), \
-                             _mm512_mul_ps(_mm512_set1_ps(xs[2 * m + 1]), v2)); \
-    _mm512_storeu_ps(out + m * N + n, _mm512_mul_ps(ws, s)); }
-TILE_ROWS_FN(1)
-TILE_ROWS_FN(2)
-TILE_ROWS_FN(3)
-TILE_ROWS_FN(4)
-TILE_ROWS_FN(5)
-TILE_ROWS_FN(6)
-
-/* out[m*N + n] = wscale[n] * sum_k xhat[m, k] * w[n, k]
-   w: int8 tiles (N/16, K/4, 16, 4); N % 16 == 0, K % 4 == 0, K <= 1024 (so that the int32 sums
-   above stay exact in float). */
-int int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *wscale,
-               float *out, int nthreads) {
-    size_t qbytes = ((size_t)(M * 2 * K) + 127) / 64 * 64;
-    int8_t *xp = (int8_t *)aligned_alloc(64, qbytes);
-    float *xs = (float *)malloc(sizeof(float) * 2 * M);
-    int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * 2 * M);
-    if (!xp || !xs || !qsum) { free(xp); free(xs); free(qsum); return -1; }
-    split_rows(M, K, x, xp, xs, qsum);
-    int64_t ntiles = N / NB;
-    #pragma omp parallel for schedule(static, 1024) num_threads(nthreads)  /* 10 MB a chunk: long streams for the prefetchers */
-    for (int64_t t = 0; t < ntiles; t++) {
-        const int8_t *tile = w + t * NB * K;
-        int64_t n = t * NB;
-        int64_t m0 = 0;
-        for (; m0 + 6 <= M; m0 += 6) tile_rows_6(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out);
-        switch (M - m0) {
-            case 5: tile_rows_5(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 4: tile_rows_4(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 3: tile_rows_3(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 2: tile_rows_2(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 1: tile_rows_1(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            default: break;
-        }
-    }
-    free(xp);
-    free(xs);
-    free(qsum);
-    return 0;
-}
-"""
-_native_lock = threading.Lock()
-_native_state: dict[str, object] = {}
-_NATIVE_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-
-
-def _native_cache_dir() -> Path:
-    """Where the compiled kernel is kept: the app's cache (ATTN_LAB_CACHE), folder kernels/."""
-    from .settings import Settings, _default_cache_dir
-
-    try:
-        root = Settings.from_env().cache_dir
-    except ValueError:
-        root = _default_cache_dir()
-    return Path(root) / "kernels"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def build_native(name: str, source: str, extra_flags: Sequence[str] = (), needs: Sequence[str] = ()) -> ct.CDLL:
-    """Compile C `source` into a shared library once per machine (cached by source, flags, compiler
-    and CPU flags in the app's cache, folder kernels/) and load it. RuntimeError where it cannot be
-    built here (this CPU lacks one of the CPU flags `needs`, no C compiler, the compiler fails)."""
-    flags = _cpu_flags()
-    missing = [f for f in needs if f not in flags]
-    if missing:
-        raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([source, *extra_flags, version, " ".join(sorted(flags))]).encode()).hexdigest()[:16]
-    folder = _native_cache_dir()
-    so = folder / f"{name}-{key}.so"
-    if not so.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
-            src = Path(tmp) / f"{name}.c"
-            src.write_text(source)
-            out = Path(tmp) / so.name
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", *extra_flags, "-shared", "-fPIC", str(src), "-o", str(out)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(f"compiling failed: {res.stderr.strip()[-300:]}")
-            os.replace(out, so)  # atomic; a concurrent builder writes the identical file
-    return ct.CDLL(str(so))
-
-
-def _build_native() -> Callable[..., int]:
-    lib = build_native("int8head", _NATIVE_SRC, needs=_NATIVE_FLAGS)
-    fn = lib.int8_head
-    fn.restype = ct.c_int  # -1: no memory for the packed activations
-    fn.argtypes = [ct.c_int64] * 3 + [ct.c_void_p] * 4 + [ct.c_int]
-    _native_state["lib"] = lib  # keep the library loaded
-    _native_state["status"] = f"native AVX512-VNNI int8 kernel ({lib._name})"
-    return fn
-
-
-def _native_enabled() -> bool:
-    from .settings import Settings
-
-    try:
-        return Settings.from_env().native_kernels
-    except ValueError:  # a malformed variable: the app reports it where it reads its settings
-        return True
-
-
-def native_int8_kernel() -> Callable[..., int] | None:
-    """The compiled int8 head kernel, or None where it cannot be built here (see native_int8_status).
-
-    Built once per machine (cached by source, compiler and CPU flags; ~1 s), loaded once per process.
-    ATTN_LAB_NATIVE=0 turns it off.
-    """
-    with _native_lock:
-        if "fn" not in _native_state:
-            fn = None
-            if not _native_enabled():
-                _native_state["status"] = "torch _weight_int8pack_mm (native kernel off: ATTN_LAB_NATIVE=0)"
-            else:
-                try:
-                    fn = _build_native()
-                except Exception as exc:  # any failure: torch's kernel instead, and say why
-                    _native_state["status"] = f"torch _weight_int8pack_mm (native kernel unavailable: {exc})"
-            _native_state["fn"] = fn
-        return _native_state["fn"]  # type: ignore[return-value]
-
-
-def native_int8_status() -> str:
-    """One line: which int8 head kernel runs here, and why."""
-    native_int8_kernel()
-    return str(_native_state["status"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +99,8 @@ class QuantizedHead:
         """hidden (..., D) -> logits (..., V) fp32; `out` (M, V) fp32 is filled and returned when given."""
         v, d = self.shape
         lead = hidden.shape[:-1]
-        fn = native_int8_kernel() if self.layout == "tiles" else None
-        if fn is None:
+        kernel = native_int8_kernel() if self.layout == "tiles" else None
+        if kernel is None:
             if self.layout != "rows":
                 raise RuntimeError("tiled int8 head without the native kernel")
             h2 = hidden.reshape(-1, d).to(torch.bfloat16).contiguous()
@@ -343,9 +112,7 @@ class QuantizedHead:
             out = torch.empty(h2.shape[0], v, dtype=torch.float32)
         elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != h2.shape[0] * v:
             raise ValueError(f"out must be a contiguous fp32 tensor of {h2.shape[0]} x {v} values")
-        if fn(h2.shape[0], v, d, h2.data_ptr(), self.codes.data_ptr(), self.scale.data_ptr(), out.data_ptr(),
-              torch.get_num_threads()):
-            raise MemoryError("int8_head: no memory for the packed activations")
+        kernel(h2, self.codes, self.scale, out, torch.get_num_threads())
         return out.view(*lead, v)
 
     def logits_exact_top(

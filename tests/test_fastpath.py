@@ -21,9 +21,9 @@ from generation.fastpath import (
     QuantizedLMHead,
     accelerate_linear4bit,
     argmax_first,
-    native_int8_kernel,
     quantize_lm_head,
 )
+from generation.kernels import native_int8_kernel
 
 NOTEBOOK_PROMPTS = [
     "What is the capital of France?",
