@@ -13,7 +13,7 @@ Every configuration runs in its own subprocess so its peak RSS is its own (ru_ma
   notebook  the original notebook's way on the NF4 model: transformers `pipeline("text-generation")`,
             its three prompts one after another, 128 new tokens, do_sample, T=0.7, top_p=0.95
   decode    single-stream greedy decode, NF4, one process, rounds interleaved (median of 3): today's
-            path (`generate()`), each lever of generation/fastpath.py alone, all of them, and
+            path (`generate()`), each lever (generation/decode/, bench/levers.py) alone, all of them, and
             llama.cpp (llama-cpp-python, requirements-bench.txt) on the embedded GGUF itself; same
             prompt ("What is the capital of France?" in the app's format, the same token ids for
             both), 128 new tokens, same threads; plus perplexity and top-1 agreement of the int8
@@ -126,7 +126,7 @@ def _perplexity(lm, heads=None) -> float | dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Single-stream greedy decode: today's path, the levers of generation/fastpath.py, llama.cpp
+# Single-stream greedy decode: today's path, the levers (generation/decode/, bench/levers.py), llama.cpp
 
 DECODE_ROUNDS = 5  # the median of 5 survives two rounds hit by a busy neighbour
 DECODE_CONFIGS = [  # (key, label)
@@ -198,8 +198,8 @@ def _engine_runner(lm):
     """(run(ids) -> (figures, tokens), status()): one greedy reply of NEW_TOKENS tokens from the app's
     ChatEngine, its loop in this (the main) thread as `python app.py` runs it, paused between rounds
     (run_here(until_idle=True)) so that its rounds interleave with the others."""
+    from generation.decode import accelerate_linear4bit, restore_linear4bit
     from generation.engine import ChatEngine
-    from generation.fastpath import accelerate_linear4bit, restore_linear4bit
     from generation.sampling import SamplingParams
 
     engine = ChatEngine(lm, autostart=False)
@@ -225,8 +225,8 @@ def decode_worker(lm) -> dict:
     import torch
 
     from generation import build_prompt
-    from generation.fastpath import (FastDecoder, QuantizedLMHead, accelerate_linear4bit, quantize_lm_head,
-                                     restore_linear4bit)
+    from generation.decode import QuantizedLMHead, accelerate_linear4bit, quantize_lm_head, restore_linear4bit
+    from levers import FastDecoder
     from generation.kernels import native_int8_status
     from generation.stream import visible_text
 

@@ -183,7 +183,7 @@ def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2, today: boo
     as they were before the fast path: `restore_linear4bit` for those rounds; unless today=False)
     and each engine in `engines` ({name: ChatEngine}); decode tokens/s pooled over the prompts,
     median first token."""
-    from generation.fastpath import accelerate_linear4bit, restore_linear4bit
+    from generation.decode import accelerate_linear4bit, restore_linear4bit
     from generation.sampling import SamplingParams
     from generation.stream import ReplyStats, stream_reply
 
@@ -377,7 +377,7 @@ def main() -> int:
     # in the main thread (ChatEngine.run_here), the users in other threads.
     # The engine without its fast decode (the model's own forward and bf16 head) in its own thread,
     # closed before the fast one runs: a second thread with a live OpenMP team of its own would
-    # slow the main thread's parallel regions (see generation/batchstep.py `single_threaded`).
+    # slow the main thread's parallel regions (see generation/decode/lean.py `single_threaded`).
     single = bench_single(lm, {}, args.new_tokens)
     with ChatEngine(lm, max_batch=args.max_batch, fast=False) as plain:
         single.update(bench_single(lm, {"plain": plain}, args.new_tokens, today=False))

@@ -338,7 +338,7 @@ def load_model(
         # bitsandbytes repacks CPU NF4 weights on a layer's first forward; doing it here, once, before
         # the model is shared, also lets each Linear4bit call that kernel without the Python around it
         # (same module, same bytes, bit-equal results; see generation/fastpath.py).
-        from .fastpath import accelerate_linear4bit
+        from .decode.nf4 import accelerate_linear4bit
 
         accelerate_linear4bit(model)
 

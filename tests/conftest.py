@@ -153,9 +153,9 @@ def lm_full():
 
 @pytest.fixture(scope="session")
 def fast_model(lm4):
-    """The default NF4 model, where the fast decode (generation/fastpath.py) can run it here; skips
+    """The default NF4 model, where the lean decode (generation/decode/) can run it here; skips
     otherwise (it needs bitsandbytes' AVX512-BF16 CPU kernel)."""
-    from generation.fastpath import fast_path_supported
+    from generation.decode import fast_path_supported
 
     why = fast_path_supported(lm4.model)
     if why is not None:
@@ -166,6 +166,6 @@ def fast_model(lm4):
 @pytest.fixture(scope="session")
 def int8_head(fast_model):
     """The int8 copy of the default model's LM head (the layout the native kernel wants, if built)."""
-    from generation.fastpath import quantize_lm_head
+    from generation.decode import quantize_lm_head
 
     return quantize_lm_head(fast_model)

@@ -1,4 +1,4 @@
-"""The chat engine's fast CPU decode (generation/batchstep.py) on the real NF4 model.
+"""The chat engine's fast CPU decode (generation/decode/: lean.py, head.py) on the real NF4 model.
 
 The lean batched step is compared with the engine's own model path (transformers' forward over
 the same KV cache) bit for bit, logits and written keys, for batches of mixed lengths and across
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from generation import SamplingParams, build_prompt
-from generation.batchstep import BatchDecodeStep, pick_tokens
-from generation.engine import ChatEngine, SlotKVCache
+from generation.decode import BatchDecodeStep, SlotKVCache, pick_tokens
+from generation.engine import ChatEngine
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
 pytestmark = pytest.mark.skipif(
@@ -192,7 +192,7 @@ def test_a_sampled_row_does_not_depend_on_the_batch(head, hidden):
 def test_sampled_distribution_is_close_to_the_bf16_heads(head, hidden):
     """The notebook's sampling (T 0.7, top-p 0.95) from int8 logits with the top 64 exact vs from the
     bf16 head's: total variation distance between the two kept distributions, per position."""
-    from generation.fastpath import RESCORE_K
+    from generation.decode import RESCORE_K
 
     sampler = BatchSampler()
     tv = []
@@ -231,9 +231,9 @@ def test_one_thread_here_is_per_thread():
     """A worker thread goes single-threaded; the main thread (the engine's, in the app) keeps its threads."""
     import threading
 
-    from generation.batchstep import _omp, one_thread_here
+    from generation.decode import one_thread_here, openmp_runtime
 
-    if _omp() is None or torch.get_num_threads() < 2:
+    if openmp_runtime() is None or torch.get_num_threads() < 2:
         pytest.skip("needs torch's OpenMP runtime and 2+ threads")
     before = torch.get_num_threads()
     seen = {}

@@ -1,8 +1,10 @@
-"""The fast decode path (generation/fastpath.py) on the real NF4 model and real bitsandbytes layers.
+"""The int8 LM head and the direct NF4 kernel calls (generation/decode/head.py, nf4.py) on the real
+NF4 model and real bitsandbytes layers.
 
 Everything is compared with what the model itself computes: the int8 head against the bf16 head
 (within the derived error bound), the direct NF4 kernel calls against the Linear4bit modules (bit
-for bit), the decoder's greedy tokens against `generate()`'s.
+for bit). The lean decode step built on them is checked against the model's forward, bit for bit,
+in test_batchstep.py.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generation import build_prompt
-from generation.fastpath import (
-    FastDecoder,
+from generation.decode import (
     NF4Linear,
     QuantizedLMHead,
     accelerate_linear4bit,
@@ -25,11 +25,6 @@ from generation.fastpath import (
 )
 from generation.kernels import native_int8_kernel
 
-NOTEBOOK_PROMPTS = [
-    "What is the capital of France?",
-    "Explain self-attention in one paragraph.",
-    "Write a haiku about transformers.",
-]
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 pytestmark = pytest.mark.skipif(
@@ -63,7 +58,7 @@ def hidden(lm4, model):
         return model.model(input_ids=ids).last_hidden_state[0]
 
 
-# -- lever 1: the int8 head ---------------------------------------------------------------------
+# -- the int8 head ---------------------------------------------------------------------
 
 
 def test_head_leaves_the_embedding_exact_and_tied(model, head, head_rows):
@@ -196,7 +191,7 @@ def test_quantized_lm_head_module_shapes(head, hidden):
     assert out.shape == (1, 4, head.shape[0]) and out.dtype == torch.float32
 
 
-# -- lever 2: the NF4 kernel called directly ------------------------------------------------------
+# -- the NF4 kernel called directly ------------------------------------------------------
 
 
 def test_nf4_linear_is_bit_equal_to_the_module(model):
@@ -234,109 +229,6 @@ def test_accelerate_linear4bit_keeps_the_module_and_its_result(model):
         assert torch.equal(holder.proj(x.float()), holder.proj.__class__.__mro__[1].forward(holder.proj, x.float()))
 
 
-# -- lever 3: the decoder -------------------------------------------------------------------------
-
-
-def _generate(lm4, ids, n):
-    with torch.inference_mode():
-        out = lm4.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                 pad_token_id=lm4.tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
-
-
-@pytest.fixture(scope="module")
-def decoders(model, head):
-    return FastDecoder(model), FastDecoder(model, head=head)
-
-
-@pytest.mark.parametrize("prompt", NOTEBOOK_PROMPTS)
-def test_greedy_tokens_equal_generate(lm4, decoders, prompt):
-    ids = build_prompt(lm4.tokenizer, prompt).input_ids
-    want = _generate(lm4, ids, 48)
-    eos = [lm4.model.generation_config.eos_token_id]
-    for dec in decoders:
-        assert list(dec.greedy(ids, 48, eos_token_ids=eos)) == want
-
-
-def test_prefill_and_step_logits_equal_the_models(lm4, model):
-    dec = FastDecoder(model, exact_attention=True)  # exact head and attention call: the model's bits
-    ids = build_prompt(lm4.tokenizer, NOTEBOOK_PROMPTS[0]).input_ids
-    with torch.inference_mode():
-        out = lm4.model(input_ids=ids, use_cache=True)
-        nxt = int(out.logits[0, -1].argmax())
-        out2 = lm4.model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-    assert torch.equal(dec.prefill(ids), out.logits[0, -1])
-    assert torch.equal(dec.step(nxt), out2.logits[0, -1])
-
-
-def test_buffers_are_reused_and_the_cache_grows_only_when_needed(lm4, model, head):
-    dec = FastDecoder(model, head=head, max_len=64)
-    ids = build_prompt(lm4.tokenizer, NOTEBOOK_PROMPTS[2]).input_ids  # ~30 tokens
-    dec.prefill(ids)
-    ptrs = [t.data_ptr() for t in (dec._qkv, dec._gu, dec._o, dec._down, dec._logits, dec.last_hidden,
-                                   dec.k_cache, dec.v_cache)]
-    cap = dec.max_len
-    logits = None
-    for tok in range(10, 20):
-        logits = dec.step(tok)
-    assert logits.data_ptr() == dec._logits.data_ptr()
-    assert [t.data_ptr() for t in (dec._qkv, dec._gu, dec._o, dec._down, dec._logits, dec.last_hidden,
-                                   dec.k_cache, dec.v_cache)] == ptrs
-    assert dec.max_len == cap
-    # Beyond the capacity the cache doubles, keeping what it held: same logits as a roomy decoder.
-    roomy = FastDecoder(model, head=head, max_len=256)
-    toks = list(range(100, 100 + 64))
-    dec.prefill(ids)
-    roomy.prefill(ids)
-    for tok in toks:
-        a, b = dec.step(tok), roomy.step(tok)
-    assert dec.max_len == 128 and torch.equal(a, b)
-
-
-@pytest.mark.parametrize("n_prompt, n_steps", [(508, 6), (600, 2)])
-def test_sliding_window_matches_the_model(lm4, model, n_prompt, n_steps):
-    """Gemma 3's local layers see the last 512 positions: across the edge while decoding (508 + 6)
-    and beyond it from the prefill on (600 + 2), logits bit-equal to the model's."""
-    ids = lm4.tokenizer("All the world's a stage. " * 120, return_tensors="pt").input_ids[:, :n_prompt]
-    assert ids.shape[1] == n_prompt and model.config.sliding_window == 512
-    dec = FastDecoder(model, exact_attention=True)
-    fast = FastDecoder(model)  # packed single-query attention: within a bf16 step or so
-    with torch.inference_mode():
-        fast.prefill(ids)
-        got = dec.prefill(ids)
-        want = model(input_ids=ids, use_cache=True)
-        assert torch.equal(got, want.logits[0, -1])
-        cache = want.past_key_values
-        for tok in range(9, 9 + n_steps):
-            got = dec.step(tok)
-            want = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-            cache = want.past_key_values
-            assert torch.equal(got, want.logits[0, -1]), dec.pos
-            approx = fast.step(tok).float()
-            ref = want.logits[0, -1].float()
-            # the packed call rounds its fp32 sums differently; bf16 layers carry that on to
-            # KL ~ 1e-3..1e-2 nats on this odd text (vs 0.36 for NF4 vs full precision)
-            lp, lq = ref.log_softmax(-1), approx.log_softmax(-1)
-            kl = float((lp.exp() * (lp - lq)).sum())
-            assert kl <= 0.05, kl
-
-
-def test_decoder_exact_top_for_sampling(lm4, model, head):
-    dec = FastDecoder(model, head=head)
-    ids = build_prompt(lm4.tokenizer, NOTEBOOK_PROMPTS[0]).input_ids
-    logits = dec.prefill(ids)
-    idx = torch.topk(logits, 8).indices
-    mixed = dec.exact_top(logits, k=8)
-    with torch.inference_mode():
-        want = F.linear(dec.last_hidden, head.exact)[0, idx].float()
-    assert mixed.data_ptr() == logits.data_ptr() and torch.equal(mixed[idx], want)
-
-
-def test_step_before_prefill_is_an_error(model):
-    with pytest.raises(RuntimeError):
-        FastDecoder(model).step(5)
-
-
 def test_the_loaded_model_calls_the_nf4_kernel_directly_and_copies_stay_plain(lm4, model):
     """load_model accelerates every CPU NF4 layer (same modules, same count); a copy of one is a plain
     bitsandbytes Linear4bit with the same result (the kernel call's raw pointers stay behind)."""
@@ -357,7 +249,7 @@ def test_the_loaded_model_calls_the_nf4_kernel_directly_and_copies_stay_plain(lm
 @pytest.mark.parametrize("m", [1, 3, 30])
 def test_fused_nf4_projections_equal_the_separate_calls(fast_model, m):
     """q|k|v and gate|up as one NF4 kernel call each: the same bits as the three (two) calls."""
-    from generation.fastpath import FusedNF4Linear, prepare_layers
+    from generation.decode import FusedNF4Linear, prepare_layers
 
     layer = prepare_layers(fast_model)[3]
     g = torch.Generator().manual_seed(m)

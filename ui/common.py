@@ -153,11 +153,11 @@ class ModelSlot:
         """The model, or a gr.Error saying why it is not there (loading, failed, not started).
 
         With views_one_thread, the calling worker thread computes on one thread from then on
-        (generation.batchstep.one_thread_here): a view's forward takes ~25% longer, the chats
+        (generation.decode.one_thread_here): a view's forward takes ~25% longer, the chats
         beside it keep their speed."""
         if self.lm is not None:
             if self.views_one_thread:
-                from generation.batchstep import one_thread_here
+                from generation.decode import one_thread_here
 
                 one_thread_here()
             return self.lm

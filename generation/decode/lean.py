@@ -1,25 +1,25 @@
-"""The chat engine's fast CPU decode step: every running row of a Gemma 3 NF4 model in one lean pass.
+"""The chat engine's lean decode step: every running row of a Gemma 3 NF4 model in one pass (CPU).
 
-`generation.fastpath` has the levers for one stream (`FastDecoder`); this is the same forward for
-the n rows of the engine's batch, on the engine's own KV cache (`SlotKVCache`), so one user and
-thirty users both get them:
+The same forward as the model's own for the n rows of the engine's batch, on the engine's KV
+cache (`SlotKVCache`), without the model's per-step machinery:
 
 * the projections call bitsandbytes' NF4 kernel directly on the modules' own bytes (M = n rows in
   one call, as the model's own forward makes it), into activation buffers reused every step;
 * no `generate()`/`forward()` machinery: no mask tensors, no cache objects, no per-step `isin`;
 * each layer's RMSNorms, residual adds, q/k norms and RoPE in three C calls that give torch's
-  bits (`generation.kernels`, checked against torch on this machine first; torch's ops where
-  they cannot be built or differ);
+  bits (`generation.kernels`, checked against torch first; torch's ops where they cannot be
+  built or differ);
 * attention row by row with exactly the sdpa call the engine's model path makes
   (`decode_attention_rows`), so a row's numbers are the model path's, bit for bit, whatever else
-  is in the batch (the tests compare the two paths' logits);
-* the logits from the int8 copy of the LM head (`QuantizedHead`), chosen exactly: a greedy row
-  gets the bf16 head's own argmax (`greedy_token`), a sampled row's 64 most likely tokens get the
-  bf16 head's exact logits (the rest of the vocabulary, the tail of the distribution, keeps the
-  int8 values: perplexity -0.1% vs the bf16 head, measured in bench/generation.py).
+  is in the batch (the tests compare the two paths' logits), or (the default) the query heads of
+  a key/value head packed into one call per row.
 
-Prefill stays on the model's own forward (long prompts are where the batched matmuls pay); only
-its last hidden state goes through the head here.
+Its output is the final hidden state; `generation.decode.head.pick_tokens` turns it into tokens
+through the int8 LM head. Prefill stays on the model's own forward (long prompts are where the
+batched matmuls pay).
+
+`single_threaded` and `one_thread_here` keep the many small ops of a step (and the app's other
+model work) out of OpenMP's parallel regions where those cost more than they save.
 """
 
 from __future__ import annotations
@@ -33,26 +33,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .engine import decode_attention_rows
-from .fastpath import (
-    RESCORE_K,
-    FusedNF4Linear,
-    QuantizedHead,
-    _rms,
-    fast_path_supported,
-    prepare_layers,
-    rope_tables,
-)
-from .kernels import KernelStatus, norm_kernels
-from .sampling import BatchSampler, RowSampling, top_candidates
+from ..kernels import KernelStatus, norm_kernels
+from ..kernels import torch_rms as rms
+from .cache import decode_attention_rows
+from .nf4 import FusedNF4Linear, fast_path_supported, prepare_layers, rope_tables
 
-__all__ = ["BatchDecodeStep", "one_thread_here", "pick_tokens", "single_threaded"]
+__all__ = ["MANY_THREADS_ROWS", "BatchDecodeStep", "one_thread_here", "openmp_runtime", "single_threaded"]
 
 # Rows the activation buffers hold at first; they grow with the batch.
 _MIN_ROWS = 8
-# From this many rows on the NF4 matmuls run on every thread; below, one thread is faster in the
-# engine's thread (measured in a worker thread, 2 cores: 1 row 7.9 vs 13.0 ms per step, 8 rows
-# 21.3 vs 26.3, 16 rows 38.5 vs 33.5, 30 rows 69 vs 54), see `single_threaded`.
+# From this many rows on the NF4 matmuls run on every thread; below, waking the other threads for
+# each small matmul costs more than they share out (see `single_threaded`; bench/README.md).
 MANY_THREADS_ROWS = 12
 
 
@@ -61,7 +52,7 @@ class BatchDecodeStep:
 
     The model is only read (its modules, packed NF4 bytes, norms and tied embedding). The caller
     owns the KV cache: an object with `prepare(n, write_pos, span)` and `update(k, v, layer)` as
-    `generation.engine.SlotKVCache` has them.
+    `generation.decode.SlotKVCache` has them.
     """
 
     def __init__(self, model: torch.nn.Module, *, exact_attention: bool = False, native_norms: bool = True) -> None:
@@ -84,8 +75,8 @@ class BatchDecodeStep:
         self._rotary = body.rotary_emb
         self.layers = prepare_layers(model)
         # q|k|v and gate|up of each layer as one NF4 call each, straight into the activation
-        # buffers laid out the same way (1 row: ~0.3 ms a step less; copies of their codes,
-        # `fused_bytes`, 33 MiB for the 270M model)
+        # buffers laid out the same way: fewer kernel calls per step, for copies of their codes
+        # (`fused_bytes`)
         self._fused = [(FusedNF4Linear(L.q, L.k, L.v), FusedNF4Linear(L.gate, L.up)) for L in self.layers]
         self.fused_bytes = sum(a.nbytes + b.nbytes for a, b in self._fused)
         self.exact_attention = exact_attention
@@ -142,15 +133,15 @@ class BatchDecodeStep:
         if kern is None:
             rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
         layers = self.layers
-        with single_threaded() as few:
-            many = few.many(n >= MANY_THREADS_ROWS)  # the NF4 matmuls of many rows keep every thread
+        with single_threaded() as serial:
+            matmul_threads = serial.all_threads(n >= MANY_THREADS_ROWS)  # big batches' matmuls share out
             x = F.embedding(tokens.reshape(-1), self.embed) * self.embed_scale  # (n, D), this step's own
             if kern is not None:
                 h = kern.rms(x, layers[0].in_norm, eps, self._h[:n])  # (n, D)
             for li, (L, (qkv_proj, gate_up_proj)) in enumerate(zip(layers, self._fused)):
                 if kern is None:
-                    h = _rms(x, L.in_norm, eps)
-                with many:
+                    h = rms(x, L.in_norm, eps)
+                with matmul_threads:
                     qkv_proj(h, qkv)  # (n, H*hd | KV*hd | KV*hd)
                 # q and k heads normed and rotated together: (n, H + KV, hd), each head its own norm weight
                 qk = qkv[:, : qd + kd].view(n, nh + nkv, hd)
@@ -168,28 +159,28 @@ class BatchDecodeStep:
                                                  self.scaling)  # (n, H, 1, hd)
                 else:
                     attn = _packed_attention_rows(qk[:, :nh], keys, values, ends, window, self.scaling)  # (n, H, hd)
-                with many:
+                with matmul_threads:
                     L.o(attn.view(n, qd), o)
                 if kern is not None:  # x += post_attn_norm(o); h = pre_ff_norm(x)
                     kern.add_rms(x, o, L.post_attn_norm, L.pre_ff_norm, eps, h)
                 else:
-                    x = x + _rms(o, L.post_attn_norm, eps)
-                    h = _rms(x, L.pre_ff_norm, eps)
-                with many:
+                    x = x + rms(o, L.post_attn_norm, eps)
+                    h = rms(x, L.pre_ff_norm, eps)
+                with matmul_threads:
                     gate_up_proj(h, gu)  # (n, I | I)
                 a = F.gelu(gate_out, approximate="tanh") * up_out
-                with many:
+                with matmul_threads:
                     L.down(a, down)
                 if kern is not None:  # x += post_ff_norm(down); h = the next layer's input norm (or the final norm)
                     nxt = layers[li + 1].in_norm if li + 1 < len(layers) else self.final_norm
                     kern.add_rms(x, down, L.post_ff_norm, nxt, eps, h)
                 else:
-                    x = x + _rms(down, L.post_ff_norm, eps)
-        return h.clone() if kern is not None else _rms(x, self.final_norm, eps)
+                    x = x + rms(down, L.post_ff_norm, eps)
+        return h.clone() if kern is not None else rms(x, self.final_norm, eps)
 
 
 @functools.cache
-def _omp():
+def openmp_runtime():
     """The OpenMP runtime torch runs on (ctypes), or None where it cannot be found."""
     path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
     try:
@@ -208,32 +199,30 @@ def one_thread_here() -> None:
 
     For the app's worker threads that run the model for the inside views while the chat engine's
     loop owns the main thread: a second thread with a parallel team of its own stops OpenMP's
-    workers from spinning, for the engine too (measured: one chat 82 tok/s alone, 44 beside a
-    worker running a 40-token forward every 0.5 s with 2 threads, 55-65 with that worker on one
-    thread, whose forward then takes 255 instead of 202 ms).
+    workers from spinning, for the engine too, which then slows far more than the worker gains
+    (bench/README.md has the figures).
     """
-    lib = _omp()
+    lib = openmp_runtime()
     if lib is not None and threading.current_thread() is not threading.main_thread():
         lib.omp_set_num_threads(1)
 
 
 class single_threaded:
     """Context: this thread's torch ops run without parallel regions (OpenMP's per-thread setting;
-    other threads and torch's global thread count are untouched), except inside `many()`. A no-op
-    in the process's main thread.
+    other threads and torch's global thread count are untouched), except inside `all_threads()`.
+    A no-op in the process's main thread.
 
     For runs of small ops, such as one sdpa call per row. GNU OpenMP keeps its workers spinning
     between parallel regions only while the process has no more OpenMP threads than cores, which
     a second thread with parallel regions already breaks (it brings its own team); then every
-    region wakes its workers with a futex, ~0.1 ms here, more than the op itself, and a 30-row
-    step makes 540 attention calls. Measured in a worker thread, 30 rows: 112 ms per step with
-    every op parallel, 58 ms like this. In the main thread alone (`ChatEngine.run_here`, as
+    region wakes its workers with a futex, which costs more than a small op itself, and a 30-row
+    step makes hundreds of attention calls. In the main thread alone (`ChatEngine.run_here`, as
     `python app.py` runs the engine) the workers spin and parallel regions are cheap; switching the
-    team size there costs more than it saves (1 row: 71 vs 64 tokens/s), so it is left alone.
+    team size there costs more than it saves, so it is left alone.
     """
 
     def __enter__(self) -> single_threaded:
-        self._lib = _omp()
+        self._lib = openmp_runtime()
         main = threading.current_thread() is threading.main_thread()
         self._before = self._lib.omp_get_max_threads() if self._lib is not None and not main else 1
         if self._before > 1:
@@ -244,13 +233,15 @@ class single_threaded:
         if self._before > 1:
             self._lib.omp_set_num_threads(self._before)
 
-    def many(self, when: bool = True) -> _Many:
+    def all_threads(self, when: bool = True) -> _ThreadsRestored:
         """Context inside: the thread count from before, for the kernels that pay for it (a no-op
         context when `when` is False)."""
-        return _Many(self._lib, self._before if when else 1)
+        return _ThreadsRestored(self._lib, self._before if when else 1)
 
 
-class _Many:
+class _ThreadsRestored:
+    """Inside `single_threaded`: the thread count from before while in this context."""
+
     __slots__ = ("_lib", "_n")
 
     def __init__(self, lib, n: int) -> None:
@@ -270,8 +261,8 @@ def _packed_attention_rows(query: torch.Tensor, keys: torch.Tensor, values: torc
     """Row by row, the query heads that share a key/value head as the rows of one query (transformers'
     pack_gqa): query (n, H, hd), keys/values (n, KV, S, hd) -> (n, H, hd). One sdpa call per row
     reads each key once; the call a single-sequence generate() makes (enable_gqa, one query per
-    head) costs ~4x more per row here, a third of a 30-row step. The fp32 softmax sums may round
-    differently from that call (a logit then moves by about one bf16 step)."""
+    head) reads every key once per query head. The fp32 softmax sums may round differently from
+    that call (a logit then moves by about one bf16 step)."""
     sdpa = F.scaled_dot_product_attention
     n, h, hd = query.shape
     kv = keys.shape[1]
@@ -283,45 +274,3 @@ def _packed_attention_rows(query: torch.Tensor, keys: torch.Tensor, values: torc
             k, v = k.contiguous(), v.contiguous()
         outs.append(sdpa(query[b].view(1, kv, h // kv, hd), k, v, scale=scale))  # (1, KV, H/KV, hd)
     return torch.cat(outs).view(n, h, hd)
-
-
-def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSampling], sampler: BatchSampler,
-                out: torch.Tensor | None = None) -> list[int]:
-    """The next token of each row from final hidden states (n, D) through the int8 head.
-
-    Greedy rows: exactly the bf16 head's argmax (`QuantizedHead.greedy_token`); with a repetition
-    penalty, which reorders tokens, or suppressed tokens, the row's exact bf16 logits go through
-    the sampler instead.
-    Sampled rows: int8 logits with the RESCORE_K largest replaced by exact ones, then `sampler`
-    (each row's own parameters and generator). Every row's numbers come from its own hidden state
-    only (the candidate search treats each row of a batch alone), so a reply does not depend on
-    the batch.
-    out: an (n, V) fp32 buffer to reuse.
-    """
-    n = hidden.shape[0]
-    logits = head.logits(hidden, out=out)  # (n, V) fp32
-    # (n, k) descending: the block-maxima search reads the logits once (1 row 0.06 ms, 30 rows 1.3,
-    # against torch.topk's 0.43 and 4.9 in the engine's main thread)
-    top_values, top_ids = top_candidates(logits, RESCORE_K)
-    kth = top_values[:, -1].tolist()
-    tokens = [0] * n
-    rest, penalised = [], []
-    with single_threaded():  # one small matmul per row: a parallel region would cost more than it
-        for i, r in enumerate(rows):
-            p = r.params
-            h = hidden[i : i + 1]
-            if p.greedy and p.repetition_penalty == 1.0 and r.suppress is None:
-                tokens[i] = head.greedy_token(h, logits[i], top=(top_ids[i], kth[i]))[0]
-            elif p.greedy:
-                penalised.append(i)
-            else:
-                head.make_exact(logits[i], h, top_ids[i])
-                rest.append(i)
-    for i in penalised:  # the whole bf16 row (~20 ms), as the model's head computes it
-        logits[i].copy_(F.linear(hidden[i : i + 1], head.exact)[0])
-    rest = sorted(rest + penalised)
-    if rest:
-        sub = logits if len(rest) == n else logits[torch.tensor(rest)]
-        for i, tok in zip(rest, sampler.sample(sub, [rows[i] for i in rest]).tolist()):
-            tokens[i] = tok
-    return tokens
