@@ -51,7 +51,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .decode.cache import CAPACITY_STEP, PrefixStore, RowAttentionMask, SlotKVCache
+from .decode.cache import CAPACITY_STEP, PrefixStore, SlotKVCache
+from .decode.step import DecodeStep, ModelStep, lean_step
 from .model import LoadedModel
 from .prompt import build_prompt
 from .sampling import BatchSampler, RowSampling, SamplingParams
@@ -160,7 +161,8 @@ class ChatEngine:
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.max_batch = max_batch
-        self.device = _model_device(lm.model)
+        self._decoder: DecodeStep = ModelStep(lm)  # ValueError for a model it cannot batch
+        self.device = self._decoder.device
         if prefill_tokens is None:
             prefill_tokens = DEFAULT_PREFILL_TOKENS_CUDA if self.device.type == "cuda" else DEFAULT_PREFILL_TOKENS_CPU
         if prefill_tokens < 1:
@@ -170,17 +172,6 @@ class ChatEngine:
         self.prefixes = PrefixStore()
         self._warmup = warmup
         self._warmed = False
-        cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
-        self._cfg = cfg
-        self._n_layers = int(cfg.num_hidden_layers)
-        self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
-        unknown = set(self._layer_types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ValueError(f"the chat engine supports full and sliding-window attention layers, not {sorted(unknown)}")
-        self._window = getattr(cfg, "sliding_window", None)
-        heads = int(cfg.num_attention_heads)
-        self._n_rep = heads // int(getattr(cfg, "num_key_value_heads", None) or heads)
-        self._additive_mask = _delegate(lm.model.config) == "eager"
         self._eos = _eos_ids(lm)
         self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
         self._pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
@@ -200,10 +191,7 @@ class ChatEngine:
         self._gcache: SlotKVCache | None = None
         self._n_group = 0
         self.counters = {"steps": 0, "fast_steps": 0, "prefill_forwards": 0, "tokens": 0}
-        # The fast CPU decode (generation/batchstep.py), set up by the loop thread before its first job.
-        self._step = None  # BatchDecodeStep
-        self._head = None  # fastpath.QuantizedHead
-        self._logits_buf: torch.Tensor | None = None
+        # The lean decode (generation/decode/step.py) replaces the ModelStep in the loop thread, before its first job.
         self.fast_status = "not started" if fast else "off"
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -278,7 +266,7 @@ class ChatEngine:
     # -- ChatBackend -----------------------------------------------------------------------------
 
     def describe(self) -> str:
-        fast = " · fast CPU decode" if self._step is not None else ""
+        fast = " · fast CPU decode" if self._decoder.lean else ""
         return f"local engine · batch ≤ {self.max_batch}{fast}"
 
     def active(self) -> int:
@@ -394,40 +382,11 @@ class ChatEngine:
         return t is not None and t.is_alive()
 
     def _setup_fast(self) -> None:
-        """Build the fast CPU decode step and the int8 LM head copy (a few seconds, once, here in the
-        loop thread before its first job), where the model allows it; else say why not."""
+        """Switch to the lean decode step where the model allows it (a few seconds, once, here in
+        the loop thread before its first job); else say why not."""
         if self.fast_status != "not started":
             return  # off, or already set up (run_here(until_idle=True) enters the loop again)
-        why = None
-        if self.device.type != "cpu":
-            why = f"the model is on {self.device.type}"
-        elif self.lm.quantization != "nf4":
-            why = "the model is not 4-bit NF4"
-        elif self._additive_mask:
-            why = "the model uses eager attention"
-        else:
-            from .decode.nf4 import fast_path_supported
-
-            why = fast_path_supported(self.model)
-        if why is not None:
-            self.fast_status = f"off: {why}"
-            return
-        t0 = time.perf_counter()
-        try:
-            from .decode.head import quantize_lm_head
-            from .decode.lean import BatchDecodeStep
-            from .kernels import native_int8_status
-
-            step = BatchDecodeStep(self.model)
-            head = quantize_lm_head(self.model)
-        except Exception as exc:  # the model's own path serves instead
-            log.warning("fast CPU decode unavailable, using the model's forward", exc_info=True)
-            self.fast_status = f"off: {type(exc).__name__}: {exc}"
-            return
-        self._step, self._head = step, head
-        self.fast_status = (f"on: lean batched step ({step.norm_status.short}), "
-                            f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, {native_int8_status().short}), "
-                            f"ready in {time.perf_counter() - t0:.1f} s")
+        self._decoder, self.fast_status = lean_step(self._decoder)
         log.info("chat engine fast CPU decode %s", self.fast_status)
 
     def _loop(self, until_idle: bool = False) -> None:
@@ -498,7 +457,7 @@ class ChatEngine:
         group = [r for r, _ in admitted]
         self._group = group  # from here on a failure fails these requests (_fail_group)
         cap = max(r.prompt_len for r in group) + 2  # + the scratch column for pads
-        cache = SlotKVCache(self._n_layers, len(group), -(-cap // 64) * 64)
+        cache = SlotKVCache(self._decoder.n_layers, len(group), -(-cap // 64) * 64)
         self._gcache = cache
         for b, (req, cached) in enumerate(admitted):
             if cached:
@@ -538,62 +497,6 @@ class ChatEngine:
 
     # -- model calls -----------------------------------------------------------------------------
 
-    def _masks(self, qpos: torch.Tensor, span: int, ends: list[int], counts: list[int]) -> object:
-        """Attention masks for queries at absolute positions qpos (n, T) over keys 0..span-1:
-        {layer type: (n, 1, T, span)}. For sdpa a RowAttentionMask (bool, True = attend; row b's real
-        queries are its last counts[b], ending at position ends[b] - 1); for eager attention the
-        additive float mask it expects."""
-        j = torch.arange(span, device=qpos.device)
-        causal = j.view(1, 1, -1) <= qpos.unsqueeze(-1)  # (n, T, span)
-        masks = {"full_attention": (causal, None)}
-        if "sliding_attention" in self._layer_types and self._window:
-            sliding = causal & (j.view(1, 1, -1) > qpos.unsqueeze(-1) - self._window)
-            masks["sliding_attention"] = (sliding, self._window)
-        dtype = self._compute_dtype()
-        out = {}
-        for name, (m, window) in masks.items():
-            m = m.unsqueeze(1)
-            if self._additive_mask:
-                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
-            else:
-                m = RowAttentionMask.wrap(m, ends, counts, window, self._n_rep)
-            out[name] = m
-        if not self._layer_types:
-            return out["full_attention"]  # models without per-layer types take one 4D mask
-        out.setdefault("sliding_attention", out["full_attention"])
-        return out
-
-    def _compute_dtype(self) -> torch.dtype:
-        for store in (self._main, self._gcache):
-            if store is not None and store.keys[0] is not None:
-                return store.keys[0].dtype
-        return next(self.model.parameters()).dtype if self.lm.quantization == "none" else torch.bfloat16
-
-    def _forward(self, cache: SlotKVCache, ids: torch.Tensor, qpos: torch.Tensor, wpos: torch.Tensor,
-                 span: int, ends: list[int], counts: list[int]) -> torch.Tensor:
-        """One forward of ids (n, T) at positions qpos, writing K/V at wpos; row b's real tokens are
-        its last counts[b], the last at position ends[b] - 1 (left padding). -> last logits (n, V),
-        or with the fast decode the last final hidden states (n, D) (`_pick` takes either)."""
-        dev = self.device
-        qpos = qpos.to(dev)
-        cache.prepare(ids.shape[0], wpos.to(dev), span)
-        kw = dict(input_ids=ids.to(dev), position_ids=qpos, attention_mask=self._masks(qpos, span, ends, counts),
-                  past_key_values=cache, use_cache=True)
-        if self._head is not None:
-            return self.model.model(**kw).last_hidden_state[:, -1, :]
-        return self.model(**kw, logits_to_keep=1).logits[:, -1, :]
-
-    def _pick(self, out: torch.Tensor, rows: list[RowSampling]) -> list[int]:
-        """Next tokens from `_forward`'s output (logits, or hidden states for the int8 head)."""
-        if self._head is None:
-            return self.sampler.sample(out, rows).tolist()
-        from .decode.head import pick_tokens
-
-        n, v = out.shape[0], self._head.shape[0]
-        if self._logits_buf is None or self._logits_buf.shape[0] < n:
-            self._logits_buf = torch.empty(max(n, 8), v, dtype=torch.float32)
-        return pick_tokens(out, self._head, rows, self.sampler, out=self._logits_buf[:n])
-
     def _prefill_chunk(self) -> None:
         group, cache = self._group, self._gcache
         m = len(group)
@@ -618,17 +521,17 @@ class ChatEngine:
             span = max(span, start + c)
             ends.append(start + c)
             counts.append(c)
-        logits = self._forward(cache, ids, qpos, wpos, span, ends, counts)
+        out = self._decoder.prefill(cache, ids, qpos, wpos, span, ends, counts)
         self.counters["prefill_forwards"] += 1
         for b, r in enumerate(group):
             r._prefilled += min(remaining[b], t)
         ready = [b for b, r in enumerate(group) if r._prefilled == r.prompt_len]
         if not ready:
             return
-        tokens = self._pick(logits[ready], [self._sampling_now(group[b]) for b in ready])
+        tokens = self._decoder.pick(out[ready], [self._sampling_now(group[b]) for b in ready], self.sampler)
         now = time.perf_counter()
         if self._main is None:
-            self._main = SlotKVCache(self._n_layers, self.max_batch, CAPACITY_STEP)
+            self._main = SlotKVCache(self._decoder.n_layers, self.max_batch, CAPACITY_STEP)
         ended = []
         for b, tok in zip(ready, tokens):
             r = group[b]
@@ -648,17 +551,11 @@ class ChatEngine:
             self._finish(r, reason, err)
 
     def _decode_step(self) -> None:
-        n = len(self._running)
-        lens = torch.tensor(self._lens, dtype=torch.long).unsqueeze(1)  # (n, 1): where each new token goes
-        span = max(self._lens) + 1
-        self._main.ensure(span)
-        ids = torch.tensor(self._next, dtype=torch.long).unsqueeze(1)
-        if self._step is not None:
-            out = self._step(ids.reshape(-1), lens.reshape(-1), self._main)  # (n, D)
-            self.counters["fast_steps"] += 1
-        else:
-            out = self._forward(self._main, ids, lens, lens, span, [x + 1 for x in self._lens], [1] * n)
-        tokens = self._pick(out, [self._sampling_now(r) for r in self._running])
+        positions = torch.tensor(self._lens, dtype=torch.long)  # (n,): where each new token goes
+        self._main.ensure(max(self._lens) + 1)
+        out = self._decoder.step(self._main, torch.tensor(self._next, dtype=torch.long), positions)
+        self.counters["fast_steps"] += self._decoder.lean
+        tokens = self._decoder.pick(out, [self._sampling_now(r) for r in self._running], self.sampler)
         now = time.perf_counter()
         self.counters["steps"] += 1
         done, ended = [], []
@@ -776,24 +673,6 @@ class ChatEngine:
         self._gcache = None
         for r in reqs:
             self._finish(r, "error", err)
-
-
-def _model_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    return torch.device(dev) if dev is not None else torch.device("cpu")
-
-
-def _delegate(config) -> str:
-    """The attention implementation that actually runs ("sdpa" / "eager"), looking through the
-    project's "attention_lab" dispatcher (generation/attention_capture.py)."""
-    impl = getattr(config, "_attn_implementation", None) or "sdpa"
-    if impl == "attention_lab":
-        from .attention_capture import _delegate_name
-
-        return _delegate_name(config)
-    if impl not in ("sdpa", "eager"):
-        raise ValueError(f"the chat engine needs sdpa or eager attention, the model uses {impl!r}")
-    return impl
 
 
 def _eos_ids(lm: LoadedModel) -> frozenset[int]:

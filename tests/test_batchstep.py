@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from generation import SamplingParams, build_prompt
-from generation.decode import BatchDecodeStep, SlotKVCache, pick_tokens
+from generation.decode import BatchDecodeStep, ModelStep, SlotKVCache, pick_tokens
 from generation.engine import ChatEngine
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
@@ -32,8 +32,8 @@ def model(fast_model):
 
 @pytest.fixture(scope="module")
 def slow(lm4, model):
-    """An engine that is never started: its `_forward` is the model path (logits), used directly."""
-    return ChatEngine(lm4, warmup=False, fast=False)
+    """The engine's model path (`ModelStep`: transformers' forward over the engine's cache, logits)."""
+    return ModelStep(lm4)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,10 @@ def head(int8_head):
     return int8_head
 
 
-def _prefilled(slow: ChatEngine, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:
+def _prefilled(slow: ModelStep, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:
     """Each prompt prefilled alone by the model path into one row of a shared cache:
     (cache, lengths, greedy first tokens)."""
-    n_layers = slow._n_layers
+    n_layers = slow.n_layers
     cache = SlotKVCache(n_layers, len(prompts), 64)
     lens, first = [], []
     for b, ids in enumerate(prompts):
@@ -64,7 +64,7 @@ def _prefilled(slow: ChatEngine, prompts: list[torch.Tensor]) -> tuple[SlotKVCac
         one = SlotKVCache(n_layers, 1, n + 64)
         pos = torch.arange(n)[None]
         with torch.inference_mode():
-            logits = slow._forward(one, ids[None], pos, pos, n, [n], [n])
+            logits = slow.prefill(one, ids[None], pos, pos, n, [n], [n])
         cache.copy_row(b, one, 0, n)
         lens.append(n)
         first.append(int(logits[0].argmax()))
@@ -107,7 +107,7 @@ def test_step_equals_the_model_path_bit_for_bit(lm4, model, slow, step, packed, 
         ids = torch.tensor(nxt)
         pos = torch.tensor(lens)
         with torch.inference_mode():
-            want = slow._forward(ref, ids[:, None], pos[:, None], pos[:, None], span, [x + 1 for x in lens], [1] * n)
+            want = slow.step(ref, ids, pos)
             hidden = step(ids, pos, fast)
             got = F.linear(hidden, w)
             near = F.linear(packed(ids, pos, approx), w)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from generation import ReplyStats, SamplingParams, load_model
-from generation.engine import ENGINE_THREAD_NAME, ChatEngine, RowAttentionMask
+from generation.decode import RowAttentionMask
+from generation.engine import ENGINE_THREAD_NAME, ChatEngine
 from generation.model import LoadedModel
 from generation.stream import stream_reply
 

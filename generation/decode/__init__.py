@@ -13,6 +13,7 @@ from __future__ import annotations
 from .cache import CAPACITY_STEP, PrefixStore, RowAttentionMask, SlotKVCache, attention_masks, decode_attention_rows
 from .head import RESCORE_K, QuantizedHead, QuantizedLMHead, argmax_first, pick_tokens, quantize_lm_head
 from .lean import MANY_THREADS_ROWS, BatchDecodeStep, one_thread_here, openmp_runtime, single_threaded
+from .step import DecodeStep, LeanStep, ModelStep, attention_delegate, lean_step
 from .nf4 import (
     DecoderLayer,
     FusedNF4Linear,
@@ -29,7 +30,10 @@ __all__ = [
     "MANY_THREADS_ROWS",
     "RESCORE_K",
     "BatchDecodeStep",
+    "DecodeStep",
     "DecoderLayer",
+    "LeanStep",
+    "ModelStep",
     "FusedNF4Linear",
     "NF4Linear",
     "PrefixStore",
@@ -39,9 +43,11 @@ __all__ = [
     "SlotKVCache",
     "accelerate_linear4bit",
     "argmax_first",
+    "attention_delegate",
     "attention_masks",
     "decode_attention_rows",
     "fast_path_supported",
+    "lean_step",
     "one_thread_here",
     "openmp_runtime",
     "pick_tokens",
