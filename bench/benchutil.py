@@ -117,3 +117,38 @@ def chat_round(url: str, n: int, args_of: Callable[..., tuple], count_tokens: Ca
     for c in clients:
         c.close()
     return results
+
+
+def generate_reply(lm, message: str, params, stats) -> str:
+    """The reply to `message` through one transformers `generate()` call: the path the chat took
+    before the engine, kept as the benchmarks' baseline. The app's prompt, sampling and stop
+    strings; `stats` (a generation.ReplyStats) gets the token count and timing."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from generation import build_prompt
+
+    class Clock(StoppingCriteria):  # timestamps every token, stops nothing
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    t0 = time.perf_counter()
+    tok = lm.tokenizer
+    prompt = build_prompt(tok, message)
+    clock = Clock()
+    stops = dict(stop_strings=list(prompt.stop_strings), tokenizer=tok) if prompt.stop_strings else {}
+    with torch.inference_mode():
+        out = lm.model.generate(prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids),
+                                stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=tok.pad_token_id,
+                                **stops, **params.generate_kwargs())
+    new = out[0, prompt.input_ids.shape[1]:]
+    stats.prompt_tokens = int(prompt.input_ids.shape[1])
+    stats.new_tokens = int(new.numel())
+    stats.total_s = time.perf_counter() - t0
+    t = clock.times
+    stats.set_timing(t0, t[0] if t else None, t[-1] if t else None, len(t))
+    return tok.decode(new, skip_special_tokens=True)

@@ -6,7 +6,7 @@ One run measures, on the default model in NF4 (each part prints a markdown table
    transformers' warpers + softmax + multinomial vs `generation.sampling.BatchSampler`, ms per step.
 2. The hardware's batched rate: one static padded greedy `generate()` of 30 rows, 128 new tokens
    each (min_new_tokens=128), prefill included.
-3. One user alone, today's `generation.stream.stream_reply` (generate() over bitsandbytes' own
+3. One user alone, one `generate()` call per reply (`benchutil.generate_reply`, over bitsandbytes' own
    Linear4bit modules, as before the fast path) vs the engine (`ChatEngine.stream_reply`) with the
    model's forward (fast=False) and with its fast CPU decode, the notebook's sampling and greedy:
    decode tokens/s (ReplyStats: (n-1) / (t_last - t_first), pooled over the prompts) and time to
@@ -179,13 +179,15 @@ def bench_static(lm, rows: int, new_tokens: int) -> dict[str, float]:
 
 
 def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2, today: bool = True) -> dict[str, dict[str, float]]:
-    """One user at a time: today's `stream_reply` (generate(), with bitsandbytes' Linear4bit modules
+    """One user at a time: one generate() per reply (`generate_reply`, with bitsandbytes' Linear4bit modules
     as they were before the fast path: `restore_linear4bit` for those rounds; unless today=False)
     and each engine in `engines` ({name: ChatEngine}); decode tokens/s pooled over the prompts,
     median first token."""
     from generation.decode import accelerate_linear4bit, restore_linear4bit
     from generation.sampling import SamplingParams
-    from generation.stream import ReplyStats, stream_reply
+    from benchutil import generate_reply
+
+    from generation import ReplyStats
 
     prompts = [*PROMPTS, LONG_PROMPT]
     modes = {"sampled": lambda i: SamplingParams(max_new_tokens=new_tokens, seed=i),
@@ -200,7 +202,7 @@ def bench_single(lm, engines: dict, new_tokens: int, rounds: int = 2, today: boo
                     if who == "today":
                         restore_linear4bit(lm.model)
                         try:
-                            list(stream_reply(lm, prompt, params=make(i), stats=stats))
+                            generate_reply(lm, prompt, make(i), stats)
                         finally:
                             accelerate_linear4bit(lm.model)
                     else:
@@ -346,7 +348,7 @@ def main() -> int:
     print(f"Machine: {describe(args.threads)}\n", flush=True)
 
     from generation import load_model
-    from generation.engine import ChatEngine
+    from generation.backends import ChatEngine
 
     lm = load_model()
     tok = lm.tokenizer
@@ -401,7 +403,7 @@ def main() -> int:
     results["fast_decode"] = engine.fast_status
     print("### One user alone (4 prompts x 2 rounds, decode tokens/s pooled)\n")
     print(f"Fast decode: {engine.fast_status}\n")
-    print("| sampling | stream_reply today tok/s | engine, model's forward tok/s | engine, fast decode tok/s | "
+    print("| sampling | one generate() per reply tok/s | engine, model's forward tok/s | engine, fast decode tok/s | "
           "fast vs today | first token today / fast s |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode in ("sampled", "greedy"):

@@ -9,7 +9,8 @@ from .model import LoadedModel, load_model
 from .prompt import Prompt, build_prompt
 from .sampling import SamplingParams
 from .settings import DEFAULT_MODEL_ID, Settings
-from .stream import ReplyStats, stream_reply
+from .backends import ReplyStats
+from .stream import stream_reply
 from .tokens import TokenPreview, preview_tokens
 
 __all__ = [

@@ -45,7 +45,7 @@ class Prompt:
     trimmed_turns: int
 
 
-def _check_history(history: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+def check_history(history: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
     out = []
     for i, turn in enumerate(history):
         if not isinstance(turn, Mapping) or turn.get("role") not in _ROLE_LABEL or not isinstance(
@@ -122,7 +122,7 @@ def build_prompt(
         raise ValueError("message must be a non-empty string")
     if isinstance(max_input_tokens, bool) or not isinstance(max_input_tokens, int) or max_input_tokens < 1:
         raise ValueError(f"max_input_tokens must be a positive integer, got {max_input_tokens!r}")
-    turns = _check_history(history)
+    turns = check_history(history)
     templated = bool(getattr(tokenizer, "chat_template", None))
 
     def render(h: list[dict[str, str]]) -> str:

@@ -7,16 +7,15 @@ within one token and joins it.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .backends.base import ReplyStats, visible_text
 from .model import LoadedModel
 from .prompt import build_prompt
 from .sampling import SamplingParams
@@ -29,52 +28,6 @@ JOIN_TIMEOUT_S = 30.0
 
 # Every generation worker thread has this name, so a server can count the live ones.
 WORKER_THREAD_NAME = "stream_reply"
-
-
-@dataclass
-class ReplyStats:
-    """Filled in while a reply streams; final once the generator is exhausted or closed.
-
-    first_token_s: seconds from the call to the first generated token (prefill included).
-    tokens_per_s: decode speed, (new_tokens - 1) / (time of last token - time of first token).
-    stopped_by: "eos" | "stop_string" | "max_new_tokens" | "stopped" (closed / stop_event) | "error".
-    """
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    first_token_s: float = 0.0
-    total_s: float = 0.0
-    tokens_per_s: float = 0.0
-    trimmed_turns: int = 0
-    stopped_by: str = ""
-
-
-def visible_text(text: str, stop_strings: Sequence[str], search_from: int = 0) -> tuple[str, bool]:
-    """Return (the part of the raw reply `text` safe to show, whether a stop string occurred).
-
-    Cuts at the first complete stop string; while streaming, holds back a tail that could still
-    become a stop string (e.g. "\\nUs") and trailing whitespace, so what is shown only ever grows.
-    Leading whitespace is dropped, after the search: a reply that opens with "\nUser:" is a stop,
-    not a user line to show. At the end of a reply the held-back tail is simply never shown.
-    Only stop strings that begin at `search_from` or later count (min_new_tokens: the text of the
-    first tokens is the reply whatever it holds; past the end of `text`: none counts yet).
-    """
-    cut = len(text)
-    hit = False
-    for s in stop_strings:
-        i = text.find(s, search_from)
-        if i != -1 and i < cut:
-            cut, hit = i, True
-    text = text[:cut]
-    if not hit:
-        hold = 0
-        for s in stop_strings:
-            for n in range(min(len(s) - 1, len(text) - search_from), hold, -1):
-                if text.endswith(s[:n]):
-                    hold = n
-                    break
-        text = text[: len(text) - hold]
-    return text.strip(), hit
 
 
 class _StopCriteria(StoppingCriteria):
@@ -225,19 +178,3 @@ def stream_reply(
     if "error" in result:
         exc = result["error"]
         raise RuntimeError(f"generation failed: {type(exc).__name__}: {exc}") from exc
-
-
-def throttled(replies: Iterable[str], min_interval_s: float) -> Iterator[str]:
-    """The growing replies of a stream at most once per min_interval_s (the newest one each time),
-    and always the last one. For a web UI, where every update costs the server more than a token."""
-    last = -math.inf
-    pending = None
-    for text in replies:
-        now = time.monotonic()
-        if now - last >= min_interval_s:
-            last, pending = now, None
-            yield text
-        else:
-            pending = text
-    if pending is not None:
-        yield pending

@@ -18,7 +18,7 @@ from gradio_client.utils import Status
 from openai_server import openai_server, start_proxy  # noqa: F401  (openai_server is a fixture)
 
 from generation import SamplingParams
-from generation.remote import RemoteChat
+from generation.backends import RemoteChat
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # each test starts the real app
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from generation import SamplingParams, build_prompt
 from generation.decode import BatchDecodeStep, ModelStep, SlotKVCache, pick_tokens
-from generation.engine import ChatEngine
+from generation.backends import ChatEngine
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
 pytestmark = pytest.mark.skipif(

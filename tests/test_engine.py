@@ -16,7 +16,7 @@ import torch
 
 from generation import ReplyStats, SamplingParams, load_model
 from generation.decode import RowAttentionMask
-from generation.engine import ENGINE_THREAD_NAME, ChatEngine
+from generation.backends import ENGINE_THREAD_NAME, ChatEngine
 from generation.model import LoadedModel
 from generation.stream import stream_reply
 
@@ -542,7 +542,7 @@ def test_min_new_tokens_keeps_an_early_stop_string_in_the_reply(tiny_qwen):
     ("Paris.\nUs", 99, "Paris.\nUs", False),  # nothing counts yet: nothing held back
 ])
 def test_visible_text_counts_stop_strings_from_search_from(text, search_from, shown, hit):
-    from generation.stream import visible_text
+    from generation.backends import visible_text
 
     assert visible_text(text, ["\nUser:"], search_from) == (shown, hit)
 

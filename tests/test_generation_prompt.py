@@ -13,7 +13,7 @@ from conftest import build_tiny_tokenizer
 from generation import SamplingParams, Settings, build_prompt, preview_tokens
 from generation.prompt import DEFAULT_SYSTEM, PLAIN_STOP_STRINGS
 from generation.sampling import SeededSampler
-from generation.stream import visible_text
+from generation.backends import visible_text
 
 HISTORY = [
     {"role": "user", "content": "Hi there!"},

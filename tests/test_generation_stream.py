@@ -11,7 +11,8 @@ import torch
 from generation import ReplyStats, SamplingParams, load_model, stream_reply
 from generation.model import LoadedModel
 from generation.prompt import PLAIN_STOP_STRINGS
-from generation.stream import WORKER_THREAD_NAME, throttled
+from generation.backends import throttled
+from generation.stream import WORKER_THREAD_NAME
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 QUESTION = "What is the capital of France?"

@@ -1,4 +1,4 @@
-"""The remote chat backend (generation/remote.py) against real servers on loopback, offline.
+"""The remote chat backend (generation/backends/remote.py) against real servers on loopback, offline.
 
 The server is `transformers serve` on the app's default model (tests/openai_server.py), started
 once per session; the proxy from the same helper stands in where that server lacks a feature
@@ -25,10 +25,8 @@ from openai_server import (  # noqa: F401  (openai_server is a fixture)
 )
 
 from generation import ReplyStats, SamplingParams, Settings
-from generation.backend import ChatBackend
+from generation.backends import READER_THREAD_NAME, ChatBackend, RemoteChat, visible_text
 from generation.prompt import PLAIN_STOP_STRINGS, plain_dialogue
-from generation.remote import READER_THREAD_NAME, RemoteChat
-from generation.stream import visible_text
 
 # "The capital of France is Paris." and the stop string fit in 16 tokens.
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)

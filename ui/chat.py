@@ -15,14 +15,10 @@ from typing import Any
 
 import gradio as gr
 
+from generation import LoadedModel, SamplingParams, Settings, preview_tokens
+from generation.backends import BackendNotReady, BackendSlot, ChatBackend, ReplyStats, throttled
 from generation.introspect import MAX_CANDIDATES, next_token_candidates
-from generation.model import LoadedModel
-from generation.sampling import MAX_SEED, SamplingParams
-from generation.settings import Settings
-from generation.backend import ChatBackend
-from generation.remote import RemoteChat
-from generation.stream import ReplyStats, throttled
-from generation.tokens import preview_tokens
+from generation.sampling import MAX_SEED
 
 from .common import (
     API_TEXT_CHARS,
@@ -196,101 +192,23 @@ class StopRegistry:
                 del self._events[key]
 
 
-class BackendSlot:
-    """The chat's backend, chosen by the settings: a remote OpenAI-compatible server, or the local
-    batched engine over the shared model (created once the model is there).
+def backend_status(backend: BackendSlot, model: ModelSlot) -> str:
+    """The backend part of the status line (remote: host, model, reachable or why not)."""
+    remote = backend.remote
+    if remote is None:
+        return model.status()
+    reason = remote.check()
+    chat = (f"{dot('#16a34a')} chat: **{html.escape(remote.describe())}**" if reason is None else
+            f"{dot('#dc2626')} chat: **{html.escape(remote.describe())}**: {html.escape(reason)}")
+    return f"{chat} · {model.status()}"
 
-    Shared by every user; `get()` raises gr.Error with the reason while there is no backend yet.
-    """
 
-    def __init__(self, settings: Settings, model: ModelSlot) -> None:
-        self.settings = settings
-        self.model = model
-        self.remote: RemoteChat | None = RemoteChat(settings) if settings.chat_backend_url else None
-        self._engine: Any = None  # generation.engine.ChatEngine once created
-        self._run_here = False  # serve_here() runs its loop (else the engine's own thread)
-        self._lock = threading.Lock()
-
-    @property
-    def is_remote(self) -> bool:
-        return self.remote is not None
-
-    def ready(self) -> bool:
-        """True when a chat can be sent (remote: always, errors come per reply; local: model loaded)."""
-        return self.remote is not None or self.model.ready
-
-    def not_ready_message(self) -> str:
-        return self.model.not_ready_message()
-
-    def engine(self) -> Any:
-        """The local engine, created on first call once the model is loaded (else None); started
-        in its own thread unless serve_here() runs it."""
-        lm = self.model.lm
-        if self.remote is not None or lm is None:
-            return None
-        with self._lock:
-            if self._engine is None:
-                from generation.engine import ChatEngine
-
-                self._engine = ChatEngine(lm, max_batch=self.settings.chat_concurrency, fast=self.settings.fast_decode,
-                                          autostart=not self._run_here)
-                if not self._run_here:
-                    self._engine.start()
-            return self._engine
-
-    def serve_here(self) -> None:
-        """Run the local engine's decode loop in the calling thread (`python app.py`: the main
-        thread, where its many small ops cost least; see ChatEngine.run_here) from the moment the
-        model has loaded until `close()`, so its one-time set-up (the warm-up prompt, the fast
-        decode's int8 head) is done before users come. Returns at once for a remote backend, and
-        when the model failed to load."""
-        if self.remote is not None:
-            return
-        with self._lock:
-            self._run_here = True  # an engine created from now on waits for this thread
-        self.model.views_one_thread = True  # the views' forwards leave the parallel regions to the engine
-        if not self.model.wait():
-            return
-        engine = self.engine()
-        if engine is not None:
-            engine.run_here()
-
-    def get(self) -> ChatBackend:
-        """The backend to stream from, or gr.Error saying why there is none yet."""
-        if self.remote is not None:
-            return self.remote
-        engine = self.engine()
-        if engine is None:
-            raise gr.Error(self.model.not_ready_message(), title="Model not ready")
-        return engine
-
-    def active(self) -> int:
-        """Replies being generated right now, every user's and API call's."""
-        if self.remote is not None:
-            return self.remote.active()
-        with self._lock:
-            return self._engine.active() if self._engine is not None else 0
-
-    def waiting(self) -> int:
-        """Requests the local engine holds back until a row of its batch frees (0 for a remote server)."""
-        with self._lock:
-            return self._engine.waiting() if self._engine is not None else 0
-
-    def status(self) -> str:
-        """The backend part of the status line (remote: host, model, reachable or why not)."""
-        if self.remote is None:
-            return self.model.status()
-        reason = self.remote.check()
-        chat = (f"{dot('#16a34a')} chat: **{html.escape(self.remote.describe())}**" if reason is None else
-                f"{dot('#dc2626')} chat: **{html.escape(self.remote.describe())}**: {html.escape(reason)}")
-        return f"{chat} · {self.model.status()}"
-
-    def close(self) -> None:
-        """Stop the local engine's loop (pending replies end with a clear error)."""
-        with self._lock:
-            engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.close()
+def backend_or_error(backend: BackendSlot) -> ChatBackend:
+    """The backend to stream from, or gr.Error saying why there is none yet."""
+    try:
+        return backend.get()
+    except BackendNotReady as exc:
+        raise gr.Error(str(exc), title="Model not ready") from None
 
 
 class ChatHandlers:
@@ -316,7 +234,7 @@ class ChatHandlers:
 
     def status_markdown(self, user_stats: str = "") -> str:
         """The status line: the backend's (and model's) state, plus this user's last-reply stats."""
-        line = self.backend.status()
+        line = backend_status(self.backend, self.model)
         return f"{line} · {user_stats}" if user_stats and self.backend.ready() else line
 
     def preview(self, text: str) -> Any:
@@ -393,7 +311,7 @@ class ChatHandlers:
         if not turns or turns[-1]["role"] != "user":
             return
         try:
-            backend = self.backend.get()
+            backend = backend_or_error(self.backend)
         except gr.Error as exc:
             gr.Warning(error_text(exc), title="Model loading")
             return
@@ -489,7 +407,7 @@ class ChatHandlers:
             system = as_text(system, "system", none_ok=True, max_chars=API_TEXT_CHARS).strip() or None
             params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, API_NAMES,
                                      min_new_tokens)
-            backend = self.backend.get()
+            backend = backend_or_error(self.backend)
             gen = backend.stream_reply(text, (), system=system, params=params,
                                        max_input_tokens=self.settings.max_input_tokens)
             reply = None

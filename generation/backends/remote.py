@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .prompt import PLAIN_STOP_STRINGS, _check_history, plain_dialogue
-from .sampling import SamplingParams
-from .settings import CHAT_BACKEND_APIS, Settings, normalize_backend_url
-from .stream import ReplyStats, visible_text
+from ..prompt import PLAIN_STOP_STRINGS, check_history, plain_dialogue
+from ..sampling import SamplingParams
+from ..settings import CHAT_BACKEND_APIS, Settings, normalize_backend_url
+from .base import ReplyStats, ReplyText, stopped_by, visible_text
 
 DEFAULT_TIMEOUT_S = 60.0
 # Connecting is quick or hopeless; waiting for tokens may take long (queues, prefill of big prompts).
@@ -56,7 +56,7 @@ JOIN_TIMEOUT_S = 2.0
 # over-counts and trims a little early rather than overflowing the server's context.
 APPROX_CHARS_PER_TOKEN = 3
 MESSAGE_OVERHEAD_TOKENS = 4
-# Every reader thread has this name (the local engine's workers are "stream_reply").
+# Every reader thread has this name, so a server (or a test) can count the live ones.
 READER_THREAD_NAME = "remote_reply"
 _MAX_ERROR_CHARS = 400
 _DEFAULT_MAX_INPUT_TOKENS: int = Settings.__dataclass_fields__["max_input_tokens"].default
@@ -532,7 +532,7 @@ class RemoteChat:
         stats: ReplyStats | None = None,
         stop_event: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield the growing reply (each a prefix of the next), as `generation.stream.stream_reply`.
+        """Yield the growing reply (each a prefix of the next), as `ChatBackend.stream_reply`.
 
         Setting `stop_event` or closing the generator closes the HTTP stream within ~POLL_S.
         `stats`: prompt_tokens from the server's usage report (0 if it sends none), new_tokens
@@ -551,7 +551,7 @@ class RemoteChat:
         budget = self.max_input_tokens if max_input_tokens is None else max_input_tokens
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"max_input_tokens must be a positive integer, got {budget!r}")
-        turns = _check_history(history)
+        turns = check_history(history)
         stats = stats if stats is not None else ReplyStats()
         t0 = time.perf_counter()
         with self._lock:
@@ -579,8 +579,7 @@ class RemoteChat:
             reader = threading.Thread(target=self._read, args=(call, api, kw), name=READER_THREAD_NAME, daemon=True)
             reader.start()
             raw = ""
-            shown = ""
-            min_chars: int | None = 0 if params.min_new_tokens == 0 else None
+            reply = ReplyText(stops, params.min_new_tokens)
             finish: str | None = None
             stop_reason: object = None
             drain_until: float | None = None  # set once we found a stop string ourselves
@@ -633,26 +632,20 @@ class RemoteChat:
                     raw += piece
                     # min_new_tokens: stop strings count once that many pieces (a token each, as
                     # servers stream) have arrived; the server itself ignores them before that.
-                    if min_chars is None and len(times) >= params.min_new_tokens:
-                        min_chars = len(raw)
-                    text, hit = visible_text(raw, stops, len(raw) if min_chars is None else min_chars)
-                    if len(text) > len(shown):
-                        shown = text
-                        yield shown
-                    if hit:
+                    reply.tokens_written(len(times), len(raw))
+                    grown = reply.update(raw)
+                    if grown is not None:
+                        yield grown
+                    if reply.hit:
                         # The reply is complete. A server that honours stop strings (but, unlike vLLM,
                         # sends them) finishes right now with its usage report: wait briefly for it.
                         outcome = "stop_string"
                         drain_until = time.perf_counter() + DRAIN_S
                         break
-            if not outcome:
-                if finish == "length":
-                    outcome = "max_new_tokens"
-                elif finish == "stop" and (isinstance(stop_reason, str)
-                                           or visible_text(raw, stops, min_chars or 0)[1]):
-                    outcome = "stop_string"
-                else:
-                    outcome = "eos"
+            if not outcome:  # the server ended the reply: on a stop string it matched (and did not send)?
+                matched = finish == "stop" and (isinstance(stop_reason, str)
+                                                or visible_text(raw, stops, reply.count_from or 0)[1])
+                outcome = stopped_by(stop_string=matched, max_tokens=finish == "length")
         finally:
             self._abort(call)
             if reader is not None:
@@ -664,10 +657,8 @@ class RemoteChat:
             stats.prompt_tokens = usage[0] if usage is not None else 0
             stats.new_tokens = usage[1] if completed and usage[1] else len(times)
             stats.total_s = time.perf_counter() - t0
-            if times:
-                stats.first_token_s = times[0] - t0
-            if len(times) > 1 and times[-1] > times[0]:
-                stats.tokens_per_s = (max(stats.new_tokens, len(times)) - 1) / (times[-1] - times[0])
+            stats.set_timing(t0, times[0] if times else None, times[-1] if times else None,
+                             max(stats.new_tokens, len(times)))
         if health is not None:
             self._set_health(health)
         elif down_mid_reply:

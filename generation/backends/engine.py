@@ -4,17 +4,12 @@ A long-lived `ChatEngine` owns the model. Each chat is a request that joins the 
 between decode steps and leaves it when it ends (EOS, a stop string, max_new_tokens, Stop), so 30
 users cost one batched forward per step instead of 30 turns. No gradio here.
 
-Layout of one engine (all of it owned by the loop thread, named ENGINE_THREAD_NAME):
+Layout of one engine (all of it owned by the loop thread, named ENGINE_THREAD_NAME; the cache,
+masks and decode steps live in `generation.decode`):
 
-* `SlotKVCache`: per layer one (rows, kv_heads, capacity, head_dim) key and value buffer; row b
-  holds its sequence at positions 0..len_b-1, every row at its own length. Before a forward the
-  engine says where each new token goes (`prepare`); `update()` writes there and hands attention a
-  view of the first `span` positions. Per-row RoPE positions and masks (causal, and causal within
-  the sliding window for Gemma 3's local layers) make every row see exactly its own prefix.
-* `RowAttentionMask`: with sdpa (the default, also behind the project's "attention_lab"
-  dispatcher) attention runs row by row with the very call a single-sequence generate() makes, so
-  a reply is bit for bit the same whatever else is in the batch (see the class for why). With
-  eager attention the engine passes the additive float mask eager expects (one batched call).
+* Every row of the batch sits in a `SlotKVCache` at its own length, with per-row RoPE positions
+  and masks; with sdpa, attention runs row by row (`RowAttentionMask`), so a reply is bit for bit
+  the same whatever else is in the batch.
 * The running batch: rows 0..n-1 of the main cache. A finished row is removed by moving the last
   row into its slot (one row's copy, no compaction of the rest).
 * Newcomers are prefilled as a group in their own cache, several prompts per forward (left-padded,
@@ -27,12 +22,11 @@ Layout of one engine (all of it owned by the loop thread, named ENGINE_THREAD_NA
   of the plain prompt, a chat template's header) copies them instead of recomputing them. Only
   that fixed prefix is reused, so where a prompt's prefill is split never depends on history.
 * Sampling: `generation.sampling.BatchSampler`, per-row parameters and per-row generators.
-* The fast CPU decode (`generation.batchstep`, on by default where it applies: a Gemma 3 NF4 model
-  on CPU with sdpa): the loop thread first builds a lean batched decode step (bit for bit the
-  model path's numbers, without its per-step machinery) and an int8 copy of the LM head; every
-  decode step then takes them, and every row's token comes through the int8 head, chosen exactly
-  (greedy: the bf16 head's argmax; sampled: the 64 most likely tokens with exact logits). Prefill
-  keeps the model's forward. `fast_status` says whether it is on, and why not.
+* Every forward goes through one `DecodeStep`: the model's own forward (`ModelStep`), or, where
+  it applies (a Gemma 3 NF4 model on CPU with sdpa; on by default), the lean step the loop thread
+  builds before its first job (`LeanStep`: a lean batched decode, bit for bit the model path's
+  numbers, and every token through an int8 copy of the LM head, chosen exactly). `fast_status`
+  says whether it is on, and why not.
 
 The same code runs on CUDA (buffers live where the model's layers put their keys; the fast decode
 is CPU-only). Keep the first forward of a freshly loaded 4-bit model single-threaded where
@@ -51,20 +45,20 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .decode.cache import CAPACITY_STEP, PrefixStore, SlotKVCache
-from .decode.step import DecodeStep, ModelStep, lean_step
-from .model import LoadedModel
-from .prompt import build_prompt
-from .sampling import BatchSampler, RowSampling, SamplingParams
-from .stream import ReplyStats, visible_text
+from ..decode.cache import CAPACITY_STEP, PrefixStore, SlotKVCache
+from ..decode.step import DecodeStep, ModelStep, lean_step
+from ..model import LoadedModel
+from ..prompt import build_prompt
+from ..sampling import BatchSampler, RowSampling, SamplingParams
+from .base import ReplyStats, ReplyText, stopped_by
 
 log = logging.getLogger(__name__)
 
 # The loop thread's name, so a server (or a test) can find it.
 ENGINE_THREAD_NAME = "chat_engine"
 DEFAULT_MAX_BATCH = 32
-# Prompt tokens per prefill forward. On the 2-core CPU a forward of 256 tokens takes ~0.3-0.5 s,
-# the longest a running stream waits for a newcomer; a GPU takes thousands in one go cheaply.
+# Prompt tokens per prefill forward: the longest a running stream waits for a newcomer is one such
+# forward, a fraction of a second for 256 tokens on a small CPU; a GPU takes thousands in one go cheaply.
 DEFAULT_PREFILL_TOKENS_CPU = 256
 DEFAULT_PREFILL_TOKENS_CUDA = 2048
 # The shortest prompt prefix worth copying from the PrefixStore, and the warm-up reply's message.
@@ -89,7 +83,6 @@ class EngineRequest:
         self._engine = engine
         self.prompt_ids = prompt_ids
         self.params = params
-        self.stop_strings = tuple(stop_strings)
         self.stop_event = stop_event
         self.ignore_eos = ignore_eos
         self.updates: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -105,12 +98,15 @@ class EngineRequest:
         self._cancel = threading.Event()
         self._sampling = RowSampling(params, prompt_ids)
         self._prefilled = 0
-        self._alone = False  # prefilled in a group of its own (the warm-up)
+        self.is_warmup = False  # the warm-up reply: prefilled in a group of its own, its prompt kept
         self._prefix_off = 0
         self._read_off = 0
-        self._stop_tail = max((len(s) for s in self.stop_strings), default=0)
-        # Where stop strings start to count in `text`: None until min_new_tokens have been written.
-        self.min_chars: int | None = 0 if params.min_new_tokens == 0 else None
+        # Its stop strings (and where they start to count); the consumer's visible text.
+        self.reply = ReplyText(stop_strings, params.min_new_tokens)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return self.reply.stop_strings
 
     @property
     def prompt_len(self) -> int:
@@ -138,7 +134,7 @@ class EngineRequest:
 
 class ChatEngine:
     """One decode loop for every chat: requests join the running batch between steps (continuous
-    batching) and leave it when they end. Implements generation.backend.ChatBackend.
+    batching) and leave it when they end. Implements generation.backends.ChatBackend.
 
     Nothing heavy happens in the constructor; the loop thread (ENGINE_THREAD_NAME, a daemon) starts
     with `start()` or on the first request. Requests beyond `max_batch` wait in FIFO order. An
@@ -205,6 +201,7 @@ class ChatEngine:
                 raise RuntimeError("the chat engine is closed")
             if self._thread is None or not self._thread.is_alive():
                 self._queue_warmup_locked()
+                self._loop_exited.clear()
                 self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD_NAME, daemon=True)
                 self._thread.start()
 
@@ -214,8 +211,8 @@ class ChatEngine:
 
         `python app.py` runs it in the process's main thread, whose OpenMP workers keep spinning
         between parallel regions when no other thread has parallel regions of its own: the many
-        small ops of a decode step then cost less (one stream: ~71 vs ~63 tokens/s here, see
-        generation/batchstep.py `single_threaded`). Requests may be submitted before it starts.
+        small ops of a decode step then cost less (see generation/decode/lean.py
+        `single_threaded`). Requests may be submitted before it starts.
         """
         with self._cond:
             if self._closed:
@@ -223,6 +220,7 @@ class ChatEngine:
             if self._thread is not None and self._thread.is_alive():
                 raise RuntimeError("the chat engine's loop is already running")
             self._queue_warmup_locked()
+            self._loop_exited.clear()  # close() waits for this run, not an earlier one's end
             self._thread = threading.current_thread()
         try:
             self._loop(until_idle)
@@ -237,7 +235,7 @@ class ChatEngine:
             try:
                 ids = build_prompt(self.tokenizer, WARMUP_MESSAGE).input_ids
                 warm = EngineRequest(self, ids.reshape(-1), WARMUP_PARAMS, (), None)
-                warm._alone = True
+                warm.is_warmup = True
                 self._waiting.appendleft(warm)
             except Exception:  # a tokenizer that cannot build the prompt: no warm-up, no harm
                 log.warning("chat engine warm-up skipped", exc_info=True)
@@ -309,7 +307,7 @@ class ChatEngine:
         stats: ReplyStats | None = None,
         stop_event: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield the growing reply (each a prefix of the next), as `generation.stream.stream_reply`.
+        """Yield the growing reply (each a prefix of the next), as `ChatBackend.stream_reply`.
 
         Closing the generator or setting `stop_event` removes the request within one step; `stats`
         is final once the generator is exhausted or closed. ValueError for bad input (before
@@ -318,7 +316,7 @@ class ChatEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if max_input_tokens is None:
-            from .settings import Settings
+            from ..settings import Settings
 
             max_input_tokens = Settings.from_env().max_input_tokens
         stats = stats if stats is not None else ReplyStats()
@@ -328,7 +326,6 @@ class ChatEngine:
         stats.trimmed_turns = prompt.trimmed_turns
         req = self.submit(prompt.input_ids, params, stop_strings=prompt.stop_strings, stop_event=stop_event)
         req.t_submit = t0
-        shown = ""
         try:
             while True:
                 try:
@@ -348,19 +345,15 @@ class ChatEngine:
                         req.updates.put(None)
                         break
                     raw = nxt
-                start = req.min_chars
-                text, _ = visible_text(raw, prompt.stop_strings, len(raw) if start is None else start)
-                if len(text) > len(shown):
-                    shown = text
-                    yield shown
+                grown = req.reply.update(raw)
+                if grown is not None:
+                    yield grown
         finally:
             if not req.done.is_set():
                 req.cancel()
                 req.wait(CANCEL_WAIT_S)
-            s = req.stats()
-            stats.new_tokens = int(s["new_tokens"])
-            stats.first_token_s = s["first_token_s"]
-            stats.tokens_per_s = s["tokens_per_s"]
+            stats.new_tokens = len(req.token_ids)
+            stats.set_timing(t0, req.t_first, req.t_last, stats.new_tokens)
             stats.total_s = time.perf_counter() - t0
             stats.stopped_by = req.stopped_by or "stopped"
         if req.error is not None:
@@ -443,13 +436,13 @@ class ChatEngine:
             cached, where = self.prefixes.lookup(req.prompt_ids)
             if cached < MIN_PREFIX:
                 cached, where = 0, -1
-            if group and (tokens + req.prompt_len - cached > self.prefill_tokens or req._alone or group[0]._alone):
+            if group and (tokens + req.prompt_len - cached > self.prefill_tokens or req.is_warmup or group[0].is_warmup):
                 break  # over budget, or the warm-up, which goes first and alone so the others reuse it
             self._waiting.popleft()
             group.append(req)
             hits.append((cached, where))
             tokens += req.prompt_len - cached
-        self._n_group = sum(not r._alone for r in group)  # counted as active from here on (not the warm-up)
+        self._n_group = sum(not r.is_warmup for r in group)  # counted as active from here on (not the warm-up)
         return [(r, cached) for r, (cached, _) in zip(group, hits)]
 
     def _start_group(self, admitted: list[tuple[EngineRequest, int]]) -> None:
@@ -535,7 +528,7 @@ class ChatEngine:
         ended = []
         for b, tok in zip(ready, tokens):
             r = group[b]
-            if r._alone:  # the warm-up: the prompt format's common prefix, kept for everyone
+            if r.is_warmup:  # the warm-up: the prompt format's common prefix, kept for everyone
                 self.prefixes.add(r.prompt_ids, cache, b)
             end = self._accept(r, tok, now)
             if end is not None:
@@ -596,14 +589,10 @@ class ChatEngine:
                 hit = self._detokenize(req)
             except Exception as exc:
                 return "error", RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
-        if req.min_chars is None and len(req.token_ids) >= req.params.min_new_tokens:
-            req.min_chars = len(req.text)  # stop strings count from here on
-        if hit:
-            return "stop_string", None
-        if len(req.token_ids) >= req.params.max_new_tokens:
-            return "max_new_tokens", None
-        if eos:
-            return "eos", None
+        req.reply.tokens_written(len(req.token_ids), len(req.text))
+        at_max = len(req.token_ids) >= req.params.max_new_tokens
+        if hit or at_max or eos:
+            return stopped_by(stop_string=hit, max_tokens=at_max), None
         return None
 
     def _detokenize(self, req: EngineRequest) -> bool:
@@ -617,13 +606,10 @@ class ChatEngine:
             return False
         delta = after[len(before) :]
         req._prefix_off, req._read_off = req._read_off, len(ids)
-        start = max(0, len(req.text) - req._stop_tail)
+        start = max(0, len(req.text) - req.reply.tail)  # a stop string may end in the new text
         req.text += delta
         req.updates.put(req.text)
-        if req.min_chars is None:  # min_new_tokens: no stop string ends the reply yet
-            return False
-        start = max(start, req.min_chars)
-        return any(req.text.find(s, start) != -1 for s in req.stop_strings)
+        return req.reply.stop_in(req.text, start)
 
     def _finish(self, req: EngineRequest, reason: str, error: BaseException | None = None) -> None:
         if req.done.is_set():
@@ -653,7 +639,7 @@ class ChatEngine:
                 self._gcache.move_row(i, last, self._group[last]._prefilled)
                 self._group[i] = self._group[last]
             self._group.pop()
-        self._n_group = sum(not r._alone for r in self._group)
+        self._n_group = sum(not r.is_warmup for r in self._group)
         if not self._group:
             self._gcache = None
 
