@@ -1,9 +1,15 @@
-"""Command line: `python -m generation "What is the capital of France?"` streams the reply to stdout."""
+"""Command line: `python -m generation "What is the capital of France?"` streams the reply to stdout.
+
+It answers through the app's own chat engine (`ChatEngine`: the same prompt, sampling, stop
+strings and fast decode as the Chat tab), its loop in the main thread as `python app.py` runs it,
+so a reply here is the reply the app gives one user, at the same speed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -35,6 +41,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def answer(lm, message: str, *, system: str | None, params, fast: bool = True):
+    """Stream the reply to `message` to stdout through a ChatEngine whose loop runs in this (the
+    main) thread while another thread reads the reply; returns its ReplyStats. The engine's
+    one-time set-up (the lean decode, the warm-up prompt) runs first, outside the reply's timing."""
+    from .backends import ChatEngine, ReplyStats
+
+    engine = ChatEngine(lm, max_batch=1, fast=fast, autostart=False)
+    engine.run_here(until_idle=True)  # set-up and warm-up; returns once idle
+    stats = ReplyStats()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        shown = ""
+        try:
+            for text in engine.stream_reply(message, system=system, params=params, stats=stats):
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
+        except BaseException as exc:  # raised in the main thread below
+            errors.append(exc)
+        finally:
+            engine.close()  # ends run_here() below
+
+    reader = threading.Thread(target=read, name="cli_reply", daemon=True)
+    reader.start()
+    try:
+        engine.run_here()
+    except RuntimeError:  # closed before the loop began: the reader's error says why
+        reader.join()
+        if not errors:
+            raise
+    reader.join()
+    if errors:
+        raise errors[0]
+    return stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 failure)."""
     args = parse_args(argv)
@@ -51,7 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .model import load_model
         from .sampling import SamplingParams
         from .settings import Settings
-        from .stream import ReplyStats, stream_reply
 
         if args.message is None and not args.info:
             raise ValueError("give a message to answer, or --info")
@@ -71,12 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(lm.report(), flush=True)
         if args.message is None:
             return 0
-        stats = ReplyStats()
-        shown = ""
-        for text in stream_reply(lm, args.message, system=args.system, params=params, stats=stats):
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
-            shown = text
+        stats = answer(lm, args.message, system=args.system, params=params, fast=settings.fast_decode)
         sys.stdout.write("\n")
         if args.stats:
             print(stats, file=sys.stderr)

@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 
-from generation import ReplyStats, SamplingParams, load_model
+from generation import ReplyStats, SamplingParams, build_prompt, load_model
+from generation.backends import visible_text
 from generation.decode import RowAttentionMask
 from generation.backends import ENGINE_THREAD_NAME, ChatEngine
 from generation.model import LoadedModel
-from generation.stream import stream_reply
 
 from conftest import save_tiny_lm
 
@@ -82,6 +82,14 @@ def _generate(lm: LoadedModel, prompt: torch.Tensor, new: int, **kw) -> list[int
         out = lm.model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                 max_new_tokens=new, pad_token_id=lm.tokenizer.pad_token_id, **kw)
     return out[0, len(prompt):].tolist()
+
+
+def _generate_text(lm: LoadedModel, message: str, new: int) -> str:
+    """The greedy reply to `message` as the chat shows it, from transformers' generate(): the app's
+    prompt, the reply's text up to its first stop string."""
+    prompt = build_prompt(lm.tokenizer, message)
+    tokens = _generate(lm, prompt.input_ids[0], new, do_sample=False)
+    return visible_text(lm.tokenizer.decode(tokens, skip_special_tokens=True), prompt.stop_strings)[0]
 
 
 def test_ignore_eos_goes_on_to_max_new_tokens(tiny_qwen):
@@ -189,8 +197,7 @@ def test_stream_reply_contract(tiny_qwen):
         stats = ReplyStats()
         params = SamplingParams(temperature=0.0, max_new_tokens=12)
         pieces = list(engine.stream_reply("The capital of France is", params=params, stats=stats))
-        ref = list(stream_reply(tiny_qwen, "The capital of France is", params=params))
-        assert pieces and pieces[-1] == ref[-1]
+        assert pieces and pieces[-1] == _generate_text(tiny_qwen, "The capital of France is", 12)
         assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(pieces, pieces[1:]))
         assert stats.stopped_by in ("eos", "max_new_tokens") and 0 < stats.new_tokens <= 12
         assert stats.prompt_tokens > 5 and 0 < stats.first_token_s <= stats.total_s
@@ -346,11 +353,11 @@ def engine4(lm4):
         yield engine
 
 
-def test_real_model_greedy_text_matches_stream_reply(lm4, engine4):
-    """The notebook's prompts, greedy: the engine's reply text equals today's stream_reply, alone
-    and mixed in one batch with prompts of other lengths (arriving at staggered moments)."""
+def test_real_model_greedy_text_matches_generate(lm4, engine4):
+    """The notebook's prompts, greedy: the engine's reply text is generate()'s (cut at its first stop
+    string), alone and mixed in one batch with prompts of other lengths (arriving at staggered moments)."""
     greedy = SamplingParams(temperature=0.0, max_new_tokens=40)
-    refs = [list(stream_reply(lm4, p, params=greedy))[-1] for p in NOTEBOOK_PROMPTS]
+    refs = [_generate_text(lm4, p, 40) for p in NOTEBOOK_PROMPTS]
     assert "Paris" in refs[0]
     alone = [list(engine4.stream_reply(p, params=greedy))[-1] for p in NOTEBOOK_PROMPTS]
     assert alone == refs
@@ -542,8 +549,6 @@ def test_min_new_tokens_keeps_an_early_stop_string_in_the_reply(tiny_qwen):
     ("Paris.\nUs", 99, "Paris.\nUs", False),  # nothing counts yet: nothing held back
 ])
 def test_visible_text_counts_stop_strings_from_search_from(text, search_from, shown, hit):
-    from generation.backends import visible_text
-
     assert visible_text(text, ["\nUser:"], search_from) == (shown, hit)
 
 
@@ -557,17 +562,3 @@ def test_visible_text_counts_stop_strings_from_search_from(text, search_from, sh
 def test_min_new_tokens_is_validated(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
-
-
-def test_min_new_tokens_in_the_generate_path_too(tiny_qwen_eos):
-    """generation.stream (one reply through generate()) honours min_new_tokens as the engine does."""
-    lm, free = tiny_qwen_eos
-    for min_new in (0, 8):
-        stats = ReplyStats()
-        params = SamplingParams(temperature=0.0, max_new_tokens=NEW, min_new_tokens=min_new)
-        list(stream_reply(lm, "hello", params=params, stats=stats))
-        with ChatEngine(lm, warmup=False) as engine:
-            engine_stats = ReplyStats()
-            list(engine.stream_reply("hello", params=params, stats=engine_stats))
-        assert stats.new_tokens == engine_stats.new_tokens >= max(min_new, 1)
-        assert stats.stopped_by == engine_stats.stopped_by

@@ -6,7 +6,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from generation import DEFAULT_MODEL_ID, SamplingParams, Settings, load_model, stream_reply
+from generation import DEFAULT_MODEL_ID, SamplingParams, Settings, load_model
+from generation.backends import ChatEngine
 
 
 def test_default_model_is_nf4(lm4):
@@ -58,8 +59,9 @@ def test_tiny_qwen_local_folder_in_4bit(tiny_qwen_dir, tmp_path):
     assert lm.has_chat_template and lm.quantization == "nf4"
     assert lm.n_4bit_layers == 2 * 7
     assert lm.model.config.model_type == "qwen2"
-    reply = list(stream_reply(lm, "hello", system="be brief", params=SamplingParams(temperature=0, max_new_tokens=8),
-                              max_input_tokens=256))
+    with ChatEngine(lm, warmup=False) as engine:
+        reply = list(engine.stream_reply("hello", system="be brief", params=SamplingParams(temperature=0, max_new_tokens=8),
+                                         max_input_tokens=256))
     assert reply and all("<|im_" not in r for r in reply)  # tokens came, and no template markers among them
     assert not list(tmp_path.iterdir())  # a local folder is used in place, nothing converted
 

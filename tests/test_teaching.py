@@ -29,7 +29,7 @@ from attention.plot import (
 from generation import attention_capture, build_prompt
 from generation.introspect import model_attention
 from generation.sampling import SamplingParams
-from generation.stream import stream_reply
+from generation.backends import ChatEngine
 from generation.teaching import (
     REPLY_MAX_TOKENS,
     ablate_heads,
@@ -463,12 +463,14 @@ def test_ablation_on_every_attention_path(tiny_qwen_dir, impl, inside_capture):
     assert (ours - plain_logits(lm, ids)).abs().max() > 1e-4
 
 
-def test_ablation_in_one_thread_leaves_another_threads_reply_identical(lm4):
-    """A real chat (stream_reply, greedy, its own worker thread) while this thread switches heads off."""
+def test_ablation_in_one_thread_leaves_another_threads_reply_identical(lm4, request):
+    """A real chat (the chat engine, greedy, its own loop thread) while this thread switches heads off."""
     params = SamplingParams(temperature=0, max_new_tokens=20)
+    engine = ChatEngine(lm4, max_batch=2, fast=False)  # the model's own forward, as the ablation's
+    request.addfinalizer(engine.close)
 
     def chat_reply_text() -> str:
-        return list(stream_reply(lm4, "Explain self-attention in one paragraph.", params=params))[-1]
+        return list(engine.stream_reply("Explain self-attention in one paragraph.", params=params))[-1]
 
     reference = chat_reply_text()
     solo = ablate_heads(lm4, PROMPT, heads_of_layer(0, 18, 4), new_tokens=3)
@@ -538,7 +540,8 @@ def test_ablation_bad_input(lm4, kwargs, message):
 def chat_reply(lm4):
     """A real greedy chat reply: (Prompt, the reply as the chat shows it, the ids the model generated)."""
     prompt = build_prompt(lm4.tokenizer, QUESTION)
-    reply = list(stream_reply(lm4, QUESTION, params=SamplingParams(temperature=0)))[-1]
+    with ChatEngine(lm4, max_batch=1) as engine:
+        reply = list(engine.stream_reply(QUESTION, params=SamplingParams(temperature=0)))[-1]
     generated = greedy_tokens(lm4, prompt.input_ids, 24)
     return prompt, reply, generated
 
