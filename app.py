@@ -16,7 +16,7 @@ from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue 
 
 import gradio as gr  # noqa: E402,I001
 
-from generation.settings import Settings  # noqa: E402
+from generation import Settings  # noqa: E402
 from ui.apigate import gate_middleware  # noqa: E402
 from ui.chat import ChatHandlers, build_chat, build_status  # noqa: E402
 from ui.inside import INSIDE_FIELDS, InsideHandlers, build_inside  # noqa: E402

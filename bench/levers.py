@@ -21,7 +21,7 @@ from generation.decode import (
     prepare_layers,
     rope_tables,
 )
-from generation.kernels import torch_rms as _rms
+from generation.kernels import torch_rms as rms
 
 __all__ = ["FastDecoder", "ModuleLinear"]
 
@@ -143,9 +143,9 @@ class FastDecoder:
         eps, nh, nkv, hd = self.eps, self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed) * self.embed_scale  # (T, D)
         for li, L in enumerate(self.layers):
-            h = _rms(x, L.in_norm, eps)
-            q = _rms(L.q(h).view(t, nh, hd), L.q_norm, eps)  # (T, H, hd)
-            k = _rms(L.k(h).view(t, nkv, hd), L.k_norm, eps)
+            h = rms(x, L.in_norm, eps)
+            q = rms(L.q(h).view(t, nh, hd), L.q_norm, eps)  # (T, H, hd)
+            k = rms(L.k(h).view(t, nkv, hd), L.k_norm, eps)
             v = L.v(h).view(t, nkv, hd)
             cos = self._cos[L.sliding][p0:end].unsqueeze(1)  # (T, 1, hd)
             sin = self._sin[L.sliding][p0:end].unsqueeze(1)
@@ -159,12 +159,12 @@ class FastDecoder:
                 scale=self.scaling, enable_gqa=nkv != nh,
             )  # (1, H, T, hd)
             attn = attn[0].transpose(0, 1).reshape(t, nh * hd)
-            x = x + _rms(L.o(attn), L.post_attn_norm, eps)
-            h = _rms(x, L.pre_ff_norm, eps)
+            x = x + rms(L.o(attn), L.post_attn_norm, eps)
+            h = rms(x, L.pre_ff_norm, eps)
             a = F.gelu(L.gate(h), approximate="tanh") * L.up(h)
-            x = x + _rms(L.down(a), L.post_ff_norm, eps)
+            x = x + rms(L.down(a), L.post_ff_norm, eps)
         self.pos = end
-        return _rms(x[-1:], self.final_norm, eps)
+        return rms(x[-1:], self.final_norm, eps)
 
     def _mask(self, sliding: bool, p0: int, t: int) -> tuple[torch.Tensor | None, bool]:
         """(bool mask (T, p0+T) or None, is_causal) for T new queries after p0 cached positions."""
@@ -192,7 +192,7 @@ class FastDecoder:
         self._tok[0] = token
         x = F.embedding(self._tok, self.embed) * self.embed_scale  # (1, D)
         for li, L in enumerate(self.layers):
-            h = _rms(x, L.in_norm, eps)
+            h = rms(x, L.in_norm, eps)
             L.q(h, q_out)
             L.k(h, k_out)
             L.v(h, v_out)
@@ -221,14 +221,14 @@ class FastDecoder:
                     qk[:nh].view(1, nkv, nh // nkv, hd), keys, vals, attn_mask=mask, scale=self.scaling
                 )  # (1, KV, H/KV, hd)
             L.o(attn.view(1, qd), self._o)
-            x = x + _rms(self._o, L.post_attn_norm, eps)
-            h = _rms(x, L.pre_ff_norm, eps)
+            x = x + rms(self._o, L.post_attn_norm, eps)
+            h = rms(x, L.pre_ff_norm, eps)
             L.gate(h, gate_out)
             L.up(h, up_out)
             L.down(F.gelu(gate_out, approximate="tanh") * up_out, self._down)
-            x = x + _rms(self._down, L.post_ff_norm, eps)
+            x = x + rms(self._down, L.post_ff_norm, eps)
         self.pos = p + 1
-        return _rms(x, self.final_norm, eps)
+        return rms(x, self.final_norm, eps)
 
     # -- public API ------------------------------------------------------------------------------
 

@@ -15,10 +15,9 @@ from typing import Any
 
 import gradio as gr
 
-from generation import LoadedModel, SamplingParams, Settings, preview_tokens
+from generation import MAX_SEED, LoadedModel, SamplingParams, Settings, preview_tokens
 from generation.backends import BackendNotReady, BackendSlot, ChatBackend, ReplyStats, throttled
 from generation.introspect import MAX_CANDIDATES, next_token_candidates
-from generation.sampling import MAX_SEED
 
 from .common import (
     API_TEXT_CHARS,

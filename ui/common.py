@@ -29,8 +29,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 
 from attention.plot import figure_bytes  # noqa: E402
-from generation.model import LoadedModel, load_model  # noqa: E402
-from generation.settings import Settings  # noqa: E402
+from generation import LoadedModel, Settings, load_model  # noqa: E402
 
 TITLE = "Attention Lab"
 

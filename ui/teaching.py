@@ -34,9 +34,8 @@ from attention.plot import (
     plot_token_attention,
     weights_csv,
 )
+from generation import Prompt, Settings, build_prompt
 from generation.introspect import model_layers
-from generation.prompt import Prompt, build_prompt
-from generation.settings import Settings
 from generation.teaching import MAX_NEW_TOKENS as ABLATE_MAX_NEW_TOKENS  # the continuation's cap
 from generation.teaching import (
     MODEL_VIEW_MAX_TOKENS,

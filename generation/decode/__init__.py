@@ -13,7 +13,6 @@ from __future__ import annotations
 from .cache import CAPACITY_STEP, PrefixStore, RowAttentionMask, SlotKVCache, attention_masks, decode_attention_rows
 from .head import RESCORE_K, QuantizedHead, QuantizedLMHead, argmax_first, pick_tokens, quantize_lm_head
 from .lean import MANY_THREADS_ROWS, BatchDecodeStep, one_thread_here, openmp_runtime, single_threaded
-from .step import DecodeStep, LeanStep, ModelStep, attention_delegate, lean_step
 from .nf4 import (
     DecoderLayer,
     FusedNF4Linear,
@@ -24,6 +23,7 @@ from .nf4 import (
     restore_linear4bit,
     rope_tables,
 )
+from .step import DecodeStep, LeanStep, ModelStep, attention_delegate, lean_step
 
 __all__ = [
     "CAPACITY_STEP",

@@ -39,6 +39,7 @@ class DecodeStep(Protocol):
     """What the engine's loop calls for every forward; owned by the loop thread."""
 
     n_layers: int
+    device: torch.device  # where the model's layers are (inputs go there)
     lean: bool  # the lean NF4 decode (counted as the engine's fast steps)
 
     def prefill(self, cache: SlotKVCache, ids: torch.Tensor, positions: torch.Tensor, write_positions: torch.Tensor,
