@@ -34,10 +34,9 @@ COMPLETE_MARKER = "COMPLETE.json"
 # and the time to read it back. fp32 loads upcast it exactly.
 SNAPSHOT_DTYPE = torch.bfloat16
 
-# Full precision (load_4bit=False) on CPU is bf16 too: bench/generation.py on this 2-core AVX-512
-# (bf16-capable) EPYC gave 19.6 decode tok/s for bf16 vs 13.0 for fp32, TTFT 0.08 vs 0.17 s, half
-# the memory, and the same perplexity (42.62 vs 42.68); decode is memory-bound, so fewer bytes win.
-# Pass load_model(dtype=torch.float32) for fp32.
+# Full precision (load_4bit=False) on CPU is bf16 too: on a bf16-capable CPU it decodes faster than
+# fp32 with half the memory and the same perplexity (bench/README.md); decode is memory-bound, so
+# fewer bytes win. Pass load_model(dtype=torch.float32) for fp32.
 CPU_FULL_DTYPE = torch.bfloat16
 
 
@@ -337,7 +336,7 @@ def load_model(
     if load_4bit and not cuda:
         # bitsandbytes repacks CPU NF4 weights on a layer's first forward; doing it here, once, before
         # the model is shared, also lets each Linear4bit call that kernel without the Python around it
-        # (same module, same bytes, bit-equal results; see generation/fastpath.py).
+        # (same module, same bytes, bit-equal results; see generation/decode/nf4.py).
         from .decode.nf4 import accelerate_linear4bit
 
         accelerate_linear4bit(model)

@@ -17,7 +17,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 # How a remote chat server is spoken to: "chat" = /chat/completions (the server applies its chat
 # template), "completions" = /completions with the app's own plain dialogue prompt (base models),
-# "auto" = ask the server once (see generation/remote.py).
+# "auto" = ask the server once (see generation/backends/remote.py).
 CHAT_BACKEND_APIS = ("auto", "chat", "completions")
 MAX_BACKEND_TIMEOUT_S = 3600.0
 
@@ -55,8 +55,8 @@ def _default_cache_dir() -> Path:
 
 
 def _default_concurrency() -> int:
-    # Chats share one batched decode loop (generation/engine.py), so this is its largest batch: a
-    # whole class of ~30 at once on a 2-core CPU (the per-row step cost is small next to the
+    # Chats share one batched decode loop (generation/backends/engine.py), so this is its largest
+    # batch: a whole class at once even on a small CPU (the per-row step cost is small next to the
     # model's weights being read once per step); a GPU has room for more rows.
     import torch
 
@@ -64,9 +64,9 @@ def _default_concurrency() -> int:
 
 
 def _default_torch_threads() -> int:
-    # All cores, as torch itself would: measured on the 2-core box (bench/generation.py), NF4
-    # decode runs at ~36 tok/s with 2 threads vs ~21 with 1, and a storm of Attention Lab updates
-    # (matplotlib, GIL-bound) slows a chat about equally either way. Lower it on a host shared with
+    # All cores, as torch itself would: NF4 decode is clearly faster on every core than on one
+    # (bench/README.md), and a storm of Attention Lab updates (matplotlib, GIL-bound) slows a chat
+    # about equally either way. Lower it on a host shared with
     # other busy processes, where intra-op threads waiting on a taken core can stall decoding.
     # The CPUs this process may run on (a container's limit), not the host's count.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

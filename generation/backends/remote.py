@@ -213,7 +213,7 @@ class RemoteChat:
 
         Cached for `check_ttl_s` seconds (every reply also refreshes it), so a status line may call
         it on every refresh; after the TTL it asks again, so "unreachable" clears when the server
-        is back. Never raises for network trouble. At most ~3 s when the server does not answer.
+        is back. Never raises for network trouble. At most CHECK_TIMEOUT_S when the server does not answer.
         """
         with self._lock:
             if self._health is not None and time.monotonic() - self._health[0] < self._check_ttl_s:

@@ -224,7 +224,7 @@ def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> Quant
 class QuantizedLMHead(torch.nn.Module):
     """A drop-in `lm_head` module over a QuantizedHead: (B, T, D) -> (B, T, V) fp32 logits.
 
-    For measuring the head lever inside `generate()`; note that greedy `generate()` then takes the
+    For measuring the int8 head inside `generate()`; note that greedy `generate()` then takes the
     argmax of the int8 logits, not the exact one (`pick_tokens` keeps it exact).
     """
 

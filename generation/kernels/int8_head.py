@@ -1,7 +1,7 @@
 """The int8 LM head kernel (int8_head.c, AVX512-VNNI): bindings and its once-per-process loading.
 
 Where it cannot run (ATTN_LAB_NATIVE=0, no C compiler, a CPU without AVX512-VNNI) the int8 head
-uses torch's aten._weight_int8pack_mm on the row layout instead (`generation.fastpath.QuantizedHead`);
+uses torch's aten._weight_int8pack_mm on the row layout instead (`generation.decode.QuantizedHead`);
 `native_int8_status()` says which runs, and why.
 """
 
