@@ -331,7 +331,7 @@ def load_model(
     # before the facts below are measured and before the model is shared.
     # One-time switch to the per-thread "attention_lab" dispatcher (same attention as before;
     # no-op for models without AttentionInterface support). See generation/attention_capture.py.
-    from .attention_capture import install as install_attention_capture
+    from .inside.capture import install as install_attention_capture
 
     install_attention_capture(model)
     if load_4bit and not cuda:

@@ -21,9 +21,9 @@ from transformers import (
 )
 
 import attention.functional
-from generation import attention_capture
-from generation.introspect import (
+from generation.inside import (
     CaptureUnsupported,
+    capture,
     FullPrecisionCache,
     compare_quantization,
     model_attention,
@@ -45,7 +45,7 @@ def eager_attention(model):
     """Run THIS model object with transformers' eager attention, then switch back.
 
     Only for the reference run inside a test (pytest runs one test at a time): the app never
-    switches a shared model; the point of attention_capture is that it does not have to.
+    switches a shared model; the point of generation.inside.capture is that it does not have to.
     """
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -68,8 +68,8 @@ def eager_maps(lm, ids: torch.Tensor) -> list[torch.Tensor]:
 
 def project_maps(lm, ids: torch.Tensor) -> list[torch.Tensor]:
     """The same forward with every layer's attention computed by attention.functional.scaled_dot_product."""
-    attention_capture.install(lm.model)
-    with torch.inference_mode(), attention_capture.capture() as captured:
+    capture.install(lm.model)
+    with torch.inference_mode(), capture.capture() as captured:
         lm.model(input_ids=ids, use_cache=False)
     return [captured[i][0].float() for i in sorted(captured)]
 
@@ -148,7 +148,7 @@ def test_tiny_qwen_maps_equal_eager(tiny_qwen, bits):
 
 def test_sliding_window_layer_shows_its_window(tiny_gemma_window):
     lm = tiny_gemma_window
-    assert attention_capture.is_installed(lm.model)  # by load_model's post-load hook
+    assert capture.is_installed(lm.model)  # by load_model's post-load hook
     text = "Attention weights are a softmax over scaled dot products."
     ids = ids_of(lm, text)
     t = ids.shape[1]
@@ -244,7 +244,7 @@ def test_model_without_attention_interface_is_refused(tiny_qwen):
         max_position_embeddings=64, window_size=4,
     )
     model = GPTNeoForCausalLM(config).eval()
-    assert attention_capture.install(model) is False  # left untouched
+    assert capture.install(model) is False  # left untouched
     lm = LoadedModel(model, tok, "tiny-gpt-neo", "cpu", "float32", "none", 0, 0, 0.0, True)
     with pytest.raises(CaptureUnsupported, match="AttentionInterface") as err:
         model_attention(lm, "The capital of France is Paris.", layer=0)
@@ -257,15 +257,15 @@ def test_model_without_attention_interface_is_refused(tiny_qwen):
 
 def test_dispatcher_leaves_generation_unchanged(lm4):
     model = lm4.model
-    attention_capture.install(model)
-    assert model.config._attn_implementation == attention_capture.IMPL_NAME
+    capture.install(model)
+    assert model.config._attn_implementation == capture.IMPL_NAME
     ids = ids_of(lm4, PROMPT)
     with_dispatcher = greedy_tokens(lm4, ids, 12)
     model.set_attn_implementation("sdpa")
     try:
         plain = greedy_tokens(lm4, ids, 12)
     finally:
-        model.set_attn_implementation(attention_capture.IMPL_NAME)
+        model.set_attn_implementation(capture.IMPL_NAME)
     assert with_dispatcher == plain
 
 
@@ -279,7 +279,7 @@ def test_dispatcher_over_an_eager_model(tiny_qwen_dir):
     before = greedy_tokens(lm, ids, 8)
     with torch.inference_mode():
         ref = [a[0] for a in model(input_ids=ids, output_attentions=True).attentions]
-    assert attention_capture.install(model) and model.config._attn_implementation == attention_capture.IMPL_NAME
+    assert capture.install(model) and model.config._attn_implementation == capture.IMPL_NAME
     assert greedy_tokens(lm, ids, 8) == before
     ours = project_maps(lm, ids)
     for a, b in zip(ours, ref):

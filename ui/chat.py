@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from generation.introspect import MAX_CANDIDATES, next_token_candidates
+from generation.inside import MAX_CANDIDATES, next_token_candidates
 from generation.model import LoadedModel
 from generation.sampling import MAX_SEED, SamplingParams
 from generation.settings import Settings

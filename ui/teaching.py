@@ -34,21 +34,21 @@ from attention.plot import (
     plot_token_attention,
     weights_csv,
 )
-from generation.introspect import model_layers
-from generation.prompt import Prompt, build_prompt
-from generation.settings import Settings
-from generation.teaching import MAX_NEW_TOKENS as ABLATE_MAX_NEW_TOKENS  # the continuation's cap
-from generation.teaching import (
+from generation.inside import (
+    ABLATION_MAX_NEW_TOKENS,  # the continuation's cap
     MODEL_VIEW_MAX_TOKENS,
     REPLY_MAX_TOKENS,
     Ablation,
     ModelView,
     ReplyAttention,
     ablate_heads,
+    model_layers,
     model_view,
     parse_heads,
     reply_attention,
 )
+from generation.prompt import Prompt, build_prompt
+from generation.settings import Settings
 
 from .common import (
     API_TEXT_CHARS,
@@ -304,7 +304,7 @@ class TeachingHandlers:
         prompt = as_text(prompt, "prompt", none_ok=True, max_chars=API_TEXT_CHARS)
         heads = as_text(heads, "heads", max_chars=API_TEXT_CHARS)  # its syntax is parse_heads' to check
         k = as_int(k, "k", 1, ABLATE_MAX_K)
-        new_tokens = as_int(new_tokens, "new_tokens", 1, ABLATE_MAX_NEW_TOKENS)
+        new_tokens = as_int(new_tokens, "new_tokens", 1, ABLATION_MAX_NEW_TOKENS)
         lm = self.model.require()
         if not prompt.strip():
             raise ValueError("Type a prompt: the model predicts what comes after it.")
