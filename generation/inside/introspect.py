@@ -5,8 +5,8 @@
   plugged into transformers through its AttentionInterface (see generation/inside/capture.py:
   per-thread, so chats generating at the same moment are untouched).
 * `next_token_candidates` shows the next-token distribution before and after the chat tab's
-  sampling controls, with the same processing order as generation: repetition penalty,
-  temperature, top-k, top-p (the order of `SamplingParams.generate_kwargs()`).
+  sampling controls, through the functions that choose the chat's tokens (`generation.sampling`):
+  repetition penalty, temperature, top-k, top-p.
 * `compare_quantization` puts the 4-bit model beside the full-precision one; `FullPrecisionCache`
   loads that second copy lazily, once.
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, greedy_ids, kept_probs, kept_mask, scale, top_k_mask
 from .capture import CaptureUnsupported, capture, install, is_installed, unsupported_reason
 
 __all__ = [
@@ -38,8 +38,6 @@ __all__ = [
     "Candidate",
     "NextToken",
     "next_token_candidates",
-    "top_k_keep",
-    "top_p_keep",
     "QuantSide",
     "QuantRow",
     "QuantComparison",
@@ -338,30 +336,6 @@ def model_attention(
 # 2. Next-token probabilities
 
 
-def top_k_keep(logits: Tensor, k: int) -> Tensor:
-    """(V,) logits -> (V,) bool: the k highest (ties with the k-th kept, as transformers' TopKLogitsWarper)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return torch.ones_like(logits, dtype=torch.bool)
-    kth = torch.topk(logits, k).values[..., -1:]  # (1,)
-    return logits >= kth  # (V,)
-
-
-def top_p_keep(logits: Tensor, p: float) -> Tensor:
-    """(V,) logits -> (V,) bool: the smallest set of most likely tokens whose mass reaches p (nucleus).
-
-    Same rule as transformers' TopPLogitsWarper: sort ascending, drop tokens while the mass at or
-    below them is <= 1 - p; the most likely token always stays.
-    """
-    if p >= 1.0:
-        return torch.ones_like(logits, dtype=torch.bool)
-    sorted_logits, order = torch.sort(logits, descending=False)  # (V,)
-    mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (V,) ascending
-    drop_sorted = mass_below <= 1 - p
-    drop_sorted[-1] = False
-    drop = drop_sorted.scatter(0, order, drop_sorted)  # back to vocabulary order
-    return ~drop
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One possible next token and what the sampling controls do to it."""
@@ -409,9 +383,9 @@ def next_token_candidates(
 
     prompt: raw text (tokenized with the tokenizer's special tokens) or ready ids (1, T), e.g.
     `build_prompt(...).input_ids` to see the first token of the chat's reply. Longer prompts keep
-    their last `max_tokens` tokens. The processing matches generation exactly (see
-    `SamplingParams.generate_kwargs`): repetition penalty on the prompt ids, then temperature,
-    top-k, top-p; temperature 0 is greedy (the argmax of the penalised logits).
+    their last `max_tokens` tokens. The processing is the chat's own (`generation.sampling`):
+    repetition penalty on the prompt ids, then temperature, top-k, top-p; temperature 0 is greedy
+    (the argmax of the penalised logits).
     """
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -425,29 +399,22 @@ def next_token_candidates(
     vocab = int(logits.shape[-1])
     k = min(k, vocab)
 
-    # Filtering runs on float32 logits exactly as generate() does; the reported probabilities are
-    # softmaxes in float64 so that, over 262k tokens, they still sum to 1 within 1e-12.
+    # The controls run on float32 logits through the chat's own `generation.sampling` functions;
+    # the reported probabilities are softmaxes in float64 so that, over 262k tokens, they still
+    # sum to 1 within 1e-12.
     probs = logits.double().softmax(-1)  # (V,)
-    penalised = logits
-    if params.repetition_penalty != 1.0:
-        from transformers import RepetitionPenaltyLogitsProcessor  # what generate() applies
-
-        penalised = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, logits[None].clone())[0]
+    scaled = scale(logits, params.temperature, penalty=params.repetition_penalty, seen=ids[0])  # (V,)
+    order = torch.topk(scaled, k).indices
     if params.greedy:
-        best = int(penalised.argmax())
         keep = torch.zeros(vocab, dtype=torch.bool)
-        keep[best] = True
+        keep[int(greedy_ids(scaled))] = True
         probs_t = keep.double()  # the T -> 0 limit: all mass on the argmax
         sampling = probs_t
-        order = torch.topk(penalised, k).indices
     else:
-        scaled = penalised / params.temperature  # (V,)
         probs_t = scaled.double().softmax(-1)  # (V,)
-        keep_k = top_k_keep(scaled, params.top_k)
-        after_k = scaled.masked_fill(~keep_k, float("-inf"))
-        keep = top_p_keep(after_k, params.top_p) & keep_k
-        sampling = after_k.masked_fill(~keep, float("-inf")).double().softmax(-1)  # (V,) renormalised
-        order = torch.topk(scaled, k).indices
+        keep_k = top_k_mask(scaled, params.top_k)
+        keep = kept_mask(scaled, params.top_k, params.top_p)
+        sampling = kept_probs(scaled, keep)  # (V,) renormalised over the kept tokens
     cands = []
     for i in order.tolist():
         if keep[i]:
@@ -566,13 +533,13 @@ def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, 
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         prefill = clock() - t0
         logits = out.logits[0, -1].float().cpu()  # (V,)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+        past, nxt = out.past_key_values, greedy_ids(out.logits[:, -1:])  # (1, 1)
         steps = []
         for _ in range(decode_tokens):
             t0 = clock()
             out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
             steps.append(clock() - t0)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, nxt = out.past_key_values, greedy_ids(out.logits[:, -1:])
     return logits, prefill, statistics.median(steps)
 
 
@@ -667,7 +634,7 @@ class FullPrecisionCache:
 
     def get(self, settings: Any = None, model_id: str | None = None) -> Any:
         """The full-precision `LoadedModel` for `model_id` (default `settings.model_id`)."""
-        from .settings import Settings
+        from ..settings import Settings
 
         settings = settings or Settings.from_env()
         key = (model_id or settings.model_id).strip()
@@ -679,7 +646,7 @@ class FullPrecisionCache:
             if lm is None:
                 loader = self._loader
                 if loader is None:
-                    from .model import load_model as loader
+                    from ..model import load_model as loader
                 lm = loader(key, load_4bit=False, settings=settings)
                 self._models[key] = lm
             return lm

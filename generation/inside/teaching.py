@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..prompt import Prompt
+from ..sampling import greedy_ids, scale
 from .capture import ablate
 from .introspect import (
     DEFAULT_MAX_TOKENS,
@@ -330,10 +331,10 @@ def _greedy(lm: Any, ids: Tensor, new_tokens: int) -> tuple[Tensor, list[int]]:
     out_ids: list[int] = []
     with torch.inference_mode():
         out = model(input_ids=ids.to(model_device(model)), use_cache=True, logits_to_keep=1)
-        first = out.logits[0, -1].float().cpu()  # (V,)
+        first = scale(out.logits[0, -1]).cpu()  # (V,) float32, temperature 1
         logits = first
         for step in range(new_tokens):
-            nxt = int(logits.argmax())
+            nxt = int(greedy_ids(logits))
             out_ids.append(nxt)
             if nxt in stops or step == new_tokens - 1:
                 break
@@ -343,7 +344,7 @@ def _greedy(lm: Any, ids: Tensor, new_tokens: int) -> tuple[Tensor, list[int]]:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            logits = out.logits[0, -1].float()
+            logits = scale(out.logits[0, -1])
     return first, out_ids
 
 
@@ -363,9 +364,8 @@ def ablate_heads(
     (layer, head) pairs (see parse_heads / heads_of_layer / head_in_every_layer); empty = no
     ablation, and both sides are the one plain run. A switched-off head's output, its slice of
     o_proj's input, is zero in every forward of THIS call only (per thread: chats generating at
-    the same time are untouched). Costs two prefills + 2 x (new_tokens - 1) decode steps (about
-    0.5 s for 64 tokens and 8 new tokens on 2 idle CPU cores). Raises ValueError for a bad head,
-    k, new_tokens, or prompt.
+    the same time are untouched). Costs two prefills + 2 x (new_tokens - 1) decode steps
+    (bench/introspect.py times it). Raises ValueError for a bad head, k, new_tokens, or prompt.
     """
     tok = lm.tokenizer
     n_layers, n_heads, _ = _shape(lm)
