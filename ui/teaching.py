@@ -34,6 +34,7 @@ from attention.plot import (
     plot_token_attention,
     weights_csv,
 )
+from generation import Prompt, Settings, build_prompt
 from generation.inside import (
     ABLATION_MAX_NEW_TOKENS,  # the continuation's cap
     MODEL_VIEW_MAX_TOKENS,
@@ -47,8 +48,6 @@ from generation.inside import (
     parse_heads,
     reply_attention,
 )
-from generation.prompt import Prompt, build_prompt
-from generation.settings import Settings
 
 from .common import (
     API_TEXT_CHARS,
