@@ -1,4 +1,4 @@
-"""Benchmark of generation/introspect.py: what the "inside the chat model" views cost.
+"""Benchmark of generation/inside/: what the "inside the chat model" views cost.
 
     python bench/introspect.py               # ~1-2 min on 2 CPU cores, prints markdown tables
 
@@ -33,17 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention.plot import figure_bytes, plot_model_view, plot_token_attention  # noqa: E402
 from benchutil import describe  # noqa: E402
 from generation import build_prompt  # noqa: E402
-from generation import attention_capture  # noqa: E402
-from generation.introspect import (  # noqa: E402
+from generation.inside import (  # noqa: E402
     FullPrecisionCache,
+    ablate_heads,
+    capture,
     compare_quantization,
+    heads_of_layer,
     model_attention,
+    model_view,
     next_token_candidates,
+    reply_attention,
 )
 from generation.model import load_model  # noqa: E402
 from generation.sampling import SamplingParams  # noqa: E402
 from generation.settings import Settings  # noqa: E402
-from generation.teaching import ablate_heads, heads_of_layer, model_view, reply_attention  # noqa: E402
 
 PROMPT = "The capital of France is"
 TEXT_64 = (
@@ -76,12 +79,12 @@ def _per_call_overhead_us(lm, calls: int = 2000, rounds: int = 7) -> tuple[float
     best of `rounds`, the least disturbed by other processes."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    module = attention_capture.attention_modules(lm.model)[0]
+    module = capture.attention_modules(lm.model)[0]
     cfg = lm.model.config
     q = torch.randn(1, cfg.num_attention_heads, 1, 8)
     kv = torch.randn(1, cfg.num_key_value_heads, 8, 8)
     best = {"lab": float("inf"), "sdpa": float("inf")}
-    fns = {"lab": attention_capture._attention_lab_forward, "sdpa": sdpa_attention_forward}
+    fns = {"lab": capture.attention_lab_forward, "sdpa": sdpa_attention_forward}
     with torch.inference_mode():
         for _ in range(rounds):
             for name, fn in fns.items():
@@ -171,7 +174,7 @@ def main() -> None:
     settings = Settings.from_env()
     lm4 = load_model(settings.model_id, load_4bit=True, settings=settings)
     model = lm4.model
-    if not attention_capture.is_installed(model):
+    if not capture.is_installed(model):
         raise SystemExit("load_model did not install the attention_lab dispatcher")
     if args.teaching_only:
         print(f"Machine: {describe()}; model {lm4.model_id}; medians of {args.reps} runs.\n")
@@ -187,7 +190,7 @@ def main() -> None:
         try:
             plain.append(_decode_tps(lm4, ids, args.new_tokens))
         finally:
-            model.set_attn_implementation(attention_capture.IMPL_NAME)
+            model.set_attn_implementation(capture.IMPL_NAME)
     # Best of the alternating runs: on a shared box the slowest runs measure the neighbours, not the code.
     tps_lab, tps_plain = max(lab), max(plain)
 

@@ -329,8 +329,8 @@ def load_model(
     # Post-load hook point: changes to the loaded model (e.g. the attention capture) go here,
     # before the facts below are measured and before the model is shared.
     # One-time switch to the per-thread "attention_lab" dispatcher (same attention as before;
-    # no-op for models without AttentionInterface support). See generation/attention_capture.py.
-    from .attention_capture import install as install_attention_capture
+    # no-op for models without AttentionInterface support). See generation/inside/capture.py.
+    from .inside.capture import install as install_attention_capture
 
     install_attention_capture(model)
     if load_4bit and not cuda:

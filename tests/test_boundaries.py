@@ -49,7 +49,7 @@ def test_ui_is_the_only_package_that_imports_gradio():
 
 
 def test_importing_the_libraries_loads_no_gradio():
-    code = "import sys, attention, generation, generation.introspect, generation.backends, generation.decode\n" \
+    code = "import sys, attention, generation, generation.inside, generation.backends, generation.decode\n" \
            "assert 'gradio' not in sys.modules, 'gradio was imported'\nprint('clean')\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-2000:]

@@ -46,7 +46,7 @@ def grid_cells(n_tokens: int) -> tuple[dict, tuple[int, int]]:
     import torch
 
     from attention.plot import model_view_cells
-    from generation.teaching import ModelView
+    from generation.inside import ModelView
     from ui.teaching import grid_figure
 
     t = n_tokens

@@ -39,7 +39,7 @@ def _load_eager(path) -> LoadedModel:
     dispatcher installed on top, as load_model does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from generation.attention_capture import install
+    from generation.inside import install
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     install(model)

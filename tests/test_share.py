@@ -200,7 +200,7 @@ def test_inside_layer_and_head_are_clamped_only_where_the_model_is_known():
 
 @pytest.mark.slow
 def test_inside_layer_and_head_beyond_the_model_are_clamped_and_named(lm4):
-    from generation.introspect import model_layers
+    from generation.inside import model_layers
 
     info = model_layers(lm4)
     settings = Settings.from_env()

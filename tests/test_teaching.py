@@ -26,11 +26,11 @@ from attention.plot import (
     plot_token_attention,
     weights_csv,
 )
-from generation import attention_capture, build_prompt
-from generation.introspect import model_attention
+from generation import build_prompt
+from generation.inside import capture, model_attention
 from generation.sampling import SamplingParams
 from generation.backends import ChatEngine
-from generation.teaching import (
+from generation.inside import (
     REPLY_MAX_TOKENS,
     ablate_heads,
     check_heads,
@@ -320,27 +320,27 @@ def test_check_heads_errors(heads, message):
 
 def test_ablate_block_is_per_thread_validated_and_reset():
     with pytest.raises(ValueError, match="non-negative"):
-        with attention_capture.ablate([(0, -1)]):
+        with capture.ablate([(0, -1)]):
             pass
     with pytest.raises(ValueError, match="pairs"):
-        with attention_capture.ablate("0:1"):
+        with capture.ablate("0:1"):
             pass
     seen = {}
-    with attention_capture.ablate({2: [1, 0], 3: (2,)}) as ablation:
+    with capture.ablate({2: [1, 0], 3: (2,)}) as ablation:
         assert ablation == {2: (0, 1), 3: (2,)}
         with pytest.raises(RuntimeError, match="nested"):
-            with attention_capture.ablate([(0, 0)]):
+            with capture.ablate([(0, 0)]):
                 pass
-        other = threading.Thread(target=lambda: seen.setdefault("other", attention_capture._ablated_heads(2)))
+        other = threading.Thread(target=lambda: seen.setdefault("other", capture.ablated_heads(2)))
         other.start()
         other.join()
-        assert attention_capture._ablated_heads(2) == (0, 1)
+        assert capture.ablated_heads(2) == (0, 1)
     assert seen["other"] == ()  # another thread never sees this thread's ablation
-    assert attention_capture._ablated_heads(2) == ()
+    assert capture.ablated_heads(2) == ()
     with pytest.raises(KeyError):
-        with attention_capture.ablate([(1, 1)]):
+        with capture.ablate([(1, 1)]):
             raise KeyError("boom")
-    assert attention_capture._ablated_heads(1) == ()  # reset even when the block raised
+    assert capture.ablated_heads(1) == ()  # reset even when the block raised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_no_head_switched_off_is_the_plain_model(lm4):
     assert all(r.p_plain == r.p_ablated and r.rank_plain == r.rank_ablated for r in ab.rows)
     # ... and both equal a forward with no ablation machinery at all, as does an empty ablate block
     logits = plain_logits(lm4, ids_of(lm4, PROMPT))
-    with attention_capture.ablate([]):
+    with capture.ablate([]):
         assert torch.equal(plain_logits(lm4, ids_of(lm4, PROMPT)), logits)
     probs = logits.double().softmax(-1)
     for r in ab.rows:
@@ -368,7 +368,7 @@ def test_no_head_switched_off_is_the_plain_model(lm4):
 
 def _reference_ablated_logits(lm, ids, pairs) -> torch.Tensor:
     """Independent of the dispatcher: forward pre-hooks on o_proj zero the heads' input columns."""
-    modules = attention_capture.attention_modules(lm.model)
+    modules = capture.attention_modules(lm.model)
     d = modules[0].head_dim
     handles = []
     by_layer: dict[int, list[int]] = {}
@@ -406,14 +406,14 @@ def test_switching_heads_off_equals_zeroing_o_proj_input(lm4, spec):
 
 
 def test_o_proj_input_of_switched_off_heads_is_zero(lm4):
-    modules = attention_capture.attention_modules(lm4.model)
+    modules = capture.attention_modules(lm4.model)
     d = modules[0].head_dim
     pairs = ((3, 1), (5, 0), (5, 2))
     seen: dict[tuple[int, bool], list[torch.Tensor]] = {}
 
     def recorder(layer):
         def hook(_module, args):
-            ablating = getattr(attention_capture._local, "ablation", None) is not None  # this thread, now
+            ablating = capture.active_ablation() is not None  # this thread, now
             seen.setdefault((layer, ablating), []).append(args[0].detach().clone())
         return hook
 
@@ -446,15 +446,15 @@ def test_ablation_on_every_attention_path(tiny_qwen_dir, impl, inside_capture):
     from generation.model import LoadedModel
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, attn_implementation=impl).eval()
-    assert attention_capture.install(model)
+    assert capture.install(model)
     lm = LoadedModel(model, AutoTokenizer.from_pretrained(tiny_qwen_dir), "tiny", "cpu", "float32", "none", 0, 0, 0.0,
                      True)
     ids = ids_of(lm, "The capital of France is Paris.")
     pairs = ((0, 1), (1, 0), (1, 3))
     ref = _reference_ablated_logits(lm, ids, pairs)
-    with attention_capture.ablate(pairs):
+    with capture.ablate(pairs):
         if inside_capture:
-            with attention_capture.capture() as captured:
+            with capture.capture() as captured:
                 ours = plain_logits(lm, ids)
             assert sorted(captured) == [0, 1]  # the maps are still recorded while heads are off
         else:

@@ -202,7 +202,7 @@ def test_a_click_maps_to_its_thumbnail_or_to_nothing_between_them():
     import torch
 
     from attention.plot import model_view_cells
-    from generation.teaching import ModelView
+    from generation.inside import ModelView
     from ui.teaching import grid_figure
 
     t = 5

@@ -17,7 +17,7 @@ import gradio as gr
 
 from generation import MAX_SEED, LoadedModel, SamplingParams, Settings, preview_tokens
 from generation.backends import BackendNotReady, BackendSlot, ChatBackend, ReplyStats, throttled
-from generation.introspect import MAX_CANDIDATES, next_token_candidates
+from generation.inside import MAX_CANDIDATES, next_token_candidates
 
 from .common import (
     API_TEXT_CHARS,

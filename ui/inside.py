@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from attention.plot import figure_bytes, plot_head, plot_heads, weights_csv
-from generation.introspect import FullPrecisionCache, compare_quantization, model_attention, model_layers
 from generation import Settings
+from generation.inside import FullPrecisionCache, compare_quantization, model_attention, model_layers
 
 from .common import (
     API_TEXT_CHARS,

@@ -35,15 +35,15 @@ from attention.plot import (
     weights_csv,
 )
 from generation import Prompt, Settings, build_prompt
-from generation.introspect import model_layers
-from generation.teaching import MAX_NEW_TOKENS as ABLATE_MAX_NEW_TOKENS  # the continuation's cap
-from generation.teaching import (
+from generation.inside import (
+    ABLATION_MAX_NEW_TOKENS,  # the continuation's cap
     MODEL_VIEW_MAX_TOKENS,
     REPLY_MAX_TOKENS,
     Ablation,
     ModelView,
     ReplyAttention,
     ablate_heads,
+    model_layers,
     model_view,
     parse_heads,
     reply_attention,
@@ -303,7 +303,7 @@ class TeachingHandlers:
         prompt = as_text(prompt, "prompt", none_ok=True, max_chars=API_TEXT_CHARS)
         heads = as_text(heads, "heads", max_chars=API_TEXT_CHARS)  # its syntax is parse_heads' to check
         k = as_int(k, "k", 1, ABLATE_MAX_K)
-        new_tokens = as_int(new_tokens, "new_tokens", 1, ABLATE_MAX_NEW_TOKENS)
+        new_tokens = as_int(new_tokens, "new_tokens", 1, ABLATION_MAX_NEW_TOKENS)
         lm = self.model.require()
         if not prompt.strip():
             raise ValueError("Type a prompt: the model predicts what comes after it.")

@@ -64,9 +64,9 @@ def attention_delegate(config) -> str:
     project's "attention_lab" dispatcher; ValueError for any other."""
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
     if impl == "attention_lab":
-        from ..attention_capture import _delegate_name
+        from ..inside import delegate_name
 
-        return _delegate_name(config)
+        return delegate_name(config)
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"the chat engine needs sdpa or eager attention, the model uses {impl!r}")
     return impl

@@ -2,11 +2,11 @@
 
 * `model_attention` runs the loaded model once on a short text and returns one layer's attention
   weights (H, T, T), computed by the project's own `attention.functional.scaled_dot_product`
-  plugged into transformers through its AttentionInterface (see generation/attention_capture.py:
+  plugged into transformers through its AttentionInterface (see generation/inside/capture.py:
   per-thread, so chats generating at the same moment are untouched).
 * `next_token_candidates` shows the next-token distribution before and after the chat tab's
-  sampling controls, with the same processing order as generation: repetition penalty,
-  temperature, top-k, top-p (the order of `SamplingParams.generate_kwargs()`).
+  sampling controls, through the functions that choose the chat's tokens (`generation.sampling`):
+  repetition penalty, temperature, top-k, top-p.
 * `compare_quantization` puts the 4-bit model beside the full-precision one; `FullPrecisionCache`
   loads that second copy lazily, once.
 
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import attention_capture
-from .attention_capture import CaptureUnsupported
-from .sampling import SamplingParams
+from ..sampling import SamplingParams, greedy_ids, kept_probs, kept_mask, scale, top_k_mask
+from .capture import CaptureUnsupported, capture, install, is_installed, unsupported_reason
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "MAX_CANDIDATES",
     "CaptureUnsupported",
     "ModelAttention",
     "model_attention",
@@ -38,8 +38,6 @@ __all__ = [
     "Candidate",
     "NextToken",
     "next_token_candidates",
-    "top_k_keep",
-    "top_p_keep",
     "QuantSide",
     "QuantRow",
     "QuantComparison",
@@ -55,16 +53,17 @@ MAX_CANDIDATES = 1000
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers
+# Shared helpers: teaching.py builds its views from these too (validation, the prompt's ids, one
+# captured forward and what of it is shown), so they are public names of this module.
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return value
 
 
-def _check_text(text: object, what: str = "text") -> str:
+def check_text(text: object, what: str = "text") -> str:
     if not isinstance(text, str):
         raise ValueError(f"{what} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -72,12 +71,12 @@ def _check_text(text: object, what: str = "text") -> str:
     return text
 
 
-def _text_config(model: Any) -> Any:
+def text_config(model: Any) -> Any:
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     return getattr(model, "device", None) or next(model.parameters()).device
 
 
@@ -94,14 +93,14 @@ def token_label(tokenizer: Any, token_id: int) -> str:
     return label or "␣"
 
 
-def _prompt_ids(tokenizer: Any, prompt: str | Tensor) -> Tensor:
+def prompt_token_ids(tokenizer: Any, prompt: str | Tensor) -> Tensor:
     """(1, T) ids of a text prompt (with the tokenizer's special tokens, e.g. Gemma's <bos>) or given ids."""
     if isinstance(prompt, Tensor):
         ids = prompt.reshape(1, -1) if prompt.dim() == 1 else prompt
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0 or ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"prompt ids must be a non-empty integer tensor of shape (1, T), got {tuple(prompt.shape)}")
         return ids.long()
-    _check_text(prompt, "prompt")
+    check_text(prompt, "prompt")
     return tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
 
 
@@ -156,9 +155,9 @@ class ModelAttention:
 def model_layers(lm: Any) -> dict[str, Any]:
     """What the UI needs before any map: {"n_layers", "layer_kinds" (list of "sliding"|"global"),
     "n_heads", "n_kv_heads", "window" (int | None)} for the loaded model."""
-    cfg = _text_config(lm.model)
+    cfg = text_config(lm.model)
     n_layers = int(cfg.num_hidden_layers)
-    kinds = [_layer_kind(cfg, i) for i in range(n_layers)]
+    kinds = [layer_kind(cfg, i) for i in range(n_layers)]
     return {
         "n_layers": n_layers,
         "layer_kinds": [k for k, _ in kinds],
@@ -168,7 +167,7 @@ def model_layers(lm: Any) -> dict[str, Any]:
     }
 
 
-def _layer_kind(cfg: Any, layer: int) -> tuple[str, int | None]:
+def layer_kind(cfg: Any, layer: int) -> tuple[str, int | None]:
     layer_types = getattr(cfg, "layer_types", None)
     kind = layer_types[layer] if layer_types else "full_attention"
     window = getattr(cfg, "sliding_window", None)
@@ -189,22 +188,22 @@ def hidden_note(labels: list[str], hidden_mass: Tensor, scope: str = "") -> str:
             f"{scope}, so the shown rows sum to less than 1.")
 
 
-def _ensure_capture(lm: Any) -> None:
-    reason = attention_capture.unsupported_reason(lm.model)
-    if reason is not None and not attention_capture.is_installed(lm.model):
+def ensure_capture(lm: Any) -> None:
+    reason = unsupported_reason(lm.model)
+    if reason is not None and not is_installed(lm.model):
         raise CaptureUnsupported(f"cannot show this model's attention: {reason}")
     # Normally done once by load_model; idempotent, and harmless if it happens here while another thread
     # generates: the dispatcher computes exactly what the model's previous implementation did.
-    attention_capture.install(lm.model)
+    install(lm.model)
 
 
-def _check_layer(layer: object, n_layers: int) -> int:
+def check_layer(layer: object, n_layers: int) -> int:
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer!r} is out of range: this model has {n_layers} layers, valid 0 to {n_layers - 1}")
     return layer
 
 
-def _captured_maps(lm: Any, ids: Tensor, layers: list[int] | None) -> dict[int, Tensor]:
+def captured_maps(lm: Any, ids: Tensor, layers: list[int] | None) -> dict[int, Tensor]:
     """One forward over ids (1, T): {layer: weights (H, T, T) float32 on the CPU} for `layers`
     (None = all). Raises CaptureUnsupported if a layer's attention did not go through the dispatcher.
 
@@ -213,15 +212,15 @@ def _captured_maps(lm: Any, ids: Tensor, layers: list[int] | None) -> dict[int, 
     only the requested layers' maps are kept.
     """
     model = lm.model
-    dev = _device(model)
-    with torch.inference_mode(), attention_capture.capture(None, record=layers) as captured:
+    dev = model_device(model)
+    with torch.inference_mode(), capture(None, record=layers) as captured:
         model(
             input_ids=ids.to(dev),
             attention_mask=torch.ones_like(ids).to(dev),
             use_cache=False,
             logits_to_keep=1,  # only the attention is wanted; skip most of the (large) vocabulary projection
         )
-    wanted = range(int(_text_config(model).num_hidden_layers)) if layers is None else layers
+    wanted = range(int(text_config(model).num_hidden_layers)) if layers is None else layers
     missing = [i for i in wanted if i not in captured]
     if missing:
         raise CaptureUnsupported(
@@ -231,7 +230,7 @@ def _captured_maps(lm: Any, ids: Tensor, layers: list[int] | None) -> dict[int, 
     return {i: captured[i][0].float().cpu() for i in wanted}
 
 
-def _shown_positions(tok: Any, id_list: list[int], hide_special: bool) -> tuple[list[int], list[int]]:
+def shown_positions(tok: Any, id_list: list[int], hide_special: bool) -> tuple[list[int], list[int]]:
     """(positions shown, positions hidden): special tokens (<bos>, ...) are hidden when asked."""
     special = set(getattr(tok, "all_special_ids", []) or [])
     keep = [i for i, t in enumerate(id_list) if not (hide_special and t in special)]
@@ -241,7 +240,7 @@ def _shown_positions(tok: Any, id_list: list[int], hide_special: bool) -> tuple[
     return keep, hidden
 
 
-def _split_hidden(weights: Tensor, keep: list[int], hidden: list[int]) -> tuple[Tensor, Tensor]:
+def split_hidden(weights: Tensor, keep: list[int], hidden: list[int]) -> tuple[Tensor, Tensor]:
     """weights (..., T, T) -> (shown (..., T', T'), hidden_mass (..., T')): the rows and columns kept,
     and the share of each kept row that goes to the hidden columns."""
     keep_t = torch.tensor(keep)
@@ -253,7 +252,7 @@ def _split_hidden(weights: Tensor, keep: list[int], hidden: list[int]) -> tuple[
     return rows.index_select(-1, keep_t), hidden_mass
 
 
-def _shown_fields(lm: Any, labels: list[str], id_list: list[int], keep: list[int], hidden: list[int],
+def shown_fields(lm: Any, labels: list[str], id_list: list[int], keep: list[int], hidden: list[int],
                   hidden_mass: Tensor, n_heads: int, n_kv: int, capped: bool, n_text: int,
                   notes: list[str]) -> dict[str, Any]:
     """The fields a ModelAttention and a ModelView share: the shown tokens and their ids, which
@@ -289,23 +288,23 @@ def model_attention(
     max_tokens, or a model whose attention does not go through transformers' AttentionInterface.
     """
     model, tok = lm.model, lm.tokenizer
-    _check_text(text)
-    _check_int("max_tokens", max_tokens, 1, MAX_MAP_TOKENS)
-    cfg = _text_config(model)
+    check_text(text)
+    check_int("max_tokens", max_tokens, 1, MAX_MAP_TOKENS)
+    cfg = text_config(model)
     n_layers = int(cfg.num_hidden_layers)
-    _check_layer(layer, n_layers)
-    _ensure_capture(lm)
+    check_layer(layer, n_layers)
+    ensure_capture(lm)
 
     ids = tok(text, return_tensors="pt").input_ids  # (1, N)
     n_text = int(ids.shape[1])
     capped = n_text > max_tokens
     ids = ids[:, :max_tokens]  # (1, T)
-    weights = _captured_maps(lm, ids, [layer])[layer]  # (H, T, T), every layer through the project's code
+    weights = captured_maps(lm, ids, [layer])[layer]  # (H, T, T), every layer through the project's code
     id_list = ids[0].tolist()
-    keep, hidden = _shown_positions(tok, id_list, hide_special)
-    shown, hidden_mass = _split_hidden(weights, keep, hidden)  # (H, T', T'), (H, T')
+    keep, hidden = shown_positions(tok, id_list, hide_special)
+    shown, hidden_mass = split_hidden(weights, keep, hidden)  # (H, T', T'), (H, T')
 
-    kind, window = _layer_kind(cfg, layer)
+    kind, window = layer_kind(cfg, layer)
     n_heads = int(shown.shape[0])
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     labels_all = [token_label(tok, t) for t in id_list]
@@ -329,36 +328,12 @@ def model_attention(
         n_layers=n_layers,
         layer_kind=kind,
         window=window,
-        **_shown_fields(lm, labels_all, id_list, keep, hidden, hidden_mass, n_heads, n_kv, capped, n_text, notes),
+        **shown_fields(lm, labels_all, id_list, keep, hidden, hidden_mass, n_heads, n_kv, capped, n_text, notes),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. Next-token probabilities
-
-
-def top_k_keep(logits: Tensor, k: int) -> Tensor:
-    """(V,) logits -> (V,) bool: the k highest (ties with the k-th kept, as transformers' TopKLogitsWarper)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return torch.ones_like(logits, dtype=torch.bool)
-    kth = torch.topk(logits, k).values[..., -1:]  # (1,)
-    return logits >= kth  # (V,)
-
-
-def top_p_keep(logits: Tensor, p: float) -> Tensor:
-    """(V,) logits -> (V,) bool: the smallest set of most likely tokens whose mass reaches p (nucleus).
-
-    Same rule as transformers' TopPLogitsWarper: sort ascending, drop tokens while the mass at or
-    below them is <= 1 - p; the most likely token always stays.
-    """
-    if p >= 1.0:
-        return torch.ones_like(logits, dtype=torch.bool)
-    sorted_logits, order = torch.sort(logits, descending=False)  # (V,)
-    mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (V,) ascending
-    drop_sorted = mass_below <= 1 - p
-    drop_sorted[-1] = False
-    drop = drop_sorted.scatter(0, order, drop_sorted)  # back to vocabulary order
-    return ~drop
 
 
 @dataclass(frozen=True)
@@ -408,45 +383,38 @@ def next_token_candidates(
 
     prompt: raw text (tokenized with the tokenizer's special tokens) or ready ids (1, T), e.g.
     `build_prompt(...).input_ids` to see the first token of the chat's reply. Longer prompts keep
-    their last `max_tokens` tokens. The processing matches generation exactly (see
-    `SamplingParams.generate_kwargs`): repetition penalty on the prompt ids, then temperature,
-    top-k, top-p; temperature 0 is greedy (the argmax of the penalised logits).
+    their last `max_tokens` tokens. The processing is the chat's own (`generation.sampling`):
+    repetition penalty on the prompt ids, then temperature, top-k, top-p; temperature 0 is greedy
+    (the argmax of the penalised logits).
     """
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     model, tok = lm.model, lm.tokenizer
-    _check_int("k", k, 1, MAX_CANDIDATES)
-    _check_int("max_tokens", max_tokens, 1, 1_000_000)
-    ids = _prompt_ids(tok, prompt)  # (1, N)
+    check_int("k", k, 1, MAX_CANDIDATES)
+    check_int("max_tokens", max_tokens, 1, 1_000_000)
+    ids = prompt_token_ids(tok, prompt)  # (1, N)
     capped = ids.shape[1] > max_tokens
     ids = ids[:, -max_tokens:]  # (1, T)
     logits = _last_logits(model, ids)  # (V,) float32, as generate() upcasts
     vocab = int(logits.shape[-1])
     k = min(k, vocab)
 
-    # Filtering runs on float32 logits exactly as generate() does; the reported probabilities are
-    # softmaxes in float64 so that, over 262k tokens, they still sum to 1 within 1e-12.
+    # The controls run on float32 logits through the chat's own `generation.sampling` functions;
+    # the reported probabilities are softmaxes in float64 so that, over 262k tokens, they still
+    # sum to 1 within 1e-12.
     probs = logits.double().softmax(-1)  # (V,)
-    penalised = logits
-    if params.repetition_penalty != 1.0:
-        from transformers import RepetitionPenaltyLogitsProcessor  # what generate() applies
-
-        penalised = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, logits[None].clone())[0]
+    scaled = scale(logits, params.temperature, penalty=params.repetition_penalty, seen=ids[0])  # (V,)
+    order = torch.topk(scaled, k).indices
     if params.greedy:
-        best = int(penalised.argmax())
         keep = torch.zeros(vocab, dtype=torch.bool)
-        keep[best] = True
+        keep[int(greedy_ids(scaled))] = True
         probs_t = keep.double()  # the T -> 0 limit: all mass on the argmax
         sampling = probs_t
-        order = torch.topk(penalised, k).indices
     else:
-        scaled = penalised / params.temperature  # (V,)
         probs_t = scaled.double().softmax(-1)  # (V,)
-        keep_k = top_k_keep(scaled, params.top_k)
-        after_k = scaled.masked_fill(~keep_k, float("-inf"))
-        keep = top_p_keep(after_k, params.top_p) & keep_k
-        sampling = after_k.masked_fill(~keep, float("-inf")).double().softmax(-1)  # (V,) renormalised
-        order = torch.topk(scaled, k).indices
+        keep_k = top_k_mask(scaled, params.top_k)
+        keep = kept_mask(scaled, params.top_k, params.top_p)
+        sampling = kept_probs(scaled, keep)  # (V,) renormalised over the kept tokens
     cands = []
     for i in order.tolist():
         if keep[i]:
@@ -494,7 +462,7 @@ def next_token_candidates(
 
 def _last_logits(model: Any, ids: Tensor) -> Tensor:
     with torch.inference_mode():
-        out = model(input_ids=ids.to(_device(model)), use_cache=False, logits_to_keep=1)
+        out = model(input_ids=ids.to(model_device(model)), use_cache=False, logits_to_keep=1)
     return out.logits[0, -1].float().cpu()  # (V,)
 
 
@@ -551,7 +519,7 @@ def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, 
     Decode steps feed the greedy token back with the KV cache, as generation does; the median
     drops the first step's one-off costs and stray stalls from other threads.
     """
-    dev = _device(model)
+    dev = model_device(model)
     ids = ids.to(dev)
 
     def clock() -> float:
@@ -565,13 +533,13 @@ def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, 
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         prefill = clock() - t0
         logits = out.logits[0, -1].float().cpu()  # (V,)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+        past, nxt = out.past_key_values, greedy_ids(out.logits[:, -1:])  # (1, 1)
         steps = []
         for _ in range(decode_tokens):
             t0 = clock()
             out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
             steps.append(clock() - t0)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, nxt = out.past_key_values, greedy_ids(out.logits[:, -1:])
     return logits, prefill, statistics.median(steps)
 
 
@@ -603,12 +571,12 @@ def compare_quantization(
     `decode_tokens` single-token decode steps with the KV cache after one prefill forward (what a
     chat spends per generated token); other requests running at the same time slow it down.
     """
-    _check_int("k", k, 1, MAX_CANDIDATES)
-    _check_int("decode_tokens", decode_tokens, 1, 64)
-    _check_int("max_tokens", max_tokens, 1, 1_000_000)
+    check_int("k", k, 1, MAX_CANDIDATES)
+    check_int("decode_tokens", decode_tokens, 1, 64)
+    check_int("max_tokens", max_tokens, 1, 1_000_000)
     if lm4.tokenizer.get_vocab() != lm_full.tokenizer.get_vocab():
         raise ValueError("the two models use different tokenizers; compare a model with its own full-precision copy")
-    ids = _prompt_ids(lm4.tokenizer, prompt)[:, -max_tokens:]  # (1, T)
+    ids = prompt_token_ids(lm4.tokenizer, prompt)[:, -max_tokens:]  # (1, T)
     l4, pre4, tok4 = _timed_logits(lm4.model, ids, decode_tokens)
     lf, pref, tokf = _timed_logits(lm_full.model, ids, decode_tokens)
     if l4.shape != lf.shape:
@@ -666,7 +634,7 @@ class FullPrecisionCache:
 
     def get(self, settings: Any = None, model_id: str | None = None) -> Any:
         """The full-precision `LoadedModel` for `model_id` (default `settings.model_id`)."""
-        from .settings import Settings
+        from ..settings import Settings
 
         settings = settings or Settings.from_env()
         key = (model_id or settings.model_id).strip()
@@ -678,7 +646,7 @@ class FullPrecisionCache:
             if lm is None:
                 loader = self._loader
                 if loader is None:
-                    from .model import load_model as loader
+                    from ..model import load_model as loader
                 lm = loader(key, load_4bit=False, settings=settings)
                 self._models[key] = lm
             return lm

@@ -4,7 +4,7 @@
   for the grid of thumbnails (`attention.plot.plot_model_view`).
 * `ablate_heads`: the next-token distribution and a short greedy continuation with and without a
   set of (layer, head) pairs switched off (their output zeroed before ``o_proj``), for this request
-  only (`attention_capture.ablate` is per thread). `parse_heads`, `heads_of_layer` and
+  only (`capture.ablate` is per thread). `parse_heads`, `heads_of_layer` and
   `head_in_every_layer` turn a typed spec or a preset into the pairs.
 * `reply_attention`: for a chat reply, what the model attended to while writing each reply token
   (one forward over prompt + reply, one layer kept), for `attention.plot.plot_token_attention`.
@@ -22,27 +22,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import attention_capture
+from ..prompt import Prompt
+from ..sampling import greedy_ids, scale
+from .capture import ablate
 from .introspect import (
     DEFAULT_MAX_TOKENS,
-    _captured_maps,
-    _check_int,
-    _check_layer,
-    _check_text,
-    _device,
-    _ensure_capture,
-    _layer_kind,
-    _prompt_ids,
-    _shown_fields,
-    _shown_positions,
-    _split_hidden,
-    _text_config,
+    captured_maps,
+    check_int,
+    check_layer,
+    check_text,
+    ensure_capture,
     hidden_note,
+    layer_kind,
+    model_device,
+    prompt_token_ids,
+    shown_fields,
+    shown_positions,
+    split_hidden,
+    text_config,
     token_label,
 )
-from .prompt import Prompt
 
 __all__ = [
+    "ABLATION_MAX_NEW_TOKENS",
     "MODEL_VIEW_MAX_TOKENS",
     "REPLY_MAX_TOKENS",
     "ModelView",
@@ -63,14 +65,14 @@ __all__ = [
 MODEL_VIEW_MAX_TOKENS = DEFAULT_MAX_TOKENS  # 64: beyond it a 0.8-inch thumbnail has < 1 pixel per token
 REPLY_MAX_TOKENS = 256  # default cap on prompt + reply for "what did it look at while writing"
 REPLY_MAX_TOKENS_LIMIT = 2048  # what a caller may ask for: the one kept map is (H, T, T) float32
-MAX_NEW_TOKENS = 64  # greedy continuation of an ablation, each way
+ABLATION_MAX_NEW_TOKENS = 64  # greedy continuation of an ablation, each way
 
 Head = tuple[int, int]  # (layer, head)
 
 
 def _shape(lm: Any) -> tuple[int, int, int]:
     """(layers, query heads, KV heads) of the loaded model."""
-    cfg = _text_config(lm.model)
+    cfg = text_config(lm.model)
     n_heads = int(cfg.num_attention_heads)
     return int(cfg.num_hidden_layers), n_heads, int(getattr(cfg, "num_key_value_heads", None) or n_heads)
 
@@ -126,14 +128,14 @@ class ModelView:
 
     def head(self, layer: int, head: int) -> Tensor:
         """One thumbnail's map (T, T), e.g. for `attention.plot.plot_head` after a click."""
-        _check_int("layer", layer, 0, self.n_layers - 1)
-        _check_int("head", head, 0, self.n_heads - 1)
+        check_int("layer", layer, 0, self.n_layers - 1)
+        check_int("head", head, 0, self.n_heads - 1)
         return self.weights[layer, head]
 
     def describe(self, layer: int, head: int) -> str:
         """Title for the large view of one thumbnail: 'layer 5 (global) · head 2 · reads KV head 0'."""
-        _check_int("layer", layer, 0, self.n_layers - 1)
-        _check_int("head", head, 0, self.n_heads - 1)
+        check_int("layer", layer, 0, self.n_layers - 1)
+        check_int("head", head, 0, self.n_heads - 1)
         kind = self.layer_kinds[layer]
         if kind == "sliding" and self.window is not None:
             kind = f"sliding window {self.window}"
@@ -156,23 +158,23 @@ def model_view(
     for a model whose attention does not go through transformers' AttentionInterface.
     """
     tok = lm.tokenizer
-    _check_text(text)
-    _check_int("max_tokens", max_tokens, 1, MODEL_VIEW_MAX_TOKENS)
-    _ensure_capture(lm)
-    cfg = _text_config(lm.model)
+    check_text(text)
+    check_int("max_tokens", max_tokens, 1, MODEL_VIEW_MAX_TOKENS)
+    ensure_capture(lm)
+    cfg = text_config(lm.model)
     n_layers, n_heads, n_kv = _shape(lm)
 
     ids = tok(text, return_tensors="pt").input_ids  # (1, N)
     n_text = int(ids.shape[1])
     capped = n_text > max_tokens
     ids = ids[:, :max_tokens]  # (1, T)
-    maps = _captured_maps(lm, ids, None)  # one forward: {layer: (H, T, T)}
+    maps = captured_maps(lm, ids, None)  # one forward: {layer: (H, T, T)}
     weights = torch.stack([maps[i] for i in range(n_layers)])  # (L, H, T, T)
     id_list = ids[0].tolist()
-    keep, hidden = _shown_positions(tok, id_list, hide_special)
-    shown, hidden_mass = _split_hidden(weights, keep, hidden)  # (L, H, T', T'), (L, H, T')
+    keep, hidden = shown_positions(tok, id_list, hide_special)
+    shown, hidden_mass = split_hidden(weights, keep, hidden)  # (L, H, T', T'), (L, H, T')
 
-    kinds = [_layer_kind(cfg, i) for i in range(n_layers)]
+    kinds = [layer_kind(cfg, i) for i in range(n_layers)]
     labels_all = [token_label(tok, t) for t in id_list]
     notes = []
     if capped:
@@ -187,7 +189,7 @@ def model_view(
         weights=shown,
         layer_kinds=[k for k, _ in kinds],
         window=window,
-        **_shown_fields(lm, labels_all, id_list, keep, hidden, hidden_mass, n_heads, n_kv, capped, n_text, notes),
+        **shown_fields(lm, labels_all, id_list, keep, hidden, hidden_mass, n_heads, n_kv, capped, n_text, notes),
     )
 
 
@@ -200,8 +202,8 @@ def check_heads(heads: Iterable[Head], n_layers: int, n_heads: int) -> tuple[Hea
 
     Raises ValueError naming the first bad pair and the valid ranges.
     """
-    _check_int("n_layers", n_layers, 1, 10_000)
-    _check_int("n_heads", n_heads, 1, 10_000)
+    check_int("n_layers", n_layers, 1, 10_000)
+    check_int("n_heads", n_heads, 1, 10_000)
     if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
         raise ValueError(f"heads must be (layer, head) pairs, got {heads!r}; to parse text use parse_heads")
     out = set()
@@ -223,7 +225,7 @@ def check_heads(heads: Iterable[Head], n_layers: int, n_heads: int) -> tuple[Hea
 
 def heads_of_layer(layer: int, n_layers: int, n_heads: int) -> tuple[Head, ...]:
     """Preset "all heads of layer L": ((L, 0), ..., (L, H-1))."""
-    _check_int("n_layers", n_layers, 1, 10_000)
+    check_int("n_layers", n_layers, 1, 10_000)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer!r} does not exist: this model has {n_layers} layers, 0 to {n_layers - 1}")
     return check_heads(((layer, h) for h in range(n_heads)), n_layers, n_heads)
@@ -231,7 +233,7 @@ def heads_of_layer(layer: int, n_layers: int, n_heads: int) -> tuple[Head, ...]:
 
 def head_in_every_layer(head: int, n_layers: int, n_heads: int) -> tuple[Head, ...]:
     """Preset "head H in every layer": ((0, H), ..., (L-1, H))."""
-    _check_int("n_heads", n_heads, 1, 10_000)
+    check_int("n_heads", n_heads, 1, 10_000)
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
         raise ValueError(f"head {head!r} does not exist: each layer has {n_heads} heads, 0 to {n_heads - 1}")
     return check_heads(((layer, head) for layer in range(n_layers)), n_layers, n_heads)
@@ -254,8 +256,8 @@ def parse_heads(spec: str, n_layers: int, n_heads: int) -> tuple[Head, ...]:
     """
     if not isinstance(spec, str):
         raise ValueError(f"the heads to switch off must be text, got {type(spec).__name__}; {_SPEC_HELP}")
-    _check_int("n_layers", n_layers, 1, 10_000)
-    _check_int("n_heads", n_heads, 1, 10_000)
+    check_int("n_layers", n_layers, 1, 10_000)
+    check_int("n_heads", n_heads, 1, 10_000)
     tight = re.sub(r"\s*([:/])\s*", r"\1", spec.strip())  # "3 : 1" -> "3:1", so whitespace only separates items
     pairs: list[Head] = []
     for item in re.split(r"[,;\s]+", tight):
@@ -322,27 +324,27 @@ def _greedy(lm: Any, ids: Tensor, new_tokens: int) -> tuple[Tensor, list[int]]:
 
     Written out rather than `generate()` so that both runs of an ablation share one code path and
     the first step's logits come from the same prefill. Runs in the calling thread, so an active
-    `attention_capture.ablate` block applies to every step.
+    `capture.ablate` block applies to every step.
     """
     model = lm.model
     stops = _stop_ids(lm)
     out_ids: list[int] = []
     with torch.inference_mode():
-        out = model(input_ids=ids.to(_device(model)), use_cache=True, logits_to_keep=1)
-        first = out.logits[0, -1].float().cpu()  # (V,)
+        out = model(input_ids=ids.to(model_device(model)), use_cache=True, logits_to_keep=1)
+        first = scale(out.logits[0, -1]).cpu()  # (V,) float32, temperature 1
         logits = first
         for step in range(new_tokens):
-            nxt = int(logits.argmax())
+            nxt = int(greedy_ids(logits))
             out_ids.append(nxt)
             if nxt in stops or step == new_tokens - 1:
                 break
             out = model(
-                input_ids=torch.tensor([[nxt]], device=_device(model)),
+                input_ids=torch.tensor([[nxt]], device=model_device(model)),
                 past_key_values=out.past_key_values,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            logits = out.logits[0, -1].float()
+            logits = scale(out.logits[0, -1])
     return first, out_ids
 
 
@@ -362,24 +364,23 @@ def ablate_heads(
     (layer, head) pairs (see parse_heads / heads_of_layer / head_in_every_layer); empty = no
     ablation, and both sides are the one plain run. A switched-off head's output, its slice of
     o_proj's input, is zero in every forward of THIS call only (per thread: chats generating at
-    the same time are untouched). Costs two prefills + 2 x (new_tokens - 1) decode steps (about
-    0.5 s for 64 tokens and 8 new tokens on 2 idle CPU cores). Raises ValueError for a bad head,
-    k, new_tokens, or prompt.
+    the same time are untouched). Costs two prefills + 2 x (new_tokens - 1) decode steps
+    (bench/introspect.py times it). Raises ValueError for a bad head, k, new_tokens, or prompt.
     """
     tok = lm.tokenizer
     n_layers, n_heads, _ = _shape(lm)
     pairs = check_heads(heads, n_layers, n_heads)
-    _check_int("k", k, 1, 1000)
-    _check_int("new_tokens", new_tokens, 1, MAX_NEW_TOKENS)
-    _check_int("max_tokens", max_tokens, 1, 1_000_000)
-    _ensure_capture(lm)
-    ids = _prompt_ids(tok, prompt.input_ids if isinstance(prompt, Prompt) else prompt)  # (1, N)
+    check_int("k", k, 1, 1000)
+    check_int("new_tokens", new_tokens, 1, ABLATION_MAX_NEW_TOKENS)
+    check_int("max_tokens", max_tokens, 1, 1_000_000)
+    ensure_capture(lm)
+    ids = prompt_token_ids(tok, prompt.input_ids if isinstance(prompt, Prompt) else prompt)  # (1, N)
     capped = ids.shape[1] > max_tokens
     ids = ids[:, -max_tokens:]  # (1, T)
 
     plain_logits, plain_ids = _greedy(lm, ids, new_tokens)
     if pairs:
-        with attention_capture.ablate(pairs):
+        with ablate(pairs):
             abl_logits, abl_ids = _greedy(lm, ids, new_tokens)
     else:  # nothing switched off: the same run, not a second one that could only match it
         abl_logits, abl_ids = plain_logits, list(plain_ids)
@@ -483,7 +484,7 @@ class ReplyAttention:
 
     def context(self, r: int) -> int:
         """How many positions reply token r's row covers: p (writing) or p + 1 (reading)."""
-        _check_int("reply token", r, 0, int(self.rows.shape[0]) - 1)
+        check_int("reply token", r, 0, int(self.rows.shape[0]) - 1)
         return self.reply_start + r + (1 if self.mode == "reading" else 0)
 
     def row(self, r: int, head: int | None = None) -> Tensor:
@@ -492,7 +493,7 @@ class ReplyAttention:
         n = self.context(r)
         if head is None:
             return self.rows[r, :, :n].mean(dim=0)
-        _check_int("head", head, 0, self.n_heads - 1)
+        check_int("head", head, 0, self.n_heads - 1)
         return self.rows[r, head, :n]
 
 
@@ -546,15 +547,15 @@ def reply_attention(
     """
     model, tok = lm.model, lm.tokenizer
     n_layers, _, _ = _shape(lm)
-    _check_layer(layer, n_layers)
-    _check_int("max_tokens", max_tokens, 2, REPLY_MAX_TOKENS_LIMIT)
+    check_layer(layer, n_layers)
+    check_int("max_tokens", max_tokens, 2, REPLY_MAX_TOKENS_LIMIT)
     if mode not in ("writing", "reading"):
         raise ValueError(f"mode must be 'writing' or 'reading', got {mode!r}")
-    _ensure_capture(lm)
+    ensure_capture(lm)
     if isinstance(prompt, Prompt):
         prompt_ids, prompt_text = prompt.input_ids, prompt.text
     else:
-        prompt_ids = _prompt_ids(tok, prompt)
+        prompt_ids = prompt_token_ids(tok, prompt)
         prompt_text = prompt if isinstance(prompt, str) else tok.decode(prompt_ids[0, -1:])
     prompt_ids = prompt_ids.reshape(1, -1).long()
     n_prompt = int(prompt_ids.shape[1])
@@ -567,7 +568,7 @@ def reply_attention(
     ids = torch.cat([prompt_ids, torch.tensor([reply_ids])], dim=1)  # (1, N)
     capped = ids.shape[1] > max_tokens
     ids = ids[:, :max_tokens]  # (1, T): the start is kept, so every kept row is exact
-    weights = _captured_maps(lm, ids, [layer])[layer]  # (H, T, T)
+    weights = captured_maps(lm, ids, [layer])[layer]  # (H, T, T)
     t = int(ids.shape[1])
     n_rows = t - n_prompt
     pos = torch.arange(n_prompt, t)  # (R,) positions of the reply tokens
@@ -580,7 +581,7 @@ def reply_attention(
 
     id_list = ids[0].tolist()
     special_ids = set(getattr(tok, "all_special_ids", []) or [])
-    kind, window = _layer_kind(_text_config(model), layer)
+    kind, window = layer_kind(text_config(model), layer)
     notes = []
     if capped:
         notes.append(

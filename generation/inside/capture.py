@@ -3,7 +3,7 @@
 `install(model)` registers ONE attention implementation, ``"attention_lab"``, in transformers'
 `AttentionInterface` (the attention function) and `AttentionMaskInterface` (the mask builder),
 and switches the model to it once, right after loading. From then on every attention call of the
-model goes through `_attention_lab_forward`, which
+model goes through `attention_lab_forward`, which
 
 * by default delegates to the implementation the model had before (transformers' own ``sdpa`` or
   the model's ``eager`` function), with the masks that implementation expects, so generation is
@@ -58,9 +58,14 @@ class _CaptureState:
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _ablated_heads(layer: int | None) -> tuple[int, ...]:
+def active_ablation() -> dict[int, tuple[int, ...]] | None:
+    """This thread's open `ablate` block as {layer: heads}, or None outside one."""
+    return getattr(_local, "ablation", None)
+
+
+def ablated_heads(layer: int | None) -> tuple[int, ...]:
     """Heads of `layer` this thread has switched off (empty outside an `ablate` block)."""
-    ablation: dict[int, tuple[int, ...]] | None = getattr(_local, "ablation", None)
+    ablation = active_ablation()
     if not ablation or layer is None:
         return ()
     return ablation.get(layer, ())
@@ -79,7 +84,9 @@ def _zero_heads(out: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     return out.index_fill(2, torch.tensor(heads, device=out.device), 0.0)
 
 
-def _delegate_name(config: object) -> str:
+def delegate_name(config: object) -> str:
+    """The implementation ("sdpa" | "eager") the dispatcher hands `config`'s attention to when it
+    does not compute it itself: what the model used before `install`."""
     return _delegates.get(id(config), "sdpa")
 
 
@@ -88,7 +95,7 @@ def _eager_function(module: nn.Module):
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
 
 
-def _attention_lab_forward(
+def attention_lab_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -102,9 +109,9 @@ def _attention_lab_forward(
     state: _CaptureState | None = getattr(_local, "state", None)
     layer = getattr(module, "layer_idx", None)
     captured = state is not None and (state.layers is None or layer in state.layers)
-    switched_off = _ablated_heads(layer)
+    switched_off = ablated_heads(layer)
     if not captured:
-        delegate = _delegate_name(module.config)
+        delegate = delegate_name(module.config)
         fn = _eager_function(module) if delegate == "eager" else sdpa_attention_forward
         out, weights = fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         # out (B, T, H, d) is reshaped to (B, T, H*d) and fed to o_proj: zeroing [..., h, :] zeroes
@@ -139,7 +146,7 @@ def _attention_lab_forward(
 
 def _attention_lab_mask(*args, **kwargs) -> torch.Tensor | None:
     """The registered mask builder: the delegate's own mask, always materialised while capturing."""
-    delegate = _delegate_name(kwargs.get("config"))
+    delegate = delegate_name(kwargs.get("config"))
     if delegate == "eager":
         return eager_mask(*args, **kwargs)  # additive float, never skipped
     if getattr(_local, "state", None) is not None:
@@ -151,7 +158,7 @@ def _attention_lab_mask(*args, **kwargs) -> torch.Tensor | None:
 def _register() -> None:
     global _registered
     if not _registered:
-        AttentionInterface.register(IMPL_NAME, _attention_lab_forward)
+        AttentionInterface.register(IMPL_NAME, attention_lab_forward)
         AttentionMaskInterface.register(IMPL_NAME, _attention_lab_mask)
         _registered = True
 
@@ -269,7 +276,7 @@ def ablate(heads: Mapping[int, Iterable[int]] | Iterable[tuple[int, int]]) -> It
     prefill and decode steps alike; nothing else changes. Other threads are not affected. Empty =
     the plain model. Indices are range-checked against the layer when it runs (a head beyond the
     layer's count raises ValueError); a layer the model does not have is simply never reached, so
-    callers that know the model should check layers first (generation.teaching.check_heads does).
+    callers that know the model should check layers first (`generation.inside.check_heads` does).
     Needs `install(model)`; can be combined with `capture` but not nested in another `ablate`.
     Yields the normalised {layer: heads}.
     """

@@ -1,0 +1,88 @@
+"""Inside the chat model: its own attention maps, its next-token table, what 4-bit costs, and the
+teaching views (every layer at once, heads switched off, what a reply looked at).
+
+* `capture`: routes the model's attention through the project's code, per thread (`install` once
+  after loading; `capture.capture(...)` / `ablate(...)` blocks for one request).
+* `introspect`: one layer's map, the next-token table (through `generation.sampling`, as the chat
+  samples), the 4-bit model beside the full-precision one.
+* `teaching`: the model view, head ablation and a reply's attention.
+
+No gradio here: the UI imports these names from `generation.inside`.
+"""
+
+from __future__ import annotations
+
+from .capture import CaptureUnsupported, ablate, attention_modules, delegate_name, install, is_installed
+from .introspect import (
+    DEFAULT_MAX_TOKENS,
+    MAX_CANDIDATES,
+    Candidate,
+    FullPrecisionCache,
+    ModelAttention,
+    NextToken,
+    QuantComparison,
+    QuantRow,
+    QuantSide,
+    compare_quantization,
+    model_attention,
+    model_layers,
+    next_token_candidates,
+    token_label,
+)
+from .teaching import (
+    ABLATION_MAX_NEW_TOKENS,
+    MODEL_VIEW_MAX_TOKENS,
+    REPLY_MAX_TOKENS,
+    Ablation,
+    AblationRow,
+    Head,
+    ModelView,
+    ReplyAttention,
+    ablate_heads,
+    check_heads,
+    format_heads,
+    head_in_every_layer,
+    heads_of_layer,
+    model_view,
+    parse_heads,
+    reply_attention,
+)
+
+__all__ = [
+    "ABLATION_MAX_NEW_TOKENS",
+    "DEFAULT_MAX_TOKENS",
+    "MAX_CANDIDATES",
+    "MODEL_VIEW_MAX_TOKENS",
+    "REPLY_MAX_TOKENS",
+    "Ablation",
+    "AblationRow",
+    "Candidate",
+    "CaptureUnsupported",
+    "FullPrecisionCache",
+    "Head",
+    "ModelAttention",
+    "ModelView",
+    "NextToken",
+    "QuantComparison",
+    "QuantRow",
+    "QuantSide",
+    "ReplyAttention",
+    "ablate",
+    "ablate_heads",
+    "attention_modules",
+    "check_heads",
+    "compare_quantization",
+    "delegate_name",
+    "format_heads",
+    "head_in_every_layer",
+    "heads_of_layer",
+    "install",
+    "is_installed",
+    "model_attention",
+    "model_layers",
+    "model_view",
+    "next_token_candidates",
+    "parse_heads",
+    "reply_attention",
+    "token_label",
+]
