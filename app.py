@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
+from ui.common import SESSION_CAPACITY
 
 import gradio as gr  # noqa: E402,I001
 
@@ -98,6 +99,7 @@ def main() -> int:
         footer_links=["api"],
         prevent_thread_lock=True,
         quiet=True,
+        state_session_capacity=SESSION_CAPACITY,
     )
     print(f"Attention Lab is serving on http://{settings.server_name}:{settings.server_port}", flush=True)
     remote = demo.app_state.chat.backend.remote

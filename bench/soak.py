@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import ssl
 import sys
 import threading
@@ -220,6 +221,8 @@ def main() -> int:
 
     from apputil import start_app
 
+    # A SIGTERM (a `kill`, a timeout) ends the run through the `finally` below, which stops the app.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app = start_app(env)
     ready_rss = read_rss(app.proc.pid, 0, 0.0)
     print(f"app ready at {app.url}: RSS {ready_rss.rss_mib:.1f} MiB", flush=True)
@@ -246,7 +249,8 @@ def main() -> int:
 
     report(args, machine, env, ready_rss, final, soak, timed_out)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "env": env, "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"machine": machine, "env": env,
+                                         "args": {k: str(v) for k, v in vars(args).items()},
                                          "ready": asdict(ready_rss), "final": asdict(final),
                                          "samples": [asdict(s) for s in soak.samples], "errors": soak.errors,
                                          "extra_calls": soak.extra_calls, "sessions": soak.sessions,
