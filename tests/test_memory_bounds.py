@@ -6,6 +6,7 @@ Fast: no server and no real model (the prefix store gets synthetic keys/values).
 from __future__ import annotations
 
 import ast
+import platform
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,46 @@ def test_prefix_store_refuses_prompts_over_its_token_cap(max_tokens):
     store.add(ok, _cache_with(ok), 0)
     assert len(store._items) == 1
     assert all(k.shape[1] == max_tokens for k in store._items[0][1])  # only the prompt's positions, copied
+
+
+# --- glibc's malloc arenas -------------------------------------------------------------------------
+
+_ARENA_PROBE = """
+import ctypes, sys, threading
+import app
+assert app.limit_malloc_arenas(int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+held, barrier = [], threading.Barrier(8)
+def work():
+    barrier.wait()  # all at once: every thread wants an arena of its own
+    for _ in range(50):
+        held.append(libc.malloc(200_000))  # above tcache's sizes: served by an arena
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc arenas only")
+@pytest.mark.parametrize("arenas", [1, 2, 3])
+def test_malloc_arenas_never_exceed_the_cap(arenas):
+    """After app.limit_malloc_arenas(n), eight threads allocating at once share at most n arenas."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(arenas)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+    assert 1 <= found <= arenas, out.stderr[-2000:]
+
+
+def test_malloc_arena_cap_leaves_an_explicit_setting_alone(monkeypatch):
+    import app
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert app.limit_malloc_arenas() is False
