@@ -4,9 +4,9 @@ Starts `python app.py` on a free loopback port (tests/apputil.py's `start_app`),
 `gradio_client` users (default 4) send --chats chats in all (default 1,000) to `/chat`: short
 replies (--min-tokens..--max-tokens new tokens, default 16-32), varied messages and seeds. Each
 user opens a new session (a new `Client`, as a page reload or a new student does) every
---session-every of its chats, and after its chats it calls, in turn, the lab's `/attention`, the
-chat's `/next_token` and the inside views' `/model_attention`, `/model_view` and `/ablate`
-(--extra-every: one of those after every that many chats of a user).
+--session-every of its chats, and after every --extra-every of its chats it makes one more call,
+taking turns: the lab's `/attention`, the chat's `/next_token` and the inside views'
+`/model_attention`, `/model_view` and `/ablate`.
 
 After every --sample-every chats (default 50) the server's RSS is read (psutil: the server process
 and every child it has). At the end: a table (chats, RSS, change from the first reading, elapsed
