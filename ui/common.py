@@ -80,6 +80,14 @@ QUEUE_PROGRESS_POLL_S = 0.1
 # hundredth event is often enough for a dashboard.
 QUEUE_ANALYTICS_EVERY = 100
 
+# gradio keeps a server-side state for every session it has seen (each page load and each API
+# client is one): a copy of every component's config plus the last value of each input and output,
+# figures included, until `state_session_capacity` sessions (gradio's default: 10,000) push out the
+# least recently used. Closed tabs are never dropped before that, so a day of classes would keep
+# thousands. This cap keeps memory bounded; a class of 30-60 students, each reloading now and then,
+# stays far below it, and only the longest-idle sessions are evicted (an evicted tab that comes back
+# starts with its gr.State values reset; its chat history lives in the browser and is kept).
+SESSION_CAPACITY = 256
 
 def tune_queue(demo: gr.Blocks) -> list[str]:
     """Set the queue's polling and monitoring intervals above (after `demo.queue()`); the names
