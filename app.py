@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
-from ui.common import SESSION_CAPACITY
+from ui.common import SESSION_CAPACITY, limit_malloc_arenas
 
 import gradio as gr  # noqa: E402,I001
 
@@ -72,31 +72,6 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
             chat = build_chat(demo, state.chat, bar)
         inside.wire(chat.chatbot, chat.replies, bar.line, system=chat.system)
     return demo
-
-
-# glibc gives each new thread its own malloc arena (up to 8 per core) and keeps what a thread frees
-# in that thread's arena for its next allocations. The app's many worker threads each allocate
-# tensors of ever different sizes (a prompt's activations, a view's attention maps), so the freed
-# memory of every arena stays resident and the server's RSS creeps up over a day of classes.
-# Two arenas (the main thread's, where the chat engine decodes, and one the workers share) bound
-# that; see bench/README.md, "Memory soak". MALLOC_ARENA_MAX in the environment still wins.
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas (before the server's threads start: arenas are made as threads
-    first allocate). True if set; False on another C library, or when MALLOC_ARENA_MAX is set."""
-    import ctypes
-    import os
-
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt arenas)
-        return False
 
 
 def main() -> int:
