@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
+from ui.common import SESSION_CAPACITY, limit_malloc_arenas
 
 import gradio as gr  # noqa: E402,I001
 
@@ -75,6 +76,7 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
 
 def main() -> int:
     """`python app.py`: start loading the model in the background and serve (blocks)."""
+    limit_malloc_arenas()
     try:
         settings = Settings.from_env()
     except ValueError as exc:
@@ -102,6 +104,7 @@ def main() -> int:
         # Only public endpoints answer to their names, an unknown one is a 404, and a raw call's
         # omitted values get their documented defaults (ui/apigate.py).
         app_kwargs={"middleware": gate_middleware(demo)},
+        state_session_capacity=SESSION_CAPACITY,
     )
     print(f"Attention Lab is serving on http://{settings.server_name}:{settings.server_port}", flush=True)
     remote = demo.app_state.chat.backend.remote

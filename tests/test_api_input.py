@@ -283,7 +283,8 @@ DOCUMENTED = {
     "/attention": [("text", "str"), ("emb_dim", "int"), ("n_heads", "int"), ("n_kv_heads", "int"),
                    ("dropout", "float"), ("seed", "int"), ("causal", "bool"), ("multi_head", "bool")],
     "/chat": [("message", "str"), ("system", "str"), ("max_new_tokens", "int"), ("temperature", "float"),
-              ("top_p", "float"), ("top_k", "int"), ("repetition_penalty", "float"), ("seed", "int")],
+              ("top_p", "float"), ("top_k", "int"), ("repetition_penalty", "float"), ("seed", "int"),
+              ("min_new_tokens", "int")],
     "/next_token": [("prompt", "str"), ("temperature", "float"), ("top_p", "float"), ("top_k", "int"),
                     ("repetition_penalty", "float"), ("k", "int")],
     "/model_status": [],
@@ -349,7 +350,7 @@ def test_unknown_and_internal_endpoints_are_a_404(app_server, route, name):  # n
     ("call/chat", {"data": SCRIPT}, 422),
     ("call/chat", [SCRIPT], 422),
     ("call/chat", {"data": []}, 422),  # message has no default
-    ("call/chat", {"data": ["hi", "", 4, 0.7, 0.9, 0, 1.0, -1, "extra"]}, 422),
+    ("call/chat", {"data": ["hi", "", 4, 0.7, 0.9, 0, 1.0, -1, 0, "extra"]}, 422),
     ("call/v2/chat", {"mesage": SCRIPT}, 422),
     ("queue/join", {"data": [], "fn_index": 10_000, "session_hash": "abc"}, 404),
     ("queue/join", {"data": SCRIPT, "fn_index": 0, "session_hash": "abc"}, 422),

@@ -14,6 +14,7 @@ import os
 import re
 import reprlib
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -79,6 +80,14 @@ QUEUE_PROGRESS_POLL_S = 0.1
 # hundredth event is often enough for a dashboard.
 QUEUE_ANALYTICS_EVERY = 100
 
+# gradio keeps a server-side state for every session it has seen (each page load and each API
+# client is one): a copy of every component's config plus the last value of each input and output,
+# figures included, until `state_session_capacity` sessions (gradio's default: 10,000) push out the
+# least recently used. Closed tabs are never dropped before that, so a day of classes would keep
+# thousands. This cap keeps memory bounded; a class of 30-60 students, each reloading now and then,
+# stays far below it, and only the longest-idle sessions are evicted (an evicted tab that comes back
+# starts with its gr.State values reset; its chat history lives in the browser and is kept).
+SESSION_CAPACITY = 256
 
 def tune_queue(demo: gr.Blocks) -> list[str]:
     """Set the queue's polling and monitoring intervals above (after `demo.queue()`); the names
@@ -505,3 +514,31 @@ class DownloadDir:
                     shutil.rmtree(entry.path, ignore_errors=True)
             except OSError:
                 pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The server process
+
+
+# glibc gives each new thread its own malloc arena (up to 8 per core) and keeps what a thread frees
+# in that thread's arena for its next allocations. The app's many worker threads each allocate
+# tensors of ever different sizes (a prompt's activations, a view's attention maps), so the freed
+# memory of every arena stays resident and the server's RSS creeps up over a day of classes.
+# Two arenas (the main thread's, where the chat engine decodes, and one the workers share) bound
+# that; see bench/README.md, "Memory soak". MALLOC_ARENA_MAX in the environment still wins.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (before the server's threads start: arenas are made as threads
+    first allocate). True if set; False on another C library, or when MALLOC_ARENA_MAX is set."""
+    import ctypes
+
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt arenas)
+        return False
