@@ -56,7 +56,7 @@ def test_app_launches_with_the_session_capacity():
 
 def _cache_with(ids: torch.Tensor, layers: int = 2):
     """A one-row SlotKVCache whose keys/values hold something for ids (P,)."""
-    from generation.engine import SlotKVCache
+    from generation.decode import SlotKVCache
 
     cache = SlotKVCache(layers, 1, ids.numel() + 4)
     for i in range(layers):
@@ -67,7 +67,7 @@ def _cache_with(ids: torch.Tensor, layers: int = 2):
 
 @pytest.mark.parametrize("entries", [1, 2, 3])
 def test_prefix_store_keeps_at_most_its_entries(entries):
-    from generation.engine import PrefixStore
+    from generation.decode import PrefixStore
 
     store = PrefixStore(entries=entries, max_tokens=64)
     for i in range(3 * entries + 1):
@@ -80,7 +80,7 @@ def test_prefix_store_keeps_at_most_its_entries(entries):
 
 @pytest.mark.parametrize("max_tokens", [4, 16])
 def test_prefix_store_refuses_prompts_over_its_token_cap(max_tokens):
-    from generation.engine import PrefixStore
+    from generation.decode import PrefixStore
 
     store = PrefixStore(entries=4, max_tokens=max_tokens)
     long_ids = torch.arange(max_tokens + 1)
