@@ -34,6 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="the reply cannot end before this many tokens")
     p.add_argument("--system", default=None, help="system prompt (default: the built-in one for base models)")
     p.add_argument("--no-4bit", action="store_true", help="load full precision instead of NF4")
     p.add_argument("--info", action="store_true", help="print the model report (and then answer, if a message is given)")
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_k=args.top_k,
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
+            min_new_tokens=args.min_new_tokens,
         )
         settings = Settings.from_env()
         lm = load_model(args.model, load_4bit=settings.load_4bit and not args.no_4bit, settings=settings)

@@ -173,6 +173,22 @@ def test_greedy_rows_get_the_bf16_heads_choice(lm4, head, hidden, penalty):
     assert got == want
 
 
+def test_suppressed_tokens_are_never_the_greedy_choice(head, hidden):
+    """min_new_tokens: a suppressed token (here each row's own argmax, or a token that is not
+    the argmax) is never chosen, and the choice is the bf16 head's best among the rest."""
+    params = SamplingParams(temperature=0.0)
+    exact = torch.stack([_exact_row(head, h) for h in hidden]).float()  # (T, V)
+    best = exact.argmax(-1)
+    for suppress in (best, torch.full_like(best, int(exact[0].argmin()))):
+        rows = [RowSampling(params) for _ in range(hidden.shape[0])]
+        for r, tok in zip(rows, suppress.tolist()):
+            r.suppress = torch.tensor([tok])
+        with torch.inference_mode():
+            got = pick_tokens(hidden, head, rows, BatchSampler())
+        masked = exact.scatter(1, suppress[:, None], float("-inf"))
+        assert got == masked.argmax(-1).tolist()
+
+
 def test_a_sampled_row_does_not_depend_on_the_batch(head, hidden):
     """The same hidden state and seed give the same draws alone and among other rows."""
     params = SamplingParams(seed=11)

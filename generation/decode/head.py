@@ -261,8 +261,13 @@ def pick_tokens(hidden: torch.Tensor, head: QuantizedHead, rows: Sequence[RowSam
         for i, r in enumerate(rows):
             p = r.params
             h = hidden[i : i + 1]
-            if p.greedy and p.repetition_penalty == 1.0 and r.suppress is None:
-                tokens[i] = head.greedy_token(h, logits[i], top=(top_ids[i], kth[i]))[0]
+            if p.greedy and p.repetition_penalty == 1.0:
+                token = head.greedy_token(h, logits[i], top=(top_ids[i], kth[i]))[0]
+                # Suppressing tokens only lowers their logits: the argmax stands unless it is one.
+                if r.suppress is None or not bool((r.suppress == token).any()):
+                    tokens[i] = token
+                else:
+                    penalised.append(i)
             elif p.greedy:
                 penalised.append(i)
             else:
