@@ -21,8 +21,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from apputil import app_page, app_server, browser  # noqa: E402,F401  (fixtures, shared by every module)
 
-# Fixtures that load the real default model or start the real app / a real browser.
-SLOW_FIXTURES = frozenset({"lm4", "lm_full", "fast_model", "int8_head", "app_server", "remote_app"})
+# Fixtures that load the real default model (here or in a `transformers serve` process) or start the real app.
+SLOW_FIXTURES = frozenset({"lm4", "lm_full", "fast_model", "int8_head", "app_server", "remote_app", "openai_server"})
 BROWSER_FIXTURES = frozenset({"browser"})
 
 
