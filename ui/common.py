@@ -70,14 +70,14 @@ CSS = """
 
 
 # gradio's queue looks for new work every 1 ms while it is idle, and for progress every 10 ms: on a
-# 2-core machine those wake-ups keep taking a core from the chat engine's parallel regions
-# (measured: 30 users 157.6 vs 163.7 tok/s, the engine driven inside a launched app). A job that
-# starts up to 10 ms later is not seen by anyone; progress shown 10 times a second is smooth.
+# 2-core machine those wake-ups keep taking a core from the chat engine's parallel regions (figures
+# in bench/README.md). A job that starts up to 10 ms later is not seen by anyone; progress shown 10
+# times a second is smooth.
 QUEUE_POLL_S = 0.01
 QUEUE_PROGRESS_POLL_S = 0.1
 # After every finished event gradio rebuilds a pandas summary of the last 10,000 events for its
-# /monitoring page (3-9 ms of the GIL each on the 2-core box, growing over a class's hour); every
-# hundredth event is often enough for a dashboard.
+# /monitoring page (a few ms of the GIL each, growing over a class's hour); every hundredth event is
+# often enough for a dashboard.
 QUEUE_ANALYTICS_EVERY = 100
 
 # gradio keeps a server-side state for every session it has seen (each page load and each API
