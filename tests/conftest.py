@@ -169,3 +169,17 @@ def int8_head(fast_model):
     from generation.decode import quantize_lm_head
 
     return quantize_lm_head(fast_model)
+
+
+def hf_kept_mask(scores, top_k: int, top_p: float):
+    """(V,) bool: the tokens transformers' TopKLogitsWarper then TopPLogitsWarper leave finite in one
+    row of scaled scores (V,): the reference kept set of the sampler tests."""
+    import torch
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    s = scores.unsqueeze(0)
+    if top_k > 0:
+        s = TopKLogitsWarper(top_k)(None, s)
+    if top_p < 1.0:
+        s = TopPLogitsWarper(top_p)(None, s)
+    return torch.isfinite(s[0])

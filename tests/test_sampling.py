@@ -5,6 +5,7 @@ built from them against the one-row pipeline `choose`."""
 from __future__ import annotations
 
 import pytest
+from conftest import hf_kept_mask
 import torch
 from torch.testing import assert_close
 from transformers import (
@@ -49,16 +50,6 @@ def hf_scaled(logits: torch.Tensor, temperature: float, penalty: float, seen: to
     if temperature not in (0.0, 1.0):
         s = TemperatureLogitsWarper(temperature)(None, s)
     return s[0]
-
-
-def hf_kept(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """(V,) bool: the tokens TopKLogitsWarper then TopPLogitsWarper leave finite."""
-    s = scores.unsqueeze(0)
-    if top_k > 0:
-        s = TopKLogitsWarper(top_k)(None, s)
-    if top_p < 1.0:
-        s = TopPLogitsWarper(top_p)(None, s)
-    return torch.isfinite(s[0])
 
 
 # --- scale -------------------------------------------------------------------------------------
@@ -106,7 +97,7 @@ def test_batch_sampler_scales_every_row_as_scale_does():
 @pytest.mark.parametrize("k", [0, 1, 3, 50])
 def test_top_k_keeps_what_the_warper_keeps_ties_included(vocab, ties, k):
     x = random_logits(vocab, vocab + k, ties=ties)
-    assert torch.equal(top_k_mask(x, k), hf_kept(x, k, 1.0))
+    assert torch.equal(top_k_mask(x, k), hf_kept_mask(x, k, 1.0))
 
 
 @pytest.mark.parametrize("vocab", SIZES)
@@ -115,7 +106,7 @@ def test_top_k_keeps_what_the_warper_keeps_ties_included(vocab, ties, k):
 def test_kept_set_is_the_warpers_on_distinct_scores(vocab, k, p):
     x = random_logits(vocab, 3 * vocab + k)
     ours = kept_mask(x, k, p)
-    assert torch.equal(ours, hf_kept(x, k, p))
+    assert torch.equal(ours, hf_kept_mask(x, k, p))
     assert torch.equal(exact_kept_ids(x, k, p), torch.nonzero(ours).reshape(-1))
     if p < 1.0:  # top_p_mask alone, on the top-k-filtered scores as the warper sees them
         after_k = x.masked_fill(~top_k_mask(x, k), float("-inf"))
@@ -131,7 +122,7 @@ def test_ties_at_the_top_p_boundary(vocab, k, p):
     torch.sort's unstable order). Away from the boundary value the sets are identical."""
     for seed in range(6):
         x = random_logits(vocab, 100 * vocab + 10 * k + seed, ties=True)
-        ours, ref = kept_mask(x, k, p), hf_kept(x, k, p)
+        ours, ref = kept_mask(x, k, p), hf_kept_mask(x, k, p)
         assert int(ours.sum()) == int(ref.sum())
         assert torch.equal(x[ours].sort().values, x[ref].sort().values)
         edge = x[ref].min()

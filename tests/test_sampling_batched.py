@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import hf_kept_mask
 import torch
 from scipy import stats as scipy_stats
 from transformers import (
@@ -26,12 +27,7 @@ V = 262_144
 
 def hf_kept(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Ids (ascending) transformers keeps after TopK then TopP on one row of scaled scores (V,)."""
-    s = scores.unsqueeze(0)
-    if top_k > 0:
-        s = TopKLogitsWarper(top_k)(None, s)
-    if top_p < 1.0:
-        s = TopPLogitsWarper(top_p)(None, s)
-    return torch.nonzero(torch.isfinite(s[0])).reshape(-1)
+    return torch.nonzero(hf_kept_mask(scores, top_k, top_p)).reshape(-1)
 
 
 def random_rows(b: int, seed: int) -> tuple[torch.Tensor, list[int], list[float]]:

@@ -27,11 +27,12 @@ from attention.plot import (
     weights_csv,
 )
 from generation import build_prompt
-from generation.inside import capture, model_attention
 from generation.sampling import SamplingParams
 from generation.backends import ChatEngine
 from generation.inside import (
     REPLY_MAX_TOKENS,
+    capture,
+    model_attention,
     ablate_heads,
     check_heads,
     format_heads,
