@@ -78,7 +78,9 @@ def main() -> None:
                             clip={"x": 0, "y": inside_y, "width": 1400, "height": height - inside_y})
             page.get_by_role("tab", name="4-bit Chat").click()
             set_number(page, "max-new", 40)
+            set_number(page, "temperature", 0)  # the greedy reply: "... Paris.", the token the panels show
             wait_reply_done(page, send_chat(page, "What is the capital of France?"))
+            set_number(page, "temperature", 0.7)  # the table then shows what sampling keeps
             page.click("#next-btn")
             page.wait_for_function("document.querySelector('#next-notes').innerText.includes('temperature')")
             time.sleep(1.0)
