@@ -195,6 +195,21 @@ def test_stop_halts_a_long_reply_and_the_next_message_works(page):
     assert user_texts(page)[-1] == "What is the capital of France?"
 
 
+def test_clear_while_a_reply_streams_stays_cleared(page):
+    start_long_reply(page)
+    page.click("#clear-btn")
+    # the stopped reply's worker ends on its own; nothing it sends may bring the chat back
+    deadline = time.monotonic() + 120
+    while live_generations(page) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3.0)
+    assert user_texts(page) == [] and bot_texts(page) == [], "the cleared chat came back"
+    short_replies(page, 8)
+    before = send_chat(page, "What is the capital of France?")
+    wait_reply_done(page, before, timeout_s=120)
+    assert user_texts(page) == ["What is the capital of France?"] and len(bot_texts(page)) == 1
+
+
 def test_two_pages_chatting_at_once_each_get_their_own_reply(browser, app_server):  # noqa: F811
     ctx_a, a, _ = open_app(browser, app_server.url)
     ctx_b, b, _ = open_app(browser, app_server.url)

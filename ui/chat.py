@@ -340,14 +340,19 @@ class ChatHandlers:
                     yield history, gr.skip(), gr.skip(), gr.skip()
             finally:
                 gen.close()  # ends the request within one decode step
+            stopped = stop.is_set()  # before done() below sets it
         except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the history
             gr.Warning(error_text(exc), title="No reply")
             return
         finally:
             self.stops.done(key, stop)
+        if stopped:
+            # Stop, Undo or Clear: those handlers own the chat now and cancel this event. A last
+            # update sent anyway could land after theirs (restoring a cleared chat, or counting a
+            # stopped reply as the next one), so a stopped reply ends with what it streamed.
+            return
         if reply_at == len(history):
-            note = "stopped before the first token" if stats.stopped_by == "stopped" else "no text generated"
-            history.append({"role": "assistant", "content": f"*({note})*"})
+            history.append({"role": "assistant", "content": "*(no text generated)*"})
         number = (replies or 0) + 1
         user_stats = stats_line(stats, number)
         yield history, self.status_markdown(user_stats), user_stats, number
