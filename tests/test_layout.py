@@ -104,3 +104,12 @@ def test_the_scanner_resolves_relative_imports(tmp_path):
     targets = {t for t, _ in imports_of(engine)}
     assert any(t.startswith("generation.decode") for t in targets), targets
     assert module_name(REPO / "generation" / "inside" / "__init__.py") == "generation.inside"
+
+
+def test_no_merge_conflict_markers_are_left_in_the_tree():
+    root = Path(__file__).resolve().parents[1]
+    marked = [str(p.relative_to(root)) for p in root.rglob("*")
+              if p.suffix in {".py", ".md", ".txt", ".c", ".ini", ".tsv"} and not any(part.startswith(".") or part in {"venv", "build"} for part in p.relative_to(root).parts)
+              and p.is_file() and any(line.startswith(("<<<<<<< ", ">>>>>>> "))
+                                      for line in p.read_text(encoding="utf-8", errors="replace").splitlines())]
+    assert not marked, f"unresolved merge conflicts in {marked}"
