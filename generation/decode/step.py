@@ -7,7 +7,8 @@ row from what those return). Behind it:
 * `ModelStep`: the model's own forward (transformers), on the engine's `SlotKVCache` with per-row
   positions and masks (`attention_masks`); returns each row's last logits. Any model the engine
   takes, any device.
-* `LeanStep`: where a Gemma 3 NF4 model runs on CPU with sdpa, prefill through the model's body
+* `LeanStep`: where an NF4 model of a family the lean step describes (`generation.decode.family`:
+  Gemma 3, Qwen2, Qwen3, Llama, Mistral) runs on CPU with sdpa, prefill through the model's body
   (its last hidden states), decode through `BatchDecodeStep` (bit for bit the model path's
   numbers, without its per-step machinery), and every token through the int8 LM head, chosen
   exactly (`pick_tokens`). `lean_step` builds it, or says why not.
@@ -191,7 +192,7 @@ def lean_step(base: ModelStep) -> tuple[DecodeStep, str]:
     except Exception as exc:  # the model's own path serves instead
         log.warning("fast CPU decode unavailable, using the model's forward", exc_info=True)
         return base, f"off: {type(exc).__name__}: {exc}"
-    status = (f"on: lean batched step ({batch_step.norm_status.short}), "
+    status = (f"on: lean batched step ({batch_step.arch.family.model_type}, {batch_step.norm_status.short}), "
               f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, {native_int8_status().short}), "
               f"ready in {time.perf_counter() - t0:.1f} s")
     return LeanStep(lm, batch_step, head), status
