@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import KernelStatus, norm_kernels, torch_rms
+from ..kernels import KernelStatus, norm_kernels, torch_qk_norm_rope, torch_rms
 from .cache import decode_attention_rows
 from .family import describe
 from .nf4 import FusedNF4Linear, fast_path_supported, norm_weight, prepare_layers, rope_tables
@@ -142,6 +142,7 @@ class BatchDecodeStep:
         gate_out, up_out = gu[:, :inter], gu[:, inter:]
         kern = self._kernels
         if kern is None:
+            # (n, 1, hd) cos and signed sin per layer kind
             rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
         layers = self.layers
         with single_threaded() as serial:
@@ -162,10 +163,7 @@ class BatchDecodeStep:
                     kern.qk_norm_rope(qkv, nh + nkv, hd, L.qk_norm, eps, self._cos[L.sliding],
                                       self._sin_signed[L.sliding], pos)
                 else:
-                    if L.qk_norm is not None:
-                        qk = rms(qk, L.qk_norm, eps)
-                    cos, sin = rope[L.sliding]  # (n, 1, hd)
-                    qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin
+                    qk = torch_qk_norm_rope(qk, L.qk_norm, eps, *rope[L.sliding], form)
                 keys, values = cache.update(qk[:, nh:].unsqueeze(2), v_out.view(n, nkv, 1, hd), li)  # (n, KV, S, hd)
                 window = self.window if L.sliding else None
                 if self.exact_attention:
