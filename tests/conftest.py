@@ -183,3 +183,35 @@ def hf_kept_mask(scores, top_k: int, top_p: float):
     if top_p < 1.0:
         s = TopPLogitsWarper(top_p)(None, s)
     return torch.isfinite(s[0])
+
+
+def prefilled_cache(step, prompts):
+    """Each prompt (P,) prefilled alone by `step` (a generation.decode ModelStep) into one row of a
+    shared SlotKVCache: (cache, lengths, greedy first tokens). For the fast-path tests, which then
+    decode the rows through the model path and the lean step side by side."""
+    import torch
+
+    from generation.decode import SlotKVCache
+
+    cache = SlotKVCache(step.n_layers, len(prompts), 64)
+    lens, first = [], []
+    for b, ids in enumerate(prompts):
+        n = ids.numel()
+        one = SlotKVCache(step.n_layers, 1, n + 64)
+        pos = torch.arange(n)[None]
+        with torch.inference_mode():
+            logits = step.prefill(one, ids[None], pos, pos, n, [n], [n])
+        cache.copy_row(b, one, 0, n)
+        lens.append(n)
+        first.append(int(logits[0].argmax()))
+    return cache, lens, first
+
+
+def copy_cache(cache, lens):
+    """A copy of the rows of a SlotKVCache (row b's first lens[b] positions)."""
+    from generation.decode import SlotKVCache
+
+    other = SlotKVCache(cache.n_layers, cache.rows, cache.capacity)
+    for b, n in enumerate(lens):
+        other.copy_row(b, cache, b, n)
+    return other

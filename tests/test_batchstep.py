@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import copy_cache as _copy
+from conftest import prefilled_cache as _prefilled
 from generation import SamplingParams, build_prompt
-from generation.decode import BatchDecodeStep, ModelStep, SlotKVCache, pick_tokens
+from generation.decode import BatchDecodeStep, ModelStep, pick_tokens
 from generation.backends import ChatEngine
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
@@ -51,31 +53,6 @@ def packed(model):
 @pytest.fixture(scope="module")
 def head(int8_head):
     return int8_head
-
-
-def _prefilled(slow: ModelStep, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:
-    """Each prompt prefilled alone by the model path into one row of a shared cache:
-    (cache, lengths, greedy first tokens)."""
-    n_layers = slow.n_layers
-    cache = SlotKVCache(n_layers, len(prompts), 64)
-    lens, first = [], []
-    for b, ids in enumerate(prompts):
-        n = ids.numel()
-        one = SlotKVCache(n_layers, 1, n + 64)
-        pos = torch.arange(n)[None]
-        with torch.inference_mode():
-            logits = slow.prefill(one, ids[None], pos, pos, n, [n], [n])
-        cache.copy_row(b, one, 0, n)
-        lens.append(n)
-        first.append(int(logits[0].argmax()))
-    return cache, lens, first
-
-
-def _copy(cache: SlotKVCache, lens: list[int]) -> SlotKVCache:
-    other = SlotKVCache(cache.n_layers, cache.rows, cache.capacity)
-    for b, n in enumerate(lens):
-        other.copy_row(b, cache, b, n)
-    return other
 
 
 @pytest.mark.parametrize("case", ["mixed", "window"])

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 import transformers as tr
 
-from conftest import save_tiny_lm
+from conftest import copy_cache, prefilled_cache, save_tiny_lm
 from generation import SamplingParams, load_model
 from generation.backends import ChatEngine
 from generation.decode import (
     BatchDecodeStep,
     ModelStep,
-    SlotKVCache,
     describe,
     fast_path_supported,
     quantize_lm_head,
@@ -76,30 +75,6 @@ def _prompts(lm, lengths=(5, 17, 11)) -> list[torch.Tensor]:
     return [torch.randint(3, v - 3, (n,), generator=g) for n in lengths]
 
 
-def _prefilled(slow: ModelStep, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:
-    """Each prompt prefilled alone by the model path into one row of a shared cache:
-    (cache, lengths, greedy first tokens)."""
-    cache = SlotKVCache(slow.n_layers, len(prompts), 64)
-    lens, first = [], []
-    for b, ids in enumerate(prompts):
-        n = ids.numel()
-        one = SlotKVCache(slow.n_layers, 1, n + 64)
-        pos = torch.arange(n)[None]
-        with torch.inference_mode():
-            logits = slow.prefill(one, ids[None], pos, pos, n, [n], [n])
-        cache.copy_row(b, one, 0, n)
-        lens.append(n)
-        first.append(int(logits[0].argmax()))
-    return cache, lens, first
-
-
-def _copy(cache: SlotKVCache, lens: list[int]) -> SlotKVCache:
-    other = SlotKVCache(cache.n_layers, cache.rows, cache.capacity)
-    for b, n in enumerate(lens):
-        other.copy_row(b, cache, b, n)
-    return other
-
-
 def test_the_family_takes_the_fast_path(lm):
     assert fast_path_supported(lm.model) is None
     arch = describe(lm.model.config)
@@ -123,8 +98,8 @@ def test_step_equals_the_model_path_bit_for_bit(lm):
     slow = ModelStep(lm)
     step = BatchDecodeStep(lm.model, exact_attention=True)
     packed = BatchDecodeStep(lm.model)
-    ref, lens, nxt = _prefilled(slow, _prompts(lm))
-    fast, approx = _copy(ref, lens), _copy(ref, lens)
+    ref, lens, nxt = prefilled_cache(slow, _prompts(lm))
+    fast, approx = copy_cache(ref, lens), copy_cache(ref, lens)
     w = lm.model.get_output_embeddings().weight
     n, worst = len(lens), 0.0
     for _ in range(12):
@@ -153,8 +128,8 @@ def test_native_norm_kernels_change_no_bit(lm):
     if native.norm_status.native is False:
         pytest.skip(str(native.norm_status))
     slow = ModelStep(lm)
-    ref, lens, nxt = _prefilled(slow, _prompts(lm))
-    other = _copy(ref, lens)
+    ref, lens, nxt = prefilled_cache(slow, _prompts(lm))
+    other = copy_cache(ref, lens)
     for _ in range(3):
         for c in (ref, other):
             c.ensure(max(lens) + 1)

@@ -288,8 +288,8 @@ def _packed_attention_rows(query: torch.Tensor, keys: torch.Tensor, values: torc
     outs = []
     for b, end in enumerate(ends):
         first = max(0, end - window) if window else 0
+        # the row's keys as they lie in the cache (strided over the capacity): sdpa reads them in
+        # place, where a contiguous copy first would cost as much as the call itself
         k, v = keys[b : b + 1, :, first:end], values[b : b + 1, :, first:end]
-        if kv > 1:
-            k, v = k.contiguous(), v.contiguous()
         outs.append(sdpa(query[b].view(1, kv, h // kv, hd), k, v, scale=scale))  # (1, KV, H/KV, hd)
     return torch.cat(outs).view(n, h, hd)
