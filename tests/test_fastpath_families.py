@@ -47,7 +47,8 @@ FAMILIES = {
     # Llama 3's rope scaling (original context 16: the scaled frequencies matter here), biases everywhere
     "llama": (tr.LlamaConfig, tr.LlamaForCausalLM,
               dict(rope_parameters=LLAMA3_ROPE, attention_bias=True, mlp_bias=True)),
-    "mistral": (tr.MistralConfig, tr.MistralForCausalLM, dict(sliding_window=None, vocab_size=341)),
+    # a sliding window of 8 on every layer (Mistral 7B v0.1 has 4,096)
+    "mistral": (tr.MistralConfig, tr.MistralForCausalLM, dict(sliding_window=8, vocab_size=341)),
     # q/k norms in Llama's form
     "qwen3": (tr.Qwen3Config, tr.Qwen3ForCausalLM, dict(tie_word_embeddings=True)),
     # Gemma's (1 + w) sandwich norms, q/k norms, embedding scale, sliding window 8 on two layers of three
@@ -84,7 +85,7 @@ def test_the_family_takes_the_fast_path(lm):
     assert arch.family.qk_norm == (kind in ("qwen3", "gemma3_text"))
     assert arch.qkv_bias == (kind in ("qwen2", "llama"))
     assert (arch.embed_scale is not None) == (kind == "gemma3_text")
-    assert any(arch.sliding_layers) == (kind == "gemma3_text")
+    assert any(arch.sliding_layers) == (kind in ("gemma3_text", "mistral"))
     assert ("llama3" in arch.rope_types) == (kind == "llama")
     # the step's attention scaling is the model's own
     assert BatchDecodeStep(lm.model).scaling == lm.model.model.layers[0].self_attn.scaling
@@ -93,7 +94,7 @@ def test_the_family_takes_the_fast_path(lm):
 def test_step_equals_the_model_path_bit_for_bit(lm):
     """A batch of three prompts of mixed lengths, 12 greedy steps through the model path and the
     lean step (exact attention): the same logits and the same keys/values written, every step
-    (Gemma's sliding window of 8 moves all the time); the packed attention (the default) on a
+    (Gemma's and Mistral's sliding windows of 8 move all the time); the packed attention (the default) on a
     third copy: the same next-token distributions within a small KL divergence."""
     slow = ModelStep(lm)
     step = BatchDecodeStep(lm.model, exact_attention=True)

@@ -97,6 +97,12 @@ class ModelStep:
         if unknown:
             raise ValueError(f"the chat engine supports full and sliding-window attention layers, not {sorted(unknown)}")
         self.window = getattr(cfg, "sliding_window", None)
+        # A family whose every layer attends within its window (Mistral with a sliding_window) has
+        # no layer types: its one mask is the sliding one.
+        from .family import FAMILIES
+
+        family = FAMILIES.get(getattr(cfg, "model_type", ""))
+        self.all_sliding = bool(self.window) and not self.layer_types and family is not None and family.windows == "all"
         heads = int(cfg.num_attention_heads)
         self.n_rep = heads // int(getattr(cfg, "num_key_value_heads", None) or heads)
         self.additive_mask = attention_delegate(lm.model.config) == "eager"
@@ -115,9 +121,13 @@ class ModelStep:
         dev = self.device
         positions = positions.to(dev)
         cache.prepare(ids.shape[0], write_positions.to(dev), span)
-        masks = attention_masks(positions, span, ends, counts, layer_types=self.layer_types, window=self.window,
+        masks = attention_masks(positions, span, ends, counts,
+                                layer_types=("sliding_attention",) if self.all_sliding else self.layer_types,
+                                window=self.window,
                                 n_rep=self.n_rep,
                                 additive_dtype=self._mask_dtype(cache) if self.additive_mask else None)
+        if self.all_sliding:
+            masks = masks["sliding_attention"]
         return dict(input_ids=ids.to(dev), position_ids=positions, attention_mask=masks, past_key_values=cache,
                     use_cache=True)
 
