@@ -215,3 +215,36 @@ def copy_cache(cache, lens):
     for b, n in enumerate(lens):
         other.copy_row(b, cache, b, n)
     return other
+
+
+def decode_side_by_side(slow, exact, packed, prompts, steps: int, weight):
+    """Each prompt prefilled alone by the model path (`slow`, a ModelStep), then `steps` greedy
+    steps of the batch through the model path, the lean step with transformers' attention call
+    (`exact`) and with the packed call (`packed`), each on its own copy of the cache. Asserts, every
+    step, the same logits (the lean step's hidden through the bf16 head `weight`) and the same
+    keys/values written by `exact` as by the model path. -> (the packed step's worst KL divergence
+    of the next-token distributions, nats; the rows' final lengths)."""
+    import torch
+    import torch.nn.functional as F
+
+    ref, lens, nxt = prefilled_cache(slow, prompts)
+    fast, approx = copy_cache(ref, lens), copy_cache(ref, lens)
+    n, worst = len(prompts), 0.0
+    for _ in range(steps):
+        span = max(lens) + 1
+        for c in (ref, fast, approx):
+            c.ensure(span)
+        ids, pos = torch.tensor(nxt), torch.tensor(lens)
+        with torch.inference_mode():
+            want = slow.step(ref, ids, pos)
+            got = F.linear(exact(ids, pos, fast), weight)
+            near = F.linear(packed(ids, pos, approx), weight)
+        assert torch.equal(got, want)
+        lp, lq = want.float().log_softmax(-1), near.float().log_softmax(-1)
+        worst = max(worst, float((lp.exp() * (lp - lq)).sum(-1).max()))
+        for layer in range(ref.n_layers):
+            assert torch.equal(ref.keys[layer][:n, :, :span], fast.keys[layer][:n, :, :span])
+            assert torch.equal(ref.values[layer][:n, :, :span], fast.values[layer][:n, :, :span])
+        nxt = want.argmax(-1).tolist()
+        lens = [x + 1 for x in lens]
+    return worst, lens

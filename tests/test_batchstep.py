@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import copy_cache as _copy
+from conftest import decode_side_by_side
 from conftest import prefilled_cache as _prefilled
 from generation import SamplingParams, build_prompt
 from generation.decode import BatchDecodeStep, ModelStep, pick_tokens
@@ -71,31 +72,7 @@ def test_step_equals_the_model_path_bit_for_bit(lm4, model, slow, step, packed, 
                    return_tensors="pt").input_ids[0]
         prompts = [text[:508], text[3:508], build_prompt(tok, PROMPTS[0]).input_ids[0]]
         steps = 10
-    ref, lens, nxt = _prefilled(slow, prompts)
-    fast = _copy(ref, lens)
-    approx = _copy(ref, lens)
-    n = len(prompts)
-    w = model.get_output_embeddings().weight
-    worst = 0.0
-    for _ in range(steps):
-        span = max(lens) + 1
-        for c in (ref, fast, approx):
-            c.ensure(span)
-        ids = torch.tensor(nxt)
-        pos = torch.tensor(lens)
-        with torch.inference_mode():
-            want = slow.step(ref, ids, pos)
-            hidden = step(ids, pos, fast)
-            got = F.linear(hidden, w)
-            near = F.linear(packed(ids, pos, approx), w)
-        assert torch.equal(got, want)
-        lp, lq = want.float().log_softmax(-1), near.float().log_softmax(-1)
-        worst = max(worst, float((lp.exp() * (lp - lq)).sum(-1).max()))
-        for layer in range(ref.n_layers):
-            assert torch.equal(ref.keys[layer][:n, :, :span], fast.keys[layer][:n, :, :span])
-            assert torch.equal(ref.values[layer][:n, :, :span], fast.values[layer][:n, :, :span])
-        nxt = want.argmax(-1).tolist()
-        lens = [x + 1 for x in lens]
+    worst, lens = decode_side_by_side(slow, step, packed, prompts, steps, model.get_output_embeddings().weight)
     assert worst < 0.02, worst  # nats; NF4 vs full precision is ~0.36
     if case == "window":
         assert min(lens[:2]) > 512  # the local layers' window really moved

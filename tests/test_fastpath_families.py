@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tr
 
-from conftest import copy_cache, prefilled_cache, save_tiny_lm
+from conftest import copy_cache, decode_side_by_side, prefilled_cache, save_tiny_lm
 from generation import SamplingParams, load_model
 from generation.backends import ChatEngine
 from generation.decode import (
@@ -94,32 +94,12 @@ def test_the_family_takes_the_fast_path(lm):
 def test_step_equals_the_model_path_bit_for_bit(lm):
     """A batch of three prompts of mixed lengths, 12 greedy steps through the model path and the
     lean step (exact attention): the same logits and the same keys/values written, every step
-    (Gemma's and Mistral's sliding windows of 8 move all the time); the packed attention (the default) on a
-    third copy: the same next-token distributions within a small KL divergence."""
+    (Gemma's and Mistral's sliding windows of 8 move all the time); the packed attention (the
+    default) on a third copy: the same next-token distributions within a small KL divergence."""
     slow = ModelStep(lm)
     step = BatchDecodeStep(lm.model, exact_attention=True)
     packed = BatchDecodeStep(lm.model)
-    ref, lens, nxt = prefilled_cache(slow, _prompts(lm))
-    fast, approx = copy_cache(ref, lens), copy_cache(ref, lens)
-    w = lm.model.get_output_embeddings().weight
-    n, worst = len(lens), 0.0
-    for _ in range(12):
-        span = max(lens) + 1
-        for c in (ref, fast, approx):
-            c.ensure(span)
-        ids, pos = torch.tensor(nxt), torch.tensor(lens)
-        with torch.inference_mode():
-            want = slow.step(ref, ids, pos)
-            got = F.linear(step(ids, pos, fast), w)
-            near = F.linear(packed(ids, pos, approx), w)
-        assert torch.equal(got, want)
-        lp, lq = want.float().log_softmax(-1), near.float().log_softmax(-1)
-        worst = max(worst, float((lp.exp() * (lp - lq)).sum(-1).max()))
-        for layer in range(ref.n_layers):
-            assert torch.equal(ref.keys[layer][:n, :, :span], fast.keys[layer][:n, :, :span])
-            assert torch.equal(ref.values[layer][:n, :, :span], fast.values[layer][:n, :, :span])
-        nxt = want.argmax(-1).tolist()
-        lens = [x + 1 for x in lens]
+    worst, _ = decode_side_by_side(slow, step, packed, _prompts(lm), 12, lm.model.get_output_embeddings().weight)
     assert worst < 0.02, worst
 
 

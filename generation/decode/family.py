@@ -91,22 +91,6 @@ class Architecture:
     def norm(self) -> str:
         return self.family.norm
 
-    @property
-    def short(self) -> str:
-        """One line for the status: the family and what it switches on."""
-        f = self.family
-        parts = [f.model_type, f"{f.norm} norms" + (" (sandwich)" if f.sandwich else "")]
-        if f.qk_norm:
-            parts.append("q/k norms")
-        if self.qkv_bias:
-            parts.append("q/k/v bias")
-        if any(self.sliding_layers):
-            parts.append(f"window {self.window} on {sum(self.sliding_layers)}/{len(self.sliding_layers)} layers")
-        if set(self.rope_types) - {"default"}:
-            parts.append("rope " + "/".join(sorted(set(self.rope_types))))
-        parts.append("tied head" if self.tied_head else "separate head")
-        return ", ".join(parts)
-
 
 def _flag(config, value: bool | str) -> bool:
     return bool(getattr(config, value, False)) if isinstance(value, str) else value
