@@ -183,3 +183,68 @@ def hf_kept_mask(scores, top_k: int, top_p: float):
     if top_p < 1.0:
         s = TopPLogitsWarper(top_p)(None, s)
     return torch.isfinite(s[0])
+
+
+def prefilled_cache(step, prompts):
+    """Each prompt (P,) prefilled alone by `step` (a generation.decode ModelStep) into one row of a
+    shared SlotKVCache: (cache, lengths, greedy first tokens). For the fast-path tests, which then
+    decode the rows through the model path and the lean step side by side."""
+    import torch
+
+    from generation.decode import SlotKVCache
+
+    cache = SlotKVCache(step.n_layers, len(prompts), 64)
+    lens, first = [], []
+    for b, ids in enumerate(prompts):
+        n = ids.numel()
+        one = SlotKVCache(step.n_layers, 1, n + 64)
+        pos = torch.arange(n)[None]
+        with torch.inference_mode():
+            logits = step.prefill(one, ids[None], pos, pos, n, [n], [n])
+        cache.copy_row(b, one, 0, n)
+        lens.append(n)
+        first.append(int(logits[0].argmax()))
+    return cache, lens, first
+
+
+def copy_cache(cache, lens):
+    """A copy of the rows of a SlotKVCache (row b's first lens[b] positions)."""
+    from generation.decode import SlotKVCache
+
+    other = SlotKVCache(cache.n_layers, cache.rows, cache.capacity)
+    for b, n in enumerate(lens):
+        other.copy_row(b, cache, b, n)
+    return other
+
+
+def decode_side_by_side(slow, exact, packed, prompts, steps: int, weight):
+    """Each prompt prefilled alone by the model path (`slow`, a ModelStep), then `steps` greedy
+    steps of the batch through the model path, the lean step with transformers' attention call
+    (`exact`) and with the packed call (`packed`), each on its own copy of the cache. Asserts, every
+    step, the same logits (the lean step's hidden through the bf16 head `weight`) and the same
+    keys/values written by `exact` as by the model path. -> (the packed step's worst KL divergence
+    of the next-token distributions, nats; the rows' final lengths)."""
+    import torch
+    import torch.nn.functional as F
+
+    ref, lens, nxt = prefilled_cache(slow, prompts)
+    fast, approx = copy_cache(ref, lens), copy_cache(ref, lens)
+    n, worst = len(prompts), 0.0
+    for _ in range(steps):
+        span = max(lens) + 1
+        for c in (ref, fast, approx):
+            c.ensure(span)
+        ids, pos = torch.tensor(nxt), torch.tensor(lens)
+        with torch.inference_mode():
+            want = slow.step(ref, ids, pos)
+            got = F.linear(exact(ids, pos, fast), weight)
+            near = F.linear(packed(ids, pos, approx), weight)
+        assert torch.equal(got, want)
+        lp, lq = want.float().log_softmax(-1), near.float().log_softmax(-1)
+        worst = max(worst, float((lp.exp() * (lp - lq)).sum(-1).max()))
+        for layer in range(ref.n_layers):
+            assert torch.equal(ref.keys[layer][:n, :, :span], fast.keys[layer][:n, :, :span])
+            assert torch.equal(ref.values[layer][:n, :, :span], fast.values[layer][:n, :, :span])
+        nxt = want.argmax(-1).tolist()
+        lens = [x + 1 for x in lens]
+    return worst, lens

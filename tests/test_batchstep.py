@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import copy_cache as _copy
+from conftest import decode_side_by_side
+from conftest import prefilled_cache as _prefilled
 from generation import SamplingParams, build_prompt
-from generation.decode import BatchDecodeStep, ModelStep, SlotKVCache, pick_tokens
+from generation.decode import BatchDecodeStep, ModelStep, pick_tokens
 from generation.backends import ChatEngine
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
@@ -53,31 +56,6 @@ def head(int8_head):
     return int8_head
 
 
-def _prefilled(slow: ModelStep, prompts: list[torch.Tensor]) -> tuple[SlotKVCache, list[int], list[int]]:
-    """Each prompt prefilled alone by the model path into one row of a shared cache:
-    (cache, lengths, greedy first tokens)."""
-    n_layers = slow.n_layers
-    cache = SlotKVCache(n_layers, len(prompts), 64)
-    lens, first = [], []
-    for b, ids in enumerate(prompts):
-        n = ids.numel()
-        one = SlotKVCache(n_layers, 1, n + 64)
-        pos = torch.arange(n)[None]
-        with torch.inference_mode():
-            logits = slow.prefill(one, ids[None], pos, pos, n, [n], [n])
-        cache.copy_row(b, one, 0, n)
-        lens.append(n)
-        first.append(int(logits[0].argmax()))
-    return cache, lens, first
-
-
-def _copy(cache: SlotKVCache, lens: list[int]) -> SlotKVCache:
-    other = SlotKVCache(cache.n_layers, cache.rows, cache.capacity)
-    for b, n in enumerate(lens):
-        other.copy_row(b, cache, b, n)
-    return other
-
-
 @pytest.mark.parametrize("case", ["mixed", "window"])
 def test_step_equals_the_model_path_bit_for_bit(lm4, model, slow, step, packed, case):
     """A few greedy steps of a batch through both paths: the same logits (the lean step's hidden
@@ -94,31 +72,7 @@ def test_step_equals_the_model_path_bit_for_bit(lm4, model, slow, step, packed, 
                    return_tensors="pt").input_ids[0]
         prompts = [text[:508], text[3:508], build_prompt(tok, PROMPTS[0]).input_ids[0]]
         steps = 10
-    ref, lens, nxt = _prefilled(slow, prompts)
-    fast = _copy(ref, lens)
-    approx = _copy(ref, lens)
-    n = len(prompts)
-    w = model.get_output_embeddings().weight
-    worst = 0.0
-    for _ in range(steps):
-        span = max(lens) + 1
-        for c in (ref, fast, approx):
-            c.ensure(span)
-        ids = torch.tensor(nxt)
-        pos = torch.tensor(lens)
-        with torch.inference_mode():
-            want = slow.step(ref, ids, pos)
-            hidden = step(ids, pos, fast)
-            got = F.linear(hidden, w)
-            near = F.linear(packed(ids, pos, approx), w)
-        assert torch.equal(got, want)
-        lp, lq = want.float().log_softmax(-1), near.float().log_softmax(-1)
-        worst = max(worst, float((lp.exp() * (lp - lq)).sum(-1).max()))
-        for layer in range(ref.n_layers):
-            assert torch.equal(ref.keys[layer][:n, :, :span], fast.keys[layer][:n, :, :span])
-            assert torch.equal(ref.values[layer][:n, :, :span], fast.values[layer][:n, :, :span])
-        nxt = want.argmax(-1).tolist()
-        lens = [x + 1 for x in lens]
+    worst, lens = decode_side_by_side(slow, step, packed, prompts, steps, model.get_output_embeddings().weight)
     assert worst < 0.02, worst  # nats; NF4 vs full precision is ~0.36
     if case == "window":
         assert min(lens[:2]) > 512  # the local layers' window really moved

@@ -190,7 +190,7 @@ def test_qk_norm_rope_leaves_the_values_alone(kernels):
 def test_a_kernel_that_differs_from_torch_is_not_used(kernels, monkeypatch):
     """The check runs once per size; where it finds a difference the step gets torch's ops and the
     reason."""
-    key = ("checked", 640, 5, 256, 1e-5)
+    key = ("checked", 640, 5, 256, 1e-5, "gemma")  # the norm form is part of the key
     monkeypatch.setitem(knorms._state, key, "rms of 1 x 640")
     k, status = norm_kernels(640, 5, 256, 1e-5)
     assert k is None and not status.native and status.short == "torch ops"

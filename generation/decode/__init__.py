@@ -3,6 +3,7 @@ model's own forward, or the lean NF4 step), the int8 LM head and the direct NF4 
 
 cache.py   SlotKVCache, PrefixStore, RowAttentionMask, decode_attention_rows, attention_masks
 step.py    DecodeStep: the one interface the engine's loop calls, and its implementations
+family.py  Architecture, describe: what the lean step needs to know of a family (Gemma 3, Qwen2/3, Llama, Mistral)
 lean.py    BatchDecodeStep (the lean NF4 step for every row), single_threaded, one_thread_here
 head.py    QuantizedHead (the int8 LM head, exact greedy), quantize_lm_head, pick_tokens
 nf4.py     NF4Linear, FusedNF4Linear, accelerate_linear4bit, prepare_layers, rope_tables
@@ -11,6 +12,7 @@ nf4.py     NF4Linear, FusedNF4Linear, accelerate_linear4bit, prepare_layers, rop
 from __future__ import annotations
 
 from .cache import CAPACITY_STEP, PrefixStore, RowAttentionMask, SlotKVCache, attention_masks, decode_attention_rows
+from .family import FAMILIES, Architecture, Family, describe
 from .head import RESCORE_K, QuantizedHead, QuantizedLMHead, argmax_first, pick_tokens, quantize_lm_head
 from .lean import MANY_THREADS_ROWS, BatchDecodeStep, one_thread_here, openmp_runtime, single_threaded
 from .nf4 import (
@@ -27,6 +29,9 @@ from .step import DecodeStep, LeanStep, ModelStep, attention_delegate, lean_step
 
 __all__ = [
     "CAPACITY_STEP",
+    "FAMILIES",
+    "Architecture",
+    "Family",
     "MANY_THREADS_ROWS",
     "RESCORE_K",
     "BatchDecodeStep",
@@ -46,6 +51,7 @@ __all__ = [
     "attention_delegate",
     "attention_masks",
     "decode_attention_rows",
+    "describe",
     "fast_path_supported",
     "lean_step",
     "one_thread_here",

@@ -1,7 +1,8 @@
 """The int8 copy of the LM head, with exact greedy choice and exact top candidates for sampling.
 
-Gemma ties its 262,144 x 640 LM head to the embedding and bitsandbytes keeps it in bf16, so the
-head alone reads 335 MB per token. `quantize_lm_head` makes an int8 copy of it (one scale per
+bitsandbytes keeps the LM head in bf16 (Gemma ties its 262,144 x 640 head to the embedding; Qwen2.5
+and Llama 3.2 have 151,936 and 128,256 rows, tied or a separate head), so the head alone reads
+hundreds of MB per token. `quantize_lm_head` makes an int8 copy of it (one scale per
 output row), used only for the output projection; the embedding keeps its exact bf16 weights
 (multiplied by the AVX512-VNNI kernel of `generation.kernels` where it runs, else by torch's int8
 kernel). Greedy decoding stays exactly the bf16 head's argmax (`QuantizedHead.greedy_token`: the
@@ -28,15 +29,17 @@ __all__ = ["RESCORE_K", "QuantizedHead", "QuantizedLMHead", "argmax_first", "pic
 # decides most steps at once, while recomputing them stays far cheaper than the whole head.
 RESCORE_K = 64
 _TILE_ROWS, _TILE_COLS = 16, 4  # the native kernel's layout
+_MAX_TILE_D = 16384  # the native kernel's int32 sums cannot overflow up to this hidden size
 
 
 @dataclass(frozen=True)
 class QuantizedHead:
     """int8 copy of an LM head (V, D): W[v] ~= codes[v] * scale[v], symmetric, one scale per row.
 
-    codes: int8, as (V, D) rows (layout "rows"), or in the native kernel's tiles (V/16, D/4, 16, 4)
-    (layout "tiles"). exact: the model's own (V, D) bf16 head weight (the tied embedding, shared,
-    never written): rows of it recompute chosen logits exactly. half_step (V,) fp32: the largest
+    codes: int8, as (V, D) rows (layout "rows"), or in the native kernel's tiles (ceil(V/16), D/4,
+    16, 4), the rows past V zero (layout "tiles"). exact: the model's own (V, D) bf16 head weight
+    (a separate head's or the tied embedding, shared, never written): rows of it recompute chosen
+    logits exactly. half_step (V,) fp32: the largest
     rounding error of a weight in that row (<= scale / 2).
     """
 
@@ -63,7 +66,7 @@ class QuantizedHead:
         v, d = self.shape
         if self.layout == "rows":
             return self.codes[idx]
-        tiles = self.codes.view(v // _TILE_ROWS, d // _TILE_COLS, _TILE_ROWS, _TILE_COLS)
+        tiles = self.codes.view(-1, d // _TILE_COLS, _TILE_ROWS, _TILE_COLS)
         return tiles[idx // _TILE_ROWS, :, idx % _TILE_ROWS, :].reshape(-1, d)
 
     def dequantized(self, idx: torch.Tensor) -> torch.Tensor:
@@ -116,13 +119,17 @@ class QuantizedHead:
         """(||h||_1, slack) for hidden (1, D): |int8 logit_v - exact logit_v| before output rounding is
         at most ||h||_1 * half_step[v] + slack. slack covers the fp32 accumulation of both dot
         products (2 D 2**-24 ||h||_1 w_max) and, for the native kernel, its two-level activations
-        (|h - h_hat| <= max|h| / (2 * 127 * 254) per element, times max |int8 weight|)."""
+        (|h - h_hat| <= max|h| / (2 * 127 * 254) per element, times max |int8 weight|) and, above
+        D = 1024, the one rounding of its integer sums to fp32 (relative 2**-24 of each level's sum)."""
         hf = hidden.float().abs()
         l1 = float(hf.sum())
         d = hidden.shape[-1]
         slack = 2 * d * 2**-24 * l1 * self.w_max
         if self.layout == "tiles":
-            slack += d * float(hf.max()) / (2 * 127 * 254) * (self.w_max + self.half_max) * (1 + 2**-10)
+            w_int8 = self.w_max + self.half_max  # the largest |int8 weight| in logit units
+            slack += d * float(hf.max()) / (2 * 127 * 254) * w_int8 * (1 + 2**-10)
+            if d > 1024:  # both levels' sums, each at most (||h||_1 + its own error) * max |weight|
+                slack += 2 * 2**-24 * (l1 + d * float(hf.max()) / 127) * w_int8
         return l1, slack
 
     def greedy_token(self, hidden: torch.Tensor, logits: torch.Tensor, k: int = RESCORE_K,
@@ -187,22 +194,24 @@ def argmax_first(logits: torch.Tensor) -> int:
 def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> QuantizedHead:
     """Symmetric int8 per output row of the model's LM head (V, D): scale = max|row| / 127.
 
-    layout None = "tiles" where the native kernel is available (and V % 16 == 0, D % 4 == 0,
-    D <= 1024), else "rows". The model and its tied embedding are only read. Takes seconds: the
-    engine does it once, in its loop thread, before its first job.
+    Any vocabulary size; the tied embedding or a separate head, whichever `get_output_embeddings()`
+    gives. layout None = "tiles" where the native kernel is available (and D % 4 == 0,
+    D <= 16384), else "rows". The model and its head are only read. Takes seconds: the engine does
+    it once, in its loop thread, before its first job.
     """
     w = model.get_output_embeddings().weight.detach()  # (V, D): the embedding's storage when tied
     v, d = w.shape
-    tiles_ok = v % _TILE_ROWS == 0 and d % _TILE_COLS == 0 and d <= 1024  # the kernel's limits
+    tiles_ok = d % _TILE_COLS == 0 and d <= _MAX_TILE_D  # the kernel's limits
     if layout is None:
         layout = "tiles" if tiles_ok and native_int8_kernel() is not None else "rows"
     if layout not in ("rows", "tiles") or (layout == "tiles" and not tiles_ok):
-        raise ValueError(f"layout must be 'rows' or 'tiles' (V % 16 == 0, D % 4 == 0, D <= 1024), got {layout!r}")
-    q = torch.empty(v, d, dtype=torch.int8)
+        raise ValueError(f"layout must be 'rows' or 'tiles' (D % 4 == 0, D <= {_MAX_TILE_D}), got {layout!r}")
+    # tiles: whole tiles of 16 rows, the rows past V zero (their logits are never written)
+    q = torch.zeros(-(-v // _TILE_ROWS) * _TILE_ROWS if layout == "tiles" else v, d, dtype=torch.int8)
     scale = torch.empty(v, dtype=torch.float32)
     half = torch.empty(v, dtype=torch.float32)
     w_max = 0.0
-    chunk = 16384  # rows at a time: an fp32 copy of the whole head would be 671 MB at once
+    chunk = 16384  # rows at a time (a multiple of 16): an fp32 copy of the whole head would be 671 MB at once
     for i in range(0, v, chunk):
         wf = w[i : i + chunk].float()
         # Quantise against the bf16-rounded scale itself (torch's kernel takes bf16 scales), so
@@ -213,10 +222,13 @@ def quantize_lm_head(model: torch.nn.Module, layout: str | None = None) -> Quant
         half[i : i + chunk] = (qi * s[:, None] - wf).abs().amax(dim=1) * (1 + 2**-20)
         w_max = max(w_max, float(wf.abs().max()))
         qi = qi.to(torch.int8)
+        n = qi.shape[0]
         if layout == "tiles":  # 16 rows x 4 columns contiguous: the kernel's read order
-            n = qi.shape[0]
-            qi = qi.view(n // _TILE_ROWS, _TILE_ROWS, d // _TILE_COLS, _TILE_COLS).transpose(1, 2).reshape(n, d)
-        q[i : i + chunk] = qi
+            full = -(-n // _TILE_ROWS) * _TILE_ROWS
+            qi = F.pad(qi, (0, 0, 0, full - n))
+            qi = qi.view(full // _TILE_ROWS, _TILE_ROWS, d // _TILE_COLS, _TILE_COLS).transpose(1, 2).reshape(full, d)
+            n = full
+        q[i : i + n] = qi
     return QuantizedHead(codes=q, layout=layout, scale=scale, scale_bf16=scale.to(torch.bfloat16),
                          exact=w, half_step=half, half_max=float(half.max()), w_max=w_max)
 

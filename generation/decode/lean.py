@@ -1,4 +1,8 @@
-"""The chat engine's lean decode step: every running row of a Gemma 3 NF4 model in one pass (CPU).
+"""The chat engine's lean decode step: every running row of an NF4 model in one pass (CPU).
+
+One step for every family `generation.decode.family` describes (Gemma 3, Qwen2, Qwen3, Llama,
+Mistral): the differences (norm form, sandwich norms, q/k norms, biases, embedding scale,
+activation, sliding-window layers, RoPE) are read from the model's `Architecture`.
 
 The same forward as the model's own for the n rows of the engine's batch, on the engine's KV
 cache (`SlotKVCache`), without the model's per-step machinery:
@@ -7,7 +11,7 @@ cache (`SlotKVCache`), without the model's per-step machinery:
   one call, as the model's own forward makes it), into activation buffers reused every step;
 * no `generate()`/`forward()` machinery: no mask tensors, no cache objects, no per-step `isin`;
 * each layer's RMSNorms, residual adds, q/k norms and RoPE in three C calls that give torch's
-  bits (`generation.kernels`, checked against torch first; torch's ops where they cannot be
+  bits in the family's norm form (`generation.kernels`, checked against torch first; torch's ops where they cannot be
   built or differ);
 * attention row by row with exactly the sdpa call the engine's model path makes
   (`decode_attention_rows`), so a row's numbers are the model path's, bit for bit, whatever else
@@ -33,10 +37,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import KernelStatus, norm_kernels
-from ..kernels import torch_rms as rms
+from ..kernels import KernelStatus, norm_kernels, torch_qk_norm_rope, torch_rms
 from .cache import decode_attention_rows
-from .nf4 import FusedNF4Linear, fast_path_supported, prepare_layers, rope_tables
+from .family import describe
+from .nf4 import FusedNF4Linear, fast_path_supported, norm_weight, prepare_layers, rope_tables
 
 __all__ = ["MANY_THREADS_ROWS", "BatchDecodeStep", "one_thread_here", "openmp_runtime", "single_threaded"]
 
@@ -48,30 +52,35 @@ MANY_THREADS_ROWS = 12
 
 
 class BatchDecodeStep:
-    """One decode step for n rows of a Gemma 3 NF4 model (CPU): tokens in, final hidden states out.
+    """One decode step for n rows of an NF4 model of a described family (CPU): tokens in, final
+    hidden states out.
 
-    The model is only read (its modules, packed NF4 bytes, norms and tied embedding). The caller
+    The model is only read (its modules, packed NF4 bytes, norms and embedding). The caller
     owns the KV cache: an object with `prepare(n, write_pos, span)` and `update(k, v, layer)` as
     `generation.decode.SlotKVCache` has them.
     """
 
     def __init__(self, model: torch.nn.Module, *, exact_attention: bool = False, native_norms: bool = True) -> None:
+        from transformers.activations import ACT2FN
+
         why = fast_path_supported(model)
         if why is not None:
             raise ValueError(f"fast path not supported: {why}")
-        cfg = model.config
         body = model.model
-        self.eps = float(cfg.rms_norm_eps)
-        self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv = int(cfg.num_key_value_heads)
-        self.head_dim = int(cfg.head_dim)
-        self.window = int(cfg.sliding_window or 0) or None
-        self.scaling = float(cfg.query_pre_attn_scalar) ** -0.5
-        self.hidden_size = int(cfg.hidden_size)
-        self.intermediate = int(cfg.intermediate_size)
+        self.arch = arch = describe(model.config, tied_head=_tied(model))
+        self.norm_form = arch.norm
+        self.eps = arch.eps
+        self.n_heads, self.n_kv, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
+        self.window = arch.window
+        # the attention modules' own scaling where they have it (the same number, as transformers computes it)
+        self.scaling = float(getattr(body.layers[0].self_attn, "scaling", arch.scaling))
+        self.hidden_size = arch.hidden_size
+        self.intermediate = arch.intermediate_size
+        self.act = ACT2FN[arch.activation]  # transformers' own activation module (its bits)
         self.embed = body.embed_tokens.weight.detach()  # (V, D) bf16, the model's own tensor
-        self.embed_scale = body.embed_tokens.embed_scale.to(self.embed.dtype)
-        self.final_norm = 1.0 + body.norm.weight.detach().float()
+        self.embed_scale = (None if arch.embed_scale is None
+                            else torch.tensor(arch.embed_scale).to(self.embed.dtype))  # as Gemma's embedding has it
+        self.final_norm = norm_weight(body.norm, self.norm_form)
         self._rotary = body.rotary_emb
         self.layers = prepare_layers(model)
         # q|k|v and gate|up of each layer as one NF4 call each, straight into the activation
@@ -82,7 +91,8 @@ class BatchDecodeStep:
         self.exact_attention = exact_attention
         # norm_status: which norms run (KernelStatus), and why
         self._kernels, self.norm_status = (
-            norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim, self.eps) if native_norms
+            norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim, self.eps, self.norm_form)
+            if native_norms
             else (None, KernelStatus("torch ops", False, "native norms not asked for")))
         self.max_len = 0
         self._cos: dict = {}
@@ -108,7 +118,7 @@ class BatchDecodeStep:
         if n <= self.max_len:
             return
         n = max(n, 2 * self.max_len)
-        cos, _, sin_signed = rope_tables(self._rotary, n, self.head_dim)
+        cos, _, sin_signed = rope_tables(self._rotary, n, self.head_dim, self.arch.family.rope_by_layer_type)
         self._cos = {k: v.contiguous() for k, v in cos.items()}
         self._sin_signed = {k: v.contiguous() for k, v in sin_signed.items()}
         self.max_len = n
@@ -124,18 +134,22 @@ class BatchDecodeStep:
         self._grow_rows(n)
         self._grow_positions(max(ends))
         cache.prepare(n, pos.unsqueeze(1), max(ends))
-        eps, nh, nkv, hd = self.eps, self.n_heads, self.n_kv, self.head_dim
+        eps, nh, nkv, hd, form = self.eps, self.n_heads, self.n_kv, self.head_dim, self.norm_form
+        rms = functools.partial(torch_rms, form=form)
         qd, kd, inter = nh * hd, nkv * hd, self.intermediate
         qkv, gu, o, down = self._qkv[:n], self._gu[:n], self._o[:n], self._down[:n]
         v_out = qkv[:, qd + kd :]  # q | k | v side by side, as the fused projection writes them
         gate_out, up_out = gu[:, :inter], gu[:, inter:]
         kern = self._kernels
         if kern is None:
+            # (n, 1, hd) cos and signed sin per layer kind
             rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
         layers = self.layers
         with single_threaded() as serial:
             matmul_threads = serial.all_threads(n >= MANY_THREADS_ROWS)  # big batches' matmuls share out
-            x = F.embedding(tokens.reshape(-1), self.embed) * self.embed_scale  # (n, D), this step's own
+            x = F.embedding(tokens.reshape(-1), self.embed)  # (n, D), this step's own
+            if self.embed_scale is not None:
+                x = x * self.embed_scale
             if kern is not None:
                 h = kern.rms(x, layers[0].in_norm, eps, self._h[:n])  # (n, D)
             for li, (L, (qkv_proj, gate_up_proj)) in enumerate(zip(layers, self._fused)):
@@ -149,9 +163,7 @@ class BatchDecodeStep:
                     kern.qk_norm_rope(qkv, nh + nkv, hd, L.qk_norm, eps, self._cos[L.sliding],
                                       self._sin_signed[L.sliding], pos)
                 else:
-                    qk = (F.rms_norm(qk.float(), (hd,), None, eps) * L.qk_norm).to(torch.bfloat16)
-                    cos, sin = rope[L.sliding]  # (n, 1, hd)
-                    qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin
+                    qk = torch_qk_norm_rope(qk, L.qk_norm, eps, *rope[L.sliding], form)
                 keys, values = cache.update(qk[:, nh:].unsqueeze(2), v_out.view(n, nkv, 1, hd), li)  # (n, KV, S, hd)
                 window = self.window if L.sliding else None
                 if self.exact_attention:
@@ -161,22 +173,29 @@ class BatchDecodeStep:
                     attn = _packed_attention_rows(qk[:, :nh], keys, values, ends, window, self.scaling)  # (n, H, hd)
                 with matmul_threads:
                     L.o(attn.view(n, qd), o)
-                if kern is not None:  # x += post_attn_norm(o); h = pre_ff_norm(x)
+                # x += post_attn_norm(o) (Gemma's sandwich norm; else x += o); h = pre_ff_norm(x)
+                if kern is not None:
                     kern.add_rms(x, o, L.post_attn_norm, L.pre_ff_norm, eps, h)
                 else:
-                    x = x + rms(o, L.post_attn_norm, eps)
+                    x = x + (o if L.post_attn_norm is None else rms(o, L.post_attn_norm, eps))
                     h = rms(x, L.pre_ff_norm, eps)
                 with matmul_threads:
                     gate_up_proj(h, gu)  # (n, I | I)
-                a = F.gelu(gate_out, approximate="tanh") * up_out
+                a = self.act(gate_out) * up_out
                 with matmul_threads:
                     L.down(a, down)
-                if kern is not None:  # x += post_ff_norm(down); h = the next layer's input norm (or the final norm)
+                if kern is not None:  # x += post_ff_norm(down) (or down); h = the next layer's input norm (or the final norm)
                     nxt = layers[li + 1].in_norm if li + 1 < len(layers) else self.final_norm
                     kern.add_rms(x, down, L.post_ff_norm, nxt, eps, h)
                 else:
-                    x = x + rms(down, L.post_ff_norm, eps)
+                    x = x + (down if L.post_ff_norm is None else rms(down, L.post_ff_norm, eps))
         return h.clone() if kern is not None else rms(x, self.final_norm, eps)
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    """Whether the LM head is the embedding itself (the same storage)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 @functools.cache
@@ -269,8 +288,8 @@ def _packed_attention_rows(query: torch.Tensor, keys: torch.Tensor, values: torc
     outs = []
     for b, end in enumerate(ends):
         first = max(0, end - window) if window else 0
+        # the row's keys as they lie in the cache (strided over the capacity): sdpa reads them in
+        # place, where a contiguous copy first would cost as much as the call itself
         k, v = keys[b : b + 1, :, first:end], values[b : b + 1, :, first:end]
-        if kv > 1:
-            k, v = k.contiguous(), v.contiguous()
         outs.append(sdpa(query[b].view(1, kv, h // kv, hd), k, v, scale=scale))  # (1, KV, H/KV, hd)
     return torch.cat(outs).view(n, h, hd)

@@ -1,5 +1,5 @@
-"""bitsandbytes' CPU NF4 kernel without the Python around it, and a Gemma 3 NF4 model's layers as
-plain data for a lean decode step.
+"""bitsandbytes' CPU NF4 kernel without the Python around it, and an NF4 model's decoder layers
+(any family `generation.decode.family` describes) as plain data for a lean decode step.
 
 bitsandbytes' own CPU NF4 kernel is fast; most of a `Linear4bit` call is the Python around it.
 `NF4Linear` calls the same kernel on the same packed bytes, so its result is bitsandbytes' result
@@ -55,10 +55,12 @@ def _nf4_kernel() -> Callable[..., None] | None:
     return _kernel_fn
 
 
-def _linear4bit_ok(layer: torch.nn.Module) -> bool:
+def _linear4bit_ok(layer: torch.nn.Module, allow_bias: bool = False) -> bool:
+    """A CPU NF4 Linear4bit computing in bf16 (without bias unless allow_bias: the module
+    acceleration leaves biased layers to bitsandbytes' own forward)."""
     import bitsandbytes as bnb
 
-    if not isinstance(layer, bnb.nn.Linear4bit) or layer.bias is not None:
+    if not isinstance(layer, bnb.nn.Linear4bit) or (layer.bias is not None and not allow_bias):
         return False
     qs = getattr(layer.weight, "quant_state", None)
     return (
@@ -73,8 +75,8 @@ def _linear4bit_ok(layer: torch.nn.Module) -> bool:
 def _prepare_layer(layer: torch.nn.Module):
     """The layer's quant_state in bitsandbytes' CPU packing (converted by one forward of the layer
     itself, bitsandbytes' own path, if no forward has happened yet)."""
-    if not _linear4bit_ok(layer):
-        raise ValueError(f"not a CPU NF4, bf16-compute Linear4bit without bias: {layer!r}")
+    if not _linear4bit_ok(layer, allow_bias=True):
+        raise ValueError(f"not a CPU NF4, bf16-compute Linear4bit: {layer!r}")
     qs = layer.weight.quant_state
     if not getattr(qs, "packing_format_for_cpu", False):
         with torch.inference_mode():
@@ -89,10 +91,11 @@ class NF4Linear:
     """A bitsandbytes Linear4bit (NF4, bf16 compute, CPU) called straight into its kernel.
 
     Reads the layer's own packed codes and bf16 absmax (bitsandbytes' CPU layout), nothing copied.
-    `nf4(x)` equals `layer(x)` bit for bit: same kernel, same bytes, same arguments.
+    `nf4(x)` equals `layer(x)` bit for bit: same kernel, same bytes, same arguments, and a bias
+    added to the kernel's bf16 result in place, as bitsandbytes' CPU path adds it.
     """
 
-    __slots__ = ("layer", "n", "k", "blocksize", "_w", "_absmax", "_wptr", "_aptr", "_fn")
+    __slots__ = ("layer", "n", "k", "blocksize", "_w", "_absmax", "_wptr", "_aptr", "_fn", "_biases")
 
     def __init__(self, layer: torch.nn.Module) -> None:
         fn = _nf4_kernel()
@@ -107,6 +110,9 @@ class NF4Linear:
         self._wptr = self._w.data_ptr()
         self._aptr = self._absmax.data_ptr()
         self._fn = fn
+        bias = getattr(layer, "bias", None)
+        # (first output column, bias (N_part,) bf16) of each biased part
+        self._biases = [] if bias is None else [(0, bias.detach().to(torch.bfloat16))]
 
     def still_valid(self) -> bool:
         """False once bitsandbytes repacked or replaced the layer's weights (e.g. a state_dict save)."""
@@ -129,6 +135,8 @@ class NF4Linear:
             raise ValueError(f"out must be ({m}, {self.n}) bf16 with contiguous rows")
         self._fn(m, self.n, self.k, x.data_ptr(), self._wptr, self._aptr, out.data_ptr(),
                  self.blocksize, x.stride(0), out.stride(0))
+        for first, bias in self._biases:
+            out[:, first : first + bias.shape[0]] += bias
         return out
 
 
@@ -149,6 +157,9 @@ class FusedNF4Linear(NF4Linear):
         self._absmax = torch.cat([p._absmax for p in parts], dim=1).contiguous()  # (K/blocksize, N) bf16
         self._wptr, self._aptr = self._w.data_ptr(), self._absmax.data_ptr()
         self._fn = parts[0]._fn
+        offsets = [sum(p.n for p in parts[:i]) for i in range(len(parts))]
+        # each part's bias on its own columns only (a zero bias added elsewhere would turn -0 into +0)
+        self._biases = [(at + first, b) for at, p in zip(offsets, parts) for first, b in p._biases]
 
     def still_valid(self) -> bool:
         return True  # a copy of its own
@@ -244,24 +255,43 @@ def fast_path_supported(model: torch.nn.Module) -> str | None:
     """None when the lean decode (`BatchDecodeStep`) can run `model`, else the reason why not (one line)."""
     import bitsandbytes as bnb
 
-    cfg = model.config
-    if getattr(cfg, "model_type", "") != "gemma3_text":
-        return f"model type {getattr(cfg, 'model_type', '?')!r} (the fast path implements gemma3_text)"
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
-        return "logit soft-capping is not implemented in the fast path"
-    if getattr(cfg, "use_bidirectional_attention", False):
-        return "bidirectional attention is not implemented in the fast path"
+    from .family import describe
+
+    try:
+        arch = describe(model.config)
+    except ValueError as exc:
+        return str(exc)
     if _nf4_kernel() is None:
         return "bitsandbytes' CPU NF4 kernel (AVX512-BF16) is not available"
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     if not layers:
         return "the model has no 4-bit layers"
-    if not all(_linear4bit_ok(m) for m in layers):
-        return "some Linear4bit layers are not CPU NF4 with bf16 compute and no bias"
+    if not all(_linear4bit_ok(m, allow_bias=True) for m in layers):
+        return "some Linear4bit layers are not CPU NF4 with bf16 compute"
+    head = model.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2 or (
+            head.weight.dtype != torch.bfloat16) or getattr(head, "bias", None) is not None:
+        return "the LM head is not a bf16 linear layer without bias"
+    if arch.norm == "llama" and any(m.weight.dtype != torch.bfloat16 for m in _norms(model)):
+        return "RMSNorm weights not in bf16"  # Llama's form multiplies in the weight's dtype
     return None
+
+
+def _norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    body = model.model
+    out = [body.norm]
+    for layer in body.layers:
+        out += [m for m in (layer.input_layernorm, layer.post_attention_layernorm,
+                            getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None))
+                if m is not None]
+    return out
+
 
 @dataclass
 class DecoderLayer:
+    """One decoder layer as the lean step reads it. Norm weights in fp32, in the family's form
+    (Gemma: 1 + w; Llama: the bf16 weight's values); None where the family has no such norm."""
+
     q: NF4Linear
     k: NF4Linear
     v: NF4Linear
@@ -269,46 +299,64 @@ class DecoderLayer:
     gate: NF4Linear
     up: NF4Linear
     down: NF4Linear
-    in_norm: torch.Tensor  # (D,) fp32, 1 + weight
-    post_attn_norm: torch.Tensor
-    pre_ff_norm: torch.Tensor
-    post_ff_norm: torch.Tensor
-    q_norm: torch.Tensor  # (head_dim,) fp32
-    k_norm: torch.Tensor
-    qk_norm: torch.Tensor  # (H + KV, head_dim) fp32: q_norm for the query rows, k_norm for the key rows
+    in_norm: torch.Tensor  # (D,) fp32
+    post_attn_norm: torch.Tensor | None  # Gemma's sandwich norms, else None
+    pre_ff_norm: torch.Tensor  # Llama's post_attention_layernorm is this one
+    post_ff_norm: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # (H + KV, head_dim) fp32: q_norm for the query rows, k_norm for the key rows
     sliding: bool
 
 
+def norm_weight(norm: torch.nn.Module | None, form: str) -> torch.Tensor | None:
+    """A norm module's weight as the lean step applies it: fp32 1 + w (form "gemma") or the
+    weight's own values in fp32 ("llama")."""
+    if norm is None:
+        return None
+    w = norm.weight.detach().float()
+    return 1.0 + w if form == "gemma" else w
+
+
 def prepare_layers(model: torch.nn.Module, linear: Callable | None = None) -> list[DecoderLayer]:
-    """The decoder layers of a Gemma 3 NF4 model as `DecoderLayer`s: each projection wrapped by `linear`
-    (default NF4Linear: bitsandbytes' kernel on the module's own bytes), norms as fp32 1 + w."""
+    """The decoder layers of an NF4 model of a described family (`generation.decode.family`) as
+    `DecoderLayer`s: each projection wrapped by `linear` (default NF4Linear: bitsandbytes' kernel on
+    the module's own bytes, with its bias), norms as the family applies them."""
+    from .family import describe
+
     linear = linear or NF4Linear
-    cfg = model.config
-    nh, nkv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
-    one = lambda norm: 1.0 + norm.weight.detach().float()  # noqa: E731  (Gemma's 1 + w, in fp32)
+    arch = describe(model.config)
+    sandwich, form = arch.family.sandwich, arch.norm
+    nh, nkv = arch.n_heads, arch.n_kv_heads
     layers = []
     for i, layer in enumerate(model.model.layers):
         a, m = layer.self_attn, layer.mlp
-        q_norm, k_norm = one(a.q_norm), one(a.k_norm)
+        qk = None
+        if arch.family.qk_norm:
+            q_norm, k_norm = norm_weight(a.q_norm, form), norm_weight(a.k_norm, form)
+            qk = torch.cat([q_norm.expand(nh, -1), k_norm.expand(nkv, -1)]).contiguous()
         layers.append(DecoderLayer(
             q=linear(a.q_proj), k=linear(a.k_proj), v=linear(a.v_proj), o=linear(a.o_proj),
             gate=linear(m.gate_proj), up=linear(m.up_proj), down=linear(m.down_proj),
-            in_norm=one(layer.input_layernorm), post_attn_norm=one(layer.post_attention_layernorm),
-            pre_ff_norm=one(layer.pre_feedforward_layernorm), post_ff_norm=one(layer.post_feedforward_layernorm),
-            q_norm=q_norm, k_norm=k_norm,
-            qk_norm=torch.cat([q_norm.expand(nh, -1), k_norm.expand(nkv, -1)]).contiguous(),
-            sliding=cfg.layer_types[i] == "sliding_attention",
+            in_norm=norm_weight(layer.input_layernorm, form),
+            post_attn_norm=norm_weight(layer.post_attention_layernorm, form) if sandwich else None,
+            pre_ff_norm=norm_weight(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm,
+                                    form),
+            post_ff_norm=norm_weight(layer.post_feedforward_layernorm, form) if sandwich else None,
+            qk_norm=qk,
+            sliding=arch.sliding_layers[i],
         ))
     return layers
 
 
-def rope_tables(rotary: torch.nn.Module, n: int, head_dim: int) -> tuple[dict, dict, dict]:
+def rope_tables(rotary: torch.nn.Module, n: int, head_dim: int, by_layer_type: bool = True) -> tuple[dict, dict,
+                                                                                                      dict]:
     """cos, sin and signed sin (n, head_dim) bf16 for positions 0..n-1, keyed by sliding (bool).
 
-    Exactly as transformers computes them (its own rotary module: fp32, then bf16; one multiply per
-    element, so a position's values do not depend on which others are computed with it), per layer
-    kind (local and global RoPE bases differ). signed: rotate_half(x) * sin == roll(x, half) *
-    [-sin_1, sin_2], bit for bit.
+    Exactly as transformers computes them (its own rotary module, its inverse frequencies and
+    attention scaling from transformers' rope init functions, Llama 3's scaling included: fp32,
+    then bf16; one multiply per element, so a position's values do not depend on which others are
+    computed with it), per layer kind where the module takes it (by_layer_type: Gemma 3's local
+    and global RoPE bases differ; else both kinds share one table). signed: rotate_half(x) * sin
+    == roll(x, half) * [-sin_1, sin_2], bit for bit.
     """
     positions = torch.arange(n).unsqueeze(0)
     probe = torch.empty(0, dtype=torch.bfloat16)
@@ -316,7 +364,9 @@ def rope_tables(rotary: torch.nn.Module, n: int, head_dim: int) -> tuple[dict, d
     cos, sin, signed = {}, {}, {}
     with torch.inference_mode():
         for sliding, kind in ((True, "sliding_attention"), (False, "full_attention")):
-            c, s = rotary(probe, positions, kind)
+            if by_layer_type and not hasattr(rotary, f"{kind}_inv_freq"):  # a model without this kind of layer
+                kind = "full_attention" if sliding else "sliding_attention"
+            c, s = rotary(probe, positions, kind) if by_layer_type else rotary(probe, positions)
             cos[sliding], sin[sliding] = c[0], s[0]  # (n, head_dim) bf16
             signed[sliding] = torch.cat([-s[0, :, :half], s[0, :, half:]], dim=-1)
     return cos, sin, signed

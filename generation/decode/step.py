@@ -7,7 +7,8 @@ row from what those return). Behind it:
 * `ModelStep`: the model's own forward (transformers), on the engine's `SlotKVCache` with per-row
   positions and masks (`attention_masks`); returns each row's last logits. Any model the engine
   takes, any device.
-* `LeanStep`: where a Gemma 3 NF4 model runs on CPU with sdpa, prefill through the model's body
+* `LeanStep`: where an NF4 model of a family the lean step describes (`generation.decode.family`:
+  Gemma 3, Qwen2, Qwen3, Llama, Mistral) runs on CPU with sdpa, prefill through the model's body
   (its last hidden states), decode through `BatchDecodeStep` (bit for bit the model path's
   numbers, without its per-step machinery), and every token through the int8 LM head, chosen
   exactly (`pick_tokens`). `lean_step` builds it, or says why not.
@@ -96,6 +97,12 @@ class ModelStep:
         if unknown:
             raise ValueError(f"the chat engine supports full and sliding-window attention layers, not {sorted(unknown)}")
         self.window = getattr(cfg, "sliding_window", None)
+        # A family whose every layer attends within its window (Mistral with a sliding_window) has
+        # no layer types: its one mask is the sliding one.
+        from .family import FAMILIES
+
+        family = FAMILIES.get(getattr(cfg, "model_type", ""))
+        self.all_sliding = bool(self.window) and not self.layer_types and family is not None and family.windows == "all"
         heads = int(cfg.num_attention_heads)
         self.n_rep = heads // int(getattr(cfg, "num_key_value_heads", None) or heads)
         self.additive_mask = attention_delegate(lm.model.config) == "eager"
@@ -114,9 +121,13 @@ class ModelStep:
         dev = self.device
         positions = positions.to(dev)
         cache.prepare(ids.shape[0], write_positions.to(dev), span)
-        masks = attention_masks(positions, span, ends, counts, layer_types=self.layer_types, window=self.window,
+        masks = attention_masks(positions, span, ends, counts,
+                                layer_types=("sliding_attention",) if self.all_sliding else self.layer_types,
+                                window=self.window,
                                 n_rep=self.n_rep,
                                 additive_dtype=self._mask_dtype(cache) if self.additive_mask else None)
+        if self.all_sliding:
+            masks = masks["sliding_attention"]
         return dict(input_ids=ids.to(dev), position_ids=positions, attention_mask=masks, past_key_values=cache,
                     use_cache=True)
 
@@ -191,7 +202,7 @@ def lean_step(base: ModelStep) -> tuple[DecodeStep, str]:
     except Exception as exc:  # the model's own path serves instead
         log.warning("fast CPU decode unavailable, using the model's forward", exc_info=True)
         return base, f"off: {type(exc).__name__}: {exc}"
-    status = (f"on: lean batched step ({batch_step.norm_status.short}), "
+    status = (f"on: lean batched step ({batch_step.arch.family.model_type}, {batch_step.norm_status.short}), "
               f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, {native_int8_status().short}), "
               f"ready in {time.perf_counter() - t0:.1f} s")
     return LeanStep(lm, batch_step, head), status

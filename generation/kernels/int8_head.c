@@ -51,7 +51,8 @@ static void split_rows(int64_t M, int64_t K, const float *x, int8_t *xp, float *
    (R <= 6: 12 accumulators stay in registers). xp: the activations packed as (K/4, M, 2, 4) bytes. */
 #define TILE_ROWS_FN(R) \
 static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0, const int8_t *tile, \
-                          const int8_t *xp, const float *xs, const int32_t *qsum, const float *wscale, float *out) { \
+                          const int8_t *xp, const float *xs, const int32_t *qsum, const float *wscale, float *out, \
+                          __mmask16 valid) { \
     const __m512i flip = _mm512_set1_epi8((char)0x80); \
     __m512i a10 = _mm512_setzero_si512(), a20 = a10, a11 = a10, a21 = a10, a12 = a10, a22 = a10, \
             a13 = a10, a23 = a10, a14 = a10, a24 = a10, a15 = a10, a25 = a10; \
@@ -61,7 +62,7 @@ static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0
         __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + 64 * g)), flip); \
         FOR_ROWS(STEP, R) \
     } \
-    __m512 ws = _mm512_loadu_ps(wscale + n); \
+    __m512 ws = _mm512_maskz_loadu_ps(valid, wscale + n); \
     FOR_ROWS(FINISH, R) \
 }
 /* OP(row, its level-1 accumulator, its level-2 accumulator) for the first R rows */
@@ -72,15 +73,18 @@ static void tile_rows_##R(int64_t K, int64_t M, int64_t N, int64_t n, int64_t m0
     x1 = _mm512_dpbusd_epi32(x1, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r))); \
     x2 = _mm512_dpbusd_epi32(x2, wv, _mm512_set1_epi32(*(const int32_t *)(p + 8 * r + 4))); }
 /* vpdpbusd multiplies unsigned by signed bytes: the codes go in as w + 128 (the sign bit
-   flipped), so sum (w + 128) q = sum w q + 128 sum q; the correction is exact in int32, and
-   |sum w q| <= K * 127 * 127 < 2**24 makes the float conversion exact too */
+   flipped), so sum (w + 128) q = sum w q + 128 sum q; the correction is exact in int32 (K <=
+   16384: |sum (w + 128) q| <= K * 255 * 127 < 2**31), and for K <= 1024 |sum w q| <= K * 127 * 127
+   < 2**24 makes the float conversion exact too (above, it rounds once: relative 2**-24, which
+   QuantizedHead.error_bound counts). Only the `valid` lanes are written (the last tile of a
+   vocabulary that is not a multiple of 16). */
 #define FINISH(r, x1, x2) { \
     int64_t m = m0 + r; \
     __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1, _mm512_set1_epi32(128 * qsum[2 * m]))); \
     __m512 v2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x2, _mm512_set1_epi32(128 * qsum[2 * m + 1]))); \
     __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(xs[2 * m]), v1), \
                              _mm512_mul_ps(_mm512_set1_ps(xs[2 * m + 1]), v2)); \
-    _mm512_storeu_ps(out + m * N + n, _mm512_mul_ps(ws, s)); }
+    _mm512_mask_storeu_ps(out + m * N + n, valid, _mm512_mul_ps(ws, s)); }
 TILE_ROWS_FN(1)
 TILE_ROWS_FN(2)
 TILE_ROWS_FN(3)
@@ -89,8 +93,8 @@ TILE_ROWS_FN(5)
 TILE_ROWS_FN(6)
 
 /* out[m*N + n] = wscale[n] * sum_k xhat[m, k] * w[n, k]
-   w: int8 tiles (N/16, K/4, 16, 4); N % 16 == 0, K % 4 == 0, K <= 1024 (so that the int32 sums
-   above stay exact in float). */
+   w: int8 tiles (ceil(N/16), K/4, 16, 4), the rows past N zero; K % 4 == 0, K <= 16384 (so that
+   the int32 sums above cannot overflow). */
 int int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *wscale,
                float *out, int nthreads) {
     size_t qbytes = ((size_t)(M * 2 * K) + 127) / 64 * 64;
@@ -99,19 +103,25 @@ int int8_head(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, 
     int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * 2 * M);
     if (!xp || !xs || !qsum) { free(xp); free(xs); free(qsum); return -1; }
     split_rows(M, K, x, xp, xs, qsum);
-    int64_t ntiles = N / NB;
-    #pragma omp parallel for schedule(static, 1024) num_threads(nthreads)  /* 10 MB a chunk: long streams for the prefetchers */
+    int64_t ntiles = (N + NB - 1) / NB;
+    /* ~10 MB of codes a chunk (long streams for the prefetchers), the chunks shared out evenly */
+    int64_t target = (10 << 20) / (NB * K), threads = nthreads > 0 ? nthreads : 1;
+    if (target < 1) target = 1;
+    int64_t rounds = (ntiles + threads * target - 1) / (threads * target);
+    int chunk = (int)((ntiles + threads * rounds - 1) / (threads * rounds));
+    #pragma omp parallel for schedule(static, chunk) num_threads(nthreads)
     for (int64_t t = 0; t < ntiles; t++) {
         const int8_t *tile = w + t * NB * K;
         int64_t n = t * NB;
+        __mmask16 v = N - n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
         int64_t m0 = 0;
-        for (; m0 + 6 <= M; m0 += 6) tile_rows_6(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out);
+        for (; m0 + 6 <= M; m0 += 6) tile_rows_6(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out, v);
         switch (M - m0) {
-            case 5: tile_rows_5(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 4: tile_rows_4(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 3: tile_rows_3(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 2: tile_rows_2(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
-            case 1: tile_rows_1(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out); break;
+            case 5: tile_rows_5(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out, v); break;
+            case 4: tile_rows_4(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out, v); break;
+            case 3: tile_rows_3(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out, v); break;
+            case 2: tile_rows_2(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out, v); break;
+            case 1: tile_rows_1(K, M, N, n, m0, tile, xp, xs, qsum, wscale, out, v); break;
             default: break;
         }
     }

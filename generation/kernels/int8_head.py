@@ -28,15 +28,15 @@ _state: dict[str, object] = {}
 @dataclass(frozen=True)
 class Int8HeadKernel:
     """The loaded kernel; a call checks nothing: the caller passes tensors of the documented
-    layouts and sizes (N % 16 == 0, K % 4 == 0, K <= 1024)."""
+    layouts and sizes (codes padded to a multiple of 16 rows, K % 4 == 0, K <= 16384)."""
 
     lib: ct.CDLL
 
     def __call__(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
                  threads: int) -> torch.Tensor:
         """out (M, N) fp32 = scale[n] * sum_k x_hat[m, k] * w[n, k]: x (M, K) fp32 contiguous (as two
-        int8 levels, x_hat), codes the int8 tiles (N/16, K/4, 16, 4) in any contiguous shape, scale
-        (N,) fp32, out contiguous fp32 of M * N values; `threads` OpenMP threads."""
+        int8 levels, x_hat), codes the int8 tiles (ceil(N/16), K/4, 16, 4) in any contiguous shape
+        (rows past N zero), scale (N,) fp32, out contiguous fp32 of M * N values; `threads` OpenMP threads."""
         m, k = x.shape
         n = scale.shape[0]
         if self.lib.int8_head(m, n, k, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), out.data_ptr(), threads):
