@@ -22,7 +22,7 @@ from generation import build_prompt
 from generation.inside import ReplyTokens, next_token_candidates, reply_token_probs
 
 from .chat import BUSY_MESSAGE, UI_NAMES, ChatHandlers, ChatView, next_token_table, sampling_params
-from .common import API_TEXT_CHARS, INSPECT_EVENTS, PRIVATE, LAB_EVENTS, as_text, content_text, error_text
+from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, as_text, content_text, error_text
 from .common import message_role, model_history, pct, session_key, typed_api
 
 ALTERNATIVES = 10
