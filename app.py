@@ -22,7 +22,9 @@ from ui.apigate import gate_middleware  # noqa: E402
 from ui.chat import ChatHandlers, build_chat, build_status  # noqa: E402
 from ui.inside import INSIDE_FIELDS, InsideHandlers, build_inside  # noqa: E402
 from ui.lab import LAB_FIELDS, LabHandlers, build_lab  # noqa: E402
+from ui.server_view import ServerHandlers, build_server  # noqa: E402
 from ui.share import build_share  # noqa: E402
+from ui.tokens_view import TokensHandlers, build_tokens  # noqa: E402
 
 INTRO = """
 # Attention Lab
@@ -70,6 +72,8 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
             build_share([(LAB_FIELDS, lab.inputs), (INSIDE_FIELDS, inside.inputs)], share_row)
         with gr.Tab("4-bit Chat", id="chat"):
             chat = build_chat(demo, state.chat, bar)
+            build_tokens(TokensHandlers(state.chat), chat)  # every reply token opens up
+            build_server(ServerHandlers(state.chat.backend))  # the engine serving the class, live
         inside.wire(chat.chatbot, chat.replies, bar.line, system=chat.system)
     return demo
 

@@ -302,8 +302,25 @@ class ChatHandlers:
         finally:
             self.stops.done(key, self.stops.current(key))
 
+    def continue_turn(self, prefix: str, go: bool, history: list[Any], replies: int, system: str, max_new_tokens: float,
+                      temperature: float, top_p: float, top_k: float, repetition_penalty: float, seed: Any,
+                      min_new_tokens: Any, request: gr.Request) -> Iterator[tuple[Any, Any, Any]]:
+        """Stream a new reply to the last user turn that begins with `prefix` (a branch of the last
+        reply: its start, then another token than the model wrote); the history's last reply is replaced."""
+        if not go:
+            return
+        key = session_key(request)
+        history = list(history or [])
+        while history and message_role(history[-1]) == "assistant":
+            history.pop()
+        try:
+            yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
+                                      repetition_penalty, seed, min_new_tokens, key, prefix=prefix or "")
+        finally:
+            self.stops.done(key, self.stops.current(key))
+
     def _bot_turn(self, history, replies, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                  min_new_tokens, key: str) -> Iterator[tuple[Any, Any, Any]]:
+                  min_new_tokens, key: str, prefix: str = "") -> Iterator[tuple[Any, Any, Any]]:
         if not history:
             return
         turns = model_history(history)
@@ -333,6 +350,7 @@ class ChatHandlers:
                 max_input_tokens=self.settings.max_input_tokens,
                 stats=stats,
                 stop_event=stop,
+                **({"reply_prefix": prefix} if prefix else {}),
             )
             try:
                 for text in throttled(gen, STREAM_INTERVAL_S):
@@ -374,6 +392,24 @@ class ChatHandlers:
             return history, False
         return history, True
 
+    def edit(self, history: list[Any], evt: gr.EditData, request: gr.Request) -> tuple[Any, bool]:
+        """A sent message was edited: the chat from it on is replaced by the edited message, which
+        is answered again (refused, the chat restored, while a reply is being written)."""
+        history = list(history or [])
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not isinstance(index, int) or not 0 <= index < len(history) or message_role(history[index]) != "user":
+            return gr.skip(), False
+        text = content_text(evt.value).strip()
+        if not text:
+            gr.Warning("An empty message has nothing to answer: the message is kept as it was.")
+            history[index] = {"role": "user", "content": content_text(evt.previous_value)}
+            return history, False
+        if self.stops.begin(session_key(request)) is None:
+            gr.Warning(BUSY_MESSAGE)
+            history[index] = {"role": "user", "content": content_text(evt.previous_value)}
+            return history, False
+        return history[:index] + [{"role": "user", "content": text}], True
+
     @staticmethod
     def undo(history: list[Any]) -> tuple[list[Any], Any]:
         """Remove the last exchange and put the user's message back in the box."""
@@ -406,14 +442,41 @@ class ChatHandlers:
         generator, which stops the worker at the next token. Errors (model loading, empty or
         oversized message, bad values) come back as a gr.Error naming the input.
         """
+        yield from self._api_stream(message, system, "", max_new_tokens, temperature, top_p, top_k,
+                                    repetition_penalty, seed, min_new_tokens)
+
+    def continue_api(
+        self,
+        message: str,
+        reply_prefix: str,
+        system: str = "",
+        max_new_tokens: int = DEFAULT_PARAMS.max_new_tokens,
+        temperature: float = DEFAULT_PARAMS.temperature,
+        top_p: float = DEFAULT_PARAMS.top_p,
+        top_k: int = DEFAULT_PARAMS.top_k,
+        repetition_penalty: float = DEFAULT_PARAMS.repetition_penalty,
+        seed: int = -1,
+    ) -> Iterator[str]:
+        """API /continue: as /chat, but the reply begins with `reply_prefix` (text, up to 10,000
+        characters), which the model continues: the start of a reply, then the token you would
+        have it write instead. Streams the growing reply (the prefix first); max_new_tokens counts
+        the tokens after the prefix. Served by the same engine as /chat (the local one: a remote
+        chat server takes no prefix, a gr.Error says so)."""
+        yield from self._api_stream(message, system, reply_prefix, max_new_tokens, temperature, top_p, top_k,
+                                    repetition_penalty, seed, 0)
+
+    def _api_stream(self, message, system, reply_prefix, max_new_tokens, temperature, top_p, top_k,
+                    repetition_penalty, seed, min_new_tokens) -> Iterator[str]:
         try:
             text = self._check_message(message)
             system = as_text(system, "system", none_ok=True, max_chars=API_TEXT_CHARS).strip() or None
+            prefix = as_text(reply_prefix, "reply_prefix", none_ok=True, max_chars=API_TEXT_CHARS)
             params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, API_NAMES,
                                      min_new_tokens)
             backend = backend_or_error(self.backend)
             gen = backend.stream_reply(text, (), system=system, params=params,
-                                       max_input_tokens=self.settings.max_input_tokens)
+                                       max_input_tokens=self.settings.max_input_tokens,
+                                       **({"reply_prefix": prefix} if prefix.strip() else {}))
             reply = None
             try:  # closing this generator (a cancelled job) closes the backend's, which ends the request
                 for reply in throttled(gen, STREAM_INTERVAL_S):
@@ -513,7 +576,10 @@ class ChatView:
 
     chatbot: gr.Chatbot
     system: gr.Textbox  # the system prompt the replies were written under
-    replies: list[Any]  # the Send and Retry chains: each ends when a reply is complete
+    replies: list[Any]  # the Send, Retry and Edit chains: each ends when a reply is complete
+    sampling: list[Any]  # system prompt, then the sampling widgets, in bot_turn's order
+    bot: dict[str, Any]  # the reply event's settings (outputs, concurrency): a branch's reply streams the same way
+    stoppers: list[Any]  # Stop, Undo, Clear: they set the stop event; a reply chain added later cancels on them too
 
 
 def build_status(handlers: ChatHandlers) -> StatusBar:
@@ -529,7 +595,7 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(
-                label="Chat", height=430, elem_id="chatbot", buttons=["copy"],
+                label="Chat", height=430, elem_id="chatbot", buttons=["copy"], editable="user",
                 placeholder="The model is a small *base* model: it continues text more than it "
                 "follows instructions. Short questions work best.",
             )
@@ -585,13 +651,16 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                  show_progress="hidden", **lab_kw, **private).then(**bot)
     retried = retry.click(state.retry, [chatbot], [chatbot, go], show_progress="hidden",
                           **lab_kw, **private).then(**bot)
+    # A sent message edited in place (the pencil under it): the chat from there is answered again.
+    edited = chatbot.edit(state.edit, [chatbot], [chatbot, go], show_progress="hidden",
+                          **lab_kw, **private).then(**bot)
     # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
-    stop.click(state.stop, None, None, queue=False, cancels=[sent, retried], **private)
+    stop.click(state.stop, None, None, queue=False, cancels=[sent, retried, edited], **private)
     # Undo and Clear cancel the reply too: set the stop event so its worker ends (and a reply
     # cancelled while still queued does not leave this session marked as generating).
     gr.on([undo.click, clear.click], state.stop, None, None, queue=False, **private)
-    undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried], **private)
-    clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried],
+    undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried, edited], **private)
+    clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried, edited],
                 **private)
     msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
                show_progress="hidden", **private)
@@ -606,5 +675,8 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
     gr.api(typed_api(state.next_token_api), api_name="next_token", **INSPECT_EVENTS)
     gr.api(typed_api(state.chat_api), api_name="chat", concurrency_id=CHAT_GROUP,
            concurrency_limit=state.settings.chat_concurrency)
+    gr.api(typed_api(state.continue_api), api_name="continue", concurrency_id=CHAT_GROUP,
+           concurrency_limit=state.settings.chat_concurrency)
     gr.api(typed_api(state.model_status_api), api_name="model_status", queue=False)
-    return ChatView(chatbot=chatbot, system=system, replies=[sent, retried])
+    return ChatView(chatbot=chatbot, system=system, replies=[sent, retried, edited], sampling=sampling, bot=bot,
+                    stoppers=[stop, undo, clear])

@@ -3,7 +3,9 @@
 choose (`make_backend`, `BackendSlot`).
 
 base.py    ChatBackend, ReplyStats, ReplyText (stop strings, visible text), stopped_by, throttled
-engine.py  ChatEngine, EngineRequest: the scheduler (requests, admission, prefill chunks, the loop)
+engine.py  ChatEngine: the scheduler (admission, prefill chunks, the loop)
+request.py EngineRequest: one generation (prompt, sampling state, the text written so far)
+state.py   EngineState: what the engine is doing, as counts (ChatEngine.snapshot)
 remote.py  RemoteChat
 slot.py    BackendSlot, make_backend, local_engine
 """
@@ -11,8 +13,10 @@ slot.py    BackendSlot, make_backend, local_engine
 from __future__ import annotations
 
 from .base import ChatBackend, ReplyStats, ReplyText, stopped_by, throttled, visible_text
-from .engine import ENGINE_THREAD_NAME, ChatEngine, EngineRequest
+from .engine import ENGINE_THREAD_NAME, ChatEngine
 from .remote import READER_THREAD_NAME, RemoteChat
+from .request import EngineRequest
+from .state import EngineRow, EngineState
 from .slot import BackendNotReady, BackendSlot, ModelSource, local_engine, make_backend
 
 __all__ = [
@@ -23,6 +27,8 @@ __all__ = [
     "ChatBackend",
     "ChatEngine",
     "EngineRequest",
+    "EngineRow",
+    "EngineState",
     "ModelSource",
     "RemoteChat",
     "ReplyStats",

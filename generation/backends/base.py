@@ -61,9 +61,11 @@ class ChatBackend(Protocol):
         max_input_tokens: int | None = None,
         stats: ReplyStats | None = None,
         stop_event: threading.Event | None = None,
+        reply_prefix: str = "",
     ) -> Iterator[str]:
         """Yield the growing reply, each a prefix of the next: the prompt, special tokens and any
-        (partial) stop string never appear.
+        (partial) stop string never appear. reply_prefix: the reply begins with this text, which
+        the model continues (a backend that cannot raises ValueError).
 
         Setting `stop_event` or closing the generator ends the request within one step; `stats`
         is filled in. max_input_tokens None = Settings' MAX_INPUT_TOKENS. ValueError for bad

@@ -37,6 +37,7 @@ forward, and two threads doing that at once crash one of them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -50,7 +51,10 @@ from ..decode.step import DecodeStep, ModelStep, lean_step
 from ..model import LoadedModel
 from ..prompt import build_prompt
 from ..sampling import BatchSampler, RowSampling, SamplingParams
-from .base import ReplyStats, ReplyText, stopped_by
+from ..tokens import reply_text_ids
+from .base import ReplyStats, stopped_by
+from .request import EngineRequest
+from .state import EngineRow, EngineState, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -69,67 +73,6 @@ WARMUP_PARAMS = SamplingParams(temperature=0.0, max_new_tokens=1)
 POLL_S = 0.5
 # Bound for a closed consumer waiting until the loop has removed its request (one step).
 CANCEL_WAIT_S = 30.0
-
-
-class EngineRequest:
-    """One generation in the engine: prompt ids, sampling parameters, stop strings.
-
-    Read the reply from `updates` (the raw decoded text so far, growing; None once finished) or
-    `wait()` and then `token_ids`, `text`, `stopped_by`, `error`. `cancel()` ends it within one step.
-    """
-
-    def __init__(self, engine: ChatEngine, prompt_ids: torch.Tensor, params: SamplingParams,
-                 stop_strings: Sequence[str], stop_event: threading.Event | None, *, ignore_eos: bool = False) -> None:
-        self._engine = engine
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.stop_event = stop_event
-        self.ignore_eos = ignore_eos
-        self.updates: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self.done = threading.Event()
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.stopped_by = ""
-        self.error: BaseException | None = None
-        self.t_submit = time.perf_counter()
-        self.t_first: float | None = None
-        self.t_last: float | None = None
-        # loop-private
-        self._cancel = threading.Event()
-        self._sampling = RowSampling(params, prompt_ids)
-        self._prefilled = 0
-        self.is_warmup = False  # the warm-up reply: prefilled in a group of its own, its prompt kept
-        self._prefix_off = 0
-        self._read_off = 0
-        # Its stop strings (and where they start to count); the consumer's visible text.
-        self.reply = ReplyText(stop_strings, params.min_new_tokens)
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        return self.reply.stop_strings
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.prompt_ids.numel())
-
-    def cancel(self) -> None:
-        """Ask the loop to end this request ("stopped") at its next step."""
-        self._cancel.set()
-        self._engine._wake()
-
-    def wants_stop(self) -> bool:
-        return self._cancel.is_set() or (self.stop_event is not None and self.stop_event.is_set())
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the request has finished; False on timeout."""
-        return self.done.wait(timeout)
-
-    def stats(self) -> dict[str, float]:
-        """new_tokens, first_token_s (from submit), tokens_per_s ((n-1) / (t_last - t_first))."""
-        n = len(self.token_ids)
-        first = (self.t_first - self.t_submit) if self.t_first is not None else 0.0
-        tps = (n - 1) / (self.t_last - self.t_first) if n > 1 and self.t_last > self.t_first else 0.0
-        return {"new_tokens": n, "first_token_s": first, "tokens_per_s": tps}
 
 
 class ChatEngine:
@@ -186,7 +129,12 @@ class ChatEngine:
         self._group: list[EngineRequest] = []
         self._gcache: SlotKVCache | None = None
         self._n_group = 0
-        self.counters = {"steps": 0, "fast_steps": 0, "prefill_forwards": 0, "tokens": 0}
+        self.counters = {"steps": 0, "fast_steps": 0, "prefill_forwards": 0, "tokens": 0, "iterations": 0}
+        self._busy_s = 0.0  # seconds spent in iterations (the step time's numerator)
+        # What snapshot() reads: copied by the loop between iterations, under _cond.
+        self._state = EngineState(max_batch=max_batch, prefill_tokens=prefill_tokens)
+        self._rate = Throughput()
+        self._rate.sample(time.perf_counter(), 0, 0, 0.0)
         # The lean decode (generation/decode/step.py) replaces the ModelStep in the loop thread, before its first job.
         self.fast_status = "not started" if fast else "off"
 
@@ -275,18 +223,29 @@ class ChatEngine:
         """Requests queued, not yet admitted."""
         return len(self._waiting)
 
+    def snapshot(self) -> EngineState:
+        """What the engine is doing (rows, waiting line, KV cache bytes, tokens/s, step time), as
+        of its last iteration; safe from any thread, and only counts, never a user's text."""
+        with self._cond:
+            state, waiting = self._state, len(self._waiting)
+            tok_s, step_ms = self._rate.rates(time.perf_counter())
+        return dataclasses.replace(state, waiting=waiting, tok_s=tok_s, step_ms=step_ms, fast_decode=self.fast_status,
+                                   at=time.time())
+
     def submit(self, prompt_ids: torch.Tensor | Sequence[int], params: SamplingParams = SamplingParams(), *,
                stop_strings: Sequence[str] = (), stop_event: threading.Event | None = None,
-               ignore_eos: bool = False) -> EngineRequest:
+               ignore_eos: bool = False, lead: Sequence[int] = (), lead_text: str = "") -> EngineRequest:
         """Queue a generation for `prompt_ids` ((P,) or (1, P)); returns its handle at once.
         ignore_eos (as vLLM's): an end-of-sequence token does not end the reply (benchmarks of
-        fixed-length replies)."""
+        fixed-length replies). lead: the last ids of the prompt are an assistant prefix the reply
+        continues, shown as `lead_text` at the start of its text (stop strings count after it)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).cpu()
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
-        req = EngineRequest(self, ids, params, stop_strings, stop_event, ignore_eos=bool(ignore_eos))
+        req = EngineRequest(self, ids, params, stop_strings, stop_event, ignore_eos=bool(ignore_eos), lead=lead,
+                            lead_text=lead_text)
         if self._autostart:
             self.start()
         with self._cond:
@@ -306,8 +265,11 @@ class ChatEngine:
         max_input_tokens: int | None = None,
         stats: ReplyStats | None = None,
         stop_event: threading.Event | None = None,
+        reply_prefix: str = "",
     ) -> Iterator[str]:
-        """Yield the growing reply (each a prefix of the next), as `ChatBackend.stream_reply`.
+        """Yield the growing reply (each a prefix of the next), as `ChatBackend.stream_reply`;
+        with reply_prefix, the reply begins with it (its tokens follow the prompt, and the first
+        update is the prefix itself).
 
         Closing the generator or setting `stop_event` removes the request within one step; `stats`
         is final once the generator is exhausted or closed. ValueError for bad input (before
@@ -315,6 +277,8 @@ class ChatEngine:
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(reply_prefix, str):
+            raise ValueError(f"reply_prefix must be a string, got {type(reply_prefix).__name__}")
         if max_input_tokens is None:
             from ..settings import Settings
 
@@ -324,9 +288,14 @@ class ChatEngine:
         prompt = build_prompt(self.tokenizer, message, history, system=system, max_input_tokens=max_input_tokens)
         stats.prompt_tokens = int(prompt.input_ids.shape[1])
         stats.trimmed_turns = prompt.trimmed_turns
-        req = self.submit(prompt.input_ids, params, stop_strings=prompt.stop_strings, stop_event=stop_event)
+        lead = reply_text_ids(self.tokenizer, prompt.text, reply_prefix) if reply_prefix.strip() else []
+        ids = torch.cat([prompt.input_ids.reshape(-1), torch.tensor(lead, dtype=torch.long)])
+        req = self.submit(ids, params, stop_strings=prompt.stop_strings, stop_event=stop_event, lead=lead,
+                          lead_text=self.tokenizer.decode(lead, skip_special_tokens=True))
         req.t_submit = t0
         try:
+            if lead and req.reply.update(req.text) is not None:
+                yield req.reply.shown
             while True:
                 try:
                     raw = req.updates.get(timeout=POLL_S)
@@ -388,6 +357,7 @@ class ChatEngine:
                 self._setup_fast()
                 while True:
                     with self._cond:
+                        self._publish_locked()
                         idle = not (self._waiting or self._running or self._group)
                         if idle and until_idle:
                             break
@@ -396,6 +366,7 @@ class ChatEngine:
                         if self._closed:
                             break
                         admitted = self._admit_locked() if not self._group else []
+                    t0 = time.perf_counter()
                     try:
                         if admitted:
                             self._start_group(admitted)
@@ -404,6 +375,8 @@ class ChatEngine:
                         log.exception("chat engine iteration failed")
                         self._fail_running(exc)
                         self._fail_group(exc)
+                    self._busy_s += time.perf_counter() - t0
+                    self.counters["iterations"] += 1
         finally:
             with self._cond:
                 # Paused when idle (run_here(until_idle=True)): whatever arrived meanwhile waits
@@ -419,6 +392,20 @@ class ChatEngine:
             self._running, self._lens, self._next, self._group = [], [], [], []
             self._n_group = 0
             self._loop_exited.set()
+
+    def _publish_locked(self) -> None:
+        """Copy the loop's state for snapshot() (between iterations: the loop owns these lists)."""
+        n = self.counters
+        self._rate.sample(time.perf_counter(), n["tokens"], n["iterations"], self._busy_s)
+        rows = [EngineRow.of(r.prompt_len, len(r.token_ids), "decode", r.prompt_len, r.params) for r in self._running]
+        rows += [EngineRow.of(r.prompt_len, 0, "prefill", r._prefilled, r.params) for r in self._group if not r.is_warmup]
+        caches = [k for k in (self._main, self._gcache) if k is not None]
+        per_position = max((k.bytes_per_position() for k in caches), default=0)
+        held = sum(self._lens) + sum(r._prefilled for r in self._group)
+        self._state = dataclasses.replace(
+            self._state, running=len(rows), rows=tuple(rows), kv_cache_bytes=per_position * held,
+            kv_cache_allocated_bytes=sum(k.nbytes() for k in caches), prefix_cache_bytes=self.prefixes.nbytes(),
+            tokens_total=n["tokens"], steps_total=n["steps"])
 
     def _admit_locked(self) -> list[tuple[EngineRequest, int]]:
         """Take waiting requests (FIFO) for a new prefill group, within the batch and the token
@@ -577,6 +564,7 @@ class ChatEngine:
         """Record a generated token and publish its text; (stopped_by, error) if the request ends
         with it (the caller frees the slot, then finishes it), else None."""
         req.token_ids.append(token)
+        req._text_ids.append(token)
         req._sampling.append(token)
         self.counters["tokens"] += 1
         if req.t_first is None:
@@ -598,7 +586,7 @@ class ChatEngine:
     def _detokenize(self, req: EngineRequest) -> bool:
         """Extend req.text by the new token's text (incremental, holding back incomplete UTF-8);
         True if a stop string appeared."""
-        ids = req.token_ids
+        ids = req._text_ids  # the assistant prefix, if any, then the tokens written
         dec = self.tokenizer.decode
         before = dec(ids[req._prefix_off : req._read_off], skip_special_tokens=True)
         after = dec(ids[req._prefix_off :], skip_special_tokens=True)

@@ -531,8 +531,10 @@ class RemoteChat:
         max_input_tokens: int | None = None,
         stats: ReplyStats | None = None,
         stop_event: threading.Event | None = None,
+        reply_prefix: str = "",
     ) -> Iterator[str]:
-        """Yield the growing reply (each a prefix of the next), as `ChatBackend.stream_reply`.
+        """Yield the growing reply (each a prefix of the next), as `ChatBackend.stream_reply`
+        (reply_prefix: ValueError, an OpenAI-compatible chat API takes no assistant prefix).
 
         Setting `stop_event` or closing the generator closes the HTTP stream within ~POLL_S.
         `stats`: prompt_tokens from the server's usage report (0 if it sends none), new_tokens
@@ -546,6 +548,9 @@ class RemoteChat:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(message, str) or not message.strip():
             raise ValueError("message must be a non-empty string")
+        if reply_prefix:
+            raise ValueError("continuing a reply from a chosen token needs the local engine: the remote chat "
+                             "server's API takes no assistant prefix")
         if system is not None and not isinstance(system, str):
             raise ValueError(f"system must be a string or None, got {type(system).__name__}")
         budget = self.max_input_tokens if max_input_tokens is None else max_input_tokens

@@ -17,6 +17,7 @@ from ..settings import Settings
 from .base import ChatBackend
 from .engine import ChatEngine
 from .remote import RemoteChat
+from .state import EngineState
 
 __all__ = ["BackendNotReady", "BackendSlot", "ModelSource", "local_engine", "make_backend"]
 
@@ -129,6 +130,13 @@ class BackendSlot:
         """Requests the local engine holds back until a row of its batch frees (0 for a remote server)."""
         with self._lock:
             return self._engine.waiting() if self._engine is not None else 0
+
+    def engine_state(self) -> EngineState | None:
+        """What the local engine is doing (ChatEngine.snapshot); None for a remote server, or
+        while there is no engine yet (it never creates one)."""
+        with self._lock:
+            engine = self._engine
+        return engine.snapshot() if engine is not None else None
 
     def close(self) -> None:
         """Stop the local engine's loop (pending replies end with a clear error)."""

@@ -242,6 +242,15 @@ class SlotKVCache(Cache):
                     store[i] = t.new_zeros(self.rows, t.shape[0], self.capacity, t.shape[2])
                 store[i][row, :, :length] = t[:, :length]
 
+    def nbytes(self) -> int:
+        """Bytes of the key/value buffers allocated (every row, the whole capacity)."""
+        return sum(b.numel() * b.element_size() for store in (self.keys, self.values) for b in store if b is not None)
+
+    def bytes_per_position(self) -> int:
+        """Bytes one position of one row holds (keys and values of every layer); 0 before the first forward."""
+        return sum(b[0, :, 0].numel() * b.element_size() for store in (self.keys, self.values) for b in store
+                   if b is not None)
+
     def move_row(self, dst: int, src: int, length: int) -> None:
         """Row `src` (its first `length` positions) into row `dst` of this cache."""
         for store in (self.keys, self.values):
@@ -265,6 +274,11 @@ class PrefixStore:
         self._items: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # LRU first
         self.hits = 0
         self.tokens_saved = 0
+
+    def nbytes(self) -> int:
+        """Bytes of the stored keys/values."""
+        return sum(t.numel() * t.element_size() for _, keys, values in self._items for t in keys + values
+                   if t is not None)
 
     @staticmethod
     def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:

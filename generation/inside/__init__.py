@@ -6,6 +6,7 @@ teaching views (every layer at once, heads switched off, what a reply looked at)
 * `introspect`: one layer's map, the next-token table (through `generation.sampling`, as the chat
   samples), the 4-bit model beside the full-precision one.
 * `teaching`: the model view, head ablation and a reply's attention.
+* `reply_tokens`: how sure the model was of each token of a reply, and its alternatives.
 
 No gradio here: the UI imports these names from `generation.inside`.
 """
@@ -29,6 +30,7 @@ from .introspect import (
     next_token_candidates,
     token_label,
 )
+from .reply_tokens import REPLY_TOKENS_LIMIT, Alternative, ReplyToken, ReplyTokens, reply_token_probs
 from .teaching import (
     ABLATION_MAX_NEW_TOKENS,
     MODEL_VIEW_MAX_TOKENS,
@@ -54,6 +56,8 @@ __all__ = [
     "MAX_CANDIDATES",
     "MODEL_VIEW_MAX_TOKENS",
     "REPLY_MAX_TOKENS",
+    "REPLY_TOKENS_LIMIT",
+    "Alternative",
     "Ablation",
     "AblationRow",
     "Candidate",
@@ -67,6 +71,8 @@ __all__ = [
     "QuantRow",
     "QuantSide",
     "ReplyAttention",
+    "ReplyToken",
+    "ReplyTokens",
     "ablate",
     "ablate_heads",
     "attention_modules",
@@ -84,5 +90,6 @@ __all__ = [
     "next_token_candidates",
     "parse_heads",
     "reply_attention",
+    "reply_token_probs",
     "token_label",
 ]

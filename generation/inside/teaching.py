@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..prompt import Prompt
 from ..sampling import greedy_ids, scale
+from ..tokens import reply_text_ids
 from .capture import ablate
 from .introspect import (
     DEFAULT_MAX_TOKENS,
@@ -507,11 +508,7 @@ def _reply_ids(tok: Any, prompt_text: str, reply: str | Sequence[int] | Tensor) 
     elif isinstance(reply, str):
         if not reply.strip():
             raise ValueError("the reply is empty: there is no written token to look at")
-        # The chat shows the reply with its leading whitespace stripped, but the model wrote that
-        # whitespace: after "Assistant:" its first token is "▁The", not "The". Put the space back when
-        # the prompt ends without one, so the tokens (and positions) are the ones the model wrote.
-        text = reply if reply[:1].isspace() or not prompt_text or prompt_text[-1:].isspace() else " " + reply
-        ids = tok(text, add_special_tokens=False).input_ids
+        ids = reply_text_ids(tok, prompt_text, reply)  # the leading space the chat strips, put back
     elif isinstance(reply, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in reply):
         ids = list(reply)
     else:

@@ -1,0 +1,89 @@
+"""The chat opened up, in a real browser: a reply's tokens coloured and clicked, a branch from
+another token (the original kept), a sent message edited and answered again, the live
+"Inside the server" panel."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from apputil import bot_texts, send_chat, set_number, user_texts, wait_reply_done
+
+pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.timeout(600)
+
+QUESTION = "What is the capital of France?"
+
+
+def greedy_chat(pg, message: str, max_new: int = 20) -> tuple[str, int]:
+    """Send `message` with greedy decoding; (the finished reply, the replies finished before it)."""
+    pg.get_by_role("tab", name="4-bit Chat").click()
+    set_number(pg, "temperature", 0)
+    set_number(pg, "max-new", max_new)
+    before = send_chat(pg, message)
+    return wait_reply_done(pg, before), before
+
+
+def wait_for(get, ok, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = get()
+        if ok(value):
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not reached within {timeout_s} s; last: {value!r}")
+
+
+def test_reply_tokens_open_up_and_a_branch_keeps_the_original(page):
+    original, before = greedy_chat(page, QUESTION)
+    page.click("#tokens-toggle input")
+    page.wait_for_selector("#reply-tokens .token", timeout=120_000)
+    pieces = page.locator("#reply-tokens .token .text").all_inner_texts()
+    assert "".join(pieces).strip() == original.strip()
+    # The first token: what the model weighed there, under the sliders (greedy: one is taken).
+    page.locator("#reply-tokens .token").nth(0).click()
+    page.wait_for_function("document.querySelector('#token-alts-head').innerText.includes('Token 1')",
+                           timeout=120_000)
+    statuses = [s.strip() for s in page.locator("#token-alts [role='gridcell'][data-col='4']").all_inner_texts()]
+    assert statuses[0] == "kept" and "not taken (greedy)" in statuses
+    # Continue with the most likely other token: a new branch, written by the chat engine.
+    page.click("#branch-btn")
+    branch = wait_reply_done(page, before + 1)
+    assert branch != original and user_texts(page) == [QUESTION] and len(bot_texts(page)) == 1
+    original_choice = page.locator("#branches label", has_text="1 (original)")
+    original_choice.wait_for(timeout=60_000)
+    original_choice.click()
+    wait_for(lambda: bot_texts(page)[-1], lambda t: t.strip() == original.strip())
+    page.locator("#branches label", has_text=re.compile(r"^\s*2\s*$")).click()
+    wait_for(lambda: bot_texts(page)[-1], lambda t: t.strip() == branch.strip())
+
+
+def test_edit_a_sent_message_answers_it_again(page):
+    _, before = greedy_chat(page, QUESTION, max_new=12)
+    page.locator("#chatbot [data-testid='user']").first.hover()
+    page.locator("#chatbot button[aria-label='Edit']").first.click()
+    box = page.locator("#chatbot textarea").first
+    box.fill("What is the capital of Italy?")
+    page.locator("#chatbot button[aria-label='Submit']").first.click()
+    wait_reply_done(page, before + 1)
+    assert user_texts(page) == ["What is the capital of Italy?"]
+    assert len(bot_texts(page)) == 1 and bot_texts(page)[0].strip()
+
+
+def test_inside_the_server_shows_this_chat_being_written(page):
+    page.get_by_role("tab", name="4-bit Chat").click()
+    page.get_by_text("Inside the server: how this class's chats are batched").click()
+    summary = page.locator("#server-summary")
+    summary.wait_for(timeout=60_000)
+    assert "rows busy" in summary.inner_text() and "tokens/s" in summary.inner_text()
+    set_number(page, "max-new", 512)
+    set_number(page, "min-new", 512)
+    send_chat(page, "Tell me a long story about a dragon.")
+    # Refreshed by its timer: this reply's row appears, writing.
+    wait_for(lambda: page.locator("#server-panel").inner_text(), lambda t: "decode" in t and "writing:" in t)
+    text = page.locator("#server-panel").inner_text()
+    assert "dragon" not in text  # only counts, never anyone's text
+    page.click("#stop-btn")
+    wait_for(lambda: page.locator("#server-panel").inner_text(), lambda t: "No reply is being written" in t)
