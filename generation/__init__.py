@@ -3,7 +3,8 @@ backends (the local continuous-batching engine, a remote server), the decode mac
 
 No gradio here; app.py wires these into the UI. Sub-packages: `generation.backends` (who answers
 the chat), `generation.decode` (the engine's cache, decode steps, int8 head, NF4 kernel calls),
-`generation.kernels` (the native C kernels).
+`generation.kernels` (the native C kernels), `generation.rounding` (NF4 codes chosen for each
+layer's output), `generation.inside` (looking inside the model).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from .backends import (
     throttled,
 )
 from .model import LoadedModel, load_model
-from .prompt import Prompt, build_prompt
+from .prompt import DEFAULT_SYSTEM, Prompt, build_prompt, shown_system
 from .sampling import MAX_SEED, SamplingParams
 from .settings import DEFAULT_MODEL_ID, Settings
 from .tokens import TokenPreview, preview_tokens
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "DEFAULT_SYSTEM",
     "MAX_SEED",
     "BackendNotReady",
     "BackendSlot",
@@ -41,6 +43,7 @@ __all__ = [
     "Settings",
     "TokenPreview",
     "build_prompt",
+    "shown_system",
     "load_model",
     "make_backend",
     "preview_tokens",

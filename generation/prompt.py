@@ -21,13 +21,23 @@ from dataclasses import dataclass
 
 import torch
 
-# Chosen by trying formats greedily on the 4-bit default model: this zero-shot line makes it answer
-# "The capital of France is Paris."; "A conversation between a curious User and a helpful Assistant"
-# gave "I'm from France.", no system line "I think it's the capital of France.", "Question:/Answer:"
-# nonsense. A two-example few-shot preamble also worked but is not needed, so the prompt stays honest.
-DEFAULT_SYSTEM = (
-    "The following is a conversation with a helpful assistant that answers questions accurately and concisely."
-)
+# A base model continues text; it answers best when the text already shows answers (few-shot
+# prompting, as in the GPT-3 paper). So the plain format opens with an instruction and a few example
+# exchanges of different kinds (a fact, a sum, an explanation, a short poem): they show the length
+# and tone of a good reply. None of them is a question bench/chat_quality.py asks. The whole text is
+# what the chat's System prompt box shows, and the engine keeps its keys/values in the prefix cache,
+# so it costs nothing per message. bench/README.md has what it does to the share of right answers.
+DEFAULT_SYSTEM = """The following is a conversation with a helpful assistant that answers questions accurately and concisely.
+
+User: Which planet is the largest in our solar system?
+Assistant: Jupiter is the largest planet in our solar system.
+User: What is 8 plus 9?
+Assistant: 8 plus 9 is 17.
+User: Why do leaves change color in autumn?
+Assistant: As days get shorter, trees stop making green chlorophyll, so the yellow and orange pigments in the leaves show.
+User: Write a short poem about the sea.
+Assistant: Waves roll in beneath the moon,
+silver, restless, gone too soon."""
 
 # Stop strings for the plain format: the model inventing the next turn of either speaker.
 PLAIN_STOP_STRINGS: tuple[str, ...] = ("\nUser:", "\nAssistant:")
@@ -60,13 +70,27 @@ def check_history(history: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
 
 def plain_dialogue(message: str, history: Sequence[Mapping[str, str]], system: str | None) -> str:
     """The built-in text format for models without a chat template (ends with "Assistant:")."""
-    lines = [(system if system is not None else DEFAULT_SYSTEM).strip(), ""]
+    head = (system if system is not None else DEFAULT_SYSTEM).strip()
+    # A system text that already holds example exchanges is continued as one transcript; a blank
+    # line after the examples would read as the start of another conversation.
+    lines = [head] if any(line.startswith("User:") for line in head.splitlines()) else [head, ""]
     for turn in history:
         lines.append(f"{_ROLE_LABEL[turn['role']]}: {turn['content'].strip()}")
     lines.append(f"User: {message.strip()}")
     lines.append("Assistant:")
     text = "\n".join(lines)
     return text.lstrip("\n")  # an empty system line leaves no blank first line
+
+
+def shown_system(settings) -> str:
+    """The system text a chat box should start with for `settings`: DEFAULT_SYSTEM where the plain
+    format is used (the default base model, or a remote server spoken to through /completions),
+    "" where a chat template applies (it brings its own conventions)."""
+    from .settings import DEFAULT_MODEL_ID
+
+    if settings.chat_backend_url is not None:
+        return DEFAULT_SYSTEM if settings.chat_backend_api == "completions" else ""
+    return DEFAULT_SYSTEM if settings.model_id == DEFAULT_MODEL_ID else ""
 
 
 def _template_supports_system(tokenizer) -> bool:

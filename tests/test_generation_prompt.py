@@ -11,7 +11,7 @@ import torch
 
 from conftest import build_tiny_tokenizer
 from generation import SamplingParams, Settings, build_prompt, preview_tokens
-from generation.prompt import DEFAULT_SYSTEM, PLAIN_STOP_STRINGS
+from generation.prompt import DEFAULT_SYSTEM, PLAIN_STOP_STRINGS, plain_dialogue
 from generation.sampling import SeededSampler
 from generation.backends import visible_text
 
@@ -34,12 +34,31 @@ def tiny_tok():
 def test_plain_format_with_history(lm4):
     p = build_prompt(lm4.tokenizer, "And softmax?", HISTORY)
     assert p.text == (
-        f"{DEFAULT_SYSTEM}\n\nUser: Hi there!\nAssistant: Hello! How can I help?\nUser: What is attention?\n"
+        f"{DEFAULT_SYSTEM}\nUser: Hi there!\nAssistant: Hello! How can I help?\nUser: What is attention?\n"
         "Assistant: A weighted average of values, weighted by query-key similarity.\nUser: And softmax?\nAssistant:"
     )
     assert p.stop_strings == PLAIN_STOP_STRINGS and p.trimmed_turns == 0
     assert p.input_ids.shape[0] == 1 and p.input_ids[0, 0].item() == lm4.tokenizer.bos_token_id
     assert lm4.tokenizer.decode(p.input_ids[0], skip_special_tokens=True) == p.text
+
+
+def test_example_exchanges_in_the_system_text_continue_as_one_transcript(tiny_tok):
+    # the default text ends with an example exchange: the conversation follows on the next line
+    assert DEFAULT_SYSTEM.count("\nUser:") >= 3 and DEFAULT_SYSTEM.rstrip().splitlines()[-1].strip()
+    text = plain_dialogue("Hi", [], None)
+    assert text == f"{DEFAULT_SYSTEM}\nUser: Hi\nAssistant:"
+    # a one-line instruction keeps its blank line
+    assert plain_dialogue("Hi", [], "Be brief.") == "Be brief.\n\nUser: Hi\nAssistant:"
+
+
+def test_the_box_shows_the_default_text_where_the_plain_format_is_used():
+    from generation import DEFAULT_MODEL_ID, Settings, shown_system
+
+    assert shown_system(Settings(model_id=DEFAULT_MODEL_ID)) == DEFAULT_SYSTEM
+    assert shown_system(Settings(model_id="Qwen/Qwen2.5-3B-Instruct")) == ""
+    remote = dict(chat_backend_url="http://vllm:8000")
+    assert shown_system(Settings(**remote, chat_backend_api="completions")) == DEFAULT_SYSTEM
+    assert shown_system(Settings(**remote, chat_backend_api="chat")) == ""
 
 
 def test_plain_format_custom_and_empty_system(lm4):

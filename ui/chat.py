@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from generation import MAX_SEED, LoadedModel, SamplingParams, Settings, preview_tokens
+from generation import MAX_SEED, LoadedModel, SamplingParams, Settings, preview_tokens, shown_system
 from generation.backends import BackendNotReady, BackendSlot, ChatBackend, ReplyStats, throttled
 from generation.inside import MAX_CANDIDATES, next_token_candidates
 
@@ -624,7 +624,10 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                     show_label=False, interactive=False, elem_id="next-table",
                 )
         with gr.Column(scale=1, min_width=280):
-            system = gr.Textbox(label="System prompt", placeholder="optional", lines=2)
+            system = gr.Textbox(shown_system(state.settings), label="System prompt", lines=3, max_lines=16,
+                                placeholder="empty: the model's default", elem_id="system-prompt",
+                                info="the text before the conversation; a base model answers best "
+                                     "after a few example exchanges")
             temperature = gr.Slider(0.0, 2.0, value=DEFAULT_PARAMS.temperature, step=0.05,
                                     label="temperature", info="0 = always the most likely token",
                                     elem_id="temperature")
