@@ -189,6 +189,9 @@ class LoadedModel:
     weight_bytes: int
     load_seconds: float
     has_chat_template: bool
+    # How the 4-bit codes were chosen: "calibrated" (for each layer's output), "plain" (bitsandbytes'
+    # absmax and nearest code), "" for a full-precision model.
+    rounding: str = ""
 
     def report(self) -> str:
         """Multi-line description (CLI --info, the app's model panel)."""
@@ -201,7 +204,8 @@ class LoadedModel:
             f"device:         {self.device}",
             f"dtype:          {self.dtype}",
             f"quantization:   {self.quantization}"
-            + (f" ({self.n_4bit_layers} bitsandbytes Linear4bit layers)" if self.quantization != "none" else ""),
+            + (f" ({self.n_4bit_layers} bitsandbytes Linear4bit layers, {self.rounding} rounding)"
+               if self.quantization != "none" else ""),
             f"weights:        {self.weight_bytes / 2**20:.1f} MiB as stored ({n_params / 1e6:.1f} M stored elements)",
             f"load time:      {self.load_seconds:.1f} s",
             f"prompt format:  {'chat template' if self.has_chat_template else 'built-in plain dialogue (base model)'}",
@@ -210,7 +214,8 @@ class LoadedModel:
 
     def summary(self) -> str:
         """One line for a status bar."""
-        q = f"NF4 4-bit, {self.n_4bit_layers} layers" if self.quantization == "nf4" else self.dtype
+        q = (f"NF4 4-bit ({self.rounding}), {self.n_4bit_layers} layers" if self.quantization == "nf4"
+             else self.dtype)
         return (
             f"{self.model_id} · {q} · {self.weight_bytes / 2**20:.0f} MiB · {self.device}"
             f" · loaded in {self.load_seconds:.1f} s"
@@ -270,10 +275,26 @@ def from_pretrained_kwargs(
     return kw
 
 
-def _source(model_id: str, settings: Settings) -> tuple[str, bool]:
+def calibrated_snapshot(settings: Settings) -> tuple[Path, bool]:
+    """The default model in calibrated NF4 (generation/rounding/) under `settings.cache_dir`,
+    rounded from the full-precision snapshot on first use."""
+    from . import rounding
+
+    full, _ = default_snapshot(settings)
+    return ensure_snapshot(
+        settings.cache_dir, rounding.snapshot_name(full.name),
+        lambda tmp: rounding.build_calibrated(full, tmp, bnb_config()),
+        info={"source": str(full), "rounding_format": rounding.ROUNDING_FORMAT},
+    )
+
+
+def _source(model_id: str, settings: Settings, load_4bit: bool = False) -> tuple[str, bool]:
     """(path-or-id for from_pretrained, local_files_only)."""
     if model_id == DEFAULT_MODEL_ID:
-        folder, _ = default_snapshot(settings)
+        if load_4bit and settings.nf4_rounding == "calibrated":
+            folder, _ = calibrated_snapshot(settings)
+        else:
+            folder, _ = default_snapshot(settings)
         return str(folder), True
     path = Path(model_id).expanduser()
     if path.is_dir():
@@ -307,7 +328,7 @@ def load_model(
     model_id = (model_id or settings.model_id).strip()
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    source, local_only = _source(model_id, settings)
+    source, local_only = _source(model_id, settings, load_4bit)
     kwargs = from_pretrained_kwargs(
         load_4bit=load_4bit, cuda=cuda, trust_remote_code=settings.trust_remote_code, dtype=dtype
     )
@@ -353,4 +374,10 @@ def load_model(
         weight_bytes=weight_bytes(model),
         load_seconds=time.perf_counter() - t0,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        rounding=_rounding(model_id, settings) if load_4bit and n4 > 0 else "",
     )
+
+
+def _rounding(model_id: str, settings: Settings) -> str:
+    # Only the default model has a calibrated snapshot; any other model is rounded by bitsandbytes.
+    return settings.nf4_rounding if model_id == DEFAULT_MODEL_ID else "plain"

@@ -19,6 +19,11 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 # template), "completions" = /completions with the app's own plain dialogue prompt (base models),
 # "auto" = ask the server once (see generation/backends/remote.py).
 CHAT_BACKEND_APIS = ("auto", "chat", "completions")
+
+# How the default model's weights are rounded to NF4: "calibrated" = codes and scales chosen for
+# each layer's output (generation/rounding/), "plain" = bitsandbytes' own absmax + nearest code, kept
+# so a learner can compare. Both are the same standard Linear4bit layers.
+NF4_ROUNDINGS = ("calibrated", "plain")
 MAX_BACKEND_TIMEOUT_S = 3600.0
 
 
@@ -103,6 +108,7 @@ class Settings:
     # the small native int8 kernel it compiles with the system's C compiler.
     fast_decode: bool = True
     native_kernels: bool = True
+    nf4_rounding: str = "calibrated"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
@@ -129,6 +135,8 @@ class Settings:
             raise ValueError("chat_backend_api_key must be printable ASCII without spaces (value not shown)")
         if self.chat_backend_api not in CHAT_BACKEND_APIS:
             raise ValueError(f"chat_backend_api must be one of {list(CHAT_BACKEND_APIS)}, got {self.chat_backend_api!r}")
+        if self.nf4_rounding not in NF4_ROUNDINGS:
+            raise ValueError(f"nf4_rounding must be one of {list(NF4_ROUNDINGS)}, got {self.nf4_rounding!r}")
         t = self.chat_backend_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_BACKEND_TIMEOUT_S:
             raise ValueError(f"chat_backend_timeout must be seconds in (0, {MAX_BACKEND_TIMEOUT_S:g}], got {t!r}")
@@ -188,6 +196,7 @@ class Settings:
             ("CHAT_BACKEND_TIMEOUT", "chat_backend_timeout", as_float),
             ("FAST_DECODE", "fast_decode", as_bool),
             ("ATTN_LAB_NATIVE", "native_kernels", as_bool),
+            ("NF4_ROUNDING", "nf4_rounding", as_lower),
         ):
             raw = get(var)
             if raw is None:

@@ -1,0 +1,153 @@
+"""Output-aware rounding of one weight matrix onto bitsandbytes' NF4 grid.
+
+bitsandbytes stores a 4-bit weight as blocks of 64 consecutive values of a row (row-major
+flattening of the (out, in) matrix): a 4-bit index into the 16 NF4 code values and one fp32 scale
+per block, itself stored in 8 bits ("double quantization": 256 scales share an fp32 absmax, after
+subtracting the mean of all scales). A block dequantizes as code[index] * scale. Plain NF4 takes the
+block's largest magnitude as its scale and rounds each value to the nearest code; nothing in the
+format requires either choice, so here both are chosen to keep the layer's *output* close:
+
+- `gptq_nf4`: the indices, column by column, each rounding error spread over the columns not yet
+  rounded in proportion to the inverse input Hessian (GPTQ, Frantar et al. 2022), on the NF4 grid
+  with the block scales held fixed;
+- `refit_scales`: then, codes fixed, each row's block scales by least squares on the output error
+  (the scale is free: "absmax" is just a name).
+
+The objective for one output row w (in,) and its rounded copy q is (w - q)^T H (w - q) with
+H = X^T X over calibration inputs X (n, in): the squared error the row adds to the layer's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BLOCK = 64  # bitsandbytes' NF4 blocksize (the app's BitsAndBytesConfig default)
+NESTED_BLOCK = 256  # bitsandbytes' blocksize for the double-quantized scales
+
+# bitsandbytes' NF4 code book (ascending; index 7 is 0.0), as bitsandbytes.functional.get_4bit_type("nf4").
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # (15,)
+
+
+def nearest_index(x: Tensor) -> Tensor:
+    """Index of the nearest NF4 code for values already divided by their block scale (clipped to [-1, 1])."""
+    return torch.bucketize(x.clamp(-1, 1), _MIDPOINTS.to(x.device))  # same shape as x, int64
+
+
+def block_absmax(w: Tensor) -> Tensor:
+    """Plain NF4's scales: each block's largest magnitude. w (out, in) -> (out, in // BLOCK)."""
+    out, n = w.shape
+    return w.float().reshape(out, n // BLOCK, BLOCK).abs().amax(-1)  # (out, G)
+
+
+def double_quantize(scales: Tensor) -> tuple[Tensor, Tensor, Tensor, object]:
+    """Scales (out, G) fp32 -> (what bitsandbytes will dequantize them to (out, G), the 8-bit
+    codes, the offset, the nested state), exactly as Linear4bit's double quantization stores them."""
+    import bitsandbytes.functional as F
+
+    flat = scales.reshape(-1).float().contiguous()
+    offset = flat.mean()
+    q8, state2 = F.quantize_blockwise(flat - offset, blocksize=NESTED_BLOCK)
+    back = F.dequantize_blockwise(q8, state2) + offset
+    return back.reshape(scales.shape), q8, offset, state2
+
+
+def dequantize(index: Tensor, scales: Tensor) -> Tensor:
+    """(out, in) indices and (out, G) scales -> the fp32 weight they stand for."""
+    out, n = index.shape
+    code = NF4_CODE.to(index.device)[index].reshape(out, n // BLOCK, BLOCK)
+    return (code * scales.unsqueeze(-1)).reshape(out, n)  # (out, in)
+
+
+def round_to_nearest(w: Tensor, scales: Tensor) -> Tensor:
+    """Plain rounding with the given scales: w (out, in), scales (out, G) -> indices (out, in)."""
+    out, n = w.shape
+    s = scales.repeat_interleave(BLOCK, dim=1)  # (out, in)
+    return nearest_index(w.float() / s.clamp(min=1e-30))
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """GPTQ's knobs: damping as a fraction of the mean Hessian diagonal, columns per lazy batch,
+    and whether columns go in order of decreasing Hessian diagonal (scales stay per block)."""
+
+    damp: float = 0.01
+    batch: int = 128
+    act_order: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be positive, got {self.batch!r}")
+
+
+def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ uses it."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig()) -> Tensor:
+    """NF4 indices (out, in) for w (out, in) under fixed block scales (out, G), minimising the
+    output error for inputs with Hessian h (in, in), column by column with error feedback."""
+    w = w.float().clone()
+    h = h.float().clone()
+    out, n = w.shape
+    dead = h.diagonal() == 0  # inputs never seen: any code is as good; keep the plain one
+    h[dead, dead] = 1
+    perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(n)
+    w, h = w[:, perm], h[perm][:, perm]
+    col_scale = scales.float().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30)  # (out, in)
+    u = _damped_inverse_cholesky(h, cfg.damp)  # (in, in) upper
+    code = NF4_CODE.to(w.device)
+    index = torch.empty(out, n, dtype=torch.long)
+    for a in range(0, n, cfg.batch):
+        b = min(a + cfg.batch, n)
+        wb, ub = w[:, a:b].clone(), u[a:b, a:b]
+        err = torch.empty_like(wb)
+        for j in range(b - a):
+            col = wb[:, j]
+            idx = nearest_index(col / col_scale[:, a + j])  # (out,)
+            q = code[idx] * col_scale[:, a + j]
+            index[:, a + j] = idx
+            e = (col - q) / ub[j, j]
+            wb[:, j:] -= e.unsqueeze(1) * ub[j, j:].unsqueeze(0)
+            err[:, j] = e
+        w[:, b:] -= err @ u[a:b, b:]
+    inverse = torch.argsort(perm)
+    return index[:, inverse]
+
+
+def refit_scales(w: Tensor, h: Tensor, index: Tensor, *, rows_per_chunk: int = 256) -> Tensor:
+    """Least-squares block scales for fixed codes: for each row, the scales s (G,) minimising
+    (w - C s)^T H (w - C s), C the (in, G) matrix of the row's code values, one per block.
+    Returns (out, G). A block whose codes are all zero keeps scale 0 (it has nothing to scale)."""
+    w = w.float()
+    h = h.float()
+    out, n = w.shape
+    g = n // BLOCK
+    code = NF4_CODE.to(w.device)[index]  # (out, in)
+    scales = torch.empty(out, g)
+    ridge = 1e-6 * h.diagonal().mean()
+    for r0 in range(0, out, rows_per_chunk):
+        c = code[r0 : r0 + rows_per_chunk]  # (r, in)
+        hw = w[r0 : r0 + rows_per_chunk] @ h  # (r, in)
+        rhs = (c * hw).reshape(-1, g, BLOCK).sum(-1)  # (r, G): C^T H w
+        # C^T H C per row: blocks of (c h c^T) summed; (r, G, G)
+        ch = c.reshape(-1, g, BLOCK)  # (r, G, B)
+        hb = h.reshape(g, BLOCK, g, BLOCK)  # (G, B, G, B)
+        a = torch.einsum("rgi,gihj,rhj->rgh", ch, hb, ch)  # (r, G, G)
+        a.diagonal(dim1=1, dim2=2).add_(ridge)
+        scales[r0 : r0 + rows_per_chunk] = torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)
+    return scales

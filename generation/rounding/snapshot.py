@@ -1,0 +1,72 @@
+"""The calibrated NF4 model as a snapshot: built once from the full-precision one, then loaded as any
+pre-quantized bitsandbytes checkpoint (config.json carries its quantization_config)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .calibrate import calibrate
+from .nf4grid import GptqConfig
+from .pack import install
+
+# Bump when the method changes: the folder name carries it (with a hash of the calibration text and
+# METHOD's settings), so a changed method never reads an old cache.
+ROUNDING_FORMAT = 1
+CALIBRATION_TEXT = Path(__file__).with_name("calibration.json")
+SEQ_TOKENS = 256  # tokens per calibration sequence (BOS + 255 of the text)
+# Damping 0.3 (not GPTQ's usual 0.01): the calibration text is the model's own, not the text a
+# learner types; a stronger pull towards plain rounding generalises better (bench/README.md).
+METHOD = GptqConfig(damp=0.3, batch=128, act_order=True)
+
+
+def calibration_texts(path: Path = CALIBRATION_TEXT) -> list[str]:
+    """The calibration texts: what the full-precision default model wrote itself (see calibration.json's notes)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return list(data["texts"])
+
+
+def calibration_ids(tokenizer, texts: list[str], seq_tokens: int = SEQ_TOKENS) -> torch.Tensor:
+    """(N, seq_tokens) token ids: each text that is long enough, BOS first, cut to seq_tokens."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids[: seq_tokens - 1]
+        if len(ids) == seq_tokens - 1:
+            rows.append([tokenizer.bos_token_id, *ids])
+    if not rows:
+        raise ValueError(f"no calibration text has {seq_tokens - 1} tokens")
+    return torch.tensor(rows)
+
+
+def snapshot_name(base: str, path: Path = CALIBRATION_TEXT) -> str:
+    """Folder name of the calibrated NF4 snapshot of the full-precision snapshot `base`."""
+    digest = hashlib.sha256(path.read_bytes() + repr((METHOD, SEQ_TOKENS)).encode()).hexdigest()[:10]
+    return f"{base}-nf4-calibrated-v{ROUNDING_FORMAT}-{digest}"
+
+
+def build_calibrated(full_dir: Path, out_dir: Path, bnb_config, *,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Round the full-precision snapshot in `full_dir` to calibrated NF4 and save it to `out_dir`.
+    Returns facts for the snapshot's completeness marker."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(full_dir, local_files_only=True)
+    full = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16, local_files_only=True).eval()
+    ids = calibration_ids(tokenizer, calibration_texts())
+    chosen = calibrate(full, ids, METHOD, progress=progress)
+    del full
+    quant = AutoModelForCausalLM.from_pretrained(
+        full_dir, quantization_config=bnb_config, dtype=torch.bfloat16, local_files_only=True
+    )
+    for name, r in chosen.items():
+        install(quant.get_submodule(name), r.index, r.scales)
+    quant.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"calibration_tokens": int(ids.numel()), "layers_rounded": len(chosen),
+            "build_seconds": round(time.perf_counter() - t0, 1)}
