@@ -7,6 +7,7 @@ which `app.py` passes in. `InsideHandlers` holds the handlers, plain methods tes
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from attention.plot import figure_bytes, plot_head, plot_heads, weights_csv
-from generation import Settings
+from generation import DEFAULT_MODEL_ID, Settings, load_model
 from generation.inside import FullPrecisionCache, compare_quantization, model_attention, model_layers
 
 from .common import (
@@ -68,20 +69,30 @@ says how much of each row it takes.
 
 QUANT_HELP = """
 ### What 4-bit costs
-The 4-bit model beside a full-precision copy of the same model: memory, speed, and how much the
-next-token distribution moves (KL divergence).
+The 4-bit model beside a full-precision copy of the same model, and beside the same weights rounded
+to NF4 the other way (the chat's model picks each layer's codes and scales for its output,
+"calibrated"; bitsandbytes' own rounding, "plain", takes each block's largest value as its scale and
+the nearest code): memory, speed, and how much the next-token distribution moves (KL divergence).
 """
 
-def quant_markdown(cmp: Any) -> str:
-    """4-bit vs full precision (a QuantComparison): bytes, time per token, KL, as a markdown table."""
-    q, f = cmp.quantized, cmp.full
+def quant_markdown(cmp: Any, twin: Any = None) -> str:
+    """4-bit vs full precision (a QuantComparison), and where given the same weights rounded the
+    other way (`twin`, compared with the same full-precision copy): bytes, time per token, KL."""
+    sides = [cmp.quantized] + ([twin.quantized] if twin else []) + [cmp.full]
+    head = "| | " + " | ".join(s.label for s in sides) + " |\n|---|" + "---|" * len(sides) + "\n"
+    rows = [
+        ("weights", [f"{s.weight_bytes / 2**20:.1f} MiB" for s in sides]),
+        ("time per token", [f"{s.seconds_per_token * 1000:.0f} ms" for s in sides]),
+        (f"prompt ({cmp.prompt_tokens} tokens)", [f"{s.prefill_seconds * 1000:.0f} ms" for s in sides]),
+    ]
+    if twin:
+        rows.append(("KL(full ‖ this)", [f"{cmp.kl_full_to_4bit:.4f}", f"{twin.kl_full_to_4bit:.4f}", "0"]))
+    table = head + "".join(f"| {name} | " + " | ".join(cells) + " |\n" for name, cells in rows)
+    other = (f" · {twin.quantized.label}: KL {twin.kl_full_to_4bit:.4f} nats, most likely token "
+             f"{'the same' if twin.top1_agree else 'differs'}") if twin else ""
     return (
-        f"| | {q.label} | {f.label} |\n|---|---|---|\n"
-        f"| weights | {q.weight_bytes / 2**20:.1f} MiB | {f.weight_bytes / 2**20:.1f} MiB |\n"
-        f"| time per token | {q.seconds_per_token * 1000:.0f} ms | {f.seconds_per_token * 1000:.0f} ms |\n"
-        f"| prompt ({cmp.prompt_tokens} tokens) | {q.prefill_seconds * 1000:.0f} ms | {f.prefill_seconds * 1000:.0f} ms |\n\n"
-        f"**KL(full ‖ 4-bit) = {cmp.kl_full_to_4bit:.4f} nats** · most likely token "
-        f"{'the same' if cmp.top1_agree else 'differs'} · the full-precision weights are "
+        f"{table}\n**KL(full ‖ 4-bit) = {cmp.kl_full_to_4bit:.4f} nats** (the chat's model) · most likely token "
+        f"{'the same' if cmp.top1_agree else 'differs'}{other} · the full-precision weights are "
         f"{cmp.size_ratio:.1f}× larger. {cmp.notice}"
     )
 
@@ -105,6 +116,9 @@ class InsideHandlers:
         self.settings = settings
         self.model = model
         self.full_precision = FullPrecisionCache()  # loaded on the first "What 4-bit costs" click
+        # ... and the same weights rounded to NF4 the other way, keyed by rounding
+        self.twins = FullPrecisionCache(loader=lambda rounding, load_4bit, settings: load_model(
+            DEFAULT_MODEL_ID, load_4bit=True, settings=settings))
         self.teaching = TeachingHandlers(settings, model)  # every layer at once, heads off, while writing
 
     def _map(self, text: Any, layer: Any, hide_special: Any, history: list[Any] | None = None) -> Any:
@@ -222,12 +236,26 @@ class InsideHandlers:
             full = self.full_precision.get(self.settings)
             progress(0.8, desc="Running both models …")
             cmp = compare_quantization(lm4, full, prompt)
+            twin = self.twin_rounding(lm4, progress)
+            twin_cmp = compare_quantization(twin, full, prompt) if twin is not None else None
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="What 4-bit costs")
             return gr.skip(), gr.skip()
-        rows = [[repr(r.token)[1:-1], pct(r.prob_4bit), pct(r.prob_full), str(r.rank_4bit), str(r.rank_full)]
-                for r in cmp.rows]
-        return quant_markdown(cmp), rows
+        other = {r.token_id: r.prob_4bit for r in twin_cmp.rows} if twin_cmp else {}
+        rows = [[repr(r.token)[1:-1], pct(r.prob_4bit), pct(other[r.token_id]) if r.token_id in other else "–",
+                 pct(r.prob_full), str(r.rank_4bit), str(r.rank_full)] for r in cmp.rows]
+        return quant_markdown(cmp, twin_cmp), rows
+
+    def twin_rounding(self, lm4: Any, progress: Any) -> Any:
+        """The chat model's weights rounded the other way (calibrated <-> plain NF4), loaded on first
+        use; None where only one rounding exists (any model but the default one)."""
+        other = {"calibrated": "plain", "plain": "calibrated"}.get(getattr(lm4, "rounding", ""))
+        if other is None or lm4.model_id != DEFAULT_MODEL_ID:
+            return None
+        if not self.twins.loaded(other):
+            progress(0.5, desc=f"Loading the {other} NF4 model (first time only) …")
+        settings = dataclasses.replace(self.settings, nf4_rounding=other)
+        return self.twins.get(settings, other)
 
 
 @dataclass
@@ -322,7 +350,8 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
         with gr.Column(scale=3):
             quant_md = gr.Markdown("The full-precision copy loads on the first click (it takes a while).",
                                    elem_id="quant-summary")
-            quant_table = gr.Dataframe(headers=["token", "4-bit p", "full p", "4-bit rank", "full rank"],
+            quant_table = gr.Dataframe(headers=["token", "4-bit p", "other rounding p", "full p", "4-bit rank",
+                                                "full rank"],
                                        show_label=False, interactive=False, elem_id="quant-table")
 
     inspect_auto = gr.State("")

@@ -546,8 +546,9 @@ def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, 
 def _side(lm: Any, prefill: float, per_token: float) -> QuantSide:
     quant = str(getattr(lm, "quantization", "none"))
     dtype = str(getattr(lm, "dtype", ""))
+    rounding = str(getattr(lm, "rounding", "") or "")
     return QuantSide(
-        label="NF4 4-bit" if quant == "nf4" else dtype,
+        label=(f"NF4 4-bit, {rounding}" if rounding else "NF4 4-bit") if quant == "nf4" else dtype,
         quantization=quant,
         dtype=dtype,
         weight_bytes=int(getattr(lm, "weight_bytes", 0)),
