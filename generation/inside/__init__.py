@@ -5,6 +5,8 @@ teaching views (every layer at once, heads switched off, what a reply looked at)
   after loading; `capture.capture(...)` / `ablate(...)` blocks for one request).
 * `introspect`: one layer's map, the next-token table (through `generation.sampling`, as the chat
   samples), the 4-bit model beside the full-precision one.
+* `lens`: the logit lens after every layer, the same lens on the 4-bit and full-precision models,
+  and each head's role (previous-token, first-token, induction).
 * `teaching`: the model view, head ablation and a reply's attention.
 
 No gradio here: the UI imports these names from `generation.inside`.
@@ -29,6 +31,20 @@ from .introspect import (
     next_token_candidates,
     token_label,
 )
+from .lens import (
+    LENS_MAX_TOKENS,
+    LENS_TOP,
+    ROLES,
+    HeadRoles,
+    LensToken,
+    LogitLens,
+    QuantLens,
+    QuantLensLayer,
+    head_roles,
+    induction_tokens,
+    logit_lens,
+    quant_lens,
+)
 from .teaching import (
     ABLATION_MAX_NEW_TOKENS,
     MODEL_VIEW_MAX_TOKENS,
@@ -51,6 +67,9 @@ from .teaching import (
 __all__ = [
     "ABLATION_MAX_NEW_TOKENS",
     "DEFAULT_MAX_TOKENS",
+    "LENS_MAX_TOKENS",
+    "LENS_TOP",
+    "ROLES",
     "MAX_CANDIDATES",
     "MODEL_VIEW_MAX_TOKENS",
     "REPLY_MAX_TOKENS",
@@ -60,10 +79,15 @@ __all__ = [
     "CaptureUnsupported",
     "FullPrecisionCache",
     "Head",
+    "HeadRoles",
+    "LensToken",
+    "LogitLens",
     "ModelAttention",
     "ModelView",
     "NextToken",
     "QuantComparison",
+    "QuantLens",
+    "QuantLensLayer",
     "QuantRow",
     "QuantSide",
     "ReplyAttention",
@@ -75,14 +99,18 @@ __all__ = [
     "delegate_name",
     "format_heads",
     "head_in_every_layer",
+    "head_roles",
     "heads_of_layer",
+    "induction_tokens",
     "install",
     "is_installed",
+    "logit_lens",
     "model_attention",
     "model_layers",
     "model_view",
     "next_token_candidates",
     "parse_heads",
+    "quant_lens",
     "reply_attention",
     "token_label",
 ]
