@@ -194,3 +194,15 @@ def test_lens_figures_take_a_palette_and_check_their_shapes():
         plot_quant_lens([0.1], ["a", "b"], ["a"])
     with pytest.raises(ValueError, match="one label per position"):
         plot_logit_lens([["a"]], [[0.5]], ["x", "y"])
+
+
+def test_a_maps_one_line_summary_names_where_its_attention_goes():
+    from generation.inside import describe_map
+
+    prev = torch.zeros(4, 4)
+    prev[0, 0] = 1.0
+    prev[torch.arange(1, 4), torch.arange(0, 3)] = 1.0  # every row on the token before it
+    assert describe_map(prev).startswith("mostly attends to the token just before it")
+    assert "hidden special tokens" in describe_map(prev * 0.1, torch.full((4,), 0.9))
+    with pytest.raises(ValueError, match="square"):
+        describe_map(torch.zeros(2, 3))
