@@ -278,13 +278,14 @@ def from_pretrained_kwargs(
 def calibrated_snapshot(settings: Settings) -> tuple[Path, bool]:
     """The default model in calibrated NF4 (generation/rounding/) under `settings.cache_dir`,
     rounded from the full-precision snapshot on first use."""
-    from . import rounding
+    from .rounding import ROUNDING_FORMAT, build_calibrated
+    from .rounding import snapshot_name as calibrated_name
 
     full, _ = default_snapshot(settings)
     return ensure_snapshot(
-        settings.cache_dir, rounding.snapshot_name(full.name),
-        lambda tmp: rounding.build_calibrated(full, tmp, bnb_config()),
-        info={"source": str(full), "rounding_format": rounding.ROUNDING_FORMAT},
+        settings.cache_dir, calibrated_name(full.name),
+        lambda tmp: build_calibrated(full, tmp, bnb_config()),
+        info={"source": str(full), "rounding_format": ROUNDING_FORMAT},
     )
 
 

@@ -291,6 +291,9 @@ DOCUMENTED = {
     "/model_attention": [("text", "str"), ("layer", "int"), ("hide_special", "bool")],
     "/model_view": [("text", "str"), ("hide_special", "bool"), ("max_tokens", "int")],
     "/ablate": [("prompt", "str"), ("heads", "str"), ("new_tokens", "int"), ("k", "int")],
+    "/logit_lens": [("text", "str"), ("max_tokens", "int")],
+    "/quant_lens": [("text", "str")],
+    "/head_roles": [("text", "str")],
 }
 
 

@@ -16,7 +16,7 @@ import gradio as gr
 
 from attention.plot import figure_bytes, plot_head, plot_heads, weights_csv
 from generation import DEFAULT_MODEL_ID, Settings, load_model
-from generation.inside import FullPrecisionCache, compare_quantization, model_attention, model_layers
+from generation.inside import FullPrecisionCache, compare_quantization, describe_map, model_attention, model_layers
 
 from .common import (
     API_TEXT_CHARS,
@@ -34,6 +34,7 @@ from .common import (
     quote,
     typed_api,
 )
+from .lens import LENS_FIELDS, LensHandlers, LensView, build_lens, palette_of
 from .share import Field, bool_field, clamp_index, int_field, query_of, read_fields, text_field, warn
 from .teaching import TEACHING_FIELDS, TeachingHandlers, TeachingView, build_teaching
 
@@ -48,8 +49,8 @@ LAYER_FIELDS: tuple[Field, ...] = (
     int_field("inspect_head", 0, 63, default=0),
     bool_field("hide_special", True),
 )
-# The whole inside view's (the teaching panels' too), in the order of `InsideView.inputs`.
-INSIDE_FIELDS: tuple[Field, ...] = LAYER_FIELDS + TEACHING_FIELDS
+# The whole inside view's (the teaching panels' and the lenses' too), in the order of `InsideView.inputs`.
+INSIDE_FIELDS: tuple[Field, ...] = LAYER_FIELDS + TEACHING_FIELDS + LENS_FIELDS
 
 INSIDE_HELP = """
 ## Inside the chat model
@@ -97,6 +98,11 @@ def quant_markdown(cmp: Any, twin: Any = None) -> str:
     )
 
 
+def head_summary(att: Any, head: int) -> str:
+    """The one line under the layer maps a screen reader reads: where the large head's attention goes."""
+    return f"Layer {att.layer}, head {head} {describe_map(att.weights[head], att.hidden_mass[head])}."
+
+
 def fill_inspect(current: str, auto: str, history: list[Any]) -> tuple[Any, Any]:
     """After a reply: the model-attention text becomes the last exchange unless the user typed it.
 
@@ -120,6 +126,8 @@ class InsideHandlers:
         self.twins = FullPrecisionCache(loader=lambda rounding, load_4bit, settings: load_model(
             DEFAULT_MODEL_ID, load_4bit=True, settings=settings))
         self.teaching = TeachingHandlers(settings, model)  # every layer at once, heads off, while writing
+        self.lens = LensHandlers(settings, model, self.full_precision)  # what every layer predicts, head roles
+        self.teaching.role_of = self.lens.role_title  # the model view names a head by its role
 
     def _map(self, text: Any, layer: Any, hide_special: Any, history: list[Any] | None = None) -> Any:
         text = as_text(text, "text", none_ok=True, max_chars=API_TEXT_CHARS)
@@ -137,20 +145,23 @@ class InsideHandlers:
         return model_attention(lm, text, layer=layer, hide_special=hide_special)
 
     @staticmethod
-    def _map_figures(att: Any, head: Any) -> tuple[Any, Any, int]:
+    def _map_figures(att: Any, head: Any, colourblind: Any = False) -> tuple[Any, Any, int]:
         title = f"{att.model_id} · layer {att.layer} ({att.layer_kind})"
+        cmap = palette_of(colourblind).cmap
         # Colour scale up to the largest weight shown: with <bos> hidden, rows keep only part of their
         # mass and a fixed 0..1 scale would leave the maps nearly black.
-        grid = plot_heads(att.weights, att.tokens, title=title, kv_groups=list(att.kv_groups), vmax=None)
+        grid = plot_heads(att.weights, att.tokens, title=title, kv_groups=list(att.kv_groups), vmax=None, cmap=cmap)
         h = min(max(as_int(head, "head"), 0), att.n_heads - 1)
-        big = plot_head(att.weights[h], att.tokens, title=f"head {h} · reads KV head {att.kv_groups[h]}", vmax=None)
+        big = plot_head(att.weights[h], att.tokens, title=f"head {h} · reads KV head {att.kv_groups[h]}", vmax=None,
+                        cmap=cmap)
         return grid, big, h
 
-    def inspect_update(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any]):
+    def inspect_update(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any],
+                       colourblind: bool = False):
         """UI: the model's attention for one layer: all heads, one large, notes. Errors -> gr.Warning."""
         try:
             att = self._map(text, layer, hide_special, history)
-            grid, big, h = self._map_figures(att, head)
+            grid, big, h = self._map_figures(att, head, colourblind)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="Cannot show the attention")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -159,15 +170,16 @@ class InsideHandlers:
             f"heads {', '.join(str(q) for q, g in enumerate(att.kv_groups) if g == kv)} share KV head {kv}"
             for kv in sorted(set(att.kv_groups))
         )
-        notes += f"  \nGrouped-query attention: {share}."
+        notes += f"  \nGrouped-query attention: {share}.  \n{html.escape(head_summary(att, h))}"
         return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
 
-    def inspect_files(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any]) -> Any:
+    def inspect_files(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any],
+                      colourblind: bool = False) -> Any:
         """UI: the layer's figures (every head, the head shown large) as PNG and SVG and that head's
         weights as CSV, made on request (a list of files); bad input -> gr.Warning."""
         try:
             att = self._map(text, layer, hide_special, history)
-            grid, big, h = self._map_figures(att, head)
+            grid, big, h = self._map_figures(att, head, colourblind)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="Cannot make the files")
             return gr.skip()
@@ -195,11 +207,11 @@ class InsideHandlers:
         return (*(values.get(f.name, gr.skip()) for f in LAYER_FIELDS), bool(values))
 
     def show_shared(self, shared: bool, text: str, layer: Any, head: Any, hide_special: bool,
-                    history: list[Any]):
+                    history: list[Any], colourblind: bool = False):
         """After a shared link's setup: draw the map it names, once the model is loaded (else wait for a click)."""
         if not shared or not self.model.ready:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return self.inspect_update(text, layer, head, hide_special, history)
+        return self.inspect_update(text, layer, head, hide_special, history, colourblind)
 
     def model_attention_api(self, text: str = DEFAULT_INSPECT_TEXT, layer: int = 0,
                             hide_special: bool = True) -> PlotPayload:
@@ -277,6 +289,7 @@ class InsideView:
     files_btn: gr.Button
     files: gr.File
     teaching: TeachingView  # every layer at once, switch heads off, what it looked at while writing
+    lens: LensView  # what every layer predicts, 4-bit against full precision, head roles
 
     @property
     def layer_inputs(self) -> list[Any]:
@@ -286,7 +299,7 @@ class InsideView:
     @property
     def inputs(self) -> list[Any]:
         """The shareable inputs, in the order of INSIDE_FIELDS."""
-        return [*self.layer_inputs, *self.teaching.inputs]
+        return [*self.layer_inputs, *self.teaching.inputs, *self.lens.inputs]
 
     def wire(self, chatbot: gr.Chatbot, replies: list[Any], status: gr.Markdown,
              system: gr.Textbox | None = None) -> None:
@@ -295,11 +308,15 @@ class InsideView:
         written under, and the status line (the layer sliders fit the loaded model)."""
         state = self.handlers
         self.teaching.wire(chatbot, system, replies, status)
-        show = dict(fn=state.inspect_update, inputs=[self.text, self.layer, self.head, self.hide_special, chatbot],
+        colourblind = self.lens.colourblind
+        show = dict(fn=state.inspect_update,
+                    inputs=[self.text, self.layer, self.head, self.hide_special, chatbot, colourblind],
                     outputs=[self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
-        self.files_btn.click(state.inspect_files, [self.text, self.layer, self.head, self.hide_special, chatbot],
+        self.files_btn.click(state.inspect_files,
+                             [self.text, self.layer, self.head, self.hide_special, chatbot, colourblind],
                              [self.files], **INSPECT_EVENTS, **PRIVATE)
-        gr.on([self.show.click, self.text.submit, self.layer.release, self.head.release, self.hide_special.input],
+        gr.on([self.show.click, self.text.submit, self.layer.release, self.head.release, self.hide_special.input,
+               colourblind.input],
               **show)
         self.use_chat.click(last_exchange, [chatbot], [self.text], queue=False, **PRIVATE).then(**show)
         # A finished reply becomes the model-attention text unless the user typed their own there.
@@ -309,7 +326,7 @@ class InsideView:
         # A shared link's fields on page load, and its map drawn when the model is there.
         shared = gr.State(False)
         self.demo.load(state.apply_setup, None, [*self.layer_inputs, shared], show_progress="hidden", **INSPECT_EVENTS,
-                       **PRIVATE).then(state.show_shared, [shared, *self.layer_inputs, chatbot],
+                       **PRIVATE).then(state.show_shared, [shared, *self.layer_inputs, chatbot, colourblind],
                                        [self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
         # The status line changes when the model arrives: fit the layer slider to it then.
         status.change(state.layer_slider, None, [self.layer], queue=False, show_progress="hidden", **PRIVATE)
@@ -319,6 +336,8 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
     """Lay out the inside view in the current Blocks/Tab; wires `/model_attention` and the 4-bit comparison."""
     state = handlers
     gr.Markdown(INSIDE_HELP, elem_id="inside-title")
+    colourblind = gr.Checkbox(False, label="Colour-blind-safe colours (cividis and Okabe-Ito) in these figures",
+                              elem_id="colourblind")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
             inspect_text = gr.Textbox(DEFAULT_INSPECT_TEXT, label="Text (empty = the last chat exchange)",
@@ -342,6 +361,7 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
                     files = gr.File(file_count="multiple", interactive=False, show_label=False, visible=False,
                                     elem_id="inspect-files")  # shown once it holds files
     teaching = build_teaching(demo, handlers.teaching)
+    lens = build_lens(demo, handlers.lens, colourblind)
     gr.Markdown(QUANT_HELP)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
@@ -361,4 +381,5 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
     quant_btn.click(state.quant_update, [quant_prompt], [quant_md, quant_table], **INSPECT_EVENTS, **PRIVATE)
     return InsideView(demo=demo, handlers=state, text=inspect_text, auto=inspect_auto, use_chat=use_chat, layer=layer,
                       head=inspect_head, hide_special=hide_special, show=show_map, notes=inspect_notes,
-                      grid=inspect_grid, big=inspect_big, files_btn=files_btn, files=files, teaching=teaching)
+                      grid=inspect_grid, big=inspect_big, files_btn=files_btn, files=files, teaching=teaching,
+                      lens=lens)

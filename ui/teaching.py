@@ -213,6 +213,7 @@ class TeachingHandlers:
         self.settings = settings
         self.model = model
         self.files = DownloadDir()
+        self.role_of = lambda layer, head: ""  # a head's role for the large map's title (ui/lens.py sets it)
 
     # -- 1. every layer at once ---------------------------------------------------------------
 
@@ -231,7 +232,9 @@ class TeachingHandlers:
         head = min(max(as_int(head, "head"), 0), mv.n_heads - 1)
         scale = scale if scale in ("each", "shared") else "each"
         grid = grid_figure(mv, scale, (layer, head))
-        big = plot_head(mv.head(layer, head), mv.tokens, title=mv.describe(layer, head), vmax=None)
+        role = self.role_of(layer, head)
+        title = mv.describe(layer, head) + (f" · {role}" if role else "")
+        big = plot_head(mv.head(layer, head), mv.tokens, title=title, vmax=None)
         grid_png = figure_bytes(grid, "png")
         cells = model_view_cells(grid)
         name = f"layer{layer}_head{head}"

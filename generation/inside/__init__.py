@@ -5,6 +5,8 @@ teaching views (every layer at once, heads switched off, what a reply looked at)
   after loading; `capture.capture(...)` / `ablate(...)` blocks for one request).
 * `introspect`: one layer's map, the next-token table (through `generation.sampling`, as the chat
   samples), the 4-bit model beside the full-precision one.
+* `lens`: the logit lens after every layer, the same lens on the 4-bit and full-precision models,
+  and each head's role (previous-token, first-token, induction).
 * `teaching`: the model view, head ablation and a reply's attention.
 * `reply_tokens`: how sure the model was of each token of a reply, and its alternatives.
 
@@ -31,6 +33,21 @@ from .introspect import (
     token_label,
 )
 from .reply_tokens import REPLY_TOKENS_LIMIT, Alternative, ReplyToken, ReplyTokens, reply_token_probs
+from .lens import (
+    LENS_MAX_TOKENS,
+    LENS_TOP,
+    ROLES,
+    HeadRoles,
+    LensToken,
+    LogitLens,
+    QuantLens,
+    QuantLensLayer,
+    describe_map,
+    head_roles,
+    induction_tokens,
+    logit_lens,
+    quant_lens,
+)
 from .teaching import (
     ABLATION_MAX_NEW_TOKENS,
     MODEL_VIEW_MAX_TOKENS,
@@ -53,6 +70,9 @@ from .teaching import (
 __all__ = [
     "ABLATION_MAX_NEW_TOKENS",
     "DEFAULT_MAX_TOKENS",
+    "LENS_MAX_TOKENS",
+    "LENS_TOP",
+    "ROLES",
     "MAX_CANDIDATES",
     "MODEL_VIEW_MAX_TOKENS",
     "REPLY_MAX_TOKENS",
@@ -64,10 +84,15 @@ __all__ = [
     "CaptureUnsupported",
     "FullPrecisionCache",
     "Head",
+    "HeadRoles",
+    "LensToken",
+    "LogitLens",
     "ModelAttention",
     "ModelView",
     "NextToken",
     "QuantComparison",
+    "QuantLens",
+    "QuantLensLayer",
     "QuantRow",
     "QuantSide",
     "ReplyAttention",
@@ -79,16 +104,21 @@ __all__ = [
     "check_heads",
     "compare_quantization",
     "delegate_name",
+    "describe_map",
     "format_heads",
     "head_in_every_layer",
+    "head_roles",
     "heads_of_layer",
+    "induction_tokens",
     "install",
     "is_installed",
+    "logit_lens",
     "model_attention",
     "model_layers",
     "model_view",
     "next_token_candidates",
     "parse_heads",
+    "quant_lens",
     "reply_attention",
     "reply_token_probs",
     "token_label",
