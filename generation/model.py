@@ -333,6 +333,8 @@ def load_model(
     kwargs = from_pretrained_kwargs(
         load_4bit=load_4bit, cuda=cuda, trust_remote_code=settings.trust_remote_code, dtype=dtype
     )
+    if load_4bit and _pre_quantized(source):
+        del kwargs["quantization_config"]  # a calibrated snapshot carries its own (the same NF4 settings)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=settings.trust_remote_code, local_files_only=local_only
@@ -377,6 +379,11 @@ def load_model(
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         rounding=_rounding(model_id, settings) if load_4bit and n4 > 0 else "",
     )
+
+
+def _pre_quantized(source: str) -> bool:
+    config = Path(source) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
 
 
 def _rounding(model_id: str, settings: Settings) -> str:

@@ -1,0 +1,207 @@
+"""Does the chat answer? Short factual questions through the app's engine, scored by their answers.
+
+    python bench/chat_quality.py                  # every variant below (~15-25 min on 2 CPU cores)
+    python bench/chat_quality.py --variants nf4-calibrated,bf16 --prompts examples
+
+Variants (each in its own subprocess, loaded as the app loads it):
+  nf4-plain        bitsandbytes NF4 as `from_pretrained` rounds it (absmax scales, nearest code)
+  nf4-calibrated   the app's default: NF4 codes and scales chosen for each layer's output
+                   (generation/rounding/), the same Linear4bit layers
+  bf16             the same GGUF weights dequantized, no 4-bit rounding
+Prompts:
+  zero-shot        one instruction line (the app's system text until 2026-12)
+  examples         generation.prompt.DEFAULT_SYSTEM: the instruction and a few example exchanges
+Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds.
+
+The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
+never among the system text's examples. A reply counts when one of the accepted answers appears in
+it as a whole word (case-insensitive): "The capital of France is Paris." answers "Paris".
+Also per variant: perplexity on held-out text and KL(bf16 || variant) of the next-token
+distribution at the end of every question's prompt (the bf16 run writes its distributions first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchutil import describe  # noqa: E402
+
+QUESTIONS = Path(__file__).with_name("questions.tsv")
+ZERO_SHOT = "The following is a conversation with a helpful assistant that answers questions accurately and concisely."
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+PPL_CHARS, PPL_TOKENS = 20_000, 2000  # the first 2,000 tokens: never calibrated on
+VARIANTS = ("nf4-plain", "nf4-calibrated", "bf16")
+PROMPTS = ("zero-shot", "examples")
+MAX_NEW_TOKENS = 48  # a short answer's length; a reply that has not named it by then is wrong anyway
+
+
+def load_questions(path: Path = QUESTIONS) -> list[tuple[str, list[str]]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        question, answers = line.split("\t")
+        out.append((question, [a.strip() for a in answers.split("|")]))
+    return out
+
+
+def answered(reply: str, answers: list[str]) -> bool:
+    """True when one of `answers` is in `reply` as a whole word or phrase (case-insensitive)."""
+    return any(re.search(rf"(?<![\w-]){re.escape(a)}(?![\w-])", reply, re.IGNORECASE) for a in answers)
+
+
+def system_text(prompt: str) -> str:
+    from generation.prompt import DEFAULT_SYSTEM
+
+    return {"zero-shot": ZERO_SHOT, "examples": DEFAULT_SYSTEM}[prompt]
+
+
+def replies(engine, questions: list[str], system: str, params) -> list[str]:
+    """Each question's reply through `engine.stream_reply`, all submitted at once (the engine batches them)."""
+
+    def one(q: str) -> str:
+        text = ""
+        for text in engine.stream_reply(q, (), system=system, params=params):
+            pass
+        return text
+
+    with ThreadPoolExecutor(max_workers=len(questions)) as pool:
+        return list(pool.map(one, questions))
+
+
+def score(engine, system: str, seeds: int, questions=None) -> dict:
+    """{"greedy": right answers, "sampled": mean over seeds, "sampled_each": [...], "wrong_greedy": [...]}."""
+    from generation import SamplingParams
+
+    qa = questions or load_questions()
+    qs = [q for q, _ in qa]
+    greedy = replies(engine, qs, system, SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))
+    right = [answered(r, a) for r, (_, a) in zip(greedy, qa)]
+    each = []
+    for seed in range(seeds):
+        params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, top_p=0.95, seed=1000 + seed)
+        got = replies(engine, qs, system, params)
+        each.append(sum(answered(r, a) for r, (_, a) in zip(got, qa)))
+    return {"greedy": sum(right), "sampled": sum(each) / max(len(each), 1), "sampled_each": each,
+            "n": len(qa), "wrong_greedy": [[q, r] for (q, _), r, ok in zip(qa, greedy, right) if not ok][:12]}
+
+
+def perplexity(lm) -> float | None:
+    """exp(mean NLL) over the first PPL_TOKENS tokens of tinyshakespeare (None where the file is missing)."""
+    import torch
+
+    if not SHAKESPEARE.is_file():
+        return None
+    ids = lm.tokenizer(SHAKESPEARE.read_text(encoding="utf-8")[:PPL_CHARS], return_tensors="pt").input_ids[:, :PPL_TOKENS]
+    nll = 0.0
+    with torch.inference_mode():
+        h = lm.model.model(input_ids=ids).last_hidden_state[0]  # (T, D)
+        for i in range(0, ids.shape[1] - 1, 250):  # logits in chunks: (T, V) at once would be ~2 GB
+            target = ids[0, i + 1 : i + 251]  # (t,)
+            logits = lm.model.lm_head(h[i : i + target.numel()]).float()  # (t, V)
+            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return float(torch.tensor(nll / (ids.shape[1] - 1)).exp())
+
+
+def last_logprobs(lm, systems: dict[str, str], questions: list[str]):
+    """{prompt: (Q, V) log-probabilities of the first reply token} for every question's prompt."""
+    import torch
+
+    from generation.prompt import build_prompt
+
+    out = {}
+    for name, system in systems.items():
+        rows = []
+        with torch.inference_mode():
+            for q in questions:
+                ids = build_prompt(lm.tokenizer, q, system=system).input_ids
+                rows.append(lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().log_softmax(-1))
+        out[name] = torch.stack(rows)
+    return out
+
+
+def run_variant(variant: str, prompts: list[str], seeds: int, ref_path: Path) -> dict:
+    """Load `variant` as the app would, answer every question, measure perplexity and KL."""
+    import torch
+
+    from generation import ChatEngine, Settings, load_model
+
+    t0 = time.perf_counter()
+    if variant == "bf16":
+        lm = load_model(load_4bit=False)
+    else:
+        settings = dataclasses.replace(Settings.from_env(), nf4_rounding=variant.removeprefix("nf4-"))
+        lm = load_model(settings=settings)
+    res: dict = {"variant": variant, "load_s": time.perf_counter() - t0, "ppl": perplexity(lm)}
+    qa = load_questions()
+    systems = {p: system_text(p) for p in prompts}
+    lp = last_logprobs(lm, systems, [q for q, _ in qa])
+    if variant == "bf16":
+        torch.save(lp, ref_path)
+    elif ref_path.is_file():
+        ref = torch.load(ref_path)
+        res["kl"] = {p: float((ref[p].exp() * (ref[p] - lp[p])).sum(-1).mean()) for p in prompts if p in ref}
+    engine = ChatEngine(lm, max_batch=32)
+    try:
+        for p in prompts:
+            res[p] = score(engine, systems[p], seeds, qa)
+    finally:
+        engine.close()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ref", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    prompts = [p for p in args.prompts.split(",") if p]
+    if args.child:
+        print(json.dumps(run_variant(args.child, prompts, args.seeds, Path(args.ref))))
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants + prompts:
+        if v not in VARIANTS + PROMPTS:
+            raise SystemExit(f"unknown variant or prompt {v!r}: choose from {VARIANTS + PROMPTS}")
+    print(describe())
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = Path(tmp) / "bf16_logprobs.pt"
+        # bf16 first: the others' KL is measured against its distributions.
+        for v in sorted(variants, key=lambda v: v != "bf16"):
+            cmd = [sys.executable, __file__, "--child", v, "--prompts", ",".join(prompts),
+                   "--seeds", str(args.seeds), "--ref", str(ref)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    n = results[0][prompts[0]]["n"]
+    print("\n| model | perplexity | " + " | ".join(f"{p}: KL vs bf16 | {p}: greedy /{n} | {p}: sampled /{n} (mean of {args.seeds})"
+                                              for p in prompts) + " |")
+    print("|---|---:|" + "---:|---:|---:|" * len(prompts))
+    for r in results:
+        cells = []
+        for p in prompts:
+            kl = r.get("kl", {}).get(p)
+            cells += ["–" if kl is None else f"{kl:.4f}", str(r[p]["greedy"]),
+                      f"{r[p]['sampled']:.1f} ({', '.join(map(str, r[p]['sampled_each']))})"]
+        ppl = "–" if r["ppl"] is None else f"{r['ppl']:.2f}"
+        print(f"| {r['variant']} | {ppl} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
