@@ -24,7 +24,8 @@ def test_cli_streams_the_answer_with_info(lm4):  # lm4: the cache exists, so thi
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "model:          google/gemma-3-270m"
-    assert any(line.startswith("quantization:   nf4 (126 bitsandbytes Linear4bit layers)") for line in lines)
+    assert any(line.startswith("quantization:   nf4 (126 bitsandbytes Linear4bit layers, calibrated rounding)")
+               for line in lines)
     assert "Paris" in lines[-1] and "User:" not in r.stdout and "What is the capital" not in r.stdout
 
 

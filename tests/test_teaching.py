@@ -606,11 +606,11 @@ def test_reply_as_ids_or_text(lm4, chat_reply, reply_form):
 def test_long_replies_are_capped_with_a_note(lm4, chat_reply):
     prompt, _, _ = chat_reply
     n_prompt = prompt.input_ids.shape[1]
-    long_reply = " ".join(["word"] * 300)
+    long_reply = " ".join(["word"] * 400)
     ra = reply_attention(lm4, prompt, long_reply, layer=1)
-    assert ra.capped and len(ra.token_ids) == REPLY_MAX_TOKENS == 256
-    assert len(ra.reply_tokens) == 256 - n_prompt and ra.n_reply_tokens > 256
-    assert "first 256" in ra.notice and f"first {256 - n_prompt} of the reply's" in ra.notice
+    assert ra.capped and len(ra.token_ids) == REPLY_MAX_TOKENS == 384
+    assert len(ra.reply_tokens) == REPLY_MAX_TOKENS - n_prompt and ra.n_reply_tokens > REPLY_MAX_TOKENS
+    assert f"first {REPLY_MAX_TOKENS}" in ra.notice and f"first {REPLY_MAX_TOKENS - n_prompt} of the reply's" in ra.notice
     small = reply_attention(lm4, prompt, long_reply, layer=1, max_tokens=n_prompt + 3)
     assert len(small.reply_tokens) == 3
     # the kept rows are exact: the cap keeps the start, and attention is causal
@@ -624,7 +624,7 @@ def test_128_token_reply_in_one_forward(lm4, chat_reply):
     prompt, _, _ = chat_reply
     reply_ids = torch.randint(1000, 20000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     with ForwardCounter(lm4.model) as counter:
-        ra = reply_attention(lm4, prompt, reply_ids, layer=11)
+        ra = reply_attention(lm4, prompt, reply_ids, layer=11, max_tokens=512)  # the prompt has ~150 tokens
     assert counter.calls == 1 and len(ra.reply_tokens) == 128 and not ra.capped
 
 

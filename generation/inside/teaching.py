@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 MODEL_VIEW_MAX_TOKENS = DEFAULT_MAX_TOKENS  # 64: beyond it a 0.8-inch thumbnail has < 1 pixel per token
-REPLY_MAX_TOKENS = 256  # default cap on prompt + reply for "what did it look at while writing"
+REPLY_MAX_TOKENS = 384  # default cap on prompt + reply (the default system text alone is ~150 tokens) for "what did it look at while writing"
 REPLY_MAX_TOKENS_LIMIT = 2048  # what a caller may ask for: the one kept map is (H, T, T) float32
 ABLATION_MAX_NEW_TOKENS = 64  # greedy continuation of an ablation, each way
 
@@ -536,7 +536,7 @@ def reply_attention(
     that ends without whitespace, e.g. "Assistant:"), or the generated token ids.
 
     One forward over prompt + reply (every layer through the project's attention code, only
-    `layer` kept), capped at the first `max_tokens` positions (default 256): the rows of the
+    `layer` kept), capped at the first `max_tokens` positions (default 384): the rows of the
     positions kept are exactly what the full forward gives, as attention is causal. One forward
     re-reads what generation computed step by step with the KV cache: the same attention up to
     floating-point rounding. Raises ValueError for a bad layer, mode or max_tokens, an empty reply,
