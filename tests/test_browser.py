@@ -279,6 +279,8 @@ def test_what_4bit_costs_loads_full_precision_on_demand(page):
     summary = page.locator("#quant-summary").inner_text()
     kl = float(summary.split("=", 1)[1].split("nats", 1)[0].strip())
     assert 1e-3 < kl < 1.0, summary  # NF4 moves the distribution, measurably but not wildly
+    # side by side: the chat's calibrated rounding, bitsandbytes' plain one, full precision
+    assert "NF4 4-bit, calibrated" in summary and "NF4 4-bit, plain" in summary and "KL(full ‖ this)" in summary
     table = page.locator("#quant-table").inner_text()
     assert "Paris" in table and "%" in table
 
