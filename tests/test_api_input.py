@@ -294,6 +294,11 @@ DOCUMENTED = {
     "/logit_lens": [("text", "str"), ("max_tokens", "int")],
     "/quant_lens": [("text", "str")],
     "/head_roles": [("text", "str")],
+    "/reply_tokens": [("message", "str"), ("reply", "str"), ("system", "str")],
+    "/continue": [("message", "str"), ("reply_prefix", "str"), ("system", "str"), ("max_new_tokens", "int"),
+                  ("temperature", "float"), ("top_p", "float"), ("top_k", "int"), ("repetition_penalty", "float"),
+                  ("seed", "int")],
+    "/engine_state": [],
 }
 
 
