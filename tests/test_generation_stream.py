@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from generation import ReplyStats, SamplingParams, load_model
+from generation import ReplyStats, SamplingParams, build_prompt, load_model
 from generation.backends import ChatEngine, throttled
 from generation.model import LoadedModel
 from generation.prompt import PLAIN_STOP_STRINGS
@@ -121,11 +121,12 @@ def test_trimmed_turns_reported(engine4):
         history += [{"role": "user", "content": f"Question number {i}: tell me something about the number {i}."},
                     {"role": "assistant", "content": f"The number {i} is a fine number with many properties."}]
     stats = ReplyStats()
+    budget = build_prompt(engine4.tokenizer, QUESTION).input_ids.shape[1] + 60  # room for some of the history
     reply = list(engine4.stream_reply(QUESTION, history, params=SamplingParams(temperature=0, max_new_tokens=8),
-                                      max_input_tokens=120, stats=stats))
+                                      max_input_tokens=budget, stats=stats))
     assert reply
     assert stats.trimmed_turns > 0 and stats.trimmed_turns % 2 == 0
-    assert stats.prompt_tokens <= 120
+    assert stats.prompt_tokens <= budget
 
 
 def test_a_crash_in_the_model_surfaces_as_error(lm4, tiny_qwen_dir):
