@@ -22,6 +22,7 @@ from ui.apigate import gate_middleware  # noqa: E402
 from ui.chat import ChatHandlers, build_chat, build_status  # noqa: E402
 from ui.inside import INSIDE_FIELDS, InsideHandlers, build_inside  # noqa: E402
 from ui.lab import LAB_FIELDS, LabHandlers, build_lab  # noqa: E402
+from ui.lessons import LessonsHandlers, build_lessons  # noqa: E402
 from ui.server_view import ServerHandlers, build_server  # noqa: E402
 from ui.share import build_share  # noqa: E402
 from ui.tokens_view import TokensHandlers, build_tokens  # noqa: E402
@@ -56,7 +57,7 @@ class AppState:
 
 
 def build_demo(settings: Settings | None = None, *, load_model_now: bool = False) -> gr.Blocks:
-    """Build the two-tab Blocks. With load_model_now, start loading the chat model in the background
+    """Build the Blocks (Attention Lab, 4-bit Chat, Lessons). With load_model_now, start loading the chat model in the background
     (unless it is lazy: a remote server answers the chat)."""
     state = AppState.create(settings)
     if load_model_now and not state.model.lazy:
@@ -74,6 +75,8 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
             chat = build_chat(demo, state.chat, bar)
             build_tokens(TokensHandlers(state.chat), chat)  # every reply token opens up
             build_server(ServerHandlers(state.chat.backend))  # the engine serving the class, live
+        with gr.Tab("Lessons", id="lessons"):
+            build_lessons(demo, LessonsHandlers(state.model, state.inside.full_precision))  # predict, then see
         inside.wire(chat.chatbot, chat.replies, bar.line, system=chat.system)
     return demo
 

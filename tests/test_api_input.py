@@ -251,6 +251,10 @@ HOSTILE = [
     ("/ablate", {"heads": SCRIPT}, "head"), ("/ablate", {"heads": HUGE_TEXT}, "heads"),
     ("/ablate", {"heads": "x" * 5000}, "head"), ("/ablate", {"new_tokens": True}, "new_tokens"),
     ("/ablate", {"k": 1e18}, "k"),
+    ("/lesson", {"lesson": 5}, "lesson"), ("/lesson", {"lesson": SCRIPT}, "lesson"),
+    ("/lesson", {"lesson": HUGE_TEXT}, "lesson"), ("/lesson", {"step": 99}, "step"),
+    ("/lesson", {"step": True}, "step"), ("/lesson", {"prediction": 3}, "prediction"),
+    ("/lesson", {"prediction": SCRIPT}, "prediction"), ("/lesson", {"prediction": HUGE_TEXT}, "prediction"),
 ]
 
 
@@ -299,6 +303,7 @@ DOCUMENTED = {
                   ("temperature", "float"), ("top_p", "float"), ("top_k", "int"), ("repetition_penalty", "float"),
                   ("seed", "int")],
     "/engine_state": [],
+    "/lesson": [("lesson", "str"), ("step", "int"), ("prediction", "str")],
 }
 
 

@@ -87,3 +87,25 @@ def test_inside_the_server_shows_this_chat_being_written(page):
     assert "dragon" not in text  # only counts, never anyone's text
     page.click("#stop-btn")
     wait_for(lambda: page.locator("#server-panel").inner_text(), lambda t: "No reply is being written" in t)
+
+
+def test_a_lesson_asks_before_it_tells(page):
+    page.get_by_role("tab", name="Lessons").click()
+    page.locator("#lesson-pick label", has_text="What temperature does").click()
+    page.wait_for_function("document.querySelector('#lesson-head').innerText.includes('Step 1 of 2')")
+    # No prediction yet: the lesson says so and reveals nothing.
+    page.click("#lesson-check")
+    page.get_by_text("Pick your prediction first").wait_for(timeout=30_000)
+    assert page.locator("#lesson-reveal").inner_text().strip() == ""
+    page.locator("#lesson-choice label", has_text="lower").click()
+    page.click("#lesson-check")
+    page.wait_for_function("document.querySelector('#lesson-reveal').innerText.includes('You predicted')",
+                           timeout=120_000)
+    reveal = page.locator("#lesson-reveal").inner_text()
+    assert "the model: higher" in reveal and "T = 0.5" in reveal
+    assert page.locator("#lesson-evidence [role='gridcell']").count() >= 5
+    assert "0 of 1" in page.locator("#lesson-score").inner_text()
+    page.click("#lesson-next")
+    page.wait_for_function("document.querySelector('#lesson-head').innerText.includes('Step 2 of 2')")
+    assert "top-p 0.9" in page.locator("#lesson-question").inner_text()
+    assert page.locator("#lesson-reveal").inner_text().strip() == ""

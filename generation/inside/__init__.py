@@ -9,6 +9,7 @@ teaching views (every layer at once, heads switched off, what a reply looked at)
   and each head's role (previous-token, first-token, induction).
 * `teaching`: the model view, head ablation and a reply's attention.
 * `reply_tokens`: how sure the model was of each token of a reply, and its alternatives.
+* `lessons`: short lessons whose every answer is what the live model does (predict, then see).
 
 No gradio here: the UI imports these names from `generation.inside`.
 """
@@ -32,6 +33,7 @@ from .introspect import (
     next_token_candidates,
     token_label,
 )
+from .lessons import LESSONS, Lesson, Reveal, Step, get_lesson, run_step
 from .reply_tokens import REPLY_TOKENS_LIMIT, Alternative, ReplyToken, ReplyTokens, reply_token_probs
 from .lens import (
     LENS_MAX_TOKENS,
@@ -71,6 +73,7 @@ __all__ = [
     "ABLATION_MAX_NEW_TOKENS",
     "DEFAULT_MAX_TOKENS",
     "LENS_MAX_TOKENS",
+    "LESSONS",
     "LENS_TOP",
     "ROLES",
     "MAX_CANDIDATES",
@@ -86,6 +89,7 @@ __all__ = [
     "Head",
     "HeadRoles",
     "LensToken",
+    "Lesson",
     "LogitLens",
     "ModelAttention",
     "ModelView",
@@ -96,6 +100,8 @@ __all__ = [
     "QuantRow",
     "QuantSide",
     "ReplyAttention",
+    "Reveal",
+    "Step",
     "ReplyToken",
     "ReplyTokens",
     "ablate",
@@ -106,6 +112,7 @@ __all__ = [
     "delegate_name",
     "describe_map",
     "format_heads",
+    "get_lesson",
     "head_in_every_layer",
     "head_roles",
     "heads_of_layer",
@@ -118,6 +125,7 @@ __all__ = [
     "model_view",
     "next_token_candidates",
     "parse_heads",
+    "run_step",
     "quant_lens",
     "reply_attention",
     "reply_token_probs",
