@@ -52,7 +52,8 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-@pytest.mark.parametrize("path", package_sources("generation"), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", package_sources("generation") + package_sources("ui"),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_every_room_reads_in_one_sitting(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(REPO)} has {n} lines (at most {MAX_LINES})"

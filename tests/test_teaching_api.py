@@ -137,7 +137,7 @@ def test_handlers_warn_while_the_model_is_not_there():
     assert len(out) == 5 and all(_is_skip(v) for v in out)
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     with pytest.warns(UserWarning, match="not loaded"):
-        out = h.writing_read(history, "", 5, -1, "writing", True)
+        out = h.writing.read(history, "", 5, -1, "writing", True)
     assert len(out) == 10 and all(_is_skip(v) for v in out)
     import gradio as gr
 
@@ -148,15 +148,15 @@ def test_handlers_warn_while_the_model_is_not_there():
     # nothing read yet: choosing a token, a layer or a thumbnail does nothing (and says nothing)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert all(_is_skip(v) for v in h.writing_show(None, 0, -1, True))
-        assert all(_is_skip(v) for v in h.writing_reread(None, 5, -1, "writing", True))
+        assert all(_is_skip(v) for v in h.writing.show(None, 0, -1, True))
+        assert all(_is_skip(v) for v in h.writing.reread(None, 5, -1, "writing", True))
         assert all(_is_skip(v) for v in h.model_view_pick(None, "each", 5, 0))
-        assert all(_is_skip(v) for v in h.writing_follow(True, history, "", 5, -1, "writing", True))
+        assert all(_is_skip(v) for v in h.writing.follow(True, history, "", 5, -1, "writing", True))
         assert all(_is_skip(v) for v in h.fit_sliders())
 
 
 def test_last_reply_is_the_last_answered_turn_with_the_turns_before_it():
-    from ui.teaching import last_reply
+    from ui.reply_attention import last_reply
 
     history = [
         {"role": "user", "content": "Hi"},

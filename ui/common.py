@@ -472,8 +472,24 @@ def pct(p: float) -> str:
     return f"{p * 100:.2f} %" if p >= 0.0001 else f"{p * 100:.1e} %"
 
 
+def token_text(label: str) -> str:
+    """A token label for a table or list: control characters written as escapes."""
+    return label if label.isprintable() else label.encode("unicode_escape").decode()
+
+
 # ---------------------------------------------------------------------------------------------
 # Files for the download buttons
+
+
+def download_buttons(prefix: str, kinds: list[tuple[str, str]]) -> list[gr.DownloadButton]:
+    """Small download buttons, (label, suffix) each, disabled until a figure fills them (ready_button)."""
+    return [gr.DownloadButton(label, size="sm", interactive=False, elem_id=f"{prefix}-{suffix}", min_width=80)
+            for label, suffix in kinds]
+
+
+def ready_button(path: str) -> Any:
+    """A download button's update: holding `path`, ready to click."""
+    return gr.update(value=path, interactive=True)
 
 
 class DownloadDir:

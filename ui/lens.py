@@ -51,15 +51,18 @@ from .common import (
     as_bool,
     as_int,
     as_text,
+    download_buttons,
     error_text,
     pct,
     plot_payload,
+    ready_button,
     typed_api,
 )
 from .share import Field, bool_field, query_of, read_fields, text_field, warn
 
 DEFAULT_LENS_TEXT = "The cat sat on the mat because it was tired."
 DEFAULT_QUANT_LENS_TEXT = "The capital of France is"
+FILES = [("PNG", "png"), ("SVG", "svg"), ("CSV", "csv")]  # each lens figure's downloads
 ROLE_NAMES = {"previous_token": "previous-token", "first_token": "first-token", "induction": "induction"}
 
 # The lenses' inputs in a shared link, in the order of `LensView.inputs`.
@@ -163,10 +166,6 @@ def _md(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-def _button(path: str) -> Any:
-    return gr.update(value=path, interactive=True)
-
-
 class LensHandlers:
     """Handlers of the lenses: forward passes of the shared model (and of the full-precision copy)."""
 
@@ -207,7 +206,7 @@ class LensHandlers:
                                   "logit_lens.csv": lens_csv(lens)})
         rows, heading = self.cell_table(lens, layer, pos)
         return (paths[0], layout, heading, rows, gr.Slider(maximum=max(lens.n_layers - 1, 1), value=layer),
-                gr.Slider(maximum=max(len(lens.tokens) - 1, 1), value=pos), *(_button(p) for p in paths))
+                gr.Slider(maximum=max(len(lens.tokens) - 1, 1), value=pos), *(ready_button(p) for p in paths))
 
     def lens_update(self, text: str, colourblind: bool) -> tuple:
         """UI: the lens of the text, the last layer's last cell listed. Outputs: (lens state, summary,
@@ -280,7 +279,7 @@ class LensHandlers:
         rows = [[str(r.layer), f"{r.kl:.4g}", _cell_text(r.top1_full), _cell_text(r.top1_4bit),
                  "" if r.agree else "differs"] for r in q.layers]
         summary = f"{_md(q.summary())}  \n{_md(q.notice)}"
-        return (paths[0], summary, rows, *(_button(p) for p in paths))
+        return (paths[0], summary, rows, *(ready_button(p) for p in paths))
 
     def quant_lens_api(self, text: str = DEFAULT_QUANT_LENS_TEXT) -> tuple[PlotPayload, dict[str, Any]]:
         """API /quant_lens: the logit lens of the 4-bit model against its full-precision copy at the
@@ -317,7 +316,7 @@ class LensHandlers:
             layer, head, score = roles.strongest(role)
             rows.append([ROLE_NAMES[role], f"{layer}:{head}", f"{score:.2f}"])
         summary = f"{_md(roles.summary())}  \n{_md(roles.notice)}"
-        return (paths[0], summary, rows, *(_button(p) for p in paths))
+        return (paths[0], summary, rows, *(ready_button(p) for p in paths))
 
     def head_roles_api(self, text: str = DEFAULT_LENS_TEXT) -> tuple[PlotPayload, dict[str, Any]]:
         """API /head_roles: every head of the chat model scored in [0, 1] on its role, previous-token and
@@ -389,11 +388,6 @@ class LensView:
         return [self.text, self.colourblind]
 
 
-def _downloads(prefix: str) -> list[gr.DownloadButton]:
-    return [gr.DownloadButton(label, size="sm", interactive=False, elem_id=f"{prefix}-{ext}", min_width=80)
-            for label, ext in (("PNG", "png"), ("SVG", "svg"), ("CSV", "csv"))]
-
-
 def _build_logit_lens(state: LensHandlers, text: gr.Textbox, colourblind: gr.Checkbox) -> tuple[list, list]:
     gr.Markdown(LENS_HELP)
     run = gr.Button("Show the logit lens", variant="primary", elem_id="lens-btn")
@@ -403,7 +397,7 @@ def _build_logit_lens(state: LensHandlers, text: gr.Textbox, colourblind: gr.Che
             grid = gr.Image(None, show_label=False, interactive=False, elem_id="lens-grid", buttons=["fullscreen"],
                             alt_text="The next-token guess after every layer at every position")
             with gr.Row():
-                dls = _downloads("lens")
+                dls = download_buttons("lens", FILES)
         with gr.Column(scale=2, min_width=240):
             layer = gr.Slider(0, 17, value=17, step=1, label="Layer", elem_id="lens-layer")
             pos = gr.Slider(0, LENS_MAX_TOKENS - 1, value=0, step=1, label="Position", elem_id="lens-pos")
@@ -431,7 +425,7 @@ def _build_quant_lens(state: LensHandlers, text: gr.Textbox, colourblind: gr.Che
             fig = gr.Image(None, show_label=False, interactive=False, elem_id="quant-lens-plot", buttons=["fullscreen"],
                            alt_text="KL between the 4-bit and full-precision lenses after every layer")
             with gr.Row():
-                dls = _downloads("quant-lens")
+                dls = download_buttons("quant-lens", FILES)
         with gr.Column(scale=2, min_width=240):
             table = gr.Dataframe(headers=["layer", "KL", "full", "4-bit", ""], show_label=False, interactive=False,
                                  elem_id="quant-lens-table")
@@ -448,7 +442,7 @@ def _build_roles(state: LensHandlers, text: gr.Textbox, colourblind: gr.Checkbox
             fig = gr.Image(None, show_label=False, interactive=False, elem_id="roles-plot", buttons=["fullscreen"],
                            alt_text="Every head's previous-token, first-token and induction scores")
             with gr.Row():
-                dls = _downloads("roles")
+                dls = download_buttons("roles", FILES)
         with gr.Column(scale=2, min_width=240):
             table = gr.Dataframe(headers=["role", "clearest head (layer:head)", "score"], show_label=False,
                                  interactive=False, elem_id="roles-table")

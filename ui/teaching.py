@@ -31,22 +31,18 @@ from attention.plot import (
     model_view_cells,
     plot_head,
     plot_model_view,
-    plot_token_attention,
     weights_csv,
 )
-from generation import Prompt, Settings, build_prompt
+from generation import Settings
 from generation.inside import (
     ABLATION_MAX_NEW_TOKENS,  # the continuation's cap
     MODEL_VIEW_MAX_TOKENS,
-    REPLY_MAX_TOKENS,
     Ablation,
     ModelView,
-    ReplyAttention,
     ablate_heads,
     model_layers,
     model_view,
     parse_heads,
-    reply_attention,
 )
 
 from .common import (
@@ -59,12 +55,15 @@ from .common import (
     as_bool,
     as_int,
     as_text,
+    download_buttons,
     error_text,
-    model_history,
     pct,
     plot_payload,
+    ready_button,
+    token_text,
     typed_api,
 )
+from .reply_attention import DEFAULT_LAYER, ReplyAttentionHandlers, build_reply_attention
 from .share import MAX_TEXT_CHARS, Field, query_of, read_fields, text_field, warn
 
 DEFAULT_MV_TEXT = "The cat sat on the mat because it was tired."
@@ -73,13 +72,9 @@ DEFAULT_ABLATE_HEADS = "5:*"  # all heads of layer 5, the default model's first 
 DEFAULT_NEW_TOKENS = 8
 ABLATE_K = 10  # candidates listed on each side
 ABLATE_MAX_K = 1000  # /ablate's k: the library's cap
-DEFAULT_LAYER = 5
-AVERAGE = -1  # the "head" value of the average over heads
 THUMB = 0.6  # inches per thumbnail: 18 layers fit one screen beside the large map
 
 SCALES = [("each thumbnail 0 to its own max", "each"), ("one scale for all", "shared")]
-MODES = [("while writing it (the pass that wrote the token)", "writing"),
-         ("while reading it (the token's own pass)", "reading")]
 
 # A heads spec in a shared link: digits, '*', ':' '/', separators. parse_heads checks it against
 # the model when the ablation runs.
@@ -131,28 +126,6 @@ divergence measures how far the next-token distribution moved, in nats: 0 means 
 whole layer, or one head in every layer.
 """
 
-WRITING_HELP = f"""
-### What did it look at while writing?
-After a chat reply (tab *4-bit Chat*), press **Read the last reply**: the model reads the
-conversation once more (one forward pass over prompt + reply, at most {REPLY_MAX_TOKENS} tokens), and
-for the reply token you choose you see how much attention it paid to every earlier token: the
-question, the instruction line, and the words it had already written.
-"""
-
-WRITING_READ = """
-**How to read it.** The darker a token's background, the more attention it got; the bars list the
-most attended tokens with their weights. A token is *written* by the model's pass over the token
-before it, so by default that pass is shown; *while reading it* shows the chosen token's own pass.
-Underlined: the reply so far; outlined in red: the token being written. `<bos>` is hidden by
-default: it collects much of the attention without meaning anything.
-"""
-
-_NOTE_REPLY = re.compile(r"^\*\(.*\)\*$")  # the chat's "*(stopped before the first token)*" notes
-
-
-def _button(path: str) -> Any:
-    """A download button holding `path`, ready to click."""
-    return gr.update(value=path, interactive=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,42 +139,6 @@ def grid_figure(mv: ModelView, scale: str = "each", selected: tuple[int, int] | 
                            scale=scale, selected=selected, thumb=THUMB)
 
 
-def _token_text(label: str) -> str:
-    """A token label for a table or list: control characters written as escapes."""
-    return label if label.isprintable() else label.encode("unicode_escape").decode()
-
-
-# ---------------------------------------------------------------------------------------------
-# State kept per user
-
-
-@dataclass
-class ReadReply:
-    """A chat reply read by the model (kept in gr.State): its prompt, its text, the layer's rows."""
-
-    prompt: Prompt
-    reply: str
-    ra: ReplyAttention
-    remote: bool  # the reply was written by a remote server's model; the local one re-reads it
-    r: int = 0  # the reply token shown
-
-
-def last_reply(history: list[Any]) -> tuple[str, list[dict[str, str]], str]:
-    """(the user message, the turns before it, the reply) of the last answered turn in the chat.
-
-    The turns are those the chat sent to the model (unanswered user turns left out), so the
-    rebuilt prompt is the one the reply was written under. ValueError if there is no reply yet.
-    """
-    turns = model_history(history)
-    at = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
-    if at is None or at == 0:
-        raise ValueError("There is no chat reply yet: send a message in the 4-bit Chat tab first.")
-    reply = turns[at]["content"]
-    if not reply.strip() or _NOTE_REPLY.match(reply.strip()):
-        raise ValueError("The last reply has no text the model wrote (it was stopped before its first token).")
-    return turns[at - 1]["content"], turns[:at - 1], reply
-
-
 # ---------------------------------------------------------------------------------------------
 # Handlers
 
@@ -213,6 +150,7 @@ class TeachingHandlers:
         self.settings = settings
         self.model = model
         self.files = DownloadDir()
+        self.writing = ReplyAttentionHandlers(settings, model, self.files)  # what a reply looked at
         self.role_of = lambda layer, head: ""  # a head's role for the large map's title (ui/lens.py sets it)
 
     # -- 1. every layer at once ---------------------------------------------------------------
@@ -248,7 +186,7 @@ class TeachingHandlers:
         return (paths[0], paths[2], gr.skip() if notes is None else notes, cells,
                 gr.Slider(maximum=max(mv.n_layers - 1, 1), value=layer),
                 gr.Slider(maximum=max(mv.n_heads - 1, 1), value=head),
-                *(_button(p) for p in paths))
+                *(ready_button(p) for p in paths))
 
     def model_view_update(self, text: str, hide_special: bool, scale: str, layer: Any, head: Any) -> tuple:
         """UI: every layer's attention for the text (one forward), the chosen head large. Outputs:
@@ -319,15 +257,15 @@ class TeachingHandlers:
         """The two sides' top-k candidates: plain [rank, token, p], switched off [rank, token, p, before]."""
         plain = sorted((r for r in ab.rows if r.rank_plain <= k), key=lambda r: r.rank_plain)
         off = sorted((r for r in ab.rows if r.rank_ablated <= k), key=lambda r: r.rank_ablated)
-        return ([[str(r.rank_plain), _token_text(r.token), pct(r.p_plain)] for r in plain],
-                [[str(r.rank_ablated), _token_text(r.token), pct(r.p_ablated),
+        return ([[str(r.rank_plain), token_text(r.token), pct(r.p_plain)] for r in plain],
+                [[str(r.rank_ablated), token_text(r.token), pct(r.p_ablated),
                   f"#{r.rank_plain}, {pct(r.p_plain)}"] for r in off])
 
     @staticmethod
     def ablation_summary(ab: Ablation) -> str:
         """KL, whether the most likely token changed, which heads: one markdown paragraph."""
-        top_p = html.escape(_token_text(min(ab.rows, key=lambda r: r.rank_plain).token))
-        top_q = html.escape(_token_text(min(ab.rows, key=lambda r: r.rank_ablated).token))
+        top_p = html.escape(token_text(min(ab.rows, key=lambda r: r.rank_plain).token))
+        top_q = html.escape(token_text(min(ab.rows, key=lambda r: r.rank_ablated).token))
         change = f"changed: **{top_p}** → **{top_q}**" if ab.top1_changed else f"unchanged (**{top_p}**)"
         heads = f"`{ab.spec}`" if ab.spec else "none"
         return (f"**KL(plain ‖ heads off) = {ab.kl_plain_to_ablated:.4f} nats** · most likely next token "
@@ -383,106 +321,6 @@ class TeachingHandlers:
         out.update(continuation_plain=ab.continuation_plain, continuation_ablated=ab.continuation_ablated,
                    prompt_tokens=ab.prompt_tokens, notice=ab.notice)
         return out
-
-    # -- 3. what did it look at while writing? ------------------------------------------------
-
-    def _read(self, prompt: Prompt, reply: str, layer: Any, mode: str) -> ReplyAttention:
-        lm = self.model.require()
-        if mode not in ("writing", "reading"):
-            mode = "writing"
-        return reply_attention(lm, prompt, reply, layer=as_int(layer, "layer"), mode=mode)
-
-    def _writing_outputs(self, read: ReadReply, r: Any, head: Any, hide_special: bool) -> tuple:
-        """(state, token list, clickable reply, strip, notes, head choices, 3 download buttons)."""
-        ra = read.ra
-        n_rows = len(ra.reply_tokens)
-        r = min(max(as_int(r, "reply token"), 0), n_rows - 1)
-        head = as_int(head, "head")
-        head = None if head < 0 or head >= ra.n_heads else head
-        n = ra.context(r)
-        tokens = ra.tokens[:n]
-        pos = ra.reply_start + r
-        target = ra.reply_tokens[r] if ra.mode == "writing" else None
-        hidden = ra.special[:n] if hide_special and not all(ra.special[:n]) else None
-        kind = ra.layer_kind if ra.window is None or ra.layer_kind == "global" else f"sliding window {ra.window}"
-        who = "average of all heads" if head is None else f"head {head}"
-        verb = "writing" if ra.mode == "writing" else "reading"
-        title = f"layer {ra.layer} ({kind}) · {who} · {verb} '{ra.reply_tokens[r]}' (position {pos})"
-        fig = plot_token_attention(ra.row(r, head), tokens, target=target, reply_start=ra.reply_start,
-                                   hidden=hidden, title=title)
-        name = f"reply_attention_layer{ra.layer}_pos{pos}"
-        heads = [f"head {h}" for h in range(ra.n_heads)]
-        paths = self.files.write({
-            f"{name}.png": figure_bytes(fig, "png"),
-            f"{name}.svg": figure_bytes(fig, "svg"),
-            f"{name}.csv": weights_csv(ra.rows[r, :, :n], heads, tokens),  # (heads, earlier tokens)
-        })
-        choices = [(f"{ra.reply_start + i}: {_token_text(t)}", i) for i, t in enumerate(ra.reply_tokens)]
-        marked = [(t if t != "␣" else " ", "chosen" if i == r else "reply") for i, t in enumerate(ra.reply_tokens)]
-        notes = [f"**Prompt: {ra.reply_start} tokens, reply: {ra.n_reply_tokens} tokens** · layer {ra.layer} of "
-                 f"0-{ra.n_layers - 1} ({kind}) · {'average of' if head is None else 'one of'} {ra.n_heads} heads."]
-        if read.remote:
-            notes.append("The chat is served by a remote server: this is the local model reading its reply.")
-        if ra.notice:
-            notes.append(html.escape(ra.notice))
-        head_choices = [("average of all heads", AVERAGE)] + [(f"head {h}", h) for h in range(ra.n_heads)]
-        read.r = r
-        return (read, gr.Dropdown(choices=choices, value=r), marked, paths[0], " ".join(notes),
-                gr.Dropdown(choices=head_choices, value=AVERAGE if head is None else head),
-                *(_button(p) for p in paths))
-
-    def writing_read(self, history: list[Any], system: str, layer: Any, head: Any, mode: str,
-                     hide_special: bool) -> tuple:
-        """UI: read the chat's last reply (one forward over its prompt + reply) and show its first token.
-
-        Outputs: (state, token list, clickable reply, strip, notes, head choices, 3 downloads, following)."""
-        try:
-            lm = self.model.require()
-            user, earlier, reply = last_reply(history)
-            prompt = build_prompt(lm.tokenizer, user, earlier, system=(system or "").strip() or None,
-                                  max_input_tokens=self.settings.max_input_tokens)
-            ra = self._read(prompt, reply, layer, mode)
-            read = ReadReply(prompt=prompt, reply=reply, ra=ra, remote=self.settings.chat_backend_url is not None)
-            return (*self._writing_outputs(read, 0, head, hide_special), True)
-        except (ValueError, gr.Error) as exc:
-            gr.Warning(error_text(exc), title="What did it look at?")
-            return (gr.skip(),) * 10
-
-    def writing_follow(self, following: bool, history: list[Any], system: str, layer: Any, head: Any, mode: str,
-                       hide_special: bool) -> tuple:
-        """After a chat reply: read it at once if this user has read replies before (else nothing)."""
-        if not following or not self.model.ready:
-            return (gr.skip(),) * 10
-        return self.writing_read(history, system, layer, head, mode, hide_special)
-
-    def writing_reread(self, read: ReadReply | None, layer: Any, head: Any, mode: str, hide_special: bool) -> tuple:
-        """UI: another layer or mode for the reply already read (one forward again), same token."""
-        if read is None:
-            return (gr.skip(),) * 9
-        try:
-            ra = self._read(read.prompt, read.reply, layer, mode)
-            new = ReadReply(prompt=read.prompt, reply=read.reply, ra=ra, remote=read.remote)
-            return self._writing_outputs(new, read.r, head, hide_special)
-        except (ValueError, gr.Error) as exc:
-            gr.Warning(error_text(exc), title="What did it look at?")
-            return (gr.skip(),) * 9
-
-    def writing_show(self, read: ReadReply | None, r: Any, head: Any, hide_special: bool) -> tuple:
-        """UI: another reply token, head or <bos> setting: redraw from the rows already read (no forward)."""
-        if read is None or r is None:
-            return (gr.skip(),) * 9
-        try:
-            return self._writing_outputs(read, r, head, hide_special)
-        except ValueError as exc:
-            gr.Warning(error_text(exc), title="What did it look at?")
-            return (gr.skip(),) * 9
-
-    def writing_select(self, read: ReadReply | None, head: Any, hide_special: bool, evt: gr.SelectData) -> tuple:
-        """UI: a click on a token of the reply -> that token's strip."""
-        index = getattr(evt, "index", None)
-        if read is None or not isinstance(index, int):
-            return (gr.skip(),) * 9
-        return self.writing_show(read, index, head, hide_special)
 
     # -- page load and model arrival ----------------------------------------------------------
 
@@ -556,10 +394,10 @@ class TeachingView:
         state = self.handlers
         system_in = [system] if system is not None else [gr.State("")]
         read_in = [chatbot, *system_in, *self.writing_inputs]
-        self.writing_btn.click(state.writing_read, read_in, [*self.writing_outputs, self.following],
+        self.writing_btn.click(state.writing.read, read_in, [*self.writing_outputs, self.following],
                                **INSPECT_EVENTS, **PRIVATE)
         for chain in replies:  # a new reply is read at once by users who have read one before
-            chain.then(state.writing_follow, [self.following, *read_in], [*self.writing_outputs, self.following],
+            chain.then(state.writing.follow, [self.following, *read_in], [*self.writing_outputs, self.following],
                        show_progress="hidden", **INSPECT_EVENTS, **PRIVATE)
         shared_mv, shared_ab = gr.State(False), gr.State(False)
         loaded = self.demo.load(state.apply_setup, None,
@@ -570,11 +408,6 @@ class TeachingView:
         loaded.then(state.show_shared_ablation, [shared_ab, *self.ablate_inputs], self.ablate_outputs,
                     **INSPECT_EVENTS, **PRIVATE)
         status.change(state.fit_sliders, None, self.sliders, queue=False, show_progress="hidden", **PRIVATE)
-
-
-def _downloads(prefix: str, kinds: list[tuple[str, str]]) -> list[gr.DownloadButton]:
-    return [gr.DownloadButton(label, size="sm", interactive=False, elem_id=f"{prefix}-{suffix}", min_width=80)
-            for label, suffix in kinds]
 
 
 def _build_model_view(state: TeachingHandlers) -> dict[str, Any]:
@@ -595,13 +428,13 @@ def _build_model_view(state: TeachingHandlers) -> dict[str, Any]:
                             placeholder="Press *Show every layer*.",
                             alt_text="Grid of attention maps: rows are layers, columns are heads")
             with gr.Row():
-                grid_dl = _downloads("mv-grid", [("Grid PNG", "png"), ("Grid SVG", "svg")])
+                grid_dl = download_buttons("mv-grid", [("Grid PNG", "png"), ("Grid SVG", "svg")])
         with gr.Column(scale=3, min_width=360):
             big = gr.Image(None, show_label=False, interactive=False, elem_id="mv-big", buttons=["fullscreen"],
                            placeholder="The chosen head, large, with its tokens.",
                            alt_text="The chosen head's attention map, with its tokens")
             with gr.Row():
-                big_dl = _downloads("mv-big", [("Map PNG", "png"), ("Map SVG", "svg"), ("Weights CSV", "csv")])
+                big_dl = download_buttons("mv-big", [("Map PNG", "png"), ("Map SVG", "svg"), ("Weights CSV", "csv")])
             notes = gr.Markdown("Press *Show every layer* once the model has loaded.", elem_id="mv-notes")
     mv_state, cells = gr.State(None), gr.State(None)
     inputs = [text, hide, scale, layer, head]
@@ -664,37 +497,6 @@ def _build_ablation(state: TeachingHandlers) -> dict[str, Any]:
     return dict(prompt=prompt, heads=heads, inputs=inputs, outputs=outputs, sliders=[p_layer, p_head])
 
 
-def _build_writing(state: TeachingHandlers) -> dict[str, Any]:
-    gr.Markdown(WRITING_HELP)
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=2, min_width=280):
-            read = gr.Button("Read the last reply", variant="primary", elem_id="writing-btn")
-            layer = gr.Slider(0, 17, value=DEFAULT_LAYER, step=1, label="Layer", elem_id="writing-layer")
-            head = gr.Dropdown([("average of all heads", AVERAGE)] + [(f"head {h}", h) for h in range(4)],
-                               value=AVERAGE, label="Head", elem_id="writing-head")
-            mode = gr.Radio(MODES, value="writing", label="Attention of the chosen token", elem_id="writing-mode")
-            hide = gr.Checkbox(True, label="Hide special tokens such as <bos>", elem_id="writing-hide")
-            gr.Markdown(WRITING_READ)
-        with gr.Column(scale=5):
-            notes = gr.Markdown("Chat first, then press *Read the last reply*.", elem_id="writing-notes")
-            marked = gr.HighlightedText(label="The reply, token by token: click one", combine_adjacent=False,
-                                        show_legend=False, show_inline_category=False, interactive=False,
-                                        color_map={"reply": "#e0e7ff", "chosen": "#f97316"}, elem_id="writing-reply")
-            token = gr.Dropdown([], value=None, label="Reply token (position: token)", elem_id="writing-token")
-            strip = gr.Image(None, show_label=False, interactive=False, elem_id="writing-strip",
-                             buttons=["fullscreen"], alt_text="The chosen token's attention over every earlier token")
-            with gr.Row():
-                dls = _downloads("writing", [("PNG", "png"), ("SVG", "svg"), ("Weights CSV", "csv")])
-    read_state = gr.State(None)
-    outputs = [read_state, token, marked, strip, notes, head, *dls]
-    show = [read_state, token, head, hide]
-    gr.on([token.input, head.input, hide.input], state.writing_show, show, outputs, **INSPECT_EVENTS, **PRIVATE)
-    marked.select(state.writing_select, [read_state, head, hide], outputs, **INSPECT_EVENTS, **PRIVATE)
-    gr.on([layer.release, mode.input], state.writing_reread, [read_state, layer, head, mode, hide], outputs,
-          **INSPECT_EVENTS, **PRIVATE)
-    return dict(button=read, inputs=[layer, head, mode, hide], outputs=outputs, sliders=[layer])
-
-
 def build_teaching(demo: gr.Blocks, handlers: TeachingHandlers) -> TeachingView:
     """Lay out the three panels (accordions) in the current Blocks; wires `/model_view` and `/ablate`."""
     with gr.Accordion("Every layer at once: the model view", open=False, elem_id="mv-accordion") as mv_acc:
@@ -704,7 +506,7 @@ def build_teaching(demo: gr.Blocks, handlers: TeachingHandlers) -> TeachingView:
         ab = _build_ablation(handlers)
     with gr.Accordion("What did it look at while writing? (after a chat reply)", open=False,
                       elem_id="writing-accordion"):
-        wr = _build_writing(handlers)
+        wr = build_reply_attention(handlers.writing)
     return TeachingView(
         demo=demo, handlers=handlers, mv_text=mv["text"], ablate_prompt=ab["prompt"], ablate_heads=ab["heads"],
         mv_accordion=mv_acc, ablate_accordion=ab_acc, sliders=[*mv["sliders"], *ab["sliders"], *wr["sliders"]],
