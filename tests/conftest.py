@@ -248,3 +248,23 @@ def decode_side_by_side(slow, exact, packed, prompts, steps: int, weight):
         nxt = want.argmax(-1).tolist()
         lens = [x + 1 for x in lens]
     return worst, lens
+
+
+def assert_flip_is_a_tie(lm, prompt_ids, got: list[int], want: list[int]) -> bool:
+    """Two greedy token lists of the real bf16 model, from computations that sum in another order
+    (the fast step, a prefix cached from another chunking): equal, or they part where the model's
+    own bf16 logits tie, the two tokens no further apart than twice bf16's rounding at that
+    magnitude. True if equal as far as both go, False if they part at a tie; AssertionError otherwise."""
+    import torch
+
+    i = next((k for k in range(min(len(got), len(want))) if got[k] != want[k]), None)
+    if i is None:
+        return True
+    with torch.inference_mode():
+        ids = torch.cat([prompt_ids.reshape(-1), torch.tensor(want[:i], dtype=torch.long)])[None]
+        logits = lm.model(input_ids=ids).logits[0, -1]  # (V,) bf16
+    top = float(logits[want[i]])
+    ulp = 2.0 ** (torch.tensor(abs(top)).log2().floor().item() - 7)  # bf16 spacing at that magnitude
+    gap = float(logits[want[i]]) - float(logits[got[i]])
+    assert gap <= 2 * ulp, (i, gap, ulp, lm.tokenizer.decode(got), lm.tokenizer.decode(want))
+    return False

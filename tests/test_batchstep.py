@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_flip_is_a_tie
 from conftest import copy_cache as _copy
 from conftest import decode_side_by_side
 from conftest import prefilled_cache as _prefilled
@@ -201,15 +202,7 @@ def test_the_engine_decodes_through_the_fast_path(lm4):
         assert "fast CPU decode" in fast.describe()
     assert "Paris" in lm4.tokenizer.decode(want[0].token_ids)
     for ids, g, w in zip(prompts, got, want):
-        g, w = g.token_ids, w.token_ids
-        if g == w:
-            continue
-        i = next(k for k in range(min(len(g), len(w))) if g[k] != w[k])
-        with torch.inference_mode():
-            logits = lm4.model(input_ids=torch.cat([ids, torch.tensor(w[:i])])[None]).logits[0, -1]  # (V,) bf16
-        top = float(logits[w[i]])
-        ulp = 2.0 ** (torch.tensor(abs(top)).log2().floor().item() - 7)  # bf16 spacing at that magnitude
-        assert float(logits[w[i]]) - float(logits[g[i]]) <= 2 * ulp, (i, lm4.tokenizer.decode(g), lm4.tokenizer.decode(w))
+        assert_flip_is_a_tie(lm4, ids, g.token_ids, w.token_ids)
 
 
 def test_one_thread_here_is_per_thread():
