@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
-from ui.common import SESSION_CAPACITY, limit_malloc_arenas
+from ui.common import SESSION_CAPACITY, limit_malloc_arenas, palette_checkbox
 
 import gradio as gr  # noqa: E402,I001
 
@@ -66,14 +66,15 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
         demo.app_state = state  # for tests and main(); gradio ignores extra attributes
         gr.Markdown(INTRO)
         bar = build_status(state.chat)
+        colourblind = palette_checkbox()  # every figure of every view follows it
         with gr.Tab("Attention Lab", id="lab"):
             share_row = gr.Row(equal_height=True)  # filled below, once the widgets it reads exist
-            lab = build_lab(demo, state.lab)
-            inside = build_inside(demo, state.inside)
+            lab = build_lab(demo, state.lab, colourblind)
+            inside = build_inside(demo, state.inside, colourblind)
             build_share([(LAB_FIELDS, lab.inputs), (INSIDE_FIELDS, inside.inputs)], share_row)
         with gr.Tab("4-bit Chat", id="chat"):
             chat = build_chat(demo, state.chat, bar)
-            build_tokens(TokensHandlers(state.chat), chat)  # every reply token opens up
+            build_tokens(TokensHandlers(state.chat), chat, colourblind)  # every reply token opens up
             build_server(ServerHandlers(state.chat.backend))  # the engine serving the class, live
         with gr.Tab("Lessons", id="lessons"):
             build_lessons(demo, LessonsHandlers(state.model, state.inside.full_precision))  # predict, then see

@@ -21,37 +21,13 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from .palette import COLOURBLIND_PALETTE, DEFAULT_PALETTE, OKABE_ITO, PALETTES, Palette, palette_named  # noqa: F401
 from .plot import DPI, FIT_WIDTH, MASKED_COLOUR
 
 __all__ = [
     "Palette", "PALETTES", "DEFAULT_PALETTE", "COLOURBLIND_PALETTE", "OKABE_ITO", "palette_named",
     "LensLayout", "plot_logit_lens", "lens_cell", "plot_quant_lens", "plot_head_roles",
 ]
-
-# Okabe & Ito (2008), "Color Universal Design": black, orange, sky blue, bluish green, yellow,
-# blue, vermillion, reddish purple.
-OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
-
-
-@dataclass(frozen=True)
-class Palette:
-    """The colours of a figure: a heat map's colour map and categorical colours (series, highlights)."""
-
-    name: str
-    cmap: str  # heat maps (0 = dark, high = bright)
-    series: tuple[str, ...]  # categorical colours, in order
-    highlight: str  # what a figure marks (the chosen cell, a flipped prediction)
-
-
-DEFAULT_PALETTE = Palette("default", "viridis", ("#4f46e5", "#f97316", "#0ea5e9", "#16a34a", "#dc2626"), "#e4002b")
-COLOURBLIND_PALETTE = Palette("colour-blind safe", "cividis", (OKABE_ITO[5], OKABE_ITO[1], OKABE_ITO[2], OKABE_ITO[3],
-                                                               OKABE_ITO[7]), OKABE_ITO[6])
-PALETTES = {"default": DEFAULT_PALETTE, "colourblind": COLOURBLIND_PALETTE}
-
-
-def palette_named(colourblind: bool) -> Palette:
-    """The palette for the app's colour-blind-safe setting."""
-    return COLOURBLIND_PALETTE if colourblind else DEFAULT_PALETTE
 
 
 def _short(label: str, n: int) -> str:

@@ -26,7 +26,7 @@ from matplotlib.artist import Artist, allow_rasterization
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import RendererBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
-from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
+from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm, is_color_like
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
@@ -476,13 +476,17 @@ def _colour_strip(ax: Axes, x: float, y: float, w: float, h: float, cmap: Colorm
                           ax.transData, size=8, ha="center", va="top"))
 
 
-def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Figure:
+def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str], *, cmap: str = "viridis",
+               diverging: str = "RdBu_r") -> Figure:
     """The step-by-step view: one panel per (label, (T, T) matrix), e.g. from ``explain_head``.
 
-    Score panels use a diverging map centred on 0, each with its own colour bar; from the "mask"
+    Score panels use a diverging map (`diverging`) centred on 0, each with its own colour bar; from the "mask"
     step on, masked cells (-inf, or very negative for additive masks) are flat grey, marked "−∞"
-    in score panels when T <= 10 (where values are written in); a "softmax" panel uses 0..1.
+    in score panels when T <= 10 (where values are written in); a "softmax" panel uses 0..1 (`cmap`).
     """
+    for name, value in (("cmap", cmap), ("diverging", diverging)):
+        if value not in colormaps:
+            raise ValueError(f"{name}={value!r} is not a matplotlib colormap; try 'viridis' or 'RdBu_r'")
     if isinstance(steps, (str, Tensor)) or len(steps) == 0:
         raise ValueError("steps must be a non-empty list of (label, (T, T) tensor) pairs, e.g. explain_head(...)")
     checked: list[tuple[str, Tensor]] = []
@@ -523,10 +527,10 @@ def plot_steps(steps: Sequence[tuple[str, Tensor]], tokens: Sequence[str]) -> Fi
         shown = np.ma.masked_array(np.where(np.isfinite(values), values, 0.0),
                                    mask=hidden if hidden is not None else False)
         if probs:
-            colours = colormaps["viridis"].with_extremes(bad=MASKED_COLOUR)
+            colours = colormaps[cmap].with_extremes(bad=MASKED_COLOUR)
             norm: Normalize = Normalize(0.0, max(1.0, float(values.max())))
         else:
-            colours = colormaps["RdBu_r"].with_extremes(bad=MASKED_COLOUR)
+            colours = colormaps[diverging].with_extremes(bad=MASKED_COLOUR)
             finite = shown.compressed()
             bound = float(np.abs(finite).max()) if finite.size else 1.0
             norm = TwoSlopeNorm(0.0, -(bound or 1.0), bound or 1.0)
@@ -567,6 +571,7 @@ def plot_model_view(
     scale: str = "each",
     selected: tuple[int, int] | None = None,
     cmap: str = "viridis",
+    highlight: str = _SELECTED,
 ) -> Figure:
     """Every layer x every head as a grid of small heatmaps: weights (L, H, T, T) (or (L, H, T, S)).
 
@@ -575,7 +580,7 @@ def plot_model_view(
     thumbnail has about one pixel per token; show one large with plot_head. scale "each": every
     thumbnail runs from 0 to its own largest weight (patterns stay visible when a hidden <bos>
     takes most of a row); "shared": one 0..max scale with a colour bar. Weights exactly 0
-    (masked) are grey. selected: (layer, head) outlined in red. thumb: thumbnail side in inches;
+    (masked) are grey. selected: (layer, head) outlined in `highlight` (red). thumb: thumbnail side in inches;
     with too many heads for FIT_WIDTH the thumbnails shrink (to 0.3 in at least) and the columns
     are labelled "h0", "h1", .... model_view_cell(fig, x, y) maps a pixel of the PNG back to (layer, head).
     """
@@ -595,6 +600,8 @@ def plot_model_view(
         raise ValueError(f"thumb={thumb!r} must be a thumbnail side in inches between 0.3 and 3")
     if scale not in ("each", "shared"):
         raise ValueError(f"scale must be 'each' (every thumbnail 0..its max) or 'shared', got {scale!r}")
+    if not is_color_like(highlight):
+        raise ValueError(f"highlight={highlight!r} is not a colour")
     if cmap not in colormaps:
         raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap; try 'viridis', 'magma' or 'Blues'")
     if selected is not None and not (
@@ -654,7 +661,7 @@ def plot_model_view(
         layer, head = selected
         x = left + head * (col_w + _THUMB_GAP) + (col_w - thumb) / 2
         y = top + layer * (cell_h + _THUMB_GAP)
-        ax.add_patch(Rectangle((x - 0.02, y - 0.02), thumb + 0.04, cell_h + 0.04, fill=False, edgecolor=_SELECTED,
+        ax.add_patch(Rectangle((x - 0.02, y - 0.02), thumb + 0.04, cell_h + 0.04, fill=False, edgecolor=highlight,
                                linewidth=2.0, zorder=4))
     if title:
         _text(ax, width / 2, 0.25, title, 12)
@@ -720,11 +727,12 @@ def plot_token_attention(
     title: str | None = None,
     top: int = 10,
     cmap: str = "Oranges",
+    highlight: str = _SELECTED,
 ) -> Figure:
     """How much one token attended to every earlier token: weights (K,) over tokens (K labels).
 
     Drawn as the text itself, each token on a background as dark as its weight (scale 0 to the
-    largest shown), followed by `target` (the token being written) outlined in red; reply tokens
+    largest shown), followed by `target` (the token being written) outlined in `highlight` (red); reply tokens
     (index >= reply_start) are underlined in blue. Below, the `top` most attended tokens as bars
     with their weights. hidden: per token, True = leave it out of the colours and bars (e.g.
     <bos>, which often takes most of a row); its share is written in the caption. Rows of a
@@ -751,6 +759,8 @@ def plot_token_attention(
         raise ValueError(f"top must be an integer in [1, 50], got {top!r}")
     if cmap not in colormaps:
         raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap; try 'Oranges', 'Blues' or 'viridis'")
+    if not is_color_like(highlight):
+        raise ValueError(f"highlight={highlight!r} is not a colour")
     if hide.all():
         raise ValueError("every token is hidden: nothing left to show")
 
@@ -802,8 +812,8 @@ def plot_token_attention(
             if reply_start is not None and i >= reply_start:
                 underline.append((bx, bx + w, by + bh + 0.015))
         else:  # the token being written
-            ax.add_patch(Rectangle((bx, by), w, bh, facecolor="white", edgecolor=_SELECTED, linewidth=1.6))
-            colour = _SELECTED
+            ax.add_patch(Rectangle((bx, by), w, bh, facecolor="white", edgecolor=highlight, linewidth=1.6))
+            colour = highlight
         texts_xy.append((bx + _STRIP_PAD - ink[i, 0], by + bh / 2))
         texts.append(labels[i] if i < k else _label(target or ""))
         text_colours.append(colour)

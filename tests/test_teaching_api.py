@@ -218,14 +218,14 @@ def test_a_click_maps_to_its_thumbnail_or_to_nothing_between_them():
             self.index = [x, y]
 
     x0, y0, x1, y1 = cells[7, 3]
-    out = h.model_view_select(mv, cells, "each", Click((x0 + x1) / 2, (y0 + y1) / 2))
+    out = h.model_view_select(mv, cells, "each", False, Click((x0 + x1) / 2, (y0 + y1) / 2))
     assert len(out) == 11
     grid, big, notes, new_cells, layer, head = out[:6]
     assert layer.value == 7 and head.value == 3 and _is_skip(notes) and new_cells == cells
     assert os.path.basename(big) == "attention_layer7_head3.png" and grid.endswith("model_view.png")
     assert all(b["value"] and os.path.exists(b["value"]) for b in out[6:])
-    assert all(_is_skip(v) for v in h.model_view_select(mv, cells, "each", Click(1, 1)))  # the margin
-    assert all(_is_skip(v) for v in h.model_view_select(None, None, "each", Click(x0, y0)))
+    assert all(_is_skip(v) for v in h.model_view_select(mv, cells, "each", False, Click(1, 1)))  # the margin
+    assert all(_is_skip(v) for v in h.model_view_select(None, None, "each", False, Click(x0, y0)))
 
 
 def test_download_folders_are_per_call_and_swept():

@@ -29,6 +29,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 
+from attention.palette import Palette, palette_named  # noqa: E402
 from attention.plot import figure_bytes  # noqa: E402
 from generation import LoadedModel, Settings, load_model  # noqa: E402
 
@@ -470,6 +471,17 @@ def message_role(msg: Any) -> str | None:
 def pct(p: float) -> str:
     """A probability as a percentage readable at any size (1e-6 too)."""
     return f"{p * 100:.2f} %" if p >= 0.0001 else f"{p * 100:.1e} %"
+
+
+def palette_of(colourblind: Any) -> Palette:
+    """The figures' palette for the colour-blind-safe checkbox's value (anything not true: the default)."""
+    return palette_named(colourblind is True)
+
+
+def palette_checkbox() -> gr.Checkbox:
+    """The page's one colour setting: every figure of every view follows it (and a shared link's `colourblind`)."""
+    return gr.Checkbox(False, label="Colour-blind-safe colours in every figure (cividis, purple-orange and Okabe-Ito)",
+                       elem_id="colourblind", container=False)
 
 
 def token_text(label: str) -> str:

@@ -29,12 +29,13 @@ from .common import (
     as_text,
     error_text,
     last_exchange,
+    palette_of,
     pct,
     plot_payload,
     quote,
     typed_api,
 )
-from .lens import LENS_FIELDS, LensHandlers, LensView, build_lens, palette_of
+from .lens import LENS_FIELDS, LensHandlers, LensView, build_lens
 from .share import Field, bool_field, clamp_index, int_field, query_of, read_fields, text_field, warn
 from .teaching import TEACHING_FIELDS, TeachingHandlers, TeachingView, build_teaching
 
@@ -332,12 +333,12 @@ class InsideView:
         status.change(state.layer_slider, None, [self.layer], queue=False, show_progress="hidden", **PRIVATE)
 
 
-def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
-    """Lay out the inside view in the current Blocks/Tab; wires `/model_attention` and the 4-bit comparison."""
+def build_inside(demo: gr.Blocks, handlers: InsideHandlers, colourblind: gr.Checkbox) -> InsideView:
+    """Lay out the inside view in the current Blocks/Tab; wires `/model_attention` and the 4-bit comparison.
+
+    colourblind: the page's colour-blind-safe checkbox (ui.common.palette_checkbox)."""
     state = handlers
     gr.Markdown(INSIDE_HELP, elem_id="inside-title")
-    colourblind = gr.Checkbox(False, label="Colour-blind-safe colours (cividis and Okabe-Ito) in these figures",
-                              elem_id="colourblind")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
             inspect_text = gr.Textbox(DEFAULT_INSPECT_TEXT, label="Text (empty = the last chat exchange)",
@@ -360,7 +361,7 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers) -> InsideView:
                     files_btn = gr.Button("Files of this layer: PNG, SVG, CSV", size="sm", elem_id="inspect-files-btn")
                     files = gr.File(file_count="multiple", interactive=False, show_label=False, visible=False,
                                     elem_id="inspect-files")  # shown once it holds files
-    teaching = build_teaching(demo, handlers.teaching)
+    teaching = build_teaching(demo, handlers.teaching, colourblind)
     lens = build_lens(demo, handlers.lens, colourblind)
     gr.Markdown(QUANT_HELP)
     with gr.Row(equal_height=False):

@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from attention.lab import LabConfig, run_lab, tokenize, valid_head_counts
+from attention.palette import DEFAULT_PALETTE, Palette
 from attention.plot import figure_bytes, plot_heads, plot_steps, weights_csv
 from attention.trace import explain_head
 
@@ -27,6 +28,7 @@ from .common import (
     as_int,
     as_text,
     error_text,
+    palette_of,
     plot_payload,
     typed_api,
 )
@@ -146,7 +148,7 @@ def read_setup(query: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     return values, problems + repaired
 
 
-def lab_figure(cfg: LabConfig, result: Any) -> Any:
+def lab_figure(cfg: LabConfig, result: Any, palette: Palette = DEFAULT_PALETTE) -> Any:
     """The per-head heatmap grid for a lab result."""
     n_heads = int(result.weights.shape[0])
     kind = "causal" if cfg.causal else "bidirectional"
@@ -156,7 +158,7 @@ def lab_figure(cfg: LabConfig, result: Any) -> Any:
     else:
         title = f"single head · d_k={cfg.emb_dim} · {kind}"
         groups = None
-    return plot_heads(result.weights, result.tokens, title=title, kv_groups=groups)
+    return plot_heads(result.weights, result.tokens, title=title, kv_groups=groups, cmap=palette.cmap)
 
 
 def trace_rows(trace: Any) -> list[list[str]]:
@@ -168,11 +170,11 @@ def trace_rows(trace: Any) -> list[list[str]]:
     ]
 
 
-def steps_figure(result: Any, head: Any) -> Any:
+def steps_figure(result: Any, head: Any, palette: Palette = DEFAULT_PALETTE) -> Any:
     """Step-by-step maths (QKᵀ, ÷√d_k, mask, softmax) for one head of a lab result."""
     n_heads = int(result.weights.shape[0])
     h = min(max(as_int(head, "head"), 0), n_heads - 1)
-    return plot_steps(explain_head(result.trace, h), result.tokens)
+    return plot_steps(explain_head(result.trace, h), result.tokens, cmap=palette.cmap, diverging=palette.diverging)
 
 
 def lab_notice(cfg: LabConfig, result: Any) -> str:
@@ -193,14 +195,15 @@ class LabHandlers:
         self.files = DownloadDir()
 
     def lab_files(self, text: str, emb_dim: float, n_heads: Any, n_kv_heads: Any, dropout: float, seed: float,
-                  causal: bool, multi_head: bool, head: float) -> Any:
+                  causal: bool, multi_head: bool, head: float, colourblind: bool = False) -> Any:
         """UI: the heatmaps and the step-by-step view as PNG and SVG, every head's weights as CSV, for
         the current sliders (made on request: a list of files). Bad settings -> gr.Warning."""
         try:
             cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
             result = run_lab(cfg)
-            heat = lab_figure(cfg, result)
-            steps = steps_figure(result, 0 if head is None or head == "" else head)
+            palette = palette_of(colourblind)
+            heat = lab_figure(cfg, result, palette)
+            steps = steps_figure(result, 0 if head is None or head == "" else head, palette)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Cannot make the files")
             return gr.skip()
@@ -242,6 +245,7 @@ class LabHandlers:
         causal: bool,
         multi_head: bool,
         head: float,
+        colourblind: bool = False,
     ) -> tuple[Any, Any, Any, Any, Any]:
         """UI: recompute the lab -> (heatmaps, trace rows, notice, head slider, result for `steps_update`).
 
@@ -252,7 +256,7 @@ class LabHandlers:
             cfg = lab_config(text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head)
             head_i = as_int(0 if head is None or head == "" else head, "head")
             result = run_lab(cfg)
-            heat = lab_figure(cfg, result)
+            heat = lab_figure(cfg, result, palette_of(colourblind))
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Invalid settings")
             return gr.skip(), gr.skip(), f"**Not drawn:** {error_text(exc)}", gr.skip(), None
@@ -267,12 +271,12 @@ class LabHandlers:
         )
 
     @staticmethod
-    def steps_update(result: Any, head: float) -> Any:
+    def steps_update(result: Any, head: float, colourblind: bool = False) -> Any:
         """UI: the step-by-step view of one head of the last lab result (nothing recomputed)."""
         if result is None:
             return gr.skip()
         try:
-            return steps_figure(result, head)
+            return steps_figure(result, head, palette_of(colourblind))
         except ValueError as exc:
             gr.Warning(error_text(exc))
             return gr.skip()
@@ -337,9 +341,12 @@ class LabView:
     steps: gr.Plot
 
 
-def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
-    """Lay out the Attention Lab inside the current Blocks/Tab and wire it (plus `/attention`)."""
+def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None, colourblind: gr.Checkbox | None = None) -> LabView:
+    """Lay out the Attention Lab inside the current Blocks/Tab and wire it (plus `/attention`).
+
+    colourblind: the page's colour-blind-safe checkbox (ui.common.palette_checkbox); none: the default colours."""
     state = handlers or LabHandlers()
+    palette = colourblind if colourblind is not None else gr.State(False)
     heads0 = valid_head_counts(32)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
@@ -391,17 +398,18 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None) -> LabView:
     # Its own concurrency group with more slots than the chat has: never stuck behind a reply.
     lab_kw = LAB_EVENTS
     lab_inputs = [text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head]
-    redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head],
+    redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head, palette],
                   outputs=[heatmaps, trace, lab_msg, head, lab_result], show_progress="minimal", **lab_kw)
-    explain = dict(fn=state.steps_update, inputs=[lab_result, head], outputs=[steps], show_progress="minimal",
+    explain = dict(fn=state.steps_update, inputs=[lab_result, head, palette], outputs=[steps], show_progress="minimal",
                    api_visibility="private", **lab_kw)
     gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
-           multi_head.input, n_heads.input], **redraw, **PRIVATE).then(**explain)
+           multi_head.input, n_heads.input, *([colourblind.input] if colourblind is not None else [])],
+          **redraw, **PRIVATE).then(**explain)
     # Handlers that may call gr.Warning go through the queue: toasts travel on its event stream.
     emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
                     api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
     head.release(**explain)
-    files_btn.click(state.lab_files, [*lab_inputs, head], [files], show_progress="minimal", **lab_kw, **PRIVATE)
+    files_btn.click(state.lab_files, [*lab_inputs, head, palette], [files], show_progress="minimal", **lab_kw, **PRIVATE)
     # A shared link's setup first, then the first drawing with it.
     demo.load(state.apply_setup, None, [text, multi_head, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, head],
               show_progress="hidden", api_visibility="private", **lab_kw).then(

@@ -26,7 +26,7 @@ from typing import Any
 
 import gradio as gr
 
-from attention.lens_plot import LensLayout, lens_cell, palette_named, plot_head_roles, plot_logit_lens, plot_quant_lens
+from attention.lens_plot import LensLayout, lens_cell, plot_head_roles, plot_logit_lens, plot_quant_lens
 from attention.plot import figure_bytes
 from generation import Settings
 from generation.inside import (
@@ -53,6 +53,7 @@ from .common import (
     as_text,
     download_buttons,
     error_text,
+    palette_of,
     pct,
     plot_payload,
     ready_button,
@@ -96,11 +97,6 @@ Every head scored in [0, 1] on three jobs, measured on the model itself: **previ
 token *after* the earlier occurrence of the current one, how a model continues a pattern it has
 seen). The model view above names each large head by its strongest role.
 """
-
-
-def palette_of(colourblind: Any) -> Any:
-    """The figures' palette for the colour-blind-safe checkbox's value (anything not true: the default)."""
-    return palette_named(colourblind is True)
 
 
 def lens_csv(lens: LogitLens) -> str:

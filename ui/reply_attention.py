@@ -28,6 +28,7 @@ from .common import (
     download_buttons,
     error_text,
     model_history,
+    palette_of,
     ready_button,
     token_text,
 )
@@ -98,7 +99,7 @@ class ReplyAttentionHandlers:
             mode = "writing"
         return reply_attention(lm, prompt, reply, layer=as_int(layer, "layer"), mode=mode)
 
-    def _outputs(self, read: ReadReply, r: Any, head: Any, hide_special: bool) -> tuple:
+    def _outputs(self, read: ReadReply, r: Any, head: Any, hide_special: bool, colourblind: Any = False) -> tuple:
         """(state, token list, clickable reply, strip, notes, head choices, 3 download buttons)."""
         ra = read.ra
         n_rows = len(ra.reply_tokens)
@@ -115,7 +116,8 @@ class ReplyAttentionHandlers:
         verb = "writing" if ra.mode == "writing" else "reading"
         title = f"layer {ra.layer} ({kind}) · {who} · {verb} '{ra.reply_tokens[r]}' (position {pos})"
         fig = plot_token_attention(ra.row(r, head), tokens, target=target, reply_start=ra.reply_start,
-                                   hidden=hidden, title=title)
+                                   hidden=hidden, title=title, cmap=palette_of(colourblind).strip,
+                                   highlight=palette_of(colourblind).highlight)
         name = f"reply_attention_layer{ra.layer}_pos{pos}"
         heads = [f"head {h}" for h in range(ra.n_heads)]
         paths = self.files.write({
@@ -138,7 +140,7 @@ class ReplyAttentionHandlers:
                 *(ready_button(p) for p in paths))
 
     def read(self, history: list[Any], system: str, layer: Any, head: Any, mode: str,
-                     hide_special: bool) -> tuple:
+             hide_special: bool, colourblind: bool = False) -> tuple:
         """UI: read the chat's last reply (one forward over its prompt + reply) and show its first token.
 
         Outputs: (state, token list, clickable reply, strip, notes, head choices, 3 downloads, following)."""
@@ -149,49 +151,51 @@ class ReplyAttentionHandlers:
                                   max_input_tokens=self.settings.max_input_tokens)
             ra = self._read(prompt, reply, layer, mode)
             read = ReadReply(prompt=prompt, reply=reply, ra=ra, remote=self.settings.chat_backend_url is not None)
-            return (*self._outputs(read, 0, head, hide_special), True)
+            return (*self._outputs(read, 0, head, hide_special, colourblind), True)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 10
 
     def follow(self, following: bool, history: list[Any], system: str, layer: Any, head: Any, mode: str,
-                       hide_special: bool) -> tuple:
+               hide_special: bool, colourblind: bool = False) -> tuple:
         """After a chat reply: read it at once if this user has read replies before (else nothing)."""
         if not following or not self.model.ready:
             return (gr.skip(),) * 10
-        return self.read(history, system, layer, head, mode, hide_special)
+        return self.read(history, system, layer, head, mode, hide_special, colourblind)
 
-    def reread(self, read: ReadReply | None, layer: Any, head: Any, mode: str, hide_special: bool) -> tuple:
+    def reread(self, read: ReadReply | None, layer: Any, head: Any, mode: str, hide_special: bool,
+               colourblind: bool = False) -> tuple:
         """UI: another layer or mode for the reply already read (one forward again), same token."""
         if read is None:
             return (gr.skip(),) * 9
         try:
             ra = self._read(read.prompt, read.reply, layer, mode)
             new = ReadReply(prompt=read.prompt, reply=read.reply, ra=ra, remote=read.remote)
-            return self._outputs(new, read.r, head, hide_special)
+            return self._outputs(new, read.r, head, hide_special, colourblind)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 9
 
-    def show(self, read: ReadReply | None, r: Any, head: Any, hide_special: bool) -> tuple:
+    def show(self, read: ReadReply | None, r: Any, head: Any, hide_special: bool, colourblind: bool = False) -> tuple:
         """UI: another reply token, head or <bos> setting: redraw from the rows already read (no forward)."""
         if read is None or r is None:
             return (gr.skip(),) * 9
         try:
-            return self._outputs(read, r, head, hide_special)
+            return self._outputs(read, r, head, hide_special, colourblind)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 9
 
-    def select(self, read: ReadReply | None, head: Any, hide_special: bool, evt: gr.SelectData) -> tuple:
+    def select(self, read: ReadReply | None, head: Any, hide_special: bool, colourblind: bool,
+               evt: gr.SelectData) -> tuple:
         """UI: a click on a token of the reply -> that token's strip."""
         index = getattr(evt, "index", None)
         if read is None or not isinstance(index, int):
             return (gr.skip(),) * 9
-        return self.show(read, index, head, hide_special)
+        return self.show(read, index, head, hide_special, colourblind)
 
 
-def build_reply_attention(state: ReplyAttentionHandlers) -> dict[str, Any]:
+def build_reply_attention(state: ReplyAttentionHandlers, colourblind: gr.Checkbox) -> dict[str, Any]:
     """The panel's widgets in the current Blocks (inside its accordion); returns what the view wires."""
     gr.Markdown(WRITING_HELP)
     with gr.Row(equal_height=False):
@@ -215,9 +219,9 @@ def build_reply_attention(state: ReplyAttentionHandlers) -> dict[str, Any]:
                 dls = download_buttons("writing", [("PNG", "png"), ("SVG", "svg"), ("Weights CSV", "csv")])
     read_state = gr.State(None)
     outputs = [read_state, token, marked, strip, notes, head, *dls]
-    show = [read_state, token, head, hide]
-    gr.on([token.input, head.input, hide.input], state.show, show, outputs, **INSPECT_EVENTS, **PRIVATE)
-    marked.select(state.select, [read_state, head, hide], outputs, **INSPECT_EVENTS, **PRIVATE)
-    gr.on([layer.release, mode.input], state.reread, [read_state, layer, head, mode, hide], outputs,
+    show = [read_state, token, head, hide, colourblind]
+    gr.on([token.input, head.input, hide.input, colourblind.input], state.show, show, outputs, **INSPECT_EVENTS, **PRIVATE)
+    marked.select(state.select, [read_state, head, hide, colourblind], outputs, **INSPECT_EVENTS, **PRIVATE)
+    gr.on([layer.release, mode.input], state.reread, [read_state, layer, head, mode, hide, colourblind], outputs,
           **INSPECT_EVENTS, **PRIVATE)
-    return dict(button=read, inputs=[layer, head, mode, hide], outputs=outputs, sliders=[layer])
+    return dict(button=read, inputs=[layer, head, mode, hide, colourblind], outputs=outputs, sliders=[layer])

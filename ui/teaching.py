@@ -25,6 +25,7 @@ from typing import Any
 
 import gradio as gr
 
+from attention.palette import DEFAULT_PALETTE, Palette
 from attention.plot import (
     figure_bytes,
     model_view_cell,
@@ -57,6 +58,7 @@ from .common import (
     as_text,
     download_buttons,
     error_text,
+    palette_of,
     pct,
     plot_payload,
     ready_button,
@@ -132,11 +134,13 @@ whole layer, or one head in every layer.
 # Figures
 
 
-def grid_figure(mv: ModelView, scale: str = "each", selected: tuple[int, int] | None = None) -> Any:
+def grid_figure(mv: ModelView, scale: str = "each", selected: tuple[int, int] | None = None,
+                palette: Palette = DEFAULT_PALETTE) -> Any:
     """The model view's grid of thumbnails (a matplotlib Figure from the library)."""
     title = f"{mv.model_id.rsplit('/', 1)[-1]} · {len(mv.tokens)} tokens"  # short: the grid is narrow
     return plot_model_view(mv.weights, layer_kinds=mv.layer_kinds, head_labels=mv.head_labels(), title=title,
-                           scale=scale, selected=selected, thumb=THUMB)
+                           scale=scale, selected=selected, thumb=THUMB, cmap=palette.cmap,
+                           highlight=palette.highlight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +168,17 @@ class TeachingHandlers:
             raise ValueError(f"Type a text to run the model on (the first {MODEL_VIEW_MAX_TOKENS} tokens are shown).")
         return model_view(lm, text, max_tokens=max_tokens, hide_special=hide_special)
 
-    def _model_view_outputs(self, mv: ModelView, layer: Any, head: Any, scale: str, notes: str | None) -> tuple:
+    def _model_view_outputs(self, mv: ModelView, layer: Any, head: Any, scale: str, notes: str | None,
+                            colourblind: Any = False) -> tuple:
         """(grid, large map, notes, cells, layer slider, head slider, 5 download buttons)."""
         layer = min(max(as_int(layer, "layer"), 0), mv.n_layers - 1)
         head = min(max(as_int(head, "head"), 0), mv.n_heads - 1)
         scale = scale if scale in ("each", "shared") else "each"
-        grid = grid_figure(mv, scale, (layer, head))
+        palette = palette_of(colourblind)
+        grid = grid_figure(mv, scale, (layer, head), palette)
         role = self.role_of(layer, head)
         title = mv.describe(layer, head) + (f" · {role}" if role else "")
-        big = plot_head(mv.head(layer, head), mv.tokens, title=title, vmax=None)
+        big = plot_head(mv.head(layer, head), mv.tokens, title=title, vmax=None, cmap=palette.cmap)
         grid_png = figure_bytes(grid, "png")
         cells = model_view_cells(grid)
         name = f"layer{layer}_head{head}"
@@ -188,7 +194,8 @@ class TeachingHandlers:
                 gr.Slider(maximum=max(mv.n_heads - 1, 1), value=head),
                 *(ready_button(p) for p in paths))
 
-    def model_view_update(self, text: str, hide_special: bool, scale: str, layer: Any, head: Any) -> tuple:
+    def model_view_update(self, text: str, hide_special: bool, scale: str, layer: Any, head: Any,
+                          colourblind: bool = False) -> tuple:
         """UI: every layer's attention for the text (one forward), the chosen head large. Outputs:
         (model view state, grid, large map, notes, cells, layer, head, 5 downloads); bad input -> gr.Warning."""
         try:
@@ -199,12 +206,13 @@ class TeachingHandlers:
             notes = (f"**{t} tokens × {l_} layers × {h} heads from one forward pass** ({secs:.2f} s): weights of "
                      f"shape (layers, heads, tokens, tokens) = ({l_}, {h}, {t}, {t}). Click a thumbnail to see it "
                      f"large. {html.escape(mv.notice)}").strip()
-            return (mv, *self._model_view_outputs(mv, layer, head, scale, notes))
+            return (mv, *self._model_view_outputs(mv, layer, head, scale, notes, colourblind))
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="Every layer at once")
             return (gr.skip(),) * 12
 
-    def model_view_select(self, mv: ModelView | None, cells: dict | None, scale: str, evt: gr.SelectData) -> tuple:
+    def model_view_select(self, mv: ModelView | None, cells: dict | None, scale: str, colourblind: bool,
+                          evt: gr.SelectData) -> tuple:
         """UI: a click on the grid at pixel evt.index = [x, y] -> that thumbnail large (nothing between them)."""
         index = getattr(evt, "index", None)
         if mv is None or not cells or not isinstance(index, (list, tuple)) or len(index) != 2:
@@ -212,14 +220,14 @@ class TeachingHandlers:
         hit = model_view_cell(cells, float(index[0]), float(index[1]))
         if hit is None:
             return (gr.skip(),) * 11
-        return self._model_view_outputs(mv, hit[0], hit[1], scale, None)
+        return self._model_view_outputs(mv, hit[0], hit[1], scale, None, colourblind)
 
-    def model_view_pick(self, mv: ModelView | None, scale: str, layer: Any, head: Any) -> tuple:
+    def model_view_pick(self, mv: ModelView | None, scale: str, layer: Any, head: Any, colourblind: bool = False) -> tuple:
         """UI: the layer/head sliders (or the scale) -> that head large, outlined in the grid."""
         if mv is None:
             return (gr.skip(),) * 11
         try:
-            return self._model_view_outputs(mv, layer, head, scale, None)
+            return self._model_view_outputs(mv, layer, head, scale, None, colourblind)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Every layer at once")
             return (gr.skip(),) * 11
@@ -335,11 +343,11 @@ class TeachingHandlers:
                 gr.Accordion(open=True) if mv else gr.skip(), gr.Accordion(open=True) if ab else gr.skip(), mv, ab)
 
     def show_shared_model_view(self, shared: bool, text: str, hide_special: bool, scale: str, layer: Any,
-                               head: Any) -> tuple:
+                               head: Any, colourblind: bool = False) -> tuple:
         """After a shared link's setup: draw its model view once the model is loaded."""
         if not shared or not self.model.ready:
             return (gr.skip(),) * 12
-        return self.model_view_update(text, hide_special, scale, layer, head)
+        return self.model_view_update(text, hide_special, scale, layer, head, colourblind)
 
     def show_shared_ablation(self, shared: bool, prompt: str, heads: str, new_tokens: Any) -> tuple:
         """After a shared link's setup: run its ablation once the model is loaded."""
@@ -374,12 +382,12 @@ class TeachingView:
     mv_accordion: gr.Accordion
     ablate_accordion: gr.Accordion
     sliders: list[Any]  # fitted to the model when it arrives (fit_sliders' order)
-    mv_inputs: list[Any]  # text, hide special, scale, layer, head
+    mv_inputs: list[Any]  # text, hide special, scale, layer, head, colour-blind-safe
     mv_outputs: list[Any]
     ablate_inputs: list[Any]  # prompt, heads, new tokens
     ablate_outputs: list[Any]
     writing_btn: gr.Button
-    writing_inputs: list[Any]  # layer, head, mode, hide special
+    writing_inputs: list[Any]  # layer, head, mode, hide special, colour-blind-safe
     writing_outputs: list[Any]  # state, tokens, reply, strip, notes, head, 3 downloads
     following: gr.State
 
@@ -410,7 +418,7 @@ class TeachingView:
         status.change(state.fit_sliders, None, self.sliders, queue=False, show_progress="hidden", **PRIVATE)
 
 
-def _build_model_view(state: TeachingHandlers) -> dict[str, Any]:
+def _build_model_view(state: TeachingHandlers, colourblind: gr.Checkbox) -> dict[str, Any]:
     gr.Markdown(MV_HELP)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=260):
@@ -437,13 +445,13 @@ def _build_model_view(state: TeachingHandlers) -> dict[str, Any]:
                 big_dl = download_buttons("mv-big", [("Map PNG", "png"), ("Map SVG", "svg"), ("Weights CSV", "csv")])
             notes = gr.Markdown("Press *Show every layer* once the model has loaded.", elem_id="mv-notes")
     mv_state, cells = gr.State(None), gr.State(None)
-    inputs = [text, hide, scale, layer, head]
+    inputs = [text, hide, scale, layer, head, colourblind]
     draw = [grid, big, notes, cells, layer, head, grid_dl[0], grid_dl[1], *big_dl]
     outputs = [mv_state, *draw]
-    gr.on([show.click, text.submit, hide.input], state.model_view_update, inputs, outputs,
+    gr.on([show.click, text.submit, hide.input, colourblind.input], state.model_view_update, inputs, outputs,
           **INSPECT_EVENTS, **PRIVATE)
-    grid.select(state.model_view_select, [mv_state, cells, scale], draw, **INSPECT_EVENTS, **PRIVATE)
-    gr.on([layer.release, head.release, scale.input], state.model_view_pick, [mv_state, scale, layer, head], draw,
+    grid.select(state.model_view_select, [mv_state, cells, scale, colourblind], draw, **INSPECT_EVENTS, **PRIVATE)
+    gr.on([layer.release, head.release, scale.input], state.model_view_pick, [mv_state, scale, layer, head, colourblind], draw,
           **INSPECT_EVENTS, **PRIVATE)
     # The API takes plain typed values with defaults and checks them itself (widgets would check
     # API input against their build-time bounds first, with no message).
@@ -497,16 +505,16 @@ def _build_ablation(state: TeachingHandlers) -> dict[str, Any]:
     return dict(prompt=prompt, heads=heads, inputs=inputs, outputs=outputs, sliders=[p_layer, p_head])
 
 
-def build_teaching(demo: gr.Blocks, handlers: TeachingHandlers) -> TeachingView:
+def build_teaching(demo: gr.Blocks, handlers: TeachingHandlers, colourblind: gr.Checkbox) -> TeachingView:
     """Lay out the three panels (accordions) in the current Blocks; wires `/model_view` and `/ablate`."""
     with gr.Accordion("Every layer at once: the model view", open=False, elem_id="mv-accordion") as mv_acc:
-        mv = _build_model_view(handlers)
+        mv = _build_model_view(handlers, colourblind)
     with gr.Accordion("Switch heads off: what changes without them?", open=False,
                       elem_id="ablate-accordion") as ab_acc:
         ab = _build_ablation(handlers)
     with gr.Accordion("What did it look at while writing? (after a chat reply)", open=False,
                       elem_id="writing-accordion"):
-        wr = build_reply_attention(handlers.writing)
+        wr = build_reply_attention(handlers.writing, colourblind)
     return TeachingView(
         demo=demo, handlers=handlers, mv_text=mv["text"], ablate_prompt=ab["prompt"], ablate_heads=ab["heads"],
         mv_accordion=mv_acc, ablate_accordion=ab_acc, sliders=[*mv["sliders"], *ab["sliders"], *wr["sliders"]],

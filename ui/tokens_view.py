@@ -30,6 +30,8 @@ ALTERNATIVES = 10
 BUCKETS = [(0.9, "90 % or more", "#bbf7d0"), (0.5, "50–90 %", "#d9f99d"), (0.1, "10–50 %", "#fde68a"),
            (0.0, "under 10 %", "#fecaca")]
 COLOURS = {label: colour for _, label, colour in BUCKETS}
+# The same buckets without a red-green contrast: ColorBrewer's purple-orange, sure = purple.
+COLOURBLIND_COLOURS = dict(zip(COLOURS, ("#b2abd2", "#d8daeb", "#fee0b6", "#fdb863")))
 TOKENS_HELP = """
 Colour the last reply by how sure the model was of each token (its own probability, temperature 1,
 from one pass over the prompt and the reply). **Click a token** to see what else it weighed there,
@@ -100,14 +102,20 @@ class TokensHandlers:
                             "alternatives": [{"token": a.token, "prob": a.prob} for a in t.alternatives]}
                            for t in rt.tokens], "notice": rt.notice}
 
-    def refresh(self, on: bool, history: list[Any], system: str, branches: Branches | None) -> tuple:
+    def refresh(self, on: bool, history: list[Any], system: str, branches: Branches | None,
+                colourblind: bool = False) -> tuple:
         """The last reply's tokens, coloured (or hidden when the toggle is off); the branches are
         forgotten once the last reply is no longer one of them (a new message, Retry, Undo)."""
         parts = last_exchange_parts(history)
         branches = branches or Branches()
+        # Branches are written back only when forgotten: a refresh still running when the user
+        # switches branch must not put its older copy back.
         if parts is None or parts[2] not in branches.texts or branches.at != len(history) - 1:
-            branches = Branches()
-        hidden = (gr.update(visible=False), None, "", branches, branches.radio())
+            forgotten = Branches()
+            kept: tuple = (forgotten, forgotten.radio())
+        else:
+            kept = (gr.skip(), gr.skip())
+        hidden = (gr.update(visible=False), None, "", *kept)
         if not on or parts is None:
             return hidden
         message, turns, reply = parts
@@ -120,7 +128,8 @@ class TokensHandlers:
         top = sum(t.rank == 0 for t in rt.tokens)
         notes = (f"{len(rt.tokens)} tokens; the model's most likely token at {top} of them. "
                  f"{html.escape(rt.notice)}").strip()
-        return gr.update(value=value, visible=True), rt, notes, branches, branches.radio()
+        colours = COLOURBLIND_COLOURS if colourblind is True else COLOURS
+        return gr.update(value=value, visible=True, color_map=colours), rt, notes, *kept
 
     def pick(self, rt: ReplyTokens | None, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
              evt: gr.SelectData) -> tuple:
@@ -188,8 +197,9 @@ class TokensHandlers:
         return history, Branches(branches.at, branches.texts, i)
 
 
-def build_tokens(handlers: TokensHandlers, chat: ChatView) -> None:
-    """The reply-token view under the chat, wired to it; `/reply_tokens`."""
+def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Checkbox) -> None:
+    """The reply-token view under the chat, wired to it; `/reply_tokens`. colourblind: the page's
+    colour-blind-safe checkbox."""
     state = handlers
     with gr.Accordion("Open the reply: every token's probability, its alternatives, other branches", open=True):
         gr.Markdown(TOKENS_HELP)
@@ -209,9 +219,10 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView) -> None:
     rt, picked, branches, prefix = gr.State(None), gr.State(None), gr.State(None), gr.State("")
     system, chatbot = chat.system, chat.chatbot
     temperature, top_p, top_k, rep = chat.sampling[2], chat.sampling[3], chat.sampling[4], chat.sampling[5]
-    refresh = dict(fn=state.refresh, inputs=[on, chatbot, system, branches], outputs=[tokens, rt, notes, branches, radio],
+    refresh = dict(fn=state.refresh, inputs=[on, chatbot, system, branches, colourblind],
+                   outputs=[tokens, rt, notes, branches, radio],
                    show_progress="minimal", **INSPECT_EVENTS, **PRIVATE)
-    on.change(**refresh)
+    gr.on([on.change, colourblind.input], **refresh)
     for chain in chat.replies:
         chain.then(**refresh)
     tokens.select(state.pick, [rt, temperature, top_p, top_k, rep], [table, head, choice, picked],
