@@ -86,7 +86,8 @@ def test_invalid_combination_shows_a_message(page):
     assert heatmap_src(page) == before  # the last valid picture stays
     set_number(page, "n-kv-heads", 2)  # and a valid value draws again
     wait_changed(lambda: heatmap_src(page), before)
-    assert page.locator("#lab-message").inner_text().startswith("11 tokens")
+    message = page.locator("#lab-message").inner_text()
+    assert message.startswith("11 tokens") and "Head 0 mostly attends to" in message  # the maps in words
 
 
 def test_typed_message_gets_a_streamed_reply(page):

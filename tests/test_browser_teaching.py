@@ -85,6 +85,7 @@ def test_model_view_click_a_thumbnail_and_download(page):
     before_big = src(page, "#mv-big img")
     set_number(page, "mv-layer", 3)
     wait_changed(lambda: src(page, "#mv-big img"), before_big)
+    assert page.locator("#mv-summary").inner_text().startswith("Layer 3, head 2 mostly attends to")  # in words
 
     name, data = download(page, "mv-grid-png")
     assert name == "model_view.png" and data.startswith(b"\x89PNG\r\n\x1a\n")
@@ -152,6 +153,7 @@ def test_reply_tokens_show_what_they_looked_at(page):
     token_box = page.locator("#writing-token input")
     first = token_box.input_value().split(": ", 1)[1]  # "position: token", the first reply token
     assert first and reply.strip().startswith(first)
+    assert f"In words: '{first}' (writing it, average of all heads) attended most to" in notes
 
     # Click another token of the reply (the second): its strip is drawn and the list follows.
     second = page.locator("#writing-reply .token .text").nth(1)

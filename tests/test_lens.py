@@ -197,7 +197,7 @@ def test_lens_figures_take_a_palette_and_check_their_shapes():
 
 
 def test_a_maps_one_line_summary_names_where_its_attention_goes():
-    from generation.inside import describe_map
+    from attention.describe import describe_map
 
     prev = torch.zeros(4, 4)
     prev[0, 0] = 1.0

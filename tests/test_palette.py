@@ -1,6 +1,7 @@
-"""The colour-blind-safe setting reaches every figure: the Lab's heatmaps and step-by-step view,
-the model view, a reply's attention strip and the reply-token colours (the inside maps and lenses
-are checked in test_lens*.py). Figures only, no model."""
+"""Every figure for everyone: the colour-blind-safe setting reaches the Lab's heatmaps and
+step-by-step view, the model view, a reply's attention strip and the reply-token colours (the
+inside maps and lenses: test_lens*.py), and each map has its line in words for a screen reader.
+Figures only, no model."""
 
 from __future__ import annotations
 
@@ -76,3 +77,15 @@ def test_reply_token_colours_have_a_colour_blind_set():
     from ui.tokens_view import COLOURBLIND_COLOURS, COLOURS
 
     assert list(COLOURBLIND_COLOURS) == list(COLOURS) and all(is_color_like(c) for c in COLOURBLIND_COLOURS.values())
+
+
+def test_rows_and_maps_in_words():
+    from attention.describe import describe_map, describe_row
+
+    row = torch.tensor([0.5, 0.1, 0.3, 0.1])
+    assert describe_row(row, ["<bos>", "a", "b", "c"], [True, False, False, False], top=2) == "most to 'b' (0.30), 'a' (0.10)"
+    with pytest.raises(ValueError, match="hidden"):
+        describe_row(row[:1], ["<bos>"], [True])
+    with pytest.raises(ValueError, match="one label per weight"):
+        describe_row(row, ["a"])
+    assert describe_map(torch.eye(3)).startswith("mostly attends to itself (on average 1.00")

@@ -131,7 +131,7 @@ def test_handlers_warn_while_the_model_is_not_there():
     h = _handlers()
     with pytest.warns(UserWarning, match="not loaded"):
         out = h.model_view_update("The cat sat", True, "each", 5, 0)
-    assert len(out) == 12 and all(_is_skip(v) for v in out)
+    assert len(out) == 13 and all(_is_skip(v) for v in out)
     with pytest.warns(UserWarning, match="not loaded"):
         out = h.ablate_update("The capital of France is", "5:*", 8)
     assert len(out) == 5 and all(_is_skip(v) for v in out)
@@ -219,11 +219,12 @@ def test_a_click_maps_to_its_thumbnail_or_to_nothing_between_them():
 
     x0, y0, x1, y1 = cells[7, 3]
     out = h.model_view_select(mv, cells, "each", False, Click((x0 + x1) / 2, (y0 + y1) / 2))
-    assert len(out) == 11
-    grid, big, notes, new_cells, layer, head = out[:6]
+    assert len(out) == 12
+    grid, big, summary, notes, new_cells, layer, head = out[:7]
     assert layer.value == 7 and head.value == 3 and _is_skip(notes) and new_cells == cells
+    assert summary.startswith("Layer 7, head 3 mostly attends to")
     assert os.path.basename(big) == "attention_layer7_head3.png" and grid.endswith("model_view.png")
-    assert all(b["value"] and os.path.exists(b["value"]) for b in out[6:])
+    assert all(b["value"] and os.path.exists(b["value"]) for b in out[7:])
     assert all(_is_skip(v) for v in h.model_view_select(mv, cells, "each", False, Click(1, 1)))  # the margin
     assert all(_is_skip(v) for v in h.model_view_select(None, None, "each", False, Click(x0, y0)))
 

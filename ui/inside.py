@@ -14,9 +14,10 @@ from typing import Any
 
 import gradio as gr
 
+from attention.describe import describe_map
 from attention.plot import figure_bytes, plot_head, plot_heads, weights_csv
 from generation import DEFAULT_MODEL_ID, Settings, load_model
-from generation.inside import FullPrecisionCache, compare_quantization, describe_map, model_attention, model_layers
+from generation.inside import FullPrecisionCache, compare_quantization, model_attention, model_layers
 
 from .common import (
     API_TEXT_CHARS,

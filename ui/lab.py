@@ -12,6 +12,7 @@ from typing import Any
 
 import gradio as gr
 
+from attention.describe import describe_map
 from attention.lab import LabConfig, run_lab, tokenize, valid_head_counts
 from attention.palette import DEFAULT_PALETTE, Palette
 from attention.plot import figure_bytes, plot_heads, plot_steps, weights_csv
@@ -177,15 +178,21 @@ def steps_figure(result: Any, head: Any, palette: Palette = DEFAULT_PALETTE) -> 
     return plot_steps(explain_head(result.trace, h), result.tokens, cmap=palette.cmap, diverging=palette.diverging)
 
 
+def lab_summary(result: Any) -> str:
+    """The heatmaps in words, one clause per head (what a screen reader reads under the figure)."""
+    return "; ".join(f"head {h} {describe_map(w)}" for h, w in enumerate(result.weights)).capitalize() + "."
+
+
 def lab_notice(cfg: LabConfig, result: Any) -> str:
-    """The line under the heatmaps: token count, whether the sentence was cut, what dropout does."""
+    """The line under the heatmaps: token count, whether the sentence was cut, what dropout does;
+    then the heatmaps in words."""
     n_tok = len(result.tokens)
     msg = f"{n_tok} tokens"
     if getattr(result, "capped", False):
         msg += f" (the sentence was cut to the first {cfg.max_tokens} tokens)"
     if cfg.dropout > 0:
         msg += f" · dropout {cfg.dropout:g} is applied to the weights as in training, so rows no longer sum to 1"
-    return msg
+    return f"{msg}\n\n{lab_summary(result)}"
 
 
 class LabHandlers:

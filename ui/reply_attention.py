@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from attention.describe import describe_row
 from attention.plot import figure_bytes, plot_token_attention, weights_csv
 from generation import Prompt, Settings, build_prompt
 from generation.inside import REPLY_MAX_TOKENS, ReplyAttention, reply_attention
@@ -129,6 +130,8 @@ class ReplyAttentionHandlers:
         marked = [(t if t != "␣" else " ", "chosen" if i == r else "reply") for i, t in enumerate(ra.reply_tokens)]
         notes = [f"**Prompt: {ra.reply_start} tokens, reply: {ra.n_reply_tokens} tokens** · layer {ra.layer} of "
                  f"0-{ra.n_layers - 1} ({kind}) · {'average of' if head is None else 'one of'} {ra.n_heads} heads."]
+        words = describe_row(ra.row(r, head), tokens, hidden)
+        notes.append(html.escape(f"In words: '{ra.reply_tokens[r]}' ({verb} it, {who}) attended {words}.", quote=False))
         if read.remote:
             notes.append("The chat is served by a remote server: this is the local model reading its reply.")
         if ra.notice:

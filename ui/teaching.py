@@ -25,6 +25,7 @@ from typing import Any
 
 import gradio as gr
 
+from attention.describe import describe_map
 from attention.palette import DEFAULT_PALETTE, Palette
 from attention.plot import (
     figure_bytes,
@@ -170,7 +171,7 @@ class TeachingHandlers:
 
     def _model_view_outputs(self, mv: ModelView, layer: Any, head: Any, scale: str, notes: str | None,
                             colourblind: Any = False) -> tuple:
-        """(grid, large map, notes, cells, layer slider, head slider, 5 download buttons)."""
+        """(grid, large map, its summary, notes, cells, layer slider, head slider, 5 download buttons)."""
         layer = min(max(as_int(layer, "layer"), 0), mv.n_layers - 1)
         head = min(max(as_int(head, "head"), 0), mv.n_heads - 1)
         scale = scale if scale in ("each", "shared") else "each"
@@ -189,7 +190,9 @@ class TeachingHandlers:
             f"attention_{name}.svg": figure_bytes(big, "svg"),
             f"attention_{name}.csv": weights_csv(mv.head(layer, head), mv.tokens, mv.tokens),
         })
-        return (paths[0], paths[2], gr.skip() if notes is None else notes, cells,
+        summary = (f"Layer {layer}, head {head} "
+                   f"{describe_map(mv.head(layer, head), mv.hidden_mass[layer, head])}.")
+        return (paths[0], paths[2], summary, gr.skip() if notes is None else notes, cells,
                 gr.Slider(maximum=max(mv.n_layers - 1, 1), value=layer),
                 gr.Slider(maximum=max(mv.n_heads - 1, 1), value=head),
                 *(ready_button(p) for p in paths))
@@ -197,7 +200,7 @@ class TeachingHandlers:
     def model_view_update(self, text: str, hide_special: bool, scale: str, layer: Any, head: Any,
                           colourblind: bool = False) -> tuple:
         """UI: every layer's attention for the text (one forward), the chosen head large. Outputs:
-        (model view state, grid, large map, notes, cells, layer, head, 5 downloads); bad input -> gr.Warning."""
+        (model view state, grid, large map, its summary, notes, cells, layer, head, 5 downloads); bad input -> gr.Warning."""
         try:
             t0 = time.perf_counter()
             mv = self._model_view(text, hide_special)
@@ -209,28 +212,28 @@ class TeachingHandlers:
             return (mv, *self._model_view_outputs(mv, layer, head, scale, notes, colourblind))
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="Every layer at once")
-            return (gr.skip(),) * 12
+            return (gr.skip(),) * 13
 
     def model_view_select(self, mv: ModelView | None, cells: dict | None, scale: str, colourblind: bool,
                           evt: gr.SelectData) -> tuple:
         """UI: a click on the grid at pixel evt.index = [x, y] -> that thumbnail large (nothing between them)."""
         index = getattr(evt, "index", None)
         if mv is None or not cells or not isinstance(index, (list, tuple)) or len(index) != 2:
-            return (gr.skip(),) * 11
+            return (gr.skip(),) * 12
         hit = model_view_cell(cells, float(index[0]), float(index[1]))
         if hit is None:
-            return (gr.skip(),) * 11
+            return (gr.skip(),) * 12
         return self._model_view_outputs(mv, hit[0], hit[1], scale, None, colourblind)
 
     def model_view_pick(self, mv: ModelView | None, scale: str, layer: Any, head: Any, colourblind: bool = False) -> tuple:
         """UI: the layer/head sliders (or the scale) -> that head large, outlined in the grid."""
         if mv is None:
-            return (gr.skip(),) * 11
+            return (gr.skip(),) * 12
         try:
             return self._model_view_outputs(mv, layer, head, scale, None, colourblind)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Every layer at once")
-            return (gr.skip(),) * 11
+            return (gr.skip(),) * 12
 
     def model_view_api(self, text: str = DEFAULT_MV_TEXT, hide_special: bool = True,
                        max_tokens: int = MODEL_VIEW_MAX_TOKENS) -> tuple[PlotPayload, dict[str, Any]]:
@@ -346,7 +349,7 @@ class TeachingHandlers:
                                head: Any, colourblind: bool = False) -> tuple:
         """After a shared link's setup: draw its model view once the model is loaded."""
         if not shared or not self.model.ready:
-            return (gr.skip(),) * 12
+            return (gr.skip(),) * 13
         return self.model_view_update(text, hide_special, scale, layer, head, colourblind)
 
     def show_shared_ablation(self, shared: bool, prompt: str, heads: str, new_tokens: Any) -> tuple:
@@ -441,12 +444,13 @@ def _build_model_view(state: TeachingHandlers, colourblind: gr.Checkbox) -> dict
             big = gr.Image(None, show_label=False, interactive=False, elem_id="mv-big", buttons=["fullscreen"],
                            placeholder="The chosen head, large, with its tokens.",
                            alt_text="The chosen head's attention map, with its tokens")
+            big_summary = gr.Markdown(elem_id="mv-summary")  # the large map in words
             with gr.Row():
                 big_dl = download_buttons("mv-big", [("Map PNG", "png"), ("Map SVG", "svg"), ("Weights CSV", "csv")])
             notes = gr.Markdown("Press *Show every layer* once the model has loaded.", elem_id="mv-notes")
     mv_state, cells = gr.State(None), gr.State(None)
     inputs = [text, hide, scale, layer, head, colourblind]
-    draw = [grid, big, notes, cells, layer, head, grid_dl[0], grid_dl[1], *big_dl]
+    draw = [grid, big, big_summary, notes, cells, layer, head, grid_dl[0], grid_dl[1], *big_dl]
     outputs = [mv_state, *draw]
     gr.on([show.click, text.submit, hide.input, colourblind.input], state.model_view_update, inputs, outputs,
           **INSPECT_EVENTS, **PRIVATE)

@@ -45,7 +45,6 @@ __all__ = [
     "HeadRoles",
     "head_roles",
     "induction_tokens",
-    "describe_map",
 ]
 
 LENS_MAX_TOKENS = 24  # positions read: 18 layers x 24 positions x 262k logits is ~1 s of LM head on 2 cores
@@ -436,22 +435,3 @@ def head_roles(lm: Any, text: str, *, max_tokens: int = 64, n_random: int = INDU
     return HeadRoles(previous_token=previous, first_token=first, induction=induction, induction_baseline=baseline,
                      tokens=[token_label(tok, i) for i in ids[0].tolist()], induction_tokens=n_random,
                      notice=notice)
-
-
-def describe_map(weights: Tensor, hidden_mass: Tensor | None = None) -> str:
-    """One line on where a head's map (T, T) puts its attention, for a screen reader: the largest of
-    the shares on the previous token, the token itself, the first shown token and (hidden_mass (T,),
-    what each row gives to hidden special tokens such as <bos>) the hidden ones, averaged over rows.
-    """
-    if weights.dim() != 2 or weights.shape[0] != weights.shape[1] or weights.shape[0] == 0:
-        raise ValueError(f"weights must be one square map (T, T), got {tuple(weights.shape)}")
-    t = int(weights.shape[0])
-    w = weights.float()
-    shares = {"itself": float(w.diagonal().mean())}
-    if t > 1:
-        shares["the token just before it"] = float(w.diagonal(-1).mean())
-        shares["the first token shown"] = float(w[1:, 0].mean())
-    if hidden_mass is not None and hidden_mass.numel():
-        shares["the hidden special tokens (<bos>)"] = float(hidden_mass.float().mean())
-    where, share = max(shares.items(), key=lambda x: x[1])
-    return f"mostly attends to {where} (on average {share:.2f} of each row)"
