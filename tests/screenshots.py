@@ -1,6 +1,7 @@
 """Regenerate the screenshots in assets/ from the real app (`python tests/screenshots.py`):
-attention_lab.png, inside_model.png, chat.png, and the teaching panels model_view.png,
-ablation.png and reply_attention.png.
+attention_lab.png, inside_model.png, chat.png (a reply's tokens opened, the server's live view),
+the teaching panels model_view.png, ablation.png and reply_attention.png, lenses.png (the logit
+lens and head roles) and lesson.png (a lesson step answered).
 
 Starts `python app.py` on a free port, drives Debian's chromium through both tabs (with a real
 reply from the default model), saves full-page (and panel) screenshots and stops the server.
@@ -18,7 +19,8 @@ from apputil import REPO, launch_chromium, open_app, send_chat, set_number, star
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 ASSETS = REPO / "assets"
-SHOTS = ("attention_lab.png", "inside_model.png", "chat.png", "model_view.png", "ablation.png", "reply_attention.png")
+SHOTS = ("attention_lab.png", "inside_model.png", "chat.png", "model_view.png", "ablation.png", "reply_attention.png",
+         "lenses.png", "lesson.png")
 
 
 def teaching_panels(page) -> None:
@@ -44,14 +46,43 @@ def teaching_panels(page) -> None:
     page.locator("#writing-accordion > button.label-wrap").click()
     page.click("#writing-btn")
     page.wait_for_selector("#writing-strip img", timeout=120_000)
-    paris = page.locator("#writing-reply").get_by_text("Paris", exact=True)
-    if paris.count():
+    tokens = page.locator("#writing-reply .token .text")
+    france = [i for i, t in enumerate(tokens.all_inner_texts()) if t.strip() == "France"]
+    if france and france[0] > 0:  # the reply's "France": what it looked at (the question's "France")
         before = page.locator("#writing-strip img").get_attribute("src")
-        paris.first.click()
+        tokens.nth(france[0]).click()
         page.wait_for_function(f"document.querySelector('#writing-strip img').getAttribute('src') !== {before!r}",
                                timeout=60_000)
     time.sleep(1.0)
     page.locator("#writing-accordion").screenshot(path=str(ASSETS / "reply_attention.png"))
+    page.locator("#writing-accordion > button.label-wrap").click()
+
+
+def lenses(page) -> None:
+    """The lenses accordion: the logit lens and the head roles on their default text."""
+    page.get_by_role("tab", name="Attention Lab").click()
+    page.locator("#lens-accordion > button.label-wrap").click()
+    page.click("#lens-btn")
+    page.wait_for_selector("#lens-grid img", timeout=120_000)
+    page.click("#quant-lens-btn")  # the full-precision copy is loaded already (What 4-bit costs)
+    page.wait_for_selector("#quant-lens-plot img", timeout=300_000)
+    page.click("#roles-btn")
+    page.wait_for_selector("#roles-plot img", timeout=120_000)
+    time.sleep(1.0)
+    page.locator("#lens-accordion").screenshot(path=str(ASSETS / "lenses.png"))
+
+
+def lesson(page) -> None:
+    """The induction lesson's first step, predicted and checked."""
+    page.get_by_role("tab", name="Lessons").click()
+    page.locator("#lesson-pick label", has_text="An induction head").click()
+    page.wait_for_function("document.querySelector('#lesson-question').innerText.includes('second copy')")
+    page.locator("#lesson-choice label").nth(3).click()
+    page.click("#lesson-check")
+    page.wait_for_function("document.querySelector('#lesson-reveal').innerText.includes('You predicted')",
+                           timeout=120_000)
+    time.sleep(1.0)
+    page.screenshot(path=str(ASSETS / "lesson.png"), full_page=True)
 
 
 def main() -> None:
@@ -83,9 +114,18 @@ def main() -> None:
             set_number(page, "temperature", 0.7)  # the table then shows what sampling keeps
             page.click("#next-btn")
             page.wait_for_function("document.querySelector('#next-notes').innerText.includes('temperature')")
-            time.sleep(1.0)
+            page.click("#tokens-toggle input")  # the reply's tokens by probability, the first one opened
+            page.wait_for_selector("#reply-tokens .token", timeout=120_000)
+            page.locator("#reply-tokens .token").nth(0).click()
+            page.wait_for_function("document.querySelector('#token-alts-head').innerText.includes('Token 1')",
+                                   timeout=120_000)
+            page.get_by_text("Inside the server: how this class's chats are batched").click()
+            page.locator("#server-summary").wait_for(timeout=60_000)
+            time.sleep(1.5)
             page.screenshot(path=str(ASSETS / "chat.png"), full_page=True)
             teaching_panels(page)
+            lenses(page)
+            lesson(page)
             context.close()
             browser.close()
     finally:

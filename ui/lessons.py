@@ -40,8 +40,8 @@ def score_line(progress: dict[str, Any]) -> str:
 
 def reveal_markdown(les: Lesson, step: int, picked: int, rev: Reveal) -> str:
     choices = les.steps[step].choices
-    verdict = (f"✅ You predicted *{choices[picked]}*, and so does the model." if picked == rev.answer else
-               f"❌ You predicted *{choices[picked]}*; the model: **{choices[rev.answer]}**.")
+    verdict = (f"✓ You predicted *{choices[picked]}*, and so does the model." if picked == rev.answer else
+               f"✗ You predicted *{choices[picked]}*; the model: **{choices[rev.answer]}**.")
     return f"{verdict}\n\n{rev.explanation}"
 
 
