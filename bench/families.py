@@ -2,6 +2,7 @@
 
     python bench/families.py                       # every shape below (~15 min on 2 CPU cores)
     python bench/families.py --shapes qwen2.5-0.5b,smollm2-360m --new 32 --users 30
+    python bench/families.py --llama-src ~/src/llama_cpp_python-0.3.36/vendor/llama.cpp   # + llama.cpp
 
 For each shape, a random-weight model of that shape (bf16, transformers' own init; the default
 model's tokenizer; weights do not change the speed of a dense decode) is saved to a temporary
@@ -20,6 +21,14 @@ model's forward), rounds interleaved, greedy, a fixed number of new tokens (igno
              file pages (which the kernel can drop); peak: the child's ru_maxrss
 
 "default" is the app's own model (the embedded Gemma 3 270m, real weights) through the same harness.
+
+llama.cpp (with --llama-src, llama.cpp's source folder, e.g. the vendor/llama.cpp of the
+llama-cpp-python source package, and llama-cpp-python installed: requirements-bench.txt): the same
+random weights written as a GGUF by llama.cpp's own converter (convert_hf_to_gguf.py; a
+placeholder vocabulary of the model's size, as the default tokenizer does not fit these shapes),
+quantized to Q4_K_M by `llama_cpp.llama_model_quantize`, one greedy stream of the same length
+(llama-cpp-python's Llama decodes one sequence; no 30-user row). "default" reads the embedded
+GGUF itself.
 """
 
 from __future__ import annotations
@@ -158,6 +167,83 @@ def _anonymous_mib() -> float:
     return float("nan")
 
 
+def _placeholder_vocab(self) -> None:
+    """A converter's set_vocab for a random-weight model: a SentencePiece-style vocabulary of the
+    model's size (<unk> <s> </s>, the 256 byte tokens, then placeholders): what llama.cpp needs to
+    load it; the bench feeds token ids, never text."""
+    import gguf
+
+    n = int(self.hparams["vocab_size"])
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [f"\u2581t{i}".encode() for i in range(n - len(tokens))]
+    kinds = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+             + [gguf.TokenType.NORMAL] * (n - 259))
+    w = self.gguf_writer
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * n)
+    w.add_token_types(kinds)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def llama_worker(shape: str, folder: str, new: int, llama_src: str) -> dict:
+    """llama.cpp on the same weights: convert (llama.cpp's converter), quantize to Q4_K_M, one
+    greedy stream of `new` tokens after a PROMPT_TOKENS prompt; decode tokens/s, median of ROUNDS."""
+    import llama_cpp
+
+    res: dict = {"llama_version": llama_cpp.__version__}
+    if shape == "default":
+        from generation.model import gguf_path
+
+        q4 = str(gguf_path())
+    else:
+        sys.path[:0] = [llama_src, str(Path(llama_src) / "gguf-py")]
+        import convert_hf_to_gguf as cv
+
+        original = cv.get_model_class
+
+        def with_placeholder_vocab(name: str, mmproj: bool = False):  # noqa: ANN202
+            cls = original(name, mmproj)
+            cls.set_vocab = _placeholder_vocab
+            return cls
+
+        cv.get_model_class = with_placeholder_vocab
+        f16 = str(Path(folder) / "model-f16.gguf")
+        t0 = time.perf_counter()
+        sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", f16, "--outtype", "f16"]
+        cv.main()
+        q4 = str(Path(folder) / "model-q4_k_m.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(f16.encode(), q4.encode(), params) != 0:
+            raise RuntimeError("llama_model_quantize failed")
+        os.remove(f16)
+        res["gguf_s"] = time.perf_counter() - t0
+    res["gguf_mib"] = os.path.getsize(q4) / 2**20
+    import torch
+
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=q4, n_threads=threads, n_threads_batch=threads, n_ctx=256, verbose=False, seed=0)
+    vocab = llm.n_vocab()
+    g = torch.Generator().manual_seed(1)
+    rates = []
+    for _ in range(ROUNDS):
+        prompt = torch.randint(300, min(vocab, 40000), (PROMPT_TOKENS,), generator=g).tolist()
+        llm.reset()
+        times = []
+        for _tok in llm.generate(prompt, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == new:
+                break
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    res["llama_stream"] = statistics.median(rates)
+    return res
+
+
 def run_child(*args: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, __file__, "--worker", *args], cwd=REPO, env=env,
@@ -174,6 +260,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--new", type=int, default=32, help="new tokens per reply")
     ap.add_argument("--users", type=int, default=30, help="rows of the batch case (the 3B shape: one stream only)")
+    ap.add_argument("--llama-src", default=os.environ.get("LLAMA_CPP_SRC", ""),
+                    help="llama.cpp's source folder (convert_hf_to_gguf.py): adds the llama.cpp column")
     args = ap.parse_args()
     rows = {}
     for shape in args.shapes.split(","):
@@ -184,6 +272,8 @@ def main() -> None:
             print(f"building {shape} ...", file=sys.stderr, flush=True)
             built = run_child("build", shape, folder) if shape != "default" else {}
             rows[shape] = {**built, **run_child("measure", shape, folder, str(args.new), str(users))}
+            if args.llama_src:
+                rows[shape].update(run_child("llama", shape, folder, str(args.new), args.llama_src))
     first = next(iter(rows.values()))
     print(f"Machine: {first['machine']}\n")
     print(f"Greedy, {PROMPT_TOKENS}-token prompts, {args.new} new tokens, median of {ROUNDS} interleaved rounds; "
@@ -199,6 +289,14 @@ def main() -> None:
         same = " / ".join("yes" if r[k] else "no" for k in ("same_stream", "same_users") if k in r)
         print(f"| {shape} | {fs:.1f} | {ms:.1f} | {fs / ms:.2f}x | {users} | {same} | {r['rss_mib']:.0f} "
               f"({r['anon_mib']:.0f}; {r['peak_rss_mib']:.0f}) | {r['fast_status'].split(', ready')[0]} |")
+    if args.llama_src:
+        print(f"\nOne stream beside llama.cpp ({first.get('llama_version', '?')}, Q4_K_M of the same weights, "
+              f"{PROMPT_TOKENS}-token prompt, {args.new} greedy tokens):\n")
+        print("| shape | fast path tok/s | llama.cpp tok/s | fast / llama.cpp | Q4_K_M MiB |")
+        print("|---|---:|---:|---:|---:|")
+        for shape, r in rows.items():
+            fs, ls = r["tps"]["fast_stream"], r["llama_stream"]
+            print(f"| {shape} | {fs:.1f} | {ls:.1f} | {fs / ls:.2f}x | {r['gguf_mib']:.0f} |")
     print(f"\nload average at the end: {rows[list(rows)[-1]]['load_end']}")
 
 
@@ -207,8 +305,12 @@ if __name__ == "__main__":
         sys.path.insert(0, str(REPO))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         kind, shape, folder, *rest = sys.argv[2:]
-        out = build_worker(shape, folder) if kind == "build" else measure_worker(shape, folder, int(rest[0]),
-                                                                                  int(rest[1]))
+        if kind == "build":
+            out = build_worker(shape, folder)
+        elif kind == "llama":
+            out = llama_worker(shape, folder, int(rest[0]), rest[1])
+        else:
+            out = measure_worker(shape, folder, int(rest[0]), int(rest[1]))
         print(json.dumps(out))
     else:
         main()
