@@ -21,8 +21,8 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from .canvas import DPI, FIT_WIDTH, MASKED_COLOUR
 from .palette import COLOURBLIND_PALETTE, DEFAULT_PALETTE, OKABE_ITO, PALETTES, Palette, palette_named  # noqa: F401
-from .plot import DPI, FIT_WIDTH, MASKED_COLOUR
 
 __all__ = [
     "Palette", "PALETTES", "DEFAULT_PALETTE", "COLOURBLIND_PALETTE", "OKABE_ITO", "palette_named",

@@ -9,7 +9,7 @@ figure turned into a PNG data URL by ``gr.Plot(format="png").postprocess`` itsel
 figure's dpi, no tight bbox, then ``plt.close``). "grid" columns time run_lab + plot_heads +
 its PNG only; "update" adds plot_steps and its PNG. The machine is shared, so CPU time
 (time.process_time, all threads of this process) is reported as best and median over --reps
-runs after two warm-up runs, next to wall time (median). attention.plot caches the bitmaps of
+runs after two warm-up runs, next to wall time (median). attention.canvas caches the bitmaps of
 the labels it drew (tokens, titles, values): "new sentence" runs a sentence of words not seen
 before every time, the cost of the first update after someone types a new sentence. --threads sets torch's
 intra-op threads (default: torch's own choice): run_lab's tiny matrices gain nothing from two

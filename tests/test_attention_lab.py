@@ -280,7 +280,7 @@ def test_plot_steps_two_rows_when_four_panels_would_not_fit():
 
 def test_grid_and_steps_share_label_bitmaps():
     # the first update after typing a new sentence draws each token's bitmaps once, for both figures
-    from attention.plot import _bitmap
+    from attention.canvas import _bitmap
 
     result = run_lab(LabConfig("Zyxal qwopper frindle snorb " * 8, n_heads=8))
     _bitmap.cache_clear()
@@ -293,7 +293,7 @@ def test_grid_and_steps_share_label_bitmaps():
 
 def _bitmap_keys(cached) -> list[tuple]:
     # functools.lru_cache keeps no public key list; probe with the sizes the module may use
-    from attention.plot import _label_size
+    from attention.canvas import label_size as _label_size
 
     keys = []
     for size in {_label_size(t) for t in range(1, 65)}:
@@ -354,7 +354,7 @@ def test_plot_head_and_steps():
                                 {"ha": "right", "va": "top", "rotation": 60, "rotation_mode": "anchor"},
                                 {"rotation": 90}])
 def test_batched_labels_draw_what_text_draws(kw):
-    from attention.plot import _Labels
+    from attention.canvas import Labels as _Labels
 
     def render(batched: bool) -> np.ndarray:
         fig = Figure(figsize=(2.0, 1.5), dpi=80)

@@ -52,7 +52,7 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-@pytest.mark.parametrize("path", package_sources("generation") + package_sources("ui"),
+@pytest.mark.parametrize("path", package_sources("generation") + package_sources("ui") + package_sources("attention"),
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_every_room_reads_in_one_sitting(path):
     n = len(path.read_text().splitlines())

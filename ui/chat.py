@@ -369,8 +369,10 @@ class ChatHandlers:
             # update sent anyway could land after theirs (restoring a cleared chat, or counting a
             # stopped reply as the next one), so a stopped reply ends with what it streamed.
             return
-        if reply_at == len(history):
-            history.append({"role": "assistant", "content": "*(no text generated)*"})
+        if reply_at == len(history) or not content_text(history[reply_at].get("content")).strip():
+            # nothing visible (no token, or only spaces and newlines before the turn ended): say so
+            # rather than leave a blank bubble
+            history[reply_at:] = [{"role": "assistant", "content": "*(no text generated)*"}]
         number = (replies or 0) + 1
         user_stats = stats_line(stats, number)
         yield history, self.status_markdown(user_stats), user_stats, number
