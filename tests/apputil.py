@@ -230,6 +230,17 @@ def app_page(browser, url: str, ready_js: str | None = None):
     assert off_host == [], f"the page made requests off this machine: {off_host}"
 
 
+def wait_until(get, ok, timeout_s: float = 120.0):
+    """Poll get() until ok(value); that value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = get()
+        if ok(value):
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not reached within {timeout_s} s; last: {value!r}")
+
+
 def wait_changed(get, old, timeout_s: float = 60):
     """Poll get() until it returns something truthy and different from old; that value."""
     deadline = time.monotonic() + timeout_s

@@ -5,10 +5,8 @@ another token (the original kept), a sent message edited and answered again, the
 from __future__ import annotations
 
 import re
-import time
-
 import pytest
-from apputil import bot_texts, send_chat, set_number, user_texts, wait_reply_done
+from apputil import bot_texts, send_chat, set_number, user_texts, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -24,16 +22,6 @@ def greedy_chat(pg, message: str, max_new: int = 20) -> tuple[str, int]:
     set_number(pg, "max-new", max_new)
     before = send_chat(pg, message)
     return wait_reply_done(pg, before), before
-
-
-def wait_for(get, ok, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = get()
-        if ok(value):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not reached within {timeout_s} s; last: {value!r}")
 
 
 def test_reply_tokens_open_up_and_a_branch_keeps_the_original(page):
@@ -55,9 +43,9 @@ def test_reply_tokens_open_up_and_a_branch_keeps_the_original(page):
     original_choice = page.locator("#branches label", has_text="1 (original)")
     original_choice.wait_for(timeout=60_000)
     original_choice.click()
-    wait_for(lambda: bot_texts(page)[-1], lambda t: t.strip() == original.strip())
+    wait_until(lambda: bot_texts(page)[-1], lambda t: t.strip() == original.strip())
     page.locator("#branches label", has_text=re.compile(r"^\s*2\s*$")).click()
-    wait_for(lambda: bot_texts(page)[-1], lambda t: t.strip() == branch.strip())
+    wait_until(lambda: bot_texts(page)[-1], lambda t: t.strip() == branch.strip())
 
 
 def test_edit_a_sent_message_answers_it_again(page):
@@ -82,11 +70,11 @@ def test_inside_the_server_shows_this_chat_being_written(page):
     set_number(page, "min-new", 512)
     send_chat(page, "Tell me a long story about a dragon.")
     # Refreshed by its timer: this reply's row appears, writing.
-    wait_for(lambda: page.locator("#server-panel").inner_text(), lambda t: "decode" in t and "writing:" in t)
+    wait_until(lambda: page.locator("#server-panel").inner_text(), lambda t: "decode" in t and "writing:" in t)
     text = page.locator("#server-panel").inner_text()
     assert "dragon" not in text  # only counts, never anyone's text
     page.click("#stop-btn")
-    wait_for(lambda: page.locator("#server-panel").inner_text(), lambda t: "No reply is being written" in t)
+    wait_until(lambda: page.locator("#server-panel").inner_text(), lambda t: "No reply is being written" in t)
 
 
 def test_a_lesson_asks_before_it_tells(page):

@@ -4,9 +4,8 @@ and /continue (a reply that begins with a chosen prefix, through the same engine
 
 from __future__ import annotations
 
-import time
-
 import pytest
+from apputil import wait_until
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -21,23 +20,13 @@ def _state(client) -> dict:
     return client.predict(api_name="/engine_state")
 
 
-def _until(get, ok, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = get()
-        if ok(value):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not reached within {timeout_s} s; last: {value!r}")
-
-
 @pytest.fixture(scope="module")
 def greedy_reply(client) -> str:
     return client.predict(QUESTION, max_new_tokens=24, temperature=0.0, api_name="/chat")
 
 
 def test_engine_state_when_idle(client):
-    state = _until(lambda: _state(client), lambda s: s["running"] == 0 and s["waiting"] == 0)
+    state = wait_until(lambda: _state(client), lambda s: s["running"] == 0 and s["waiting"] == 0)
     assert STATE_KEYS <= set(state)
     assert state["rows"] == [] and state["kv_cache_bytes"] == 0 and state["served_elsewhere"] is False
     assert state["max_batch"] >= 1 and state["backend"].startswith("local engine")
@@ -46,24 +35,24 @@ def test_engine_state_when_idle(client):
 def test_engine_state_shows_the_chats_being_batched_and_none_of_their_text(app_server, client):  # noqa: F811
     from ui.chat import MAX_NEW_TOKENS
 
-    _until(lambda: _state(client), lambda s: s["running"] == 0)
+    wait_until(lambda: _state(client), lambda s: s["running"] == 0)
     secret = "Tell me a long story about a purple dragon called Zorblax."
     jobs = [Client(app_server.url, verbose=False).submit(secret, max_new_tokens=MAX_NEW_TOKENS,
                                                          min_new_tokens=MAX_NEW_TOKENS, api_name="/chat")
             for _ in range(3)]
     try:
-        state = _until(lambda: _state(client),
+        state = wait_until(lambda: _state(client),
                        lambda s: s["running"] == 3 and all(r["phase"] == "decode" and r["generated"] >= 2
                                                            for r in s["rows"]))
         assert len(state["rows"]) == 3 and len({r["prompt_tokens"] for r in state["rows"]}) == 1
         assert all(r["max_new_tokens"] == MAX_NEW_TOKENS for r in state["rows"])
         assert state["kv_cache_bytes"] > 0 and state["kv_cache_allocated_bytes"] >= state["kv_cache_bytes"]
-        state = _until(lambda: _state(client), lambda s: s["tok_s"] > 0 and s["step_ms"] > 0)
+        state = wait_until(lambda: _state(client), lambda s: s["tok_s"] > 0 and s["step_ms"] > 0)
         assert "Zorblax" not in repr(state) and "dragon" not in repr(state)
     finally:
         for job in jobs:
             job.cancel()
-    _until(lambda: _state(client), lambda s: s["running"] == 0)
+    wait_until(lambda: _state(client), lambda s: s["running"] == 0)
 
 
 def test_reply_tokens_spell_a_greedy_reply_and_mostly_are_the_top_token(client, greedy_reply):

@@ -48,7 +48,6 @@ from .common import (
     DownloadDir,
     ModelSlot,
     PlotPayload,
-    as_bool,
     as_int,
     as_text,
     download_buttons,
@@ -411,20 +410,26 @@ def _build_logit_lens(state: LensHandlers, text: gr.Textbox, colourblind: gr.Che
     return [text, colourblind], outputs
 
 
+def _figure_and_table(prefix: str, alt: str, headers: list[str]) -> tuple[gr.Image, list, gr.Dataframe]:
+    """A lens figure with its PNG/SVG/CSV downloads under it, and its table beside it."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4):
+            fig = gr.Image(None, show_label=False, interactive=False, elem_id=f"{prefix}-plot", buttons=["fullscreen"],
+                           alt_text=alt)
+            with gr.Row():
+                dls = download_buttons(prefix, FILES)
+        with gr.Column(scale=2, min_width=240):
+            table = gr.Dataframe(headers=headers, show_label=False, interactive=False, elem_id=f"{prefix}-table")
+    return fig, dls, table
+
+
 def _build_quant_lens(state: LensHandlers, text: gr.Textbox, colourblind: gr.Checkbox) -> None:
     gr.Markdown(QUANT_LENS_HELP)
     run = gr.Button("Compare the two models layer by layer", elem_id="quant-lens-btn")
     summary = gr.Markdown("The full-precision copy loads on the first click (it takes a while).",
                           elem_id="quant-lens-summary")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=4):
-            fig = gr.Image(None, show_label=False, interactive=False, elem_id="quant-lens-plot", buttons=["fullscreen"],
-                           alt_text="KL between the 4-bit and full-precision lenses after every layer")
-            with gr.Row():
-                dls = download_buttons("quant-lens", FILES)
-        with gr.Column(scale=2, min_width=240):
-            table = gr.Dataframe(headers=["layer", "KL", "full", "4-bit", ""], show_label=False, interactive=False,
-                                 elem_id="quant-lens-table")
+    fig, dls, table = _figure_and_table("quant-lens", "KL between the 4-bit and full-precision lenses after every layer",
+                                        ["layer", "KL", "full", "4-bit", ""])
     run.click(state.quant_update, [text, colourblind], [fig, summary, table, *dls], **INSPECT_EVENTS, **PRIVATE)
     gr.api(typed_api(state.quant_lens_api), api_name="quant_lens", **INSPECT_EVENTS)
 
@@ -433,15 +438,8 @@ def _build_roles(state: LensHandlers, text: gr.Textbox, colourblind: gr.Checkbox
     gr.Markdown(ROLES_HELP)
     run = gr.Button("Score every head", elem_id="roles-btn")
     summary = gr.Markdown("", elem_id="roles-summary")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=4):
-            fig = gr.Image(None, show_label=False, interactive=False, elem_id="roles-plot", buttons=["fullscreen"],
-                           alt_text="Every head's previous-token, first-token and induction scores")
-            with gr.Row():
-                dls = download_buttons("roles", FILES)
-        with gr.Column(scale=2, min_width=240):
-            table = gr.Dataframe(headers=["role", "clearest head (layer:head)", "score"], show_label=False,
-                                 interactive=False, elem_id="roles-table")
+    fig, dls, table = _figure_and_table("roles", "Every head's previous-token, first-token and induction scores",
+                                        ["role", "clearest head (layer:head)", "score"])
     run.click(state.roles_update, [text, colourblind], [fig, summary, table, *dls], **INSPECT_EVENTS, **PRIVATE)
     gr.api(typed_api(state.head_roles_api), api_name="head_roles", **INSPECT_EVENTS)
 

@@ -116,9 +116,9 @@ class ReplyAttentionHandlers:
         who = "average of all heads" if head is None else f"head {head}"
         verb = "writing" if ra.mode == "writing" else "reading"
         title = f"layer {ra.layer} ({kind}) · {who} · {verb} '{ra.reply_tokens[r]}' (position {pos})"
+        palette = palette_of(colourblind)
         fig = plot_token_attention(ra.row(r, head), tokens, target=target, reply_start=ra.reply_start,
-                                   hidden=hidden, title=title, cmap=palette_of(colourblind).strip,
-                                   highlight=palette_of(colourblind).highlight)
+                                   hidden=hidden, title=title, cmap=palette.strip, highlight=palette.highlight)
         name = f"reply_attention_layer{ra.layer}_pos{pos}"
         heads = [f"head {h}" for h in range(ra.n_heads)]
         paths = self.files.write({
