@@ -170,8 +170,9 @@ def test_simultaneous_chats_are_answered_together(app_server, client):  # noqa: 
             jobs.append(c.submit("What is the capital of France?", max_new_tokens=24, temperature=0.0,
                                  api_name="/chat"))
         else:
-            jobs.append(c.submit("Write a long story about a dragon.", max_new_tokens=60, temperature=0.9,
-                                 seed=i, api_name="/chat"))
+            # cannot end early: the stories are still being written while the others arrive, on any machine
+            jobs.append(c.submit("Write a long story about a dragon.", max_new_tokens=200, temperature=0.9,
+                                 seed=i, min_new_tokens=200, api_name="/chat"))
     most = 0
     deadline = time.monotonic() + 300
     while not all(j.done() for j in jobs) and time.monotonic() < deadline:
