@@ -37,24 +37,27 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def _layer_inputs(model: torch.nn.Module, ids: Tensor) -> tuple[Tensor, list[dict]]:
     """The hidden states entering the first decoder layer, and every layer's keyword arguments
-    (masks, rotary embeddings), from one forward pass of `ids` (N, T)."""
+    (masks, rotary embeddings), for `ids` (N, T). The layers only record what they are given: the
+    calibration runs them itself, one at a time."""
     layers = decoder_layers(model)
     first: list[Tensor] = []
     kwargs: list[dict] = [{} for _ in layers]
 
-    def grab(i: int):
-        def hook(_mod, args, kw):
+    def recorder(i: int):
+        def forward(hidden_states: Tensor, *args, **kw) -> Tensor:
             if i == 0:
-                first.append(args[0] if args else kw["hidden_states"])
+                first.append(hidden_states)
             kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
-        return hook
+            return hidden_states
+        return forward
 
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute: shadows the class's forward
     try:
         model.model(input_ids=ids, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        for layer in layers:
+            del layer.forward
     return first[0], kwargs
 
 
@@ -62,40 +65,48 @@ def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: mod for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
 
 
-def _hessians(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> tuple[dict[str, Tensor], Tensor]:
-    """Each linear's input Hessian X^T X / n (inputs shared by several linears counted once), and
-    the layer's output for `hidden`."""
-    sums: dict[tuple, Tensor] = {}
-    counts: dict[tuple, int] = {}
-    key_of: dict[str, tuple] = {}
+def _hessians(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> list[tuple[list[str], Tensor]]:
+    """The layer's linears grouped by the input they share (q/k/v; gate/up), each group with that
+    input's Hessian X^T X / n."""
+    groups: dict[tuple, tuple[list[str], Tensor]] = {}
+    seen: list[Tensor] = []  # held until the end: a freed input's address could be reused by another
 
     def hook(name: str):
         def fn(_mod, args):
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
-            key_of[name] = key
-            if key not in sums:
+            if key not in groups:
+                seen.append(x)
                 flat = x.reshape(-1, x.shape[-1]).float()  # (n, in)
-                sums[key] = flat.T @ flat  # (in, in)
-                counts[key] = flat.shape[0]
+                groups[key] = ([], flat.T @ flat / flat.shape[0])  # (in, in)
+            groups[key][0].append(name)
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in _linears(layer).items()]
     try:
-        out = layer(hidden, **kwargs)
+        layer(hidden, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    out = out[0] if isinstance(out, tuple) else out
-    return {name: sums[key] / counts[key] for name, key in key_of.items()}, out
+    return list(groups.values())
 
 
-def round_linear(weight: Tensor, h: Tensor, cfg: GptqConfig = GptqConfig()) -> Rounded:
-    """NF4 codes by GPTQ under plain NF4's (double-quantized) scales, then least-squares scales."""
-    w = weight.float()
-    start = double_quantize(block_absmax(w))[0]  # (out, G)
-    index = gptq_nf4(w, h, start, cfg)
-    return Rounded(index=index, scales=refit_scales(w, h, index))
+def round_linears(weights: list[Tensor], h: Tensor, cfg: GptqConfig = GptqConfig()) -> list[Rounded]:
+    """Round linears that share their input (Hessian h) together: starting from plain NF4's
+    (double-quantized) scales, `cfg.rounds` times the codes by GPTQ under the scales bitsandbytes will
+    multiply by, then the scales by least squares for those codes (both on the damped objective). Each row is its own problem, so the
+    rows of all the weights go through at once; double quantization stays per weight, as stored."""
+    w = torch.cat([x.float() for x in weights])  # (sum of outs, in)
+    cuts = [x.shape[0] for x in weights]
+
+    def stored(scales: Tensor) -> Tensor:  # what bitsandbytes will multiply by, weight by weight
+        return torch.cat([double_quantize(s)[0] for s in scales.split(cuts)])
+
+    scales = block_absmax(w)
+    for _ in range(cfg.rounds):
+        index = gptq_nf4(w, h, stored(scales), cfg)
+        scales = refit_scales(w, h, index, damp=cfg.damp)
+    return [Rounded(index=i, scales=s) for i, s in zip(index.split(cuts), scales.split(cuts))]
 
 
 @torch.inference_mode()
@@ -113,12 +124,12 @@ def calibrate(model: torch.nn.Module, ids: Tensor, cfg: GptqConfig = GptqConfig(
     prefix = next(n for n, m in model.named_modules() if m is layers)
     chosen: dict[str, Rounded] = {}
     for i, layer in enumerate(layers):
-        hessians, _ = _hessians(layer, hidden, kwargs[i])
-        for name, lin in _linears(layer).items():
-            r = round_linear(lin.weight, hessians[name], cfg)
-            scales = double_quantize(r.scales)[0]  # what bitsandbytes will multiply by
-            lin.weight.copy_(dequantize(r.index, scales).to(lin.weight.dtype))
-            chosen[f"{prefix}.{i}.{name}"] = r
+        linears = _linears(layer)
+        for names, h in _hessians(layer, hidden, kwargs[i]):
+            for name, r in zip(names, round_linears([linears[n].weight for n in names], h, cfg)):
+                scales = double_quantize(r.scales)[0]  # what bitsandbytes will multiply by
+                linears[name].weight.copy_(dequantize(r.index, scales).to(linears[name].weight.dtype))
+                chosen[f"{prefix}.{i}.{name}"] = r
         out = layer(hidden, **kwargs[i])
         hidden = out[0] if isinstance(out, tuple) else out
         if progress:

@@ -11,7 +11,8 @@ format requires either choice, so here both are chosen to keep the layer's *outp
   rounded in proportion to the inverse input Hessian (GPTQ, Frantar et al. 2022), on the NF4 grid
   with the block scales held fixed;
 - `refit_scales`: then, codes fixed, each row's block scales by least squares on the output error
-  (the scale is free: "absmax" is just a name).
+  (the scale is free: "absmax" is just a name). The two can take turns (`GptqConfig.rounds`): the
+  codes chosen again under the refit scales, then the scales again.
 
 The objective for one output row w (in,) and its rounded copy q is (w - q)^T H (w - q) with
 H = X^T X over calibration inputs X (n, in): the squared error the row adds to the layer's output.
@@ -77,17 +78,21 @@ def round_to_nearest(w: Tensor, scales: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class GptqConfig:
     """GPTQ's knobs: damping as a fraction of the mean Hessian diagonal, columns per lazy batch,
-    and whether columns go in order of decreasing Hessian diagonal (scales stay per block)."""
+    whether columns go in order of decreasing Hessian diagonal (scales stay per block), and how many
+    times codes (GPTQ) and block scales (least squares) are chosen in turn, each for the other."""
 
     damp: float = 0.01
     batch: int = 128
     act_order: bool = True
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
         if self.batch < 1:
             raise ValueError(f"batch must be positive, got {self.batch!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be positive, got {self.rounds!r}")
 
 
 def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
@@ -108,33 +113,35 @@ def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig(
     h[dead, dead] = 1
     perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
-    col_scale = scales.float().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30)  # (out, in)
+    # Columns as contiguous rows (in, out): each step reads and updates whole rows, not strided columns.
+    wt = w.T.contiguous()  # (in, out)
+    col_scale = scales.float().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30).T.contiguous()  # (in, out)
     u = _damped_inverse_cholesky(h, cfg.damp)  # (in, in) upper
-    code = NF4_CODE.to(w.device)
-    index = torch.empty(out, n, dtype=torch.long)
+    code, mid = NF4_CODE.to(w.device), _MIDPOINTS.to(w.device)
+    index = torch.empty(n, out, dtype=torch.long)
     for a in range(0, n, cfg.batch):
         b = min(a + cfg.batch, n)
-        wb, ub = w[:, a:b].clone(), u[a:b, a:b]
-        err = torch.empty_like(wb)
+        wb, ub = wt[a:b], u[a:b, a:b]  # wb is a view: updated in place
+        err = torch.empty_like(wb)  # (b - a, out)
         for j in range(b - a):
-            col = wb[:, j]
-            idx = nearest_index(col / col_scale[:, a + j])  # (out,)
-            q = code[idx] * col_scale[:, a + j]
-            index[:, a + j] = idx
-            e = (col - q) / ub[j, j]
-            wb[:, j:] -= e.unsqueeze(1) * ub[j, j:].unsqueeze(0)
-            err[:, j] = e
-        w[:, b:] -= err @ u[a:b, b:]
-    inverse = torch.argsort(perm)
-    return index[:, inverse]
+            col, s = wb[j], col_scale[a + j]  # (out,)
+            idx = torch.bucketize((col / s).clamp_(-1, 1), mid)  # nearest code
+            index[a + j] = idx
+            e = torch.div(col - code[idx] * s, ub[j, j], out=err[j])  # (out,)
+            wb[j + 1 :].addr_(ub[j, j + 1 :], e, alpha=-1)  # the error, onto this batch's later columns
+        wt[b:].addmm_(u[a:b, b:].T, err, alpha=-1)  # and onto every column after the batch
+    return index.T[:, torch.argsort(perm)].contiguous()  # (out, in)
 
 
-def refit_scales(w: Tensor, h: Tensor, index: Tensor, *, rows_per_chunk: int = 256) -> Tensor:
+def refit_scales(w: Tensor, h: Tensor, index: Tensor, *, damp: float = 0.0, rows_per_chunk: int = 256) -> Tensor:
     """Least-squares block scales for fixed codes: for each row, the scales s (G,) minimising
-    (w - C s)^T H (w - C s), C the (in, G) matrix of the row's code values, one per block.
+    (w - C s)^T H (w - C s), C the (in, G) matrix of the row's code values, one per block; with
+    `damp`, H + damp * mean(diag H) * I, the damped objective GPTQ's codes were chosen for.
     Returns (out, G). A block whose codes are all zero keeps scale 0 (it has nothing to scale)."""
     w = w.float()
     h = h.float()
+    if damp:
+        h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0])
     out, n = w.shape
     g = n // BLOCK
     code = NF4_CODE.to(w.device)[index]  # (out, in)
