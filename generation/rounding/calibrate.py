@@ -2,7 +2,8 @@
 
 The model (full precision) runs its decoder layers one at a time on the calibration batch. For each
 layer: the inputs of its linear layers give each one's Hessian H = X^T X / n; every linear is rounded
-onto the NF4 grid (nf4grid.gptq_nf4, then nf4grid.refit_scales); the layer's weights are replaced by
+onto the NF4 grid (nf4grid.gptq_nf4, then nf4grid.refit_scales, in turn `rounds` times; the linears
+that share an input in one pass); the layer's weights are replaced by
 what the codes stand for, and the layer runs again so the next layer calibrates on the inputs the
 *rounded* model gives it (errors are corrected, not compounded: GPTQ's sequential order).
 """
