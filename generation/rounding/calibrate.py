@@ -94,9 +94,10 @@ def _hessians(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> list[tupl
 
 def round_linears(weights: list[Tensor], h: Tensor, cfg: GptqConfig = GptqConfig()) -> list[Rounded]:
     """Round linears that share their input (Hessian h) together: starting from plain NF4's
-    (double-quantized) scales, `cfg.rounds` times the codes by GPTQ under the scales bitsandbytes will
-    multiply by, then the scales by least squares for those codes (both on the damped objective). Each row is its own problem, so the
-    rows of all the weights go through at once; double quantization stays per weight, as stored."""
+    (double-quantized) scales, `cfg.rounds` times the codes by GPTQ under the scales bitsandbytes
+    will multiply by, then the scales by least squares for those codes (both on the damped
+    objective). Each row is its own problem, so the rows of all the weights go through at once;
+    double quantization stays per weight, as stored."""
     w = torch.cat([x.float() for x in weights])  # (sum of outs, in)
     cuts = [x.shape[0] for x in weights]
 

@@ -95,11 +95,16 @@ class GptqConfig:
             raise ValueError(f"rounds must be positive, got {self.rounds!r}")
 
 
-def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ uses it."""
+def _damped(h: Tensor, damp: float) -> Tensor:
+    """H + damp * mean(diag H) * I: GPTQ's objective, pulled towards plain rounding (a copy)."""
     h = h.clone()
     h.diagonal().add_(damp * h.diagonal().mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return h
+
+
+def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ uses it."""
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(_damped(h, damp)))
     return torch.linalg.cholesky(hinv, upper=True)
 
 
@@ -117,7 +122,7 @@ def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig(
     wt = w.T.contiguous()  # (in, out)
     col_scale = scales.float().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30).T.contiguous()  # (in, out)
     u = _damped_inverse_cholesky(h, cfg.damp)  # (in, in) upper
-    code, mid = NF4_CODE.to(w.device), _MIDPOINTS.to(w.device)
+    code = NF4_CODE.to(w.device)
     index = torch.empty(n, out, dtype=torch.long)
     for a in range(0, n, cfg.batch):
         b = min(a + cfg.batch, n)
@@ -125,7 +130,7 @@ def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig(
         err = torch.empty_like(wb)  # (b - a, out)
         for j in range(b - a):
             col, s = wb[j], col_scale[a + j]  # (out,)
-            idx = torch.bucketize((col / s).clamp_(-1, 1), mid)  # nearest code
+            idx = nearest_index(col / s)  # (out,)
             index[a + j] = idx
             e = torch.div(col - code[idx] * s, ub[j, j], out=err[j])  # (out,)
             wb[j + 1 :].addr_(ub[j, j + 1 :], e, alpha=-1)  # the error, onto this batch's later columns
@@ -139,9 +144,7 @@ def refit_scales(w: Tensor, h: Tensor, index: Tensor, *, damp: float = 0.0, rows
     `damp`, H + damp * mean(diag H) * I, the damped objective GPTQ's codes were chosen for.
     Returns (out, G). A block whose codes are all zero keeps scale 0 (it has nothing to scale)."""
     w = w.float()
-    h = h.float()
-    if damp:
-        h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0])
+    h = _damped(h.float(), damp) if damp else h.float()
     out, n = w.shape
     g = n // BLOCK
     code = NF4_CODE.to(w.device)[index]  # (out, in)
