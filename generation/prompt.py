@@ -23,21 +23,25 @@ import torch
 
 # A base model continues text; it answers best when the text already shows answers (few-shot
 # prompting, as in the GPT-3 paper). So the plain format opens with an instruction and a few example
-# exchanges of different kinds (a fact, a sum, an explanation, a short poem): they show the length
-# and tone of a good reply. None of them is a question bench/chat_quality.py asks. The whole text is
-# what the chat's System prompt box shows, and the engine keeps its keys/values in the prefix cache,
-# so it costs nothing per message. bench/README.md has what it does to the share of right answers.
+# exchanges of different kinds (a short poem, an explanation, a sum, two facts): they show the length
+# and tone of a good reply. The one just before the learner's message is what the model imitates
+# most, so the text ends on a short factual answer, not on the poem. None of them is a question
+# bench/chat_quality.py asks. The whole text is what the chat's System prompt box shows, and the
+# engine keeps its keys/values in the prefix cache, so it costs nothing per message. README.md
+# ("Does the chat answer?") has what it does to the share of right answers.
 DEFAULT_SYSTEM = """The following is a conversation with a helpful assistant that answers questions accurately and concisely.
 
-User: Which planet is the largest in our solar system?
-Assistant: Jupiter is the largest planet in our solar system.
-User: What is 8 plus 9?
-Assistant: 8 plus 9 is 17.
-User: Why do leaves change color in autumn?
-Assistant: As days get shorter, trees stop making green chlorophyll, so the yellow and orange pigments in the leaves show.
 User: Write a short poem about the sea.
 Assistant: Waves roll in beneath the moon,
-silver, restless, gone too soon."""
+silver, restless, gone too soon.
+User: Why do leaves change color in autumn?
+Assistant: As days get shorter, trees stop making green chlorophyll, so the yellow and orange pigments in the leaves show.
+User: What is 8 plus 9?
+Assistant: 8 plus 9 is 17.
+User: Which planet is the largest in our solar system?
+Assistant: Jupiter is the largest planet in our solar system.
+User: What is the capital of Peru?
+Assistant: The capital of Peru is Lima."""
 
 # Stop strings for the plain format: the model inventing the next turn of either speaker.
 PLAIN_STOP_STRINGS: tuple[str, ...] = ("\nUser:", "\nAssistant:")
