@@ -143,6 +143,12 @@ def test_send_while_a_reply_streams_is_refused_and_keeps_the_text(page):
     assert user_texts(page) == [LONG_PROMPT], "a second user turn slipped into a streaming reply"
     assert page.locator("#chat-input textarea").input_value() == "Second question"
     page.click("#stop-btn")
+    # the server has ended the stopped reply (its end signal, not a pause): Stop and Send are two
+    # requests, and on a loaded server the Send could otherwise be handled first and be refused
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and live_generations(page):
+        time.sleep(0.1)
+    assert live_generations(page) == 0, "Stop did not end the reply"
     # after Stop the kept text can be sent and gets its own reply (a stopped reply is not counted)
     short_replies(page, 8)
     before = replies_done(page)
