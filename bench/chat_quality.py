@@ -11,6 +11,7 @@ Variants (each in its own subprocess, loaded as the app loads it):
 Prompts:
   zero-shot        one instruction line (the app's system text until 2026-12)
   examples         generation.prompt.DEFAULT_SYSTEM: the instruction and a few example exchanges
+  file:PATH        a system text of your own to compare (--prompts examples,file:mine.txt)
 Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds.
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
@@ -63,8 +64,11 @@ def answered(reply: str, answers: list[str]) -> bool:
 
 
 def system_text(prompt: str) -> str:
+    """The system text a prompt name stands for; "file:PATH" reads a text to try from PATH."""
     from generation.prompt import DEFAULT_SYSTEM
 
+    if prompt.startswith("file:"):
+        return Path(prompt.removeprefix("file:")).read_text(encoding="utf-8").strip()
     return {"zero-shot": ZERO_SHOT, "examples": DEFAULT_SYSTEM}[prompt]
 
 
@@ -175,9 +179,15 @@ def main() -> None:
         print(json.dumps(run_variant(args.child, prompts, args.seeds, Path(args.ref))))
         return
     variants = [v for v in args.variants.split(",") if v]
-    for v in variants + prompts:
-        if v not in VARIANTS + PROMPTS:
-            raise SystemExit(f"unknown variant or prompt {v!r}: choose from {VARIANTS + PROMPTS}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}: choose from {VARIANTS}")
+    for p in prompts:
+        if p.startswith("file:"):
+            if not Path(p.removeprefix("file:")).is_file():
+                raise SystemExit(f"no such system text file: {p.removeprefix('file:')!r}")
+        elif p not in PROMPTS:
+            raise SystemExit(f"unknown prompt {p!r}: choose from {PROMPTS} or file:PATH")
     print(describe())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
