@@ -15,7 +15,8 @@ Prompts:
 Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds.
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
-never among the system text's examples. A reply counts when one of the accepted answers appears in
+never among the system text's examples. bench/questions_heldout.tsv (--questions) holds 40 more of
+the same kinds that were never used to choose the examples. A reply counts when one of the accepted answers appears in
 it as a whole word (case-insensitive): "The capital of France is Paris." answers "Paris".
 Also per variant: perplexity on held-out text and KL(bf16 || variant) of the next-token
 distribution at the end of every question's prompt (the bf16 run writes its distributions first).
@@ -136,7 +137,7 @@ def last_logprobs(lm, systems: dict[str, str], questions: list[str]):
     return out
 
 
-def run_variant(variant: str, prompts: list[str], seeds: int, ref_path: Path) -> dict:
+def run_variant(variant: str, prompts: list[str], seeds: int, ref_path: Path, questions: Path = QUESTIONS) -> dict:
     """Load `variant` as the app would, answer every question, measure perplexity and KL."""
     import torch
 
@@ -149,7 +150,7 @@ def run_variant(variant: str, prompts: list[str], seeds: int, ref_path: Path) ->
         settings = dataclasses.replace(Settings.from_env(), nf4_rounding=variant.removeprefix("nf4-"))
         lm = load_model(settings=settings)
     res: dict = {"variant": variant, "load_s": time.perf_counter() - t0, "ppl": perplexity(lm)}
-    qa = load_questions()
+    qa = load_questions(questions)
     systems = {p: system_text(p) for p in prompts}
     lp = last_logprobs(lm, systems, [q for q, _ in qa])
     if variant == "bf16":
@@ -171,12 +172,14 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--prompts", default=",".join(PROMPTS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--questions", type=Path, default=QUESTIONS,
+                    help="the question set (default questions.tsv; questions_heldout.tsv: 40 never used to choose the examples)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prompts = [p for p in args.prompts.split(",") if p]
     if args.child:
-        print(json.dumps(run_variant(args.child, prompts, args.seeds, Path(args.ref))))
+        print(json.dumps(run_variant(args.child, prompts, args.seeds, Path(args.ref), args.questions)))
         return
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -195,7 +198,7 @@ def main() -> None:
         # bf16 first: the others' KL is measured against its distributions.
         for v in sorted(variants, key=lambda v: v != "bf16"):
             cmd = [sys.executable, __file__, "--child", v, "--prompts", ",".join(prompts),
-                   "--seeds", str(args.seeds), "--ref", str(ref)]
+                   "--seeds", str(args.seeds), "--ref", str(ref), "--questions", str(args.questions)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
