@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from apputil import bot_texts, open_app, send_chat, set_number
-from apputil import replies_done, user_texts, wait_changed, wait_reply_done
+from apputil import replies_done, user_texts, wait_changed, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -145,10 +145,7 @@ def test_send_while_a_reply_streams_is_refused_and_keeps_the_text(page):
     page.click("#stop-btn")
     # the server has ended the stopped reply (its end signal, not a pause): Stop and Send are two
     # requests, and on a loaded server the Send could otherwise be handled first and be refused
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and live_generations(page):
-        time.sleep(0.1)
-    assert live_generations(page) == 0, "Stop did not end the reply"
+    wait_until(lambda: live_generations(page), lambda n: n == 0)
     # after Stop the kept text can be sent and gets its own reply (a stopped reply is not counted)
     short_replies(page, 8)
     before = replies_done(page)

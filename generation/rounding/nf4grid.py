@@ -144,7 +144,7 @@ def refit_scales(w: Tensor, h: Tensor, index: Tensor, *, damp: float = 0.0, rows
     `damp`, H + damp * mean(diag H) * I, the damped objective GPTQ's codes were chosen for.
     Returns (out, G). A block whose codes are all zero keeps scale 0 (it has nothing to scale)."""
     w = w.float()
-    h = _damped(h.float(), damp) if damp else h.float()
+    h = _damped(h.float(), damp)
     out, n = w.shape
     g = n // BLOCK
     code = NF4_CODE.to(w.device)[index]  # (out, in)
