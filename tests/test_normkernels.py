@@ -120,7 +120,7 @@ def test_status_short_form_and_line():
 
 
 @needs_cc
-@pytest.mark.parametrize("name", ["norms.c", "int8_head.c"])
+@pytest.mark.parametrize("name", ["norms.c", "int8_head.c", "gptq.c"])
 def test_the_kernels_compile_without_warnings(name):
     if name == "int8_head.c" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("AVX-512 intrinsics: x86-64 only")

@@ -1,21 +1,24 @@
-"""The fast decode's small C kernels: the int8 LM head (int8_head.c) and the per-layer norms,
-residual adds and RoPE (norms.c), their ctypes bindings, and the one module that builds, caches
-and loads them (build.py). Each reports a `KernelStatus`: what runs (the kernel or its torch
-fallback) and why."""
+"""The small C kernels: the fast decode's int8 LM head (int8_head.c) and per-layer norms, residual
+adds and RoPE (norms.c), the calibrated rounding's GPTQ column loop (gptq.c), their ctypes
+bindings, and the one module that builds, caches and loads them (build.py). Each reports a
+`KernelStatus`: what runs (the kernel or its torch fallback) and why."""
 
 from __future__ import annotations
 
 from .build import KernelBuildError, KernelStatus, build_library, kernel_cache_dir, load_library, native_enabled
+from .gptq import GptqBatch, gptq_batch
 from .int8_head import Int8HeadKernel, native_int8_kernel, native_int8_status
 from .norms import NormKernels, check_against_torch, norm_kernels, torch_qk_norm_rope, torch_rms
 
 __all__ = [
+    "GptqBatch",
     "Int8HeadKernel",
     "KernelBuildError",
     "KernelStatus",
     "NormKernels",
     "build_library",
     "check_against_torch",
+    "gptq_batch",
     "kernel_cache_dir",
     "load_library",
     "native_enabled",

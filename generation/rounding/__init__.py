@@ -2,12 +2,16 @@
 stored as standard bitsandbytes Linear4bit weights."""
 
 from .calibrate import Rounded, calibrate
-from .nf4grid import BLOCK, NF4_CODE, GptqConfig, block_absmax, dequantize, double_quantize, gptq_nf4, refit_scales
+from .nf4grid import (
+    BLOCK, NF4_CODE, NF4_MIDPOINTS, GptqConfig, GptqFactor, block_absmax, dequantize, double_quantize, gptq_factor,
+    gptq_nf4, refit_scales,
+)
 from .pack import install, quant_state
 from .snapshot import ROUNDING_FORMAT, build_calibrated, calibration_ids, calibration_texts, snapshot_name
 
 __all__ = [
-    "BLOCK", "NF4_CODE", "ROUNDING_FORMAT", "GptqConfig", "Rounded", "block_absmax", "build_calibrated",
-    "calibrate", "calibration_ids", "calibration_texts", "dequantize", "double_quantize", "gptq_nf4",
+    "BLOCK", "NF4_CODE", "NF4_MIDPOINTS", "ROUNDING_FORMAT", "GptqConfig", "GptqFactor", "Rounded", "block_absmax",
+    "build_calibrated", "calibrate", "calibration_ids", "calibration_texts", "dequantize", "double_quantize",
+    "gptq_factor", "gptq_nf4",
     "install", "quant_state", "refit_scales", "snapshot_name",
 ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .nf4grid import BLOCK, GptqConfig, block_absmax, dequantize, double_quantize, gptq_nf4, refit_scales
+from .nf4grid import BLOCK, GptqConfig, block_absmax, dequantize, double_quantize, gptq_factor, gptq_nf4, refit_scales
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,9 @@ def round_linears(weights: list[Tensor], h: Tensor, cfg: GptqConfig = GptqConfig
         return torch.cat([double_quantize(s)[0] for s in scales.split(cuts)])
 
     scales = block_absmax(w)
+    factor = gptq_factor(h, cfg)  # every round and weight shares it
     for _ in range(cfg.rounds):
-        index = gptq_nf4(w, h, stored(scales), cfg)
+        index = gptq_nf4(w, h, stored(scales), cfg, factor=factor)
         scales = refit_scales(w, h, index, damp=cfg.damp)
     return [Rounded(index=i, scales=s) for i, s in zip(index.split(cuts), scales.split(cuts))]
 

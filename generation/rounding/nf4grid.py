@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.gptq import gptq_batch
+
 BLOCK = 64  # bitsandbytes' NF4 blocksize (the app's BitsAndBytesConfig default)
 NESTED_BLOCK = 256  # bitsandbytes' blocksize for the double-quantized scales
 
@@ -35,12 +37,12 @@ NF4_CODE = torch.tensor([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ])
-_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # (15,)
+NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # (15,)
 
 
 def nearest_index(x: Tensor) -> Tensor:
     """Index of the nearest NF4 code for values already divided by their block scale (clipped to [-1, 1])."""
-    return torch.bucketize(x.clamp(-1, 1), _MIDPOINTS.to(x.device))  # same shape as x, int64
+    return torch.bucketize(x.clamp(-1, 1), NF4_MIDPOINTS.to(x.device))  # same shape as x, int64
 
 
 def block_absmax(w: Tensor) -> Tensor:
@@ -108,32 +110,43 @@ def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(hinv, upper=True)
 
 
-def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig()) -> Tensor:
-    """NF4 indices (out, in) for w (out, in) under fixed block scales (out, G), minimising the
-    output error for inputs with Hessian h (in, in), column by column with error feedback."""
-    w = w.float().clone()
-    h = h.float().clone()
-    out, n = w.shape
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ needs of a Hessian, computed once for every weight and round that share it: the
+    column order and the upper Cholesky factor of the damped inverse Hessian in that order."""
+
+    perm: Tensor  # (in,) int64
+    u: Tensor  # (in, in) fp32 upper, contiguous
+
+
+def gptq_factor(h: Tensor, cfg: GptqConfig = GptqConfig()) -> GptqFactor:
+    """GPTQ's column order and inverse-Hessian factor for Hessian h (in, in) (on the CPU)."""
+    h = h.detach().float().cpu().clone()
     dead = h.diagonal() == 0  # inputs never seen: any code is as good; keep the plain one
     h[dead, dead] = 1
+    n = h.shape[0]
     perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(n)
-    w, h = w[:, perm], h[perm][:, perm]
+    return GptqFactor(perm, _damped_inverse_cholesky(h[perm][:, perm], cfg.damp).contiguous())
+
+
+def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig(), *,
+             factor: GptqFactor | None = None) -> Tensor:
+    """NF4 indices (out, in) for w (out, in) under fixed block scales (out, G), minimising the
+    output error for inputs with Hessian h (in, in), column by column with error feedback (on the
+    CPU, where the column loop can run as C). `factor`: gptq_factor(h, cfg), where calls share h."""
+    f = factor or gptq_factor(h, cfg)
+    perm, u = f.perm, f.u
+    out, n = w.shape
     # Columns as contiguous rows (in, out): each step reads and updates whole rows, not strided columns.
-    wt = w.T.contiguous()  # (in, out)
-    col_scale = scales.float().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30).T.contiguous()  # (in, out)
-    u = _damped_inverse_cholesky(h, cfg.damp)  # (in, in) upper
-    code = NF4_CODE.to(w.device)
+    wt = w.detach().float().cpu()[:, perm].T.contiguous()  # (in, out)
+    col_scale = scales.detach().float().cpu().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30).T.contiguous()  # (in, out)
+    batch, _ = gptq_batch(NF4_CODE, NF4_MIDPOINTS)  # the column loop: C where it gives torch's bits
     index = torch.empty(n, out, dtype=torch.long)
     for a in range(0, n, cfg.batch):
         b = min(a + cfg.batch, n)
-        wb, ub = wt[a:b], u[a:b, a:b]  # wb is a view: updated in place
-        err = torch.empty_like(wb)  # (b - a, out)
-        for j in range(b - a):
-            col, s = wb[j], col_scale[a + j]  # (out,)
-            idx = nearest_index(col / s)  # (out,)
-            index[a + j] = idx
-            e = torch.div(col - code[idx] * s, ub[j, j], out=err[j])  # (out,)
-            wb[j + 1 :].addr_(ub[j, j + 1 :], e, alpha=-1)  # the error, onto this batch's later columns
+        err = torch.empty(b - a, out)
+        # Column by column: round to the nearest code, the error onto the batch's later columns.
+        batch(wt[a:b], col_scale[a:b], u[a:b, a:b], NF4_CODE, NF4_MIDPOINTS, index[a:b], err)  # wt, index in place
         wt[b:].addmm_(u[a:b, b:].T, err, alpha=-1)  # and onto every column after the batch
     return index.T[:, torch.argsort(perm)].contiguous()  # (out, in)
 
