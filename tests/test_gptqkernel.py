@@ -29,7 +29,7 @@ from test_rounding import correlated_inputs
 def native():
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("needs a C compiler")
-    loop, status = kgptq.gptq_batch(NF4_CODE, NF4_MIDPOINTS)
+    loop, status = kgptq.gptq_batch()
     assert status == KernelStatus(kgptq.NATIVE, True, "torch's bits, checked here"), str(status)
     return loop
 
@@ -37,7 +37,7 @@ def native():
 @pytest.mark.parametrize("bn,out", [(1, 1), (2, 7), (16, 65), (128, 640), (128, 1536)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_c_loop_is_torch_bit_for_bit(native, bn, out, seed):
-    assert kgptq.check_against_torch(native, NF4_CODE, NF4_MIDPOINTS, sizes=((bn, out),), seed=seed) is None
+    assert kgptq.check_against_torch(native, sizes=((bn, out),), seed=seed) is None
 
 
 def test_values_on_the_edges_of_the_grid(native):
@@ -66,7 +66,7 @@ def test_gptq_gives_the_same_codes_with_either_loop(native, monkeypatch, out, d)
     s = double_quantize(block_absmax(w))[0]
     cfg = GptqConfig(damp=0.1, batch=32)
     with_c = gptq_nf4(w, h, s, cfg)
-    monkeypatch.setattr(nf4grid, "gptq_batch", lambda code, mid: (kgptq.torch_batch, KernelStatus("torch ops", False)))
+    monkeypatch.setattr(nf4grid, "gptq_batch", lambda: (kgptq.torch_batch, KernelStatus("torch ops", False)))
     assert torch.equal(gptq_nf4(w, h, s, cfg), with_c)
     assert torch.equal(gptq_nf4(w, h, s, cfg, factor=gptq_factor(h, cfg)), with_c)  # a shared factor: the same
 
@@ -76,15 +76,15 @@ def test_a_loop_that_differs_from_torch_is_not_used(monkeypatch):
         kgptq.torch_batch(wb, scale, ub, code, mid, index, err)
         err[-1, -1] = torch.nextafter(err[-1, -1], torch.tensor(1.0))
 
-    assert "errors" in kgptq.check_against_torch(off_by_one_ulp, NF4_CODE, NF4_MIDPOINTS)
+    assert "errors" in kgptq.check_against_torch(off_by_one_ulp)
     monkeypatch.setattr(kgptq, "_state", {})
     monkeypatch.setattr(kgptq, "load_library", lambda *a, **k: (off_by_one_ulp, KernelStatus(kgptq.NATIVE, True)))
-    loop, status = kgptq.gptq_batch(NF4_CODE, NF4_MIDPOINTS)
+    loop, status = kgptq.gptq_batch()
     assert loop is kgptq.torch_batch and not status.native and status.short == "torch ops"
     assert "differs from torch in the errors" in status.detail
 
 
 def test_off_switch(monkeypatch):
     monkeypatch.setenv("ATTN_LAB_NATIVE", "0")
-    loop, status = kgptq.gptq_batch(NF4_CODE, NF4_MIDPOINTS)
+    loop, status = kgptq.gptq_batch()
     assert loop is kgptq.torch_batch and not status.native and "ATTN_LAB_NATIVE=0" in status.detail

@@ -82,12 +82,13 @@ def _problem(bn: int, out: int, gen: torch.Generator) -> tuple[torch.Tensor, ...
     return wb, scale, u[2 : 2 + bn, 2 : 2 + bn]
 
 
-def check_against_torch(kernel: GptqBatch, code: torch.Tensor, mid: torch.Tensor,
-                        sizes: tuple[tuple[int, int], ...] = ((1, 1), (5, 70), (128, 130), (37, 640)),
+def check_against_torch(kernel: GptqBatch, sizes: tuple[tuple[int, int], ...] = ((1, 1), (5, 70), (128, 130), (37, 640)),
                         seed: int = 0) -> str | None:
     """None if `kernel` gives `torch_batch`'s indices, errors and updated columns bit for bit on
-    random batches of these (columns, outputs) sizes, else what differed."""
+    random batches of these (columns, outputs) sizes and a random grid of 16 codes, else what differed."""
     gen = torch.Generator().manual_seed(seed)
+    code = torch.cat([torch.tensor([-1.0]), torch.rand(14, generator=gen) * 2 - 1, torch.tensor([1.0])]).sort().values
+    mid = (code[1:] + code[:-1]) / 2
     for bn, out in sizes:
         wb, scale, ub = _problem(bn, out, gen)
         got = (wb.clone(), torch.empty(bn, out, dtype=torch.long), torch.empty(bn, out))
@@ -100,17 +101,17 @@ def check_against_torch(kernel: GptqBatch, code: torch.Tensor, mid: torch.Tensor
     return None
 
 
-def gptq_batch(code: torch.Tensor, mid: torch.Tensor) -> tuple[GptqBatch, KernelStatus]:
-    """What runs one lazy batch here for these NF4 codes and midpoints (fp32, contiguous): the C
-    loop where it is built and gives torch's bits, else `torch_batch`; and why. ATTN_LAB_NATIVE is
-    read at every call; the build and the check happen once per process."""
+def gptq_batch() -> tuple[GptqBatch, KernelStatus]:
+    """What runs one lazy batch here: the C loop where it is built and gives torch's bits, else
+    `torch_batch`; and why. ATTN_LAB_NATIVE is read at every call; the build and the check happen
+    once per process."""
     if not native_enabled():
         return torch_batch, KernelStatus(FALLBACK, False, OFF_REASON)
     with _lock:
         if "kernel" not in _state:
             kernel, status = load_library("gptq", read_source("gptq.c"), native=NATIVE, fallback=FALLBACK,
                                           extra_flags=("-ffp-contract=off", "-fno-fast-math"), bind=_bind)
-            if kernel is not None and (diff := check_against_torch(kernel, code, mid)) is not None:
+            if kernel is not None and (diff := check_against_torch(kernel)) is not None:
                 kernel, status = None, KernelStatus(FALLBACK, False, f"the native GPTQ loop differs from torch in the {diff}")
             elif kernel is not None:
                 status = KernelStatus(NATIVE, True, "torch's bits, checked here")

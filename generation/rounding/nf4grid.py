@@ -140,7 +140,7 @@ def gptq_nf4(w: Tensor, h: Tensor, scales: Tensor, cfg: GptqConfig = GptqConfig(
     # Columns as contiguous rows (in, out): each step reads and updates whole rows, not strided columns.
     wt = w.detach().float().cpu()[:, perm].T.contiguous()  # (in, out)
     col_scale = scales.detach().float().cpu().repeat_interleave(BLOCK, dim=1)[:, perm].clamp(min=1e-30).T.contiguous()  # (in, out)
-    batch, _ = gptq_batch(NF4_CODE, NF4_MIDPOINTS)  # the column loop: C where it gives torch's bits
+    batch, _ = gptq_batch()  # the column loop: C where it gives torch's bits
     index = torch.empty(n, out, dtype=torch.long)
     for a in range(0, n, cfg.batch):
         b = min(a + cfg.batch, n)
