@@ -145,7 +145,7 @@ def test_installed_codes_make_a_standard_linear4bit():
 
 
 def test_refuses_shapes_the_format_cannot_hold():
-    with pytest.raises(ValueError, match="multiple of 64"):
+    with pytest.raises(ValueError, match=f"multiple of {BLOCK}"):
         quant_state(torch.zeros(4, 100, dtype=torch.long), torch.ones(4, 1))
     with pytest.raises(ValueError, match="scales must have shape"):
         quant_state(torch.zeros(4, 128, dtype=torch.long), torch.ones(4, 3))

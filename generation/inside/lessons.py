@@ -207,7 +207,7 @@ def _how_much_smaller(lm: Any, full: Callable[[], Any]) -> Reveal:
             ["of which the embedding table (not quantized)", f"{emb_bytes / 2**20:.1f} MiB"]]
     explanation = (
         f"The full-precision weights are **{ratio:.2f}× larger**, not 4×: bitsandbytes quantizes the "
-        f"linear layers (4 bits a weight plus a scale per block of 64), while the embedding table — "
+        f"linear layers (4 bits a weight plus a scale per block of 32 or 64 weights), while the embedding table — "
         f"{tuple(emb.shape)[0]:,} tokens × {tuple(emb.shape)[1]} numbers, {emb_bytes / 2**20:.0f} MiB — "
         "keeps 16 bits. In a small model with a large vocabulary, that table is most of the bytes."
     )

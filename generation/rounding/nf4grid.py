@@ -1,6 +1,6 @@
 """Output-aware rounding of one weight matrix onto bitsandbytes' NF4 grid.
 
-bitsandbytes stores a 4-bit weight as blocks of 64 consecutive values of a row (row-major
+bitsandbytes stores a 4-bit weight as blocks of `BLOCK` consecutive values of a row (row-major
 flattening of the (out, in) matrix): a 4-bit index into the 16 NF4 code values and one fp32 scale
 per block, itself stored in 8 bits ("double quantization": 256 scales share an fp32 absmax, after
 subtracting the mean of all scales). A block dequantizes as code[index] * scale. Plain NF4 takes the
@@ -27,7 +27,10 @@ from torch import Tensor
 
 from ..kernels.gptq import gptq_batch
 
-BLOCK = 64  # bitsandbytes' NF4 blocksize (the app's BitsAndBytesConfig default)
+# The calibrated snapshot's NF4 blocksize: bitsandbytes' smallest, half its default of 64 (which plain
+# NF4 keeps). Each scale is chosen for the output, so more of them buy more; they cost 1/8 bit a
+# weight (README.md, "What was measured on the way").
+BLOCK = 32
 NESTED_BLOCK = 256  # bitsandbytes' blocksize for the double-quantized scales
 
 # bitsandbytes' NF4 code book (ascending; index 7 is 0.0), as bitsandbytes.functional.get_4bit_type("nf4").

@@ -17,7 +17,7 @@ from .pack import install
 
 # Bump when the method changes: the folder name carries it (with a hash of the calibration text and
 # METHOD's settings), so a changed method never reads an old cache.
-ROUNDING_FORMAT = 1
+ROUNDING_FORMAT = 2  # 2: blocks of 32 weights
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.json")
 SEQ_TOKENS = 256  # tokens per calibration sequence (BOS + 255 of the text)
 # Damping 0.3 (not GPTQ's usual 0.01): the calibration text is the model's own, not the text a
