@@ -28,7 +28,7 @@ from torch import Tensor
 from ..kernels.gptq import gptq_batch
 
 # The calibrated snapshot's NF4 blocksize: bitsandbytes' smallest, half its default of 64 (which plain
-# NF4 keeps). Each scale is chosen for the output, so more of them buy more; they cost 1/8 bit a
+# NF4 keeps). Each scale is chosen for the output, so more of them buy more; they cost 1/8 bit more a
 # weight (README.md, "What was measured on the way").
 BLOCK = 32
 NESTED_BLOCK = 256  # bitsandbytes' blocksize for the double-quantized scales
