@@ -72,11 +72,10 @@ def _bind(lib: ct.CDLL) -> _Native:
 
 
 def _problem(bn: int, out: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """A random batch as gptq_nf4 makes one: a column block of a larger factor (row stride > bn)."""
+    """A random batch as gptq_nf4 makes one: a column block of a larger upper triangular factor with
+    a positive diagonal (row stride > bn)."""
     x = torch.randn(4 * bn + 8, bn + 3, generator=gen)
-    h = x.T @ x
-    h.diagonal().add_(0.1 * h.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).contiguous()
+    u = torch.linalg.cholesky(x.T @ x, upper=True).contiguous()
     wb = torch.randn(bn, out, generator=gen) * 0.05
     scale = (torch.rand(bn, out, generator=gen) * 0.1 + 0.01)
     return wb, scale, u[2 : 2 + bn, 2 : 2 + bn]

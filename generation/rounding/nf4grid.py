@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.gptq import gptq_batch
+from ..kernels import gptq_batch
 
 # The calibrated snapshot's NF4 blocksize: bitsandbytes' smallest, half its default of 64 (which plain
 # NF4 keeps). Each scale is chosen for the output, so more of them buy more; they cost 1/8 bit more a
