@@ -46,8 +46,27 @@ _TICK_GAP = 0.05  # inches between a heatmap and its labels
 _XROTATION = 60.0  # key labels: slanted, readable without turning one's head
 
 
-def short_label(token: str) -> str:
-    token = token if len(token) <= _MAX_LABEL else token[: _MAX_LABEL - 1] + "…"
+@functools.cache
+def _drawable_code_points() -> frozenset[int]:
+    """The code points the figures' font (matplotlib's default sans-serif, DejaVu Sans as shipped)
+    has glyphs for."""
+    from matplotlib import font_manager, ft2font
+
+    return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def drawable(text: str) -> str:
+    """`text` with each character the figures' font has no glyph for (CJK, Thai, ... in DejaVu Sans),
+    or that is not printable, written as its escape ("\\u7684"): the model predicts such tokens, and
+    a learner should see which character it is, not an empty box."""
+    cover = _drawable_code_points()
+    return "".join(c if c.isprintable() and ord(c) in cover else c.encode("unicode_escape").decode() for c in text)
+
+
+def short_label(token: str, n: int = _MAX_LABEL) -> str:
+    """A token as a figure label: drawable, cut to n characters with "…", "$" kept literal."""
+    token = drawable(token)
+    token = token if len(token) <= n else token[: max(n - 1, 1)] + "…"
     return token.replace("$", r"\$")  # a lone "$" would start mathtext
 
 

@@ -21,18 +21,13 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .canvas import DPI, FIT_WIDTH, MASKED_COLOUR
+from .canvas import DPI, FIT_WIDTH, MASKED_COLOUR, short_label
 from .palette import COLOURBLIND_PALETTE, DEFAULT_PALETTE, OKABE_ITO, PALETTES, Palette, palette_named  # noqa: F401
 
 __all__ = [
     "Palette", "PALETTES", "DEFAULT_PALETTE", "COLOURBLIND_PALETTE", "OKABE_ITO", "palette_named",
     "LensLayout", "plot_logit_lens", "lens_cell", "plot_quant_lens", "plot_head_roles",
 ]
-
-
-def _short(label: str, n: int) -> str:
-    label = label if label.isprintable() else label.encode("unicode_escape").decode()
-    return label if len(label) <= n else label[: max(n - 1, 1)] + "…"
 
 
 def _ink(rgba: np.ndarray) -> str:
@@ -97,10 +92,10 @@ def plot_logit_lens(top_tokens: Sequence[Sequence[str]], top_probs: Sequence[Seq
     for r in range(n_layers):
         layer = n_layers - 1 - r
         for c in range(t):
-            ax.text(c, n_layers - 1 - r, _short(top_tokens[layer][c], chars), ha="center", va="center", fontsize=7.5,
+            ax.text(c, n_layers - 1 - r, short_label(top_tokens[layer][c], chars), ha="center", va="center", fontsize=7.5,
                     color=_ink(colours[r, c]))
     ax.set_yticks(range(n_layers), [f"L{i}" for i in range(n_layers)], fontsize=8)  # y = layer: L0 at the bottom
-    ax.set_xticks(range(t), [_short(s, 10) for s in tokens], rotation=60, ha="right", rotation_mode="anchor",
+    ax.set_xticks(range(t), [short_label(s, 10) for s in tokens], rotation=60, ha="right", rotation_mode="anchor",
                   fontsize=8)
     ax.set_xlabel("position (token read there; each cell guesses the next one)", fontsize=9)
     ax.set_ylabel("after layer", fontsize=9)
@@ -156,7 +151,7 @@ def plot_quant_lens(kl: Sequence[float], top1_4bit: Sequence[str], top1_full: Se
         y = -0.3 - 0.12 * row  # rows of top tokens under the axis label
         ax.text(-0.7, y, f"{name}:", transform=ax.get_xaxis_transform(), ha="right", va="center", fontsize=7.5)
         for i in range(n):
-            ax.text(i, y, _short(tops[i], chars), transform=ax.get_xaxis_transform(), ha="center", va="center",
+            ax.text(i, y, short_label(tops[i], chars), transform=ax.get_xaxis_transform(), ha="center", va="center",
                     fontsize=7, color=palette.highlight if flips[i] else "black")
     fig.text(0.2 / width, 0.1 / height, "top token of each model after every layer; "
              + ("the highlighted layers are where they differ" if any(flips) else "they agree after every layer"),

@@ -185,6 +185,27 @@ def test_lens_figure_maps_every_cell_back_from_its_pixels():
     assert lens_cell(layout, 1, 1) is None
 
 
+@pytest.mark.parametrize("token", ["的", "ภาษา", "【", "a\x07b"])
+def test_a_token_the_font_cannot_draw_is_written_as_its_code_point(token):
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from attention.canvas import drawable
+
+    fig, _ = plot_logit_lens([[token, "ok"]], [[0.9, 0.1]], [token, "x"])
+    fig2 = plot_quant_lens([0.1], [token], ["ok"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of every glyph a font lacks
+        for f in (fig, fig2):
+            FigureCanvasAgg(f).draw()
+    texts = [t.get_text() for f in (fig, fig2) for ax in f.axes for t in ax.texts + ax.get_xticklabels()]
+    assert any(t.startswith(drawable(token)[:5]) for t in texts)  # labels are cut at a few characters
+    assert not any(token in t for t in texts)
+    assert drawable(token) == token.encode("unicode_escape").decode()
+    assert drawable("The cat ↵ … ␣") == "The cat ↵ … ␣"  # what the font has stays as it is
+
+
 def test_lens_figures_take_a_palette_and_check_their_shapes():
     fig = plot_head_roles({"induction": [[0.1, 0.9]] * 3}, palette=COLOURBLIND_PALETTE)
     assert fig.axes[0].images[0].get_cmap().name == "cividis"
