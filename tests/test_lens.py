@@ -191,8 +191,10 @@ def test_a_token_the_font_cannot_draw_is_written_as_its_code_point(token):
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from attention.canvas import drawable
+    from attention.canvas import _drawable_code_points, drawable
 
+    if all(c.isprintable() and ord(c) in _drawable_code_points() for c in token):
+        pytest.skip("this machine's figure font draws it")  # matplotlib's own DejaVu Sans does not
     fig, _ = plot_logit_lens([[token, "ok"]], [[0.9, 0.1]], [token, "x"])
     fig2 = plot_quant_lens([0.1], [token], ["ok"])
     with warnings.catch_warnings():
@@ -203,7 +205,8 @@ def test_a_token_the_font_cannot_draw_is_written_as_its_code_point(token):
     assert any(t.startswith(drawable(token)[:5]) for t in texts)  # labels are cut at a few characters
     assert not any(token in t for t in texts)
     assert drawable(token) == token.encode("unicode_escape").decode()
-    assert drawable("The cat ↵ … ␣") == "The cat ↵ … ␣"  # what the font has stays as it is
+    kept = "".join(c for c in "The cat ↵ … ␣" if ord(c) in _drawable_code_points())
+    assert drawable(kept) == kept  # what the font has stays as it is
 
 
 def test_lens_figures_take_a_palette_and_check_their_shapes():
