@@ -4,7 +4,11 @@ another token (the original kept), a sent message edited and answered again, the
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+from pathlib import Path
+
 import pytest
 from apputil import bot_texts, send_chat, set_number, user_texts, wait_reply_done, wait_until
 
@@ -30,6 +34,18 @@ def test_reply_tokens_open_up_and_a_branch_keeps_the_original(page):
     page.wait_for_selector("#reply-tokens .token", timeout=120_000)
     pieces = page.locator("#reply-tokens .token .text").all_inner_texts()
     assert "".join(pieces).strip() == original.strip()
+    # The same tokens download as CSV, each with its probability, rank and alternatives.
+    page.wait_for_selector("#reply-tokens-csv:not([disabled])", timeout=60_000)
+    with page.expect_download(timeout=30_000) as info:
+        page.click("#reply-tokens-csv")
+    rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text(encoding="utf-8"))))
+    assert info.value.suggested_filename == "reply_tokens.csv" and len(rows) == len(pieces)
+    assert "".join(r["token"] for r in rows).strip() == original.strip()
+    for r in rows:
+        assert 0 < float(r["probability"]) <= 1 and int(r["rank"]) >= 1 and r["alternative 10"]
+        assert float(r["p 1"]) >= float(r["p 2"]) >= float(r["p 10"]) and float(r["p 1"]) >= float(r["probability"])
+        if r["rank"] == "1":  # the model's most likely token there is the first alternative
+            assert r["token"].strip() == r["alternative 1"].strip() or r["alternative 1"].startswith("<0x")
     # The first token: what the model weighed there, under the sliders (greedy: one is taken).
     page.locator("#reply-tokens .token").nth(0).click()
     page.wait_for_function("document.querySelector('#token-alts-head').innerText.includes('Token 1')",

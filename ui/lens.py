@@ -50,6 +50,7 @@ from .common import (
     PlotPayload,
     as_int,
     as_text,
+    csv_cell,
     download_buttons,
     error_text,
     palette_of,
@@ -106,14 +107,8 @@ def lens_csv(lens: LogitLens) -> str:
     for layer, row in enumerate(lens.top):
         for pos, cell in enumerate(row):
             for rank, c in enumerate(cell, 1):
-                w.writerow([layer, pos, _cell_text(lens.tokens[pos]), rank, _cell_text(c.token), f"{c.prob:.6g}"])
+                w.writerow([layer, pos, csv_cell(lens.tokens[pos]), rank, csv_cell(c.token), f"{c.prob:.6g}"])
     return buf.getvalue()
-
-
-def _cell_text(label: str) -> str:
-    # A spreadsheet reads a cell starting with = + - @ as a formula: quote it as text.
-    label = label if label.isprintable() else label.encode("unicode_escape").decode()
-    return "'" + label if label[:1] in ("=", "+", "-", "@") else label
 
 
 def quant_csv(q: QuantLens) -> str:
@@ -121,7 +116,7 @@ def quant_csv(q: QuantLens) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["layer", "kl_full_to_4bit", "top1_full", "p_full", "top1_4bit", "p_4bit"])
     for r in q.layers:
-        w.writerow([r.layer, f"{r.kl:.6g}", _cell_text(r.top1_full), f"{r.p_full:.6g}", _cell_text(r.top1_4bit),
+        w.writerow([r.layer, f"{r.kl:.6g}", csv_cell(r.top1_full), f"{r.p_full:.6g}", csv_cell(r.top1_4bit),
                     f"{r.p_4bit:.6g}"])
     return buf.getvalue()
 
@@ -188,8 +183,8 @@ class LensHandlers:
     def cell_table(lens: LogitLens, layer: int, pos: int) -> tuple[list[list[str]], str]:
         """The top 10 of one cell as table rows, and the line above them."""
         cell = lens.top[layer][pos]
-        nxt = f"the token after {_cell_text(lens.tokens[pos])!r} (position {pos})"
-        rows = [[str(i), _cell_text(c.token), pct(c.prob)] for i, c in enumerate(cell, 1)]
+        nxt = f"the token after {csv_cell(lens.tokens[pos])!r} (position {pos})"
+        rows = [[str(i), csv_cell(c.token), pct(c.prob)] for i, c in enumerate(cell, 1)]
         return rows, f"**After layer {layer}, guessing {_md(nxt)}:**"
 
     def _lens_outputs(self, lens: LogitLens, layer: Any, pos: Any, colourblind: Any) -> tuple:
@@ -271,7 +266,7 @@ class LensHandlers:
         fig = quant_figure(q, palette_of(colourblind))
         paths = self.files.write({"quant_lens.png": figure_bytes(fig, "png"), "quant_lens.svg": figure_bytes(fig, "svg"),
                                   "quant_lens.csv": quant_csv(q)})
-        rows = [[str(r.layer), f"{r.kl:.4g}", _cell_text(r.top1_full), _cell_text(r.top1_4bit),
+        rows = [[str(r.layer), f"{r.kl:.4g}", csv_cell(r.top1_full), csv_cell(r.top1_4bit),
                  "" if r.agree else "differs"] for r in q.layers]
         summary = f"{_md(q.summary())}  \n{_md(q.notice)}"
         return (paths[0], summary, rows, *(ready_button(p) for p in paths))

@@ -1,6 +1,6 @@
 """Every reply token opens up: the last reply coloured by how sure the model was of each token; a
 click shows what else it weighed there (before and after the chat's sampling settings) and can
-start a branch of the conversation from another token; `/reply_tokens`.
+start a branch of the conversation from another token; the tokens download as CSV; `/reply_tokens`.
 
 The reply is read with one teacher-forced forward of the prompt the chat built (the same
 `build_prompt`) and the reply (`generation.inside.reply_token_probs`); a clicked token's table is
@@ -12,7 +12,9 @@ chosen one); the branches of the last reply are kept per browser session and can
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +24,8 @@ from generation import build_prompt
 from generation.inside import ReplyTokens, next_token_candidates, reply_token_probs
 
 from .chat import BUSY_MESSAGE, UI_NAMES, ChatHandlers, ChatView, next_token_table, sampling_params
-from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, as_text, content_text, error_text
-from .common import message_role, model_history, pct, session_key, typed_api
+from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, DownloadDir, as_text, content_text, csv_cell
+from .common import download_buttons, error_text, message_role, model_history, pct, ready_button, session_key, typed_api
 
 ALTERNATIVES = 10
 # Colour buckets of a token's probability (the legend names them).
@@ -42,6 +44,19 @@ instead: a new branch, the original kept (switch between them below).
 
 def bucket(prob: float) -> str:
     return next(label for lo, label, _ in BUCKETS if prob >= lo)
+
+
+def tokens_csv(rt: ReplyTokens) -> str:
+    """The reply read token by token as CSV: position, the token, the model's probability and rank for
+    it (1 = its most likely token), its colour's bucket, then the ALTERNATIVES most likely tokens there."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["position", "token", "probability", "rank", "bucket",
+                *(f"{name} {i}" for i in range(1, ALTERNATIVES + 1) for name in ("alternative", "p"))])
+    for pos, t in enumerate(rt.tokens):
+        alts = [x for a in t.alternatives for x in (csv_cell(a.token), f"{a.prob:.6g}")]
+        w.writerow([pos, csv_cell(t.token), f"{t.prob:.6g}", t.rank + 1, bucket(t.prob), *alts])
+    return buf.getvalue()
 
 
 def shown(text: str) -> str:
@@ -79,6 +94,7 @@ class TokensHandlers:
         self.chat = chat
         self.settings = chat.settings
         self.model = chat.model
+        self.files = DownloadDir()
 
     def _read(self, message: str, turns: list[dict[str, str]], reply: str, system: str | None) -> ReplyTokens:
         lm = self.model.require()
@@ -105,7 +121,8 @@ class TokensHandlers:
     def refresh(self, on: bool, history: list[Any], system: str, branches: Branches | None,
                 colourblind: bool = False) -> tuple:
         """The last reply's tokens, coloured (or hidden when the toggle is off); the branches are
-        forgotten once the last reply is no longer one of them (a new message, Retry, Undo)."""
+        forgotten once the last reply is no longer one of them (a new message, Retry, Undo). The
+        tokens also fill the CSV download."""
         parts = last_exchange_parts(history)
         branches = branches or Branches()
         # Branches are written back only when forgotten: a refresh still running when the user
@@ -115,7 +132,7 @@ class TokensHandlers:
             kept: tuple = (forgotten, forgotten.radio())
         else:
             kept = (gr.skip(), gr.skip())
-        hidden = (gr.update(visible=False), None, "", *kept)
+        hidden = (gr.update(visible=False), None, "", gr.update(value=None, interactive=False), *kept)
         if not on or parts is None:
             return hidden
         message, turns, reply = parts
@@ -129,7 +146,8 @@ class TokensHandlers:
         notes = (f"{len(rt.tokens)} tokens; the model's most likely token at {top} of them. "
                  f"{html.escape(rt.notice)}").strip()
         colours = COLOURBLIND_COLOURS if colourblind is True else COLOURS
-        return gr.update(value=value, visible=True, color_map=colours), rt, notes, *kept
+        (path,) = self.files.write({"reply_tokens.csv": tokens_csv(rt)})
+        return gr.update(value=value, visible=True, color_map=colours), rt, notes, ready_button(path), *kept
 
     def pick(self, rt: ReplyTokens | None, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
              evt: gr.SelectData) -> tuple:
@@ -207,6 +225,7 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
         tokens = gr.HighlightedText(show_legend=True, color_map=COLOURS, combine_adjacent=False, visible=False,
                                     show_label=False, elem_id="reply-tokens")
         notes = gr.Markdown(elem_id="reply-tokens-notes")
+        (csv_file,) = download_buttons("reply-tokens", [("Tokens CSV", "csv")])
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 head = gr.Markdown(elem_id="token-alts-head")
@@ -220,7 +239,7 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
     system, chatbot = chat.system, chat.chatbot
     temperature, top_p, top_k, rep = chat.sampling[2], chat.sampling[3], chat.sampling[4], chat.sampling[5]
     refresh = dict(fn=state.refresh, inputs=[on, chatbot, system, branches, colourblind],
-                   outputs=[tokens, rt, notes, branches, radio],
+                   outputs=[tokens, rt, notes, csv_file, branches, radio],
                    show_progress="minimal", **INSPECT_EVENTS, **PRIVATE)
     gr.on([on.change, colourblind.input], **refresh)
     for chain in chat.replies:
