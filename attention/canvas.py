@@ -55,6 +55,7 @@ def _drawable_code_points() -> frozenset[int]:
     return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
 
 
+@functools.lru_cache(maxsize=4096)  # a figure redraw labels the same few tokens again
 def drawable(text: str) -> str:
     """`text` with each character the figures' font has no glyph for (CJK, Thai, ... in DejaVu Sans),
     or that is not printable, written as its escape ("\\u7684"): the model predicts such tokens, and
