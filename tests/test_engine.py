@@ -227,14 +227,25 @@ def test_stream_reply_contract(tiny_qwen):
 
 
 def test_requests_beyond_max_batch_wait_in_fifo_order(tiny_qwen):
+    """Six requests queued before the loop runs, a batch of two: every step, as the engine itself
+    sees it, runs at most two rows while the rest wait; they start in the order they came."""
     prompts = _prompts(tiny_qwen)
-    with ChatEngine(tiny_qwen, max_batch=2) as engine:
-        reqs = [engine.submit(p, SamplingParams(temperature=0.0, max_new_tokens=6 + 3 * i)) for i, p in enumerate(prompts)]
-        peak_active, peak_waiting = 0, 0
-        while not all(r.done.is_set() for r in reqs):
-            peak_active, peak_waiting = max(peak_active, engine.active()), max(peak_waiting, engine.waiting())
-            time.sleep(0.0005)
-    assert peak_active <= 2 and peak_waiting >= 2
+    engine = ChatEngine(tiny_qwen, max_batch=2, autostart=False)
+    seen: list[tuple[int, int]] = []  # (rows running or being prefilled, requests waiting) at each step
+    decode, prefill = engine._decode_step, engine._prefill_chunk
+
+    def traced(step):
+        def run():
+            seen.append((engine.active(), engine.waiting()))
+            step()
+        return run
+
+    engine._decode_step, engine._prefill_chunk = traced(decode), traced(prefill)
+    reqs = [engine.submit(p, SamplingParams(temperature=0.0, max_new_tokens=6 + 3 * i)) for i, p in enumerate(prompts)]
+    with engine:
+        engine.run_here(until_idle=True)
+    assert all(r.done.is_set() and r.error is None for r in reqs)
+    assert max(a for a, _ in seen) == 2 and any(a == 2 and w >= 2 for a, w in seen)
     firsts = [r.t_first for r in reqs]
     assert firsts == sorted(firsts)
 

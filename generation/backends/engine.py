@@ -523,6 +523,8 @@ class ChatEngine:
                 continue
             slot = len(self._running)
             self._main.copy_row(slot, cache, b, r.prompt_len)
+            if not r.is_warmup:  # out of the group's count before it joins the running rows, so
+                self._n_group -= 1  # active(), read from other threads, never counts a row twice
             self._running.append(r)
             self._lens.append(r.prompt_len)
             self._next.append(tok)
