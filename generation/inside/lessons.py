@@ -205,9 +205,12 @@ def _how_much_smaller(lm: Any, full: Callable[[], Any]) -> Reveal:
     rows = [[cmp.quantized.label, f"{cmp.quantized.weight_bytes / 2**20:.1f} MiB"],
             [cmp.full.label, f"{cmp.full.weight_bytes / 2**20:.1f} MiB"],
             ["of which the embedding table (not quantized)", f"{emb_bytes / 2**20:.1f} MiB"]]
+    blocks = sorted({int(m.weight.quant_state.blocksize) for m in lm.model.modules()
+                     if getattr(getattr(m, "weight", None), "quant_state", None) is not None})
     explanation = (
         f"The full-precision weights are **{ratio:.2f}× larger**, not 4×: bitsandbytes quantizes the "
-        f"linear layers (4 bits a weight plus a scale per block of 32 or 64 weights), while the embedding table — "
+        f"linear layers (4 bits a weight plus a scale per block of {' or '.join(map(str, blocks)) or 'a few dozen'} "
+        f"weights), while the embedding table — "
         f"{tuple(emb.shape)[0]:,} tokens × {tuple(emb.shape)[1]} numbers, {emb_bytes / 2**20:.0f} MiB — "
         "keeps 16 bits. In a small model with a large vocabulary, that table is most of the bytes."
     )
