@@ -577,13 +577,15 @@ def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+def csv_cell(token: str) -> str:
+    """A token as a CSV cell: control characters written as escapes (as the app's token labels
+    write them), and a cell that would start with = + - @ quoted as text with a leading apostrophe.
 
-
-def _csv_text(token: str) -> str:
-    # A cell starting with = + - @ is run as a formula by spreadsheet programs (CSV injection), and
-    # tokens come from whatever a user typed: a leading apostrophe makes the cell plain text there.
-    return "'" + token if token.startswith(_FORMULA_START) else token
+    Spreadsheet programs run such a cell as a formula (CSV injection), and tokens come from
+    whatever a user typed. Tab and carriage return, the other formula starts, are escaped first.
+    """
+    token = token if token.isprintable() else token.encode("unicode_escape").decode()
+    return "'" + token if token[:1] in ("=", "+", "-", "@") else token
 
 
 def weights_csv(weights: Tensor, tokens_q: Sequence[str], tokens_k: Sequence[str]) -> str:
@@ -593,8 +595,9 @@ def weights_csv(weights: Tensor, tokens_q: Sequence[str], tokens_k: Sequence[str
     query: its token and S weights. weights (..., T, S) with leading axes (e.g. (H, T, S) or
     (L, H, T, S)): long format, one row per cell, columns "axis0, ..., query_pos, query, key_pos,
     key, weight" (the leading axes named "layer", "head" for 4-D, "head" for 3-D). Weights are
-    written with 6 significant digits. Cells that would start a spreadsheet formula (a token such
-    as "=" or "-") get a leading apostrophe.
+    written with 6 significant digits. Token cells are written by `csv_cell`: control characters
+    as escapes, and a cell that would start a spreadsheet formula (a token such as "=" or "-")
+    with a leading apostrophe.
     """
     if not isinstance(weights, Tensor) or weights.dim() < 2:
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
@@ -610,7 +613,7 @@ def weights_csv(weights: Tensor, tokens_q: Sequence[str], tokens_k: Sequence[str
     values = weights.detach().to("cpu", torch.float64).numpy()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    qs, ks = [_csv_text(t) for t in tokens_q], [_csv_text(t) for t in tokens_k]
+    qs, ks = [csv_cell(t) for t in tokens_q], [csv_cell(t) for t in tokens_k]
     if values.ndim == 2:
         writer.writerow(["query \\ key", *ks])
         for i in range(t_q):

@@ -766,6 +766,13 @@ def test_weights_csv_defuses_spreadsheet_formulas():
     assert rows[1][1:] == ["1", "0", "0"]  # numbers are written as numbers
 
 
+def test_weights_csv_writes_control_characters_as_escapes():
+    # "\t=1" would start a formula once a spreadsheet trims the tab; escaped, it is text
+    rows = _read_csv(weights_csv(torch.eye(3), ["\n", "\t=1", " x"], ["\r", "a\x00b", "ok"]))
+    assert rows[0] == ["query \\ key", "\\r", "a\\x00b", "ok"]
+    assert [r[0] for r in rows[1:]] == ["\\n", "\\t=1", " x"]
+
+
 @pytest.mark.parametrize(
     ("weights", "tokens_q", "tokens_k", "message"),
     [

@@ -493,13 +493,6 @@ def token_text(label: str) -> str:
 # Files for the download buttons
 
 
-def csv_cell(label: str) -> str:
-    """A token as a CSV cell: unprintable characters escaped, and a cell starting with = + - @ (which
-    a spreadsheet would run as a formula: tokens are whatever a user typed) quoted as text."""
-    label = label if label.isprintable() else label.encode("unicode_escape").decode()
-    return "'" + label if label[:1] in ("=", "+", "-", "@") else label
-
-
 def download_buttons(prefix: str, kinds: list[tuple[str, str]]) -> list[gr.DownloadButton]:
     """Small download buttons, (label, suffix) each, disabled until a figure fills them (ready_button)."""
     return [gr.DownloadButton(label, size="sm", interactive=False, elem_id=f"{prefix}-{suffix}", min_width=80)

@@ -27,7 +27,7 @@ from typing import Any
 import gradio as gr
 
 from attention.lens_plot import LensLayout, lens_cell, plot_head_roles, plot_logit_lens, plot_quant_lens
-from attention.plot import figure_bytes
+from attention.plot import csv_cell, figure_bytes
 from generation import Settings
 from generation.inside import (
     LENS_MAX_TOKENS,
@@ -50,7 +50,6 @@ from .common import (
     PlotPayload,
     as_int,
     as_text,
-    csv_cell,
     download_buttons,
     error_text,
     palette_of,

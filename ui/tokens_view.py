@@ -20,11 +20,12 @@ from typing import Any
 
 import gradio as gr
 
+from attention.plot import csv_cell
 from generation import build_prompt
 from generation.inside import ReplyTokens, next_token_candidates, reply_token_probs
 
 from .chat import BUSY_MESSAGE, UI_NAMES, ChatHandlers, ChatView, next_token_table, sampling_params
-from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, DownloadDir, as_text, content_text, csv_cell
+from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, DownloadDir, as_text, content_text
 from .common import download_buttons, error_text, message_role, model_history, pct, ready_button, session_key, typed_api
 
 ALTERNATIVES = 10
