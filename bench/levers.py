@@ -144,8 +144,9 @@ class FastDecoder:
         x = F.embedding(ids, self.embed) * self.embed_scale  # (T, D)
         for li, L in enumerate(self.layers):
             h = rms(x, L.in_norm, eps)
-            q = rms(L.q(h).view(t, nh, hd), L.q_norm, eps)  # (T, H, hd)
-            k = rms(L.k(h).view(t, nkv, hd), L.k_norm, eps)
+            # qk_norm holds q_norm's weight in its first H rows, k_norm's in the KV rows after them
+            q = rms(L.q(h).view(t, nh, hd), L.qk_norm[0], eps)  # (T, H, hd)
+            k = rms(L.k(h).view(t, nkv, hd), L.qk_norm[nh], eps)  # (T, KV, hd)
             v = L.v(h).view(t, nkv, hd)
             cos = self._cos[L.sliding][p0:end].unsqueeze(1)  # (T, 1, hd)
             sin = self._sin[L.sliding][p0:end].unsqueeze(1)
