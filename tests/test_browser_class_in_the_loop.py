@@ -107,9 +107,20 @@ def test_a_lesson_asks_before_it_tells(page):
                            timeout=120_000)
     reveal = page.locator("#lesson-reveal").inner_text()
     assert "the model: higher" in reveal and "T = 0.5" in reveal
-    assert page.locator("#lesson-evidence [role='gridcell']").count() >= 5
+    cells = page.locator("#lesson-evidence [role='gridcell']")
+    assert cells.count() >= 5
     assert "0 of 1" in page.locator("#lesson-score").inner_text()
+    # The table downloads as CSV: the same headers and cells as shown.
+    page.wait_for_selector("#lesson-csv:not([disabled])", timeout=30_000)
+    with page.expect_download(timeout=30_000) as info:
+        page.click("#lesson-csv")
+    rows = list(csv.reader(io.StringIO(Path(info.value.path()).read_text(encoding="utf-8"))))
+    assert info.value.suggested_filename == "lesson_temperature_step1.csv"
+    shown = [c.strip() for c in cells.all_inner_texts()]
+    assert len(rows) >= 2 and len(rows[0]) >= 2 and sum(len(r) for r in rows[1:]) == len(shown)
+    assert [c.strip() for r in rows[1:] for c in r] == shown
     page.click("#lesson-next")
     page.wait_for_function("document.querySelector('#lesson-head').innerText.includes('Step 2 of 2')")
     assert "top-p 0.9" in page.locator("#lesson-question").inner_text()
     assert page.locator("#lesson-reveal").inner_text().strip() == ""
+    assert page.locator("#lesson-csv").is_disabled()  # no table yet for this step

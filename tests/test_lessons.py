@@ -3,6 +3,8 @@ against the model's own figures by another route; the API asks before it tells."
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 
 import pytest
@@ -102,3 +104,16 @@ def test_lesson_api_asks_before_it_tells(client):
     assert a["answer"] == "higher" and a["correct"] is False and a["rows"] and a["headers"][0] == "token"
     a = client.predict("induction", 1, "in the first third of the layers", api_name="/lesson")
     assert a["answer"] in get_lesson("induction").steps[1].choices
+
+
+def test_a_steps_table_downloads_as_csv_with_its_cells_unchanged_but_defused():
+    from generation.inside.lessons import Reveal
+    from ui.lessons import lesson_csv
+
+    rev = Reveal(answer=0, explanation="", headers=("token", "T = 0.5", "T = 1"),
+                 rows=[[" Paris", "62.0 %", "41.5 %"], ["=1+1", "1.0 %", "2.0 %"], ["a,\n\"b\"", "0.5 %", "0.9 %"]])
+    rows = list(csv.reader(io.StringIO(lesson_csv(rev))))
+    assert rows[0] == list(rev.headers)
+    assert rows[1] == rev.rows[0]
+    assert rows[2] == ["'=1+1", "1.0 %", "2.0 %"]  # a spreadsheet would run it as a formula
+    assert rows[3] == ["a,\\n\"b\"", "0.5 %", "0.9 %"]  # the comma and quotes survive; the newline is escaped

@@ -8,15 +8,19 @@ for everyone and computed once per step.
 
 from __future__ import annotations
 
+import csv
+import io
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
+from attention.plot import csv_cell
 from generation.inside import LESSONS, FullPrecisionCache, Lesson, Reveal, get_lesson, run_step
 
-from .common import INSPECT_EVENTS, PRIVATE, ModelSlot, as_int, as_text, error_text, quote, typed_api
+from .common import INSPECT_EVENTS, PRIVATE, DownloadDir, ModelSlot, as_int, as_text, download_buttons, error_text
+from .common import quote, ready_button, typed_api
 
 LESSONS_HELP = """
 ## Lessons
@@ -45,6 +49,15 @@ def reveal_markdown(les: Lesson, step: int, picked: int, rev: Reveal) -> str:
     return f"{verdict}\n\n{rev.explanation}"
 
 
+def lesson_csv(rev: Reveal) -> str:
+    """A step's figures as CSV: the table's headers, then its rows (text cells through `csv_cell`)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(rev.headers)
+    w.writerows([csv_cell(c) if isinstance(c, str) else c for c in row] for row in rev.rows)
+    return buf.getvalue()
+
+
 class LessonsHandlers:
     """The lessons' handlers over the shared model; each step's answer is computed once per model."""
 
@@ -53,6 +66,7 @@ class LessonsHandlers:
         self.full_precision = full_precision
         self._reveals: dict[tuple[str, str, int], Reveal] = {}  # bounded: one per step of LESSONS
         self._lock = threading.Lock()
+        self.files = DownloadDir()
 
     def reveal(self, key: str, step: int, progress: Any = None) -> Reveal:
         """The live model's answer to a step (ValueError / gr.Error when it cannot run)."""
@@ -81,8 +95,8 @@ class LessonsHandlers:
         head = f"### {les.title}\n{les.intro}\n\n**Step {step + 1} of {len(les.steps)}**"
         return (head, les.steps[step].question,
                 gr.Radio(choices=list(les.steps[step].choices), value=None, interactive=True),
-                "", gr.Dataframe(visible=False), gr.Button(interactive=True), gr.Button(interactive=False),
-                progress, score_line(progress))
+                "", gr.Dataframe(visible=False), gr.DownloadButton(value=None, interactive=False),
+                gr.Button(interactive=True), gr.Button(interactive=False), progress, score_line(progress))
 
     def pick(self, key: str, progress: dict[str, Any] | None) -> tuple:
         """UI: start a lesson (its first step); the session keeps its earlier answers."""
@@ -95,18 +109,19 @@ class LessonsHandlers:
         choices = les.steps[step].choices
         if choice not in choices:
             gr.Warning("Pick your prediction first: the lesson asks before it tells.", title="Lessons")
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         try:
             rev = self.reveal(les.key, step, progress_bar)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="Lessons")
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         picked = choices.index(choice)
         answers = {**progress["answers"], f"{les.key}:{step}": picked == rev.answer}
         progress = {**progress, "answers": answers}
         last = step + 1 == len(les.steps) and les.key == LESSONS[-1].key
+        (path,) = self.files.write({f"lesson_{les.key}_step{step + 1}.csv": lesson_csv(rev)})
         return (reveal_markdown(les, step, picked, rev),
-                gr.Dataframe(value=rev.rows, headers=list(rev.headers), visible=True),
+                gr.Dataframe(value=rev.rows, headers=list(rev.headers), visible=True), ready_button(path),
                 gr.Radio(interactive=False), gr.Button(interactive=False),
                 gr.Button(interactive=not last, value="Next step" if step + 1 < len(les.steps) else "Next lesson"),
                 progress, score_line(progress))
@@ -165,12 +180,13 @@ def build_lessons(demo: gr.Blocks, handlers: LessonsHandlers) -> LessonsView:
         nxt = gr.Button("Next step", interactive=False, elem_id="lesson-next")
     reveal = gr.Markdown(elem_id="lesson-reveal")
     evidence = gr.Dataframe(visible=False, interactive=False, show_label=False, elem_id="lesson-evidence")
+    (table_csv,) = download_buttons("lesson", [("Table CSV", "csv")])
     score = gr.Markdown(score_line(first), elem_id="lesson-score")
     progress = gr.State(first)
 
-    step_widgets = [head, question, choice, reveal, evidence, check, nxt, progress, score]
+    step_widgets = [head, question, choice, reveal, evidence, table_csv, check, nxt, progress, score]
     pick.input(handlers.pick, [pick, progress], step_widgets, queue=False, **PRIVATE)
-    check.click(handlers.check, [progress, choice], [reveal, evidence, choice, check, nxt, progress, score],
+    check.click(handlers.check, [progress, choice], [reveal, evidence, table_csv, choice, check, nxt, progress, score],
                 **INSPECT_EVENTS, **PRIVATE)
     nxt.click(handlers.next_step, [progress], [pick, *step_widgets], queue=False, **PRIVATE)
     gr.api(typed_api(handlers.lesson_api), api_name="lesson", **INSPECT_EVENTS)
