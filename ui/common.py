@@ -493,10 +493,11 @@ def token_text(label: str) -> str:
 # Files for the download buttons
 
 
-def download_buttons(prefix: str, kinds: list[tuple[str, str]]) -> list[gr.DownloadButton]:
-    """Small download buttons, (label, suffix) each, disabled until a figure fills them (ready_button)."""
-    return [gr.DownloadButton(label, size="sm", interactive=False, elem_id=f"{prefix}-{suffix}", min_width=80)
-            for label, suffix in kinds]
+def download_buttons(prefix: str, kinds: list[tuple[str, str]], alone: bool = False) -> list[gr.DownloadButton]:
+    """Small download buttons, (label, suffix) each, disabled until a figure fills them (ready_button).
+    alone: a single button in its Row, kept to its label's width (one line) instead of the column's."""
+    return [gr.DownloadButton(label, size="sm", interactive=False, elem_id=f"{prefix}-{suffix}",
+                              min_width=120 if alone else 80, scale=0 if alone else None) for label, suffix in kinds]
 
 
 def ready_button(path: str) -> Any:

@@ -180,7 +180,8 @@ def build_lessons(demo: gr.Blocks, handlers: LessonsHandlers) -> LessonsView:
         nxt = gr.Button("Next step", interactive=False, elem_id="lesson-next")
     reveal = gr.Markdown(elem_id="lesson-reveal")
     evidence = gr.Dataframe(visible=False, interactive=False, show_label=False, elem_id="lesson-evidence")
-    (table_csv,) = download_buttons("lesson", [("Table CSV", "csv")])
+    with gr.Row():
+        (table_csv,) = download_buttons("lesson", [("Table CSV", "csv")], alone=True)
     score = gr.Markdown(score_line(first), elem_id="lesson-score")
     progress = gr.State(first)
 

@@ -226,7 +226,8 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
         tokens = gr.HighlightedText(show_legend=True, color_map=COLOURS, combine_adjacent=False, visible=False,
                                     show_label=False, elem_id="reply-tokens")
         notes = gr.Markdown(elem_id="reply-tokens-notes")
-        (csv_file,) = download_buttons("reply-tokens", [("Tokens CSV", "csv")])
+        with gr.Row():
+            (csv_file,) = download_buttons("reply-tokens", [("Tokens CSV", "csv")], alone=True)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 head = gr.Markdown(elem_id="token-alts-head")
