@@ -403,3 +403,11 @@ def test_raw_hostile_values_are_errors_naming_the_input(app_server, name, data, 
     event, payload = _raw_call(app_server.url, name, {"data": data})
     assert event == "error" and isinstance(payload, dict)
     assert_safe(payload["error"], input_name)
+
+
+@pytest.mark.parametrize(("p", "shown"), [(0.0, "0 %"), (0.5, "50.00 %"), (0.0001, "0.01 %"), (3e-8, "3.0e-06 %"),
+                                          (1.0, "100.00 %")])
+def test_a_probability_reads_as_a_percentage_and_a_cut_token_as_zero(p, shown):
+    from ui.common import pct
+
+    assert pct(p) == shown

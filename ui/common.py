@@ -469,7 +469,10 @@ def message_role(msg: Any) -> str | None:
 
 
 def pct(p: float) -> str:
-    """A probability as a percentage readable at any size (1e-6 too)."""
+    """A probability as a percentage readable at any size (1e-6 too); a token that cannot be drawn
+    at all (cut by top-k/top-p) reads 0 %."""
+    if p == 0:
+        return "0 %"
     return f"{p * 100:.2f} %" if p >= 0.0001 else f"{p * 100:.1e} %"
 
 

@@ -232,7 +232,8 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
             with gr.Column(scale=3):
                 head = gr.Markdown(elem_id="token-alts-head")
                 table = gr.Dataframe(headers=["token", "model p", "after temperature", "chance to be drawn", "status"],
-                                     show_label=False, interactive=False, elem_id="token-alts")
+                                     show_label=False, interactive=False, wrap=True, elem_id="token-alts",
+                                     column_widths=["18%", "15%", "19%", "18%", "30%"])
             with gr.Column(scale=2):
                 choice = gr.Dropdown(label="Continue with this token instead", choices=[], elem_id="branch-token")
                 go_branch = gr.Button("Continue with this token instead", elem_id="branch-btn")
