@@ -496,7 +496,8 @@ def _build_ablation(state: TeachingHandlers) -> dict[str, Any]:
                     off_cont = gr.Textbox(label="greedy continuation", interactive=False, lines=2,
                                           elem_id="ablate-off-text")
                     off = gr.Dataframe(headers=["#", "next token", "p", "plain #, p"], show_label=False,
-                                       interactive=False, elem_id="ablate-off")
+                                       interactive=False, wrap=True, column_widths=["9%", "27%", "22%", "42%"],
+                                       elem_id="ablate-off")
             gr.Markdown(ABLATE_READ)
     inputs = [prompt, heads, new_tokens]
     outputs = [summary, plain, off, plain_cont, off_cont]
