@@ -577,6 +577,11 @@ def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
+def token_text(token: str) -> str:
+    """A token label for a table, a list or a CSV cell: control characters written as escapes."""
+    return token if token.isprintable() else token.encode("unicode_escape").decode()
+
+
 def csv_cell(token: str) -> str:
     """A token as a CSV cell: control characters written as escapes (as the app's token labels
     write them), and a cell that would start with = + - @ quoted as text with a leading apostrophe.
@@ -584,7 +589,7 @@ def csv_cell(token: str) -> str:
     Spreadsheet programs run such a cell as a formula (CSV injection), and tokens come from
     whatever a user typed. Tab and carriage return, the other formula starts, are escaped first.
     """
-    token = token if token.isprintable() else token.encode("unicode_escape").decode()
+    token = token_text(token)
     return "'" + token if token[:1] in ("=", "+", "-", "@") else token
 
 

@@ -487,11 +487,6 @@ def palette_checkbox() -> gr.Checkbox:
                        elem_id="colourblind", container=False)
 
 
-def token_text(label: str) -> str:
-    """A token label for a table or list: control characters written as escapes."""
-    return label if label.isprintable() else label.encode("unicode_escape").decode()
-
-
 # ---------------------------------------------------------------------------------------------
 # Files for the download buttons
 

@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from attention.describe import describe_row
-from attention.plot import figure_bytes, plot_token_attention, weights_csv
+from attention.plot import figure_bytes, plot_token_attention, token_text, weights_csv
 from generation import Prompt, Settings, build_prompt
 from generation.inside import REPLY_MAX_TOKENS, ReplyAttention, reply_attention
 
@@ -31,7 +31,6 @@ from .common import (
     model_history,
     palette_of,
     ready_button,
-    token_text,
 )
 
 DEFAULT_LAYER = 5  # the default model's first global layer

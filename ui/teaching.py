@@ -33,6 +33,7 @@ from attention.plot import (
     model_view_cells,
     plot_head,
     plot_model_view,
+    token_text,
     weights_csv,
 )
 from generation import Settings
@@ -63,7 +64,6 @@ from .common import (
     pct,
     plot_payload,
     ready_button,
-    token_text,
     typed_api,
 )
 from .reply_attention import DEFAULT_LAYER, ReplyAttentionHandlers, build_reply_attention
