@@ -139,6 +139,21 @@ def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=-1)
 
 
+def ranked_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of the k highest scores of each row (..., V) -> (..., k), best first, equal scores
+    in id order: greedy_ids' rule, so the first id is always the greedy choice. bf16 logits tie
+    often, and torch.topk's order among equal values is unspecified (it differs between CPUs)."""
+    k = min(k, scores.shape[-1])
+    rows = scores.reshape(-1, scores.shape[-1])  # (N, V)
+    kth = torch.topk(rows, k, dim=-1).values[:, -1:]  # (N, 1)
+    r, c = (rows >= kth).nonzero(as_tuple=True)  # every candidate, ids ascending within a row
+    order = torch.argsort(rows[r, c], descending=True, stable=True)  # ties keep id order
+    order = order[torch.argsort(r[order], stable=True)]  # grouped by row, each row best first
+    starts = torch.cumsum(torch.bincount(r, minlength=rows.shape[0]), 0) - torch.bincount(r, minlength=rows.shape[0])
+    first_k = starts.unsqueeze(1) + torch.arange(k)  # (N, k) positions in `order`
+    return c[order][first_k].reshape(*scores.shape[:-1], k)
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(V,) -> (V,) bool: TopKLogitsWarper's kept tokens, every token >= the k-th largest score
     (ties at the k-th all kept). k 0 = off."""

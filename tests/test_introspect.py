@@ -366,7 +366,8 @@ def test_next_token_follows_the_chats_own_processors(lm4, params):
                    and c.sampling_prob == pytest.approx(float(sampling[t]), abs=1e-9) for t in tied)
         assert c.prob == pytest.approx(float(logits.double().softmax(-1)[c.token_id]), abs=1e-9)
         assert c.prob_temperature == pytest.approx(float(tempered.double().softmax(-1)[c.token_id]), abs=1e-9)
-    assert [c.token_id for c in nt.candidates] == torch.topk(tempered, 10).indices.tolist()
+    # Best first, equal scores in id order (greedy decoding's rule): a stable sort's order.
+    assert [c.token_id for c in nt.candidates] == torch.argsort(tempered, descending=True, stable=True)[:10].tolist()
 
 
 @pytest.mark.parametrize("params", [*SAMPLING_CASES, SamplingParams(temperature=0)], ids=lambda p: f"T{p.temperature}")
@@ -407,17 +408,23 @@ def test_next_token_bad_input(lm4):
 def test_four_bit_vs_full_kl_is_small_but_not_zero(lm4, lm_full):
     qc = compare_quantization(lm4, lm_full, PROMPT, k=5, decode_tokens=3)
     ids = ids_of(lm4, PROMPT)
-    l4, lf = _last_logits(lm4, ids).double(), _last_logits(lm_full, ids).double()
+    # The logits of the call the comparison makes (a prefill that keeps its cache for the decode
+    # steps it times): another call shape may round differently. From the same logits in float64
+    # the two sums over 262k tokens agree to ~1e-12 (relative ~1e-9 against 1e-3 nats or more).
+    with torch.inference_mode():
+        l4, lf = (lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].double()
+                  for lm in (lm4, lm_full))
     kl = torch.nn.functional.kl_div(l4.log_softmax(-1), lf.log_softmax(-1), log_target=True, reduction="sum")
-    assert qc.kl_full_to_4bit == pytest.approx(float(kl), rel=1e-6)
+    assert qc.kl_full_to_4bit == pytest.approx(float(kl), rel=1e-8)
     # Far above what a bf16 copy without NF4 loses (figures in bench/README.md): the cost is NF4 itself,
     # re-quantising the already-Q4_K_M weights; below 1 nat on this prompt.
     assert 1e-3 < qc.kl_full_to_4bit < 1.0
     assert qc.quantized.quantization == "nf4" and qc.full.quantization == "none"
     assert qc.quantized.weight_bytes < qc.full.weight_bytes / 2 and qc.size_ratio > 2
     assert qc.quantized.seconds_per_token > 0 and qc.full.seconds_per_token > 0
-    top4 = max(qc.rows, key=lambda r: r.prob_4bit)
-    assert top4.rank_4bit == 1 and any(r.rank_full == 1 for r in qc.rows)
+    top4 = min(qc.rows, key=lambda r: r.rank_4bit)
+    assert top4.rank_4bit == 1 and top4.prob_4bit == max(r.prob_4bit for r in qc.rows)
+    assert any(r.rank_full == 1 for r in qc.rows)
     assert 5 <= len(qc.rows) <= 10
     assert qc.top1_agree == (top4.rank_full == 1)
 

@@ -29,6 +29,7 @@ from generation.sampling import (
     kept_probs,
     make_generator,
     penalised,
+    ranked_ids,
     scale,
     top_k_mask,
     top_p_mask,
@@ -241,3 +242,17 @@ def test_seeded_sampler_draws_with_draw_from_what_the_warpers_left():
         ids = torch.nonzero(torch.isfinite(scores[b])).reshape(-1)
         tok = draw(ids, draw_weights(scores[b, ids]), uniform(gen))
         assert torch.nonzero(torch.isfinite(out[b])).reshape(-1).tolist() == [tok]
+
+
+@pytest.mark.parametrize("shape,k", [((7,), 1), ((7,), 7), ((3, 50), 5), ((2, 4, 64), 9), ((1, 262144), 10)])
+def test_ranked_ids_are_best_first_with_ties_in_id_order(shape, k):
+    """bf16 logits tie often: of equal scores the lower id ranks first, as greedy_ids (argmax)
+    picks, so a table's first row is always the greedy choice; on few distinct values most of
+    the ranks are ties."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, shape, generator=g).float() if shape[-1] < 1000 else \
+        torch.randn(shape, generator=g).bfloat16().float()
+    ranked = ranked_ids(scores, k)
+    assert ranked.shape == (*shape[:-1], k)
+    assert torch.equal(ranked, torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k])
+    assert torch.equal(ranked[..., 0], greedy_ids(scores))

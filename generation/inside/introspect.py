@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling import SamplingParams, greedy_ids, kept_probs, kept_mask, scale, top_k_mask
+from ..sampling import SamplingParams, greedy_ids, kept_probs, kept_mask, ranked_ids, scale, top_k_mask
 from .capture import CaptureUnsupported, capture, install, is_installed, unsupported_reason
 
 __all__ = [
@@ -404,7 +404,7 @@ def next_token_candidates(
     # sum to 1 within 1e-12.
     probs = logits.double().softmax(-1)  # (V,)
     scaled = scale(logits, params.temperature, penalty=params.repetition_penalty, seen=ids[0])  # (V,)
-    order = torch.topk(scaled, k).indices
+    order = ranked_ids(scaled, k)  # equal scores in id order: the greedy choice is listed first
     if params.greedy:
         keep = torch.zeros(vocab, dtype=torch.bool)
         keep[int(greedy_ids(scaled))] = True
@@ -584,8 +584,8 @@ def compare_quantization(
         raise ValueError(f"vocabulary sizes differ: {l4.shape[-1]} vs {lf.shape[-1]}")
     logp4, logpf = l4.double().log_softmax(-1), lf.double().log_softmax(-1)  # (V,)
     kl = float((logpf.exp() * (logpf - logp4)).sum())
-    rank4 = torch.argsort(logp4, descending=True)
-    rankf = torch.argsort(logpf, descending=True)
+    rank4 = torch.argsort(logp4, descending=True, stable=True)  # ties rank as greedy decoding picks
+    rankf = torch.argsort(logpf, descending=True, stable=True)
     pos4 = torch.empty_like(rank4)
     pos4[rank4] = torch.arange(rank4.numel())
     posf = torch.empty_like(rankf)

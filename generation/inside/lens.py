@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sampling import ranked_ids
 from .introspect import (
     captured_maps,
     check_int,
@@ -161,8 +162,9 @@ class LogitLens:
 
 def _top(tok: Any, logits: Tensor, k: int) -> list[list[LensToken]]:
     """logits (N, V) -> per row the k most likely tokens with float64 softmax probabilities."""
-    probs = logits.double().softmax(-1)
-    p, idx = torch.topk(probs, k, dim=-1)  # (N, k)
+    probs = logits.double().softmax(-1)  # (N, V)
+    idx = ranked_ids(logits, k)  # (N, k): ties in id order, so the first is the greedy choice
+    p = probs.gather(-1, idx)  # (N, k)
     return [[LensToken(token_label(tok, int(i)), int(i), float(q)) for q, i in zip(pr.tolist(), ir.tolist())]
             for pr, ir in zip(p, idx)]
 

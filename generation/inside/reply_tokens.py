@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..prompt import Prompt
+from ..sampling import ranked_ids
 from ..tokens import reply_text_ids, token_texts
 from .introspect import check_int, model_device
 
@@ -106,9 +107,9 @@ def reply_token_probs(lm: Any, prompt: Prompt, reply: str, *, k: int = 10) -> Re
             mine = logp.gather(1, want[:, None])  # (n, 1)
             probs += mine[:, 0].exp().tolist()
             ranks += (logp > mine).sum(-1).tolist()
-            best = logp.topk(min(k, logp.shape[-1]), dim=-1)
-            top_p.append(best.values.exp())
-            top_i.append(best.indices)
+            best = ranked_ids(logp, k)  # (n, k): ties in id order, the greedy choice first
+            top_p.append(logp.gather(1, best).exp())
+            top_i.append(best)
     top_p, top_i = torch.cat(top_p).tolist(), torch.cat(top_i).tolist()
     texts = token_texts(tok, reply_ids)
     tokens = [
