@@ -143,6 +143,50 @@ def test_long_replies_grow_the_cache(tiny_qwen):
     assert [r.token_ids for r in reqs] == refs
 
 
+def test_the_cache_holds_rows_for_the_running_chats_only(tiny_qwen):
+    """One chat holds one row of keys/values, not max_batch rows; three more chats at once grow the
+    rows (doubling, here to 4 of 8), token-exact; once no chat runs the buffers are given back."""
+    prompts = _prompts(tiny_qwen)[:3]
+    endless = SamplingParams(temperature=0.0, max_new_tokens=4096)  # runs until cancelled
+    refs = [_generate(tiny_qwen, p, NEW, do_sample=False) for p in prompts]
+
+    def until(cond):
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, "condition not reached within 60 s"
+            time.sleep(0.002)
+
+    with ChatEngine(tiny_qwen, max_batch=8, warmup=False) as engine:
+        one = engine.submit(prompts[0], endless, ignore_eos=True)
+        until(lambda: one.token_ids)
+        assert engine._main.rows == 1
+        more = [engine.submit(p, endless, ignore_eos=True) for p in prompts]
+        until(lambda: all(len(r.token_ids) >= NEW for r in more))
+        assert engine._main.rows == 4 and engine.snapshot().running == 4
+        for r in [one] + more:
+            r.cancel()
+        assert all(r.wait(60) for r in [one] + more)
+        until(lambda: engine._main is None)
+    assert [r.token_ids[:NEW] for r in more] == refs
+
+
+@pytest.mark.parametrize("rows,want,limit,grown", [(1, 2, 8, 2), (2, 3, 8, 4), (4, 5, 6, 6), (3, 2, 8, 3)])
+def test_slot_cache_rows_double_up_to_the_limit_and_keep_their_contents(rows, want, limit, grown):
+    from generation.decode import SlotKVCache
+
+    cache = SlotKVCache(2, rows, 8)
+    keys = [torch.randn(rows, 2, 8, 4) for _ in range(2)]
+    cache.keys, cache.values = [k.clone() for k in keys], [None, (keys[0] + 1).clone()]
+    cache.ensure_rows(want, limit)
+    assert cache.rows == grown and all(k.shape == (grown, 2, 8, 4) for k in cache.keys)
+    for before, after in zip(keys, cache.keys):
+        torch.testing.assert_close(after[:rows], before, rtol=0, atol=0)
+        assert not after[rows:].any()
+    assert cache.values[0] is None and cache.values[1].shape[0] == grown
+    with pytest.raises(ValueError, match="at most"):
+        cache.ensure_rows(limit + 1, limit)
+
+
 def test_seeded_sample_same_alone_and_in_batch(tiny_qwen):
     prompts = _prompts(tiny_qwen)
     mine = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.2, seed=11, max_new_tokens=NEW)

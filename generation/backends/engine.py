@@ -11,7 +11,9 @@ masks and decode steps live in `generation.decode`):
   and masks; with sdpa, attention runs row by row (`RowAttentionMask`), so a reply is bit for bit
   the same whatever else is in the batch.
 * The running batch: rows 0..n-1 of the main cache. A finished row is removed by moving the last
-  row into its slot (one row's copy, no compaction of the rest).
+  row into its slot (one row's copy, no compaction of the rest). The cache's rows double as chats
+  join (up to max_batch) and its buffers are given back once no chat runs, so a lone learner holds
+  one row's keys/values, not a class's.
 * Newcomers are prefilled as a group in their own cache, several prompts per forward (left-padded,
   pads write to a scratch column nobody attends to), at most `prefill_tokens` tokens per forward
   (a longer prompt is cut into chunks of that size), one prefill forward then one decode step per
@@ -511,7 +513,7 @@ class ChatEngine:
         tokens = self._decoder.pick(out[ready], [self._sampling_now(group[b]) for b in ready], self.sampler)
         now = time.perf_counter()
         if self._main is None:
-            self._main = SlotKVCache(self._decoder.n_layers, self.max_batch, CAPACITY_STEP)
+            self._main = SlotKVCache(self._decoder.n_layers, 1, CAPACITY_STEP)
         ended = []
         for b, tok in zip(ready, tokens):
             r = group[b]
@@ -522,6 +524,7 @@ class ChatEngine:
                 ended.append((r, end))
                 continue
             slot = len(self._running)
+            self._main.ensure_rows(slot + 1, self.max_batch)
             self._main.copy_row(slot, cache, b, r.prompt_len)
             if not r.is_warmup:  # out of the group's count before it joins the running rows, so
                 self._n_group -= 1  # active(), read from other threads, never counts a row twice
@@ -619,8 +622,8 @@ class ChatEngine:
             self._running.pop()
             self._lens.pop()
             self._next.pop()
-        if not self._running and self._main is not None and self._main.capacity > CAPACITY_STEP:
-            self._main = None  # a long reply grew the buffers; give the memory back once idle
+        if not self._running and self._main is not None and (self._main.capacity > CAPACITY_STEP or self._main.rows > 1):
+            self._main = None  # a class or a long reply grew the buffers; give the memory back once idle
 
     def _remove_group(self, indices: Sequence[int]) -> None:
         for i in sorted(indices, reverse=True):

@@ -219,6 +219,22 @@ class SlotKVCache(Cache):
                     store[i] = grown
         self.capacity = new_cap
 
+    def ensure_rows(self, rows: int, limit: int) -> None:
+        """Hold at least `rows` sequences (contents kept): the row count doubles up to `limit`, so a
+        lone learner's chat does not hold a whole class's buffers."""
+        if rows <= self.rows:
+            return
+        if rows > limit:
+            raise ValueError(f"{rows} rows asked for, at most {limit}")
+        new_rows = min(limit, max(rows, 2 * self.rows))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                if old is not None:
+                    grown = old.new_zeros(new_rows, *old.shape[1:])
+                    grown[: self.rows] = old
+                    store[i] = grown
+        self.rows = new_rows
+
     def copy_row(self, dst: int, src_cache: SlotKVCache, src: int, length: int) -> None:
         """Positions [0, length) of `src_cache`'s row `src` into this cache's row `dst`."""
         self.ensure(length + 1)
