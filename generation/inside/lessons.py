@@ -88,7 +88,7 @@ def _where_last_word_looks(lm: Any, full: Callable[[], Any]) -> Reveal:
     cat = next((i for i, s in enumerate(labels) if s.lower() == "cat"), -1)
     top = int(row.argmax())
     answer = {0: 0, q - 1: 1, q: 2, cat: 3}.get(top, 4)
-    order = row.argsort(descending=True)[:6].tolist()
+    order = row.argsort(descending=True, stable=True)[:6].tolist()  # ties as argmax: the lower index first
     rows = [[labels[i], _pct(float(row[i]))] for i in order]
     explanation = (
         f"Averaged over all {maps.shape[0]} layers × {maps.shape[1]} heads, **'{labels[q]}'** puts "

@@ -128,7 +128,8 @@ def gptq_factor(h: Tensor, cfg: GptqConfig = GptqConfig()) -> GptqFactor:
     dead = h.diagonal() == 0  # inputs never seen: any code is as good; keep the plain one
     h[dead, dead] = 1
     n = h.shape[0]
-    perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(n)
+    # stable: equal diagonals (the dead inputs all read 1) in index order on every CPU
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.act_order else torch.arange(n)
     return GptqFactor(perm, _damped_inverse_cholesky(h[perm][:, perm], cfg.damp).contiguous())
 
 
