@@ -142,7 +142,7 @@ def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
 def ranked_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ids of the k highest scores of each row (..., V) -> (..., k), best first, equal scores
     in id order: greedy_ids' rule, so the first id is always the greedy choice. bf16 logits tie
-    often, and torch.topk's order among equal values is unspecified (it differs between CPUs)."""
+    often, and torch.topk's order among equal values is unspecified."""
     k = min(k, scores.shape[-1])
     rows = scores.reshape(-1, scores.shape[-1])  # (N, V)
     kth = torch.topk(rows, k, dim=-1).values[:, -1:]  # (N, 1)

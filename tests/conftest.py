@@ -194,21 +194,21 @@ def prefilled_cache(step, prompts):
     from generation.decode import SlotKVCache
 
     cache = SlotKVCache(step.n_layers, len(prompts), 64)
-    lens, first, done = [], [], {}  # done: a prompt's ids -> its row (a prefill alone is deterministic)
+    lens, first, done = [], [], {}  # done: a prompt's ids -> (its row, its first token); a prefill is deterministic
     for b, ids in enumerate(prompts):
         n = ids.numel()
         key = tuple(ids.tolist())
-        if key in done:
-            cache.copy_row(b, cache, done[key], n)
-        else:
+        if key not in done:
             one = SlotKVCache(step.n_layers, 1, n + 64)
             pos = torch.arange(n)[None]
             with torch.inference_mode():
                 logits = step.prefill(one, ids[None], pos, pos, n, [n], [n])
             cache.copy_row(b, one, 0, n)
-            done[key] = b
+            done[key] = b, int(logits[0].argmax())
+        else:
+            cache.copy_row(b, cache, done[key][0], n)
         lens.append(n)
-        first.append(first[done[key]] if done[key] != b else int(logits[0].argmax()))
+        first.append(done[key][1])
     return cache, lens, first
 
 
