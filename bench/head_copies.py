@@ -1,6 +1,6 @@
 """Could a smaller copy of the LM head keep greedy decoding exact? Rows to recompute per copy.
 
-    python bench/head_copies.py                    # ~1 min on 2 CPU cores, prints a markdown table
+    python bench/head_copies.py                    # ~20 s on 2 CPU cores, prints a markdown table
     python bench/head_copies.py --positions 400
 
 The fast decode reads an int8 copy of the tied LM head (Gemma 3 270m: 262,144 x 640, 160 MiB) every

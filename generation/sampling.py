@@ -149,7 +149,8 @@ def ranked_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
     r, c = (rows >= kth).nonzero(as_tuple=True)  # every candidate, ids ascending within a row
     order = torch.argsort(rows[r, c], descending=True, stable=True)  # ties keep id order
     order = order[torch.argsort(r[order], stable=True)]  # grouped by row, each row best first
-    starts = torch.cumsum(torch.bincount(r, minlength=rows.shape[0]), 0) - torch.bincount(r, minlength=rows.shape[0])
+    counts = torch.bincount(r, minlength=rows.shape[0])  # (N,) candidates per row, >= k
+    starts = torch.cumsum(counts, 0) - counts
     first_k = starts.unsqueeze(1) + torch.arange(k)  # (N, k) positions in `order`
     return c[order][first_k].reshape(*scores.shape[:-1], k)
 
