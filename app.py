@@ -13,7 +13,8 @@ import threading
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
-from ui.common import SESSION_CAPACITY, limit_malloc_arenas, palette_checkbox
+from ui.common import SESSION_CAPACITY, palette_checkbox
+from ui.process import limit_malloc_arenas
 
 import gradio as gr  # noqa: E402,I001
 

@@ -96,8 +96,8 @@ def test_prefix_store_refuses_prompts_over_its_token_cap(max_tokens):
 
 _ARENA_PROBE = """
 import ctypes, sys, threading
-from ui import common
-assert common.limit_malloc_arenas(int(sys.argv[1]))
+from ui.process import limit_malloc_arenas  # no gradio: a quick probe
+assert limit_malloc_arenas(int(sys.argv[1]))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 held, barrier = [], threading.Barrier(8)
@@ -115,7 +115,7 @@ libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc arenas only")
 @pytest.mark.parametrize("arenas", [1, 2, 3])
 def test_malloc_arenas_never_exceed_the_cap(arenas):
-    """After common.limit_malloc_arenas(n), eight threads allocating at once share at most n arenas."""
+    """After limit_malloc_arenas(n), eight threads allocating at once share at most n arenas."""
     import os
     import subprocess
     import sys
@@ -129,7 +129,7 @@ def test_malloc_arenas_never_exceed_the_cap(arenas):
 
 
 def test_malloc_arena_cap_leaves_an_explicit_setting_alone(monkeypatch):
-    from ui import common
+    from ui.process import limit_malloc_arenas
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert common.limit_malloc_arenas() is False
+    assert limit_malloc_arenas() is False

@@ -14,7 +14,6 @@ import os
 import re
 import reprlib
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -541,31 +540,3 @@ class DownloadDir:
                     shutil.rmtree(entry.path, ignore_errors=True)
             except OSError:
                 pass
-
-
-# ---------------------------------------------------------------------------------------------
-# The server process
-
-
-# glibc gives each new thread its own malloc arena (up to 8 per core) and keeps what a thread frees
-# in that thread's arena for its next allocations. The app's many worker threads each allocate
-# tensors of ever different sizes (a prompt's activations, a view's attention maps), so the freed
-# memory of every arena stays resident and the server's RSS creeps up over a day of classes.
-# Two arenas (the main thread's, where the chat engine decodes, and one the workers share) bound
-# that; see bench/README.md, "Memory soak". MALLOC_ARENA_MAX in the environment still wins.
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas (before the server's threads start: arenas are made as threads
-    first allocate). True if set; False on another C library, or when MALLOC_ARENA_MAX is set."""
-    import ctypes
-
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt arenas)
-        return False
