@@ -36,7 +36,7 @@ def test_cli_local_folder_full_precision(tiny_qwen_dir):
     assert "prompt format:  chat template" in r.stdout
 
 
-@pytest.mark.parametrize("args, env, msg", [
+CLI_ERRORS = [
     (["hi", "--top-p", "2"], {}, "top_p must be in (0, 1]"),
     (["hi", "--model", "/no/such/folder"], {}, "no such model folder"),
     (["   "], {}, "message must be a non-empty string"),
@@ -44,10 +44,40 @@ def test_cli_local_folder_full_precision(tiny_qwen_dir):
     (["hi"], {"MAX_INPUT_TOKENS": "lots"}, "MAX_INPUT_TOKENS must be an integer"),
     (["hi", "--temperature", "warm"], {}, "argument --temperature: invalid float value: 'warm'"),
     (["hi", "--no-such-option"], {}, "unrecognized arguments: --no-such-option"),
-])
-def test_cli_errors_are_one_clear_line(args, env, msg):
+]
+
+
+def assert_one_clear_line(rc: int, stdout: str, stderr: str, msg: str) -> None:
+    assert rc == 2
+    assert stdout == ""
+    assert stderr.strip().splitlines() == [f"error: {stderr.strip().removeprefix('error: ')}"]
+    assert msg in stderr
+
+
+@pytest.mark.parametrize("args, env, msg", CLI_ERRORS)
+def test_cli_errors_are_one_clear_line(args, env, msg, monkeypatch, capsys):
+    # In this process: each of these fails before a model loads, and a fresh interpreter per case
+    # would spend its time importing torch. The test below runs the real entry point.
+    from transformers.utils import logging as hf_logging
+
+    from generation.__main__ import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse's errors exit
+        rc = exc.code
+    finally:  # main() quiets transformers for the CLI's process; leave this one as it was
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    out = capsys.readouterr()
+    assert_one_clear_line(rc, out.out, out.err, msg)
+
+
+@pytest.mark.parametrize("args, env, msg", [CLI_ERRORS[1], CLI_ERRORS[-1]])
+def test_cli_errors_from_the_command_line(args, env, msg):
     r = run_cli(*args, env=env, timeout=60)
-    assert r.returncode == 2
-    assert r.stdout == ""
-    assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip().removeprefix('error: ')}"]
-    assert msg in r.stderr
+    assert_one_clear_line(r.returncode, r.stdout, r.stderr, msg)
