@@ -29,11 +29,34 @@ def test_cli_streams_the_answer_with_info(lm4):  # lm4: the cache exists, so thi
     assert "Paris" in lines[-1] and "User:" not in r.stdout and "What is the capital" not in r.stdout
 
 
-def test_cli_local_folder_full_precision(tiny_qwen_dir):
-    r = run_cli("hello", "--model", str(tiny_qwen_dir), "--no-4bit", "--info", "--max-new-tokens", "4", "--seed", "1")
-    assert r.returncode == 0, r.stderr
-    assert "quantization:   none" in r.stdout and "dtype:          bfloat16" in r.stdout
-    assert "prompt format:  chat template" in r.stdout
+def run_main(args: list[str], monkeypatch, capsys, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """main(args) in this process: (exit status, stdout, stderr). For the cases that need no fresh
+    interpreter; a new one per case would spend its seconds importing torch."""
+    from transformers.utils import logging as hf_logging
+
+    from generation.__main__ import main
+
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse's errors exit
+        rc = exc.code
+    finally:  # main() quiets transformers for the CLI's process; leave this one as it was
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_local_folder_full_precision(tiny_qwen_dir, monkeypatch, capsys):
+    rc, out, err = run_main(["hello", "--model", str(tiny_qwen_dir), "--no-4bit", "--info", "--max-new-tokens", "4",
+                             "--seed", "1"], monkeypatch, capsys)
+    assert rc == 0, err
+    assert "quantization:   none" in out and "dtype:          bfloat16" in out
+    assert "prompt format:  chat template" in out
 
 
 CLI_ERRORS = [
@@ -56,25 +79,8 @@ def assert_one_clear_line(rc: int, stdout: str, stderr: str, msg: str) -> None:
 
 @pytest.mark.parametrize("args, env, msg", CLI_ERRORS)
 def test_cli_errors_are_one_clear_line(args, env, msg, monkeypatch, capsys):
-    # In this process: each of these fails before a model loads, and a fresh interpreter per case
-    # would spend its time importing torch. The test below runs the real entry point.
-    from transformers.utils import logging as hf_logging
-
-    from generation.__main__ import main
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    try:
-        rc = main(args)
-    except SystemExit as exc:  # argparse's errors exit
-        rc = exc.code
-    finally:  # main() quiets transformers for the CLI's process; leave this one as it was
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    out = capsys.readouterr()
-    assert_one_clear_line(rc, out.out, out.err, msg)
+    # Each of these fails before a model loads; the test below runs two through the real command line.
+    assert_one_clear_line(*run_main(args, monkeypatch, capsys, env), msg)
 
 
 @pytest.mark.parametrize("args, env, msg", [CLI_ERRORS[1], CLI_ERRORS[-1]])
