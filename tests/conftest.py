@@ -35,6 +35,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.browser)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """torch's threads for one test, as its `torch_threads(n)` marker asks; put back afterwards."""
+    mark = request.node.get_closest_marker("torch_threads")
+    if mark is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(mark.args[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def client(app_server):  # noqa: F811
     """A gradio_client on the session's app (the real default model loaded)."""

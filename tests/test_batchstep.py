@@ -20,10 +20,13 @@ from generation.decode import BatchDecodeStep, ModelStep, pick_tokens
 from generation.backends import ChatEngine
 from generation.sampling import BatchSampler, RowSampling, make_generator
 
-pytestmark = pytest.mark.skipif(
-    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
-    reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
-)
+pytestmark = [
+    pytest.mark.torch_threads(2),  # the OpenMP kernels run on two threads, as in the app
+    pytest.mark.skipif(
+        not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+        reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
+    ),
+]
 
 PROMPTS = ["What is the capital of France?", "Explain self-attention in one paragraph.", "Hi",
            "Write a haiku about transformers."]
@@ -205,8 +208,11 @@ def test_the_engine_decodes_through_the_fast_path(lm4):
         assert_flip_is_a_tie(lm4, ids, g.token_ids, w.token_ids)
 
 
-def test_one_thread_here_is_per_thread():
-    """A worker thread goes single-threaded; the main thread (the engine's, in the app) keeps its threads."""
+@pytest.mark.parametrize("asked_first", [True, False], ids=["asked-first", "first-call"])
+def test_one_thread_here_is_per_thread(asked_first):
+    """A worker thread goes single-threaded, also when that is the thread's first torch call (torch
+    sizes a new thread's team at its first parallel call, after torch.set_num_threads as app.py
+    and this module's marker call it); the main thread (the engine's, in the app) keeps its threads."""
     import threading
 
     from generation.decode import one_thread_here, openmp_runtime
@@ -217,13 +223,41 @@ def test_one_thread_here_is_per_thread():
     seen = {}
 
     def worker() -> None:
-        seen["first"] = torch.get_num_threads()
+        if asked_first:
+            seen["first"] = torch.get_num_threads()
         one_thread_here()
+        torch.ones(256, 256) @ torch.ones(256, 256)  # a parallel op
         seen["after"] = torch.get_num_threads()
 
     t = threading.Thread(target=worker)
     t.start()
     t.join()
-    assert seen == {"first": before, "after": 1}
+    assert seen == ({"first": before} if asked_first else {}) | {"after": 1}
     one_thread_here()  # the main thread: a no-op
     assert torch.get_num_threads() == before
+
+
+def test_single_threaded_as_a_new_threads_first_call():
+    """single_threaded in a fresh thread: one thread inside (after torch.set_num_threads, as in the
+    app), the count from before inside all_threads() and after the block."""
+    import threading
+
+    from generation.decode import openmp_runtime, single_threaded
+
+    if openmp_runtime() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs torch's OpenMP runtime and 2+ threads")
+    before = torch.get_num_threads()
+    seen = {}
+
+    def worker() -> None:
+        with single_threaded() as st:
+            torch.ones(256, 256) @ torch.ones(256, 256)
+            seen["inside"] = torch.get_num_threads()
+            with st.all_threads():
+                seen["all"] = torch.get_num_threads()
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"inside": 1, "all": before, "after": before}

@@ -27,10 +27,13 @@ from generation.kernels import native_int8_kernel
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
-pytestmark = pytest.mark.skipif(
-    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
-    reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
-)
+pytestmark = [
+    pytest.mark.torch_threads(2),  # the OpenMP kernels run on two threads, as in the app
+    pytest.mark.skipif(
+        not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+        reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

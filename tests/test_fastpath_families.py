@@ -30,10 +30,13 @@ from generation.decode import (
 )
 from generation.kernels import native_int8_kernel
 
-pytestmark = pytest.mark.skipif(
-    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
-    reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
-)
+pytestmark = [
+    pytest.mark.torch_threads(2),  # the OpenMP kernels run on two threads, as in the app
+    pytest.mark.skipif(
+        not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+        reason="bitsandbytes' CPU NF4 kernel needs AVX-512",
+    ),
+]
 
 _SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32)

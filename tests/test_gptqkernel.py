@@ -24,6 +24,8 @@ from generation.rounding import (
 
 from test_rounding import correlated_inputs
 
+pytestmark = pytest.mark.torch_threads(2)  # the OpenMP kernels run on two threads, as in the app
+
 
 @pytest.fixture(scope="module")
 def native():

@@ -32,6 +32,8 @@ CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None or shutil.which(CC) is None, reason="needs a C compiler")
 TINY = "int add(int a, int b) { return a + b; }\n"
 
+pytestmark = pytest.mark.torch_threads(2)  # the OpenMP kernels run on two threads, as in the app
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):

@@ -242,6 +242,7 @@ def test_download_folders_are_per_call_and_swept():
     assert not os.path.exists(a[0]) and not os.path.exists(b[0]) and os.path.exists(c[0])
 
 
+@pytest.mark.torch_threads(2)
 def test_views_compute_on_one_thread_beside_the_main_thread_engine(lm4):
     """ModelSlot.require() in a worker thread: one OpenMP thread there when the chat engine owns the
     main thread (views_one_thread, set by `python app.py`), untouched otherwise."""

@@ -221,9 +221,17 @@ def one_thread_here() -> None:
     workers from spinning, for the engine too, which then slows far more than the worker gains
     (bench/README.md has the figures).
     """
-    lib = openmp_runtime()
+    lib = _runtime_for_this_thread()
     if lib is not None and threading.current_thread() is not threading.main_thread():
         lib.omp_set_num_threads(1)
+
+
+def _runtime_for_this_thread():
+    """openmp_runtime(), once torch has set this thread's team size. Once torch.set_num_threads has
+    been called (app.py does), torch sets a new thread's size to that count at the thread's first
+    parallel call, which would undo a size set before it."""
+    torch.get_num_threads()  # that first call
+    return openmp_runtime()
 
 
 class single_threaded:
@@ -241,7 +249,7 @@ class single_threaded:
     """
 
     def __enter__(self) -> single_threaded:
-        self._lib = openmp_runtime()
+        self._lib = _runtime_for_this_thread()
         main = threading.current_thread() is threading.main_thread()
         self._before = self._lib.omp_get_max_threads() if self._lib is not None and not main else 1
         if self._before > 1:
