@@ -15,6 +15,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# pytest.ini runs two pytest-xdist workers. Each worker's torch, and the app processes its tests
+# start, use one thread: two workers then fill two cores, where two threads each make the workers
+# wait on each other (README.md, "Tests", has the times). A test of what threads do, or of the
+# OpenMP kernels, asks for more with `@pytest.mark.torch_threads(n)`.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("TORCH_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ["TORCH_NUM_THREADS"])
 
 from pathlib import Path  # noqa: E402
 
@@ -35,8 +42,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.browser)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _worker_threads():
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["TORCH_NUM_THREADS"]))
+
+
 @pytest.fixture(autouse=True)
-def _torch_threads(request):
+def _torch_threads(request, _worker_threads):
     """torch's threads for one test, as its `torch_threads(n)` marker asks; put back afterwards."""
     mark = request.node.get_closest_marker("torch_threads")
     if mark is None:
