@@ -241,8 +241,9 @@ def wait_until(get, ok, timeout_s: float = 120.0):
     raise AssertionError(f"not reached within {timeout_s} s; last: {value!r}")
 
 
-def wait_changed(get, old, timeout_s: float = 60):
-    """Poll get() until it returns something truthy and different from old; that value."""
+def wait_changed(get, old, timeout_s: float = 180):
+    """Poll get() until it returns something truthy and different from old; that value. The limit
+    only ends a broken run: a view drawn beside two busy test workers can take over a minute."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         new = get()
