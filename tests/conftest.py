@@ -44,6 +44,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _worker_threads():
+    """A worker's torch on TORCH_NUM_THREADS (one, set above), however torch was imported first."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
