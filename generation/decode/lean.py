@@ -221,15 +221,18 @@ def one_thread_here() -> None:
     workers from spinning, for the engine too, which then slows far more than the worker gains
     (bench/README.md has the figures).
     """
-    lib = _runtime_for_this_thread()
-    if lib is not None and threading.current_thread() is not threading.main_thread():
+    lib = _worker_runtime()
+    if lib is not None:
         lib.omp_set_num_threads(1)
 
 
-def _runtime_for_this_thread():
-    """openmp_runtime(), once torch has set this thread's team size. Once torch.set_num_threads has
-    been called (app.py does), torch sets a new thread's size to that count at the thread's first
-    parallel call, which would undo a size set before it."""
+def _worker_runtime():
+    """openmp_runtime() in a thread other than the main one (None in the main thread, whose team
+    is left alone), once torch has set this thread's team size: after torch.set_num_threads (app.py
+    calls it), torch sizes a new thread's team at its first parallel call, which would undo a size
+    set before it."""
+    if threading.current_thread() is threading.main_thread():
+        return None
     torch.get_num_threads()  # that first call
     return openmp_runtime()
 
@@ -249,9 +252,8 @@ class single_threaded:
     """
 
     def __enter__(self) -> single_threaded:
-        self._lib = _runtime_for_this_thread()
-        main = threading.current_thread() is threading.main_thread()
-        self._before = self._lib.omp_get_max_threads() if self._lib is not None and not main else 1
+        self._lib = _worker_runtime()
+        self._before = self._lib.omp_get_max_threads() if self._lib is not None else 1
         if self._before > 1:
             self._lib.omp_set_num_threads(1)
         return self
