@@ -3,7 +3,7 @@
 One run measures, on the default model in NF4 (each part prints a markdown table):
 
 1. Sampling step: (30, 262,144) real next-token logits, the notebook's sampling (T 0.7, top-p 0.95):
-   transformers' warpers + softmax + multinomial vs `generation.sampling.BatchSampler`, ms per step.
+   transformers' warpers + softmax + multinomial vs `generation.decode.sampler.BatchSampler`, ms per step.
 2. The hardware's batched rate: one static padded greedy `generate()` of 30 rows, 128 new tokens
    each (min_new_tokens=128), prefill included.
 3. One user alone, one `generate()` call per reply (`benchutil.generate_reply`, over bitsandbytes' own
@@ -126,7 +126,8 @@ def bench_sampling(lm, rows: int = 30, repeats: int = 15) -> dict[str, float]:
     import torch
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-    from generation.sampling import BatchSampler, RowSampling, SamplingParams, make_generator
+    from generation.decode.sampler import BatchSampler, RowSampling
+    from generation.sampling import SamplingParams, make_generator
 
     logits = real_logits(lm, rows)
     params = SamplingParams()  # the notebook's: T 0.7, top-p 0.95

@@ -18,7 +18,8 @@ from conftest import prefilled_cache as _prefilled
 from generation import SamplingParams, build_prompt
 from generation.decode import BatchDecodeStep, ModelStep, pick_tokens
 from generation.backends import ChatEngine
-from generation.sampling import BatchSampler, RowSampling, make_generator
+from generation.decode.sampler import BatchSampler, RowSampling
+from generation.sampling import make_generator
 
 pytestmark = [
     pytest.mark.torch_threads(2),  # the OpenMP kernels run on two threads, as in the app

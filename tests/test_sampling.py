@@ -15,9 +15,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from generation.decode.sampler import BatchSampler, RowSampling
 from generation.sampling import (
-    BatchSampler,
-    RowSampling,
     SamplingParams,
     SeededSampler,
     choose,

@@ -20,7 +20,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from generation.sampling import BatchSampler, RowSampling, SamplingParams, exact_kept_ids, make_generator
+from generation.decode.sampler import BatchSampler, RowSampling
+from generation.sampling import SamplingParams, exact_kept_ids, make_generator
 
 V = 262_144
 

@@ -23,7 +23,7 @@ masks and decode steps live in `generation.decode`):
   keys/values are kept; every prompt sharing its beginning (the system prompt and dialogue format
   of the plain prompt, a chat template's header) copies them instead of recomputing them. Only
   that fixed prefix is reused, so where a prompt's prefill is split never depends on history.
-* Sampling: `generation.sampling.BatchSampler`, per-row parameters and per-row generators.
+* Sampling: `generation.decode.sampler.BatchSampler`, per-row parameters and per-row generators.
 * Every forward goes through one `DecodeStep`: the model's own forward (`ModelStep`), or, where
   it applies (a Gemma 3 NF4 model on CPU with sdpa; on by default), the lean step the loop thread
   builds before its first job (`LeanStep`: a lean batched decode, bit for bit the model path's
@@ -49,10 +49,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from ..decode.cache import CAPACITY_STEP, PrefixStore, SlotKVCache
+from ..decode.sampler import BatchSampler, RowSampling
 from ..decode.step import DecodeStep, ModelStep, lean_step
 from ..model import LoadedModel
 from ..prompt import build_prompt
-from ..sampling import BatchSampler, RowSampling, SamplingParams
+from ..sampling import SamplingParams
 from ..tokens import reply_text_ids
 from .base import ReplyStats, stopped_by
 from .request import EngineRequest

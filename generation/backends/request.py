@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..sampling import RowSampling, SamplingParams
+from ..decode.sampler import RowSampling
+from ..sampling import SamplingParams
 from .base import ReplyText
 
 class EngineRequest:

@@ -6,6 +6,7 @@ step.py    DecodeStep: the one interface the engine's loop calls, and its implem
 family.py  Architecture, describe: what the lean step needs to know of a family (Gemma 3, Qwen2/3, Llama, Mistral)
 lean.py    BatchDecodeStep (the lean NF4 step for every row), single_threaded, one_thread_here
 head.py    QuantizedHead (the int8 LM head, exact greedy), quantize_lm_head, pick_tokens
+sampler.py BatchSampler, RowSampling: the engine's token choice for a batch, each row its own controls
 nf4.py     NF4Linear, FusedNF4Linear, accelerate_linear4bit, prepare_layers, rope_tables
 """
 
@@ -25,6 +26,7 @@ from .nf4 import (
     restore_linear4bit,
     rope_tables,
 )
+from .sampler import BatchSampler, RowSampling, top_candidates
 from .step import DecodeStep, LeanStep, ModelStep, attention_delegate, lean_step
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "MANY_THREADS_ROWS",
     "RESCORE_K",
     "BatchDecodeStep",
+    "BatchSampler",
     "DecodeStep",
     "DecoderLayer",
     "LeanStep",
@@ -45,6 +48,7 @@ __all__ = [
     "QuantizedHead",
     "QuantizedLMHead",
     "RowAttentionMask",
+    "RowSampling",
     "SlotKVCache",
     "accelerate_linear4bit",
     "argmax_first",
@@ -62,4 +66,5 @@ __all__ = [
     "restore_linear4bit",
     "rope_tables",
     "single_threaded",
+    "top_candidates",
 ]

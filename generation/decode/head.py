@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import native_int8_kernel
-from ..sampling import BatchSampler, RowSampling, top_candidates
+from .sampler import BatchSampler, RowSampling, top_candidates
 from .lean import single_threaded
 
 __all__ = ["RESCORE_K", "QuantizedHead", "QuantizedLMHead", "argmax_first", "pick_tokens", "quantize_lm_head"]

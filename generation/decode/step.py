@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..model import LoadedModel
-from ..sampling import BatchSampler, RowSampling
+from .sampler import BatchSampler, RowSampling
 from .cache import SlotKVCache, attention_masks
 
 __all__ = ["DecodeStep", "LeanStep", "ModelStep", "attention_delegate", "lean_step"]
