@@ -43,6 +43,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _scratch_tmp(tmp_path_factory):
+    """Temporary files of this session, and of the apps, servers and browser it starts (their logs,
+    download folders, gradio's cache), under pytest's own temporary folder: pytest keeps the last
+    three sessions' and removes older ones, so runs leave nothing behind in the system's."""
+    import tempfile
+
+    scratch = str(tmp_path_factory.mktemp("tmp", numbered=False))
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = scratch
+    yield scratch
+    if before[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[0]
+    tempfile.tempdir = before[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _worker_threads():
     """A worker's torch on TORCH_NUM_THREADS (one, set above), however torch was imported first."""
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -5,11 +5,14 @@ reply is read, shared-link fields, a click between thumbnails, the download fold
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
-from apputil import assert_same_picture, plot_png
+from apputil import REPO, assert_same_picture, plot_png
 from gradio_client.exceptions import AppError
 
 pytestmark = pytest.mark.timeout(600)
@@ -240,6 +243,16 @@ def test_download_folders_are_per_call_and_swept():
     time.sleep(1.0)
     c = files.write({"y.svg": "<svg/>"})
     assert not os.path.exists(a[0]) and not os.path.exists(b[0]) and os.path.exists(c[0])
+
+
+def test_download_folders_go_when_the_process_ends(tmp_path):
+    code = "from ui.common import DownloadDir; print(DownloadDir().write({'x.csv': 'a,b'})[0])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = Path(done.stdout.strip().splitlines()[-1])
+    assert written.name == "x.csv" and written.is_relative_to(tmp_path)
+    assert not list(tmp_path.glob("attention-lab-downloads-*")), "the download folders outlived the process"
 
 
 @pytest.mark.torch_threads(2)

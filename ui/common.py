@@ -6,6 +6,7 @@ the groups are what keeps a chat from starving the Attention Lab.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import functools
 import inspect
@@ -505,7 +506,8 @@ def ready_button(path: str) -> Any:
 class DownloadDir:
     """Files for download buttons, in the system's temp dir: gradio serves files from there (it
     copies a returned path into its cache). Every call gets a folder of its own, so two users never
-    overwrite each other's files; folders older than `keep_s` are removed on later calls."""
+    overwrite each other's files; folders older than `keep_s` are removed on later calls, and the
+    whole root when the process exits."""
 
     def __init__(self, keep_s: float = 600.0) -> None:
         self.keep_s = keep_s
@@ -517,6 +519,7 @@ class DownloadDir:
         with self._lock:
             if self._root is None or not os.path.isdir(self._root):
                 self._root = tempfile.mkdtemp(prefix="attention-lab-downloads-", dir=tempfile.gettempdir())
+                atexit.register(shutil.rmtree, self._root, ignore_errors=True)
             root = self._root
             self._sweep(root)
         folder = tempfile.mkdtemp(dir=root)
