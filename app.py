@@ -8,6 +8,7 @@ the background and serves.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
 def main() -> int:
     """`python app.py`: start loading the model in the background and serve (blocks)."""
     limit_malloc_arenas()
+    # A stop request (SIGTERM: a Space restarting, a container stopping) ends the app as Ctrl+C
+    # does, through the `finally` below and exit handlers, not mid-write.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         settings = Settings.from_env()
     except ValueError as exc:
