@@ -87,9 +87,6 @@ def build_demo(settings: Settings | None = None, *, load_model_now: bool = False
 def main() -> int:
     """`python app.py`: start loading the model in the background and serve (blocks)."""
     limit_malloc_arenas()
-    # A stop request (SIGTERM: a Space restarting, a container stopping) ends the app as Ctrl+C
-    # does, through the `finally` below and exit handlers, not mid-write.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         settings = Settings.from_env()
     except ValueError as exc:
@@ -127,6 +124,9 @@ def main() -> int:
             print(f"Chat backend {remote.describe()}: {'reachable' if reason is None else reason}", flush=True)
 
         threading.Thread(target=report, name="check-chat-backend", daemon=True).start()
+    # From here a stop request (SIGTERM: a Space restarting, a container stopping) ends the app as
+    # Ctrl+C does, through the `finally` below and exit handlers, not mid-write.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         # The local chat engine's decode loop runs here, in the main thread, from the moment the
         # model has loaded (its small ops are cheapest here; see ChatEngine.run_here).
