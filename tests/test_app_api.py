@@ -459,7 +459,6 @@ def test_queue_polls_gently_in_this_gradio_version():
 
 def test_history_sent_to_the_model_alternates():
     import app
-    from ui.chat import ChatHandlers
     from ui.common import model_history
 
     history = [
@@ -475,7 +474,44 @@ def test_history_sent_to_the_model_alternates():
     ]
     chat = app.AppState.create().chat
     assert chat.retry(history[:3], None) == (history[:2], True)
-    assert ChatHandlers.undo(history[:3]) == (history[:1], "second")
+    assert chat.undo(history[:3], None) == (history[:1], "second")
+
+
+def test_undo_and_clear_stop_the_reply_before_they_change_the_chat():
+    """The stop is set when Undo or Clear returns the new chat, so the reply's worker sends no
+    update after it (a late one would bring the removed exchange back)."""
+    import app
+    from ui.common import session_key
+
+    chat = app.AppState.create().chat
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for press in (lambda: chat.undo(history, None), lambda: chat.clear(None)):
+        writing = chat.stops.begin(session_key(None))  # a reply is being written for this session
+        assert writing is not None and not writing.is_set()
+        press()
+        assert writing.is_set()
+    assert chat.clear(None) == ([], "")
+
+
+def test_a_stopped_reply_sends_no_update_after_the_stop(lm4):
+    """What Clear, Undo or Stop set ends the reply's updates at once: the chat they leave is the
+    last the page gets, however busy the server (the reply may still be mid-step)."""
+    from generation.settings import Settings
+    from ui.chat import ChatHandlers
+    from ui.common import ModelSlot, session_key
+
+    settings = Settings.from_env()
+    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
+    try:
+        history = [{"role": "user", "content": "Tell me a long story about a dragon."}]
+        assert chat.stops.begin(session_key(None)) is not None  # as Send registers the reply
+        turn = chat.bot_turn(True, history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
+        streamed, *_ = next(turn)
+        assert streamed[-1]["role"] == "assistant"
+        chat.clear(None)
+        assert list(turn) == []
+    finally:
+        chat.backend.close()
 
 
 def test_stop_registry_is_per_session():

@@ -354,6 +354,8 @@ class ChatHandlers:
             )
             try:
                 for text in throttled(gen, STREAM_INTERVAL_S):
+                    if stop.is_set():  # Stop, Undo or Clear own the chat now: not one more update
+                        break
                     history[reply_at:] = [{"role": "assistant", "content": text}]
                     yield history, gr.skip(), gr.skip(), gr.skip()
             finally:
@@ -412,9 +414,11 @@ class ChatHandlers:
             return history, False
         return history[:index] + [{"role": "user", "content": text}], True
 
-    @staticmethod
-    def undo(history: list[Any]) -> tuple[list[Any], Any]:
-        """Remove the last exchange and put the user's message back in the box."""
+    def undo(self, history: list[Any], request: gr.Request) -> tuple[list[Any], Any]:
+        """Undo: stop this session's reply, remove the last exchange and put the user's message back
+        in the box. The stop is set before the shorter chat is returned, so the reply being written
+        sends nothing after it (a late update would bring the undone exchange back)."""
+        self.stops.stop(session_key(request))
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
@@ -422,6 +426,12 @@ class ChatHandlers:
             return history, gr.skip()
         last = history.pop()
         return history, content_text(last.get("content") if isinstance(last, dict) else last.content)
+
+    def clear(self, request: gr.Request) -> tuple[list[Any], str]:
+        """Clear: stop this session's reply, then empty the chat and its stats line (in that order,
+        as for Undo)."""
+        self.stops.stop(session_key(request))
+        return [], ""
 
     def chat_api(
         self,
@@ -661,12 +671,11 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                           **lab_kw, **private).then(**bot)
     # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
     stop.click(state.stop, None, None, queue=False, cancels=[sent, retried, edited], **private)
-    # Undo and Clear cancel the reply too: set the stop event so its worker ends (and a reply
-    # cancelled while still queued does not leave this session marked as generating).
-    gr.on([undo.click, clear.click], state.stop, None, None, queue=False, **private)
+    # Undo and Clear cancel the reply too, and set its stop event themselves, before they change
+    # the chat: its worker ends, sends nothing after them, and a reply cancelled while still
+    # queued does not leave this session marked as generating.
     undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried, edited], **private)
-    clear.click(lambda: ([], ""), None, [chatbot, user_stats], queue=False, cancels=[sent, retried, edited],
-                **private)
+    clear.click(state.clear, None, [chatbot, user_stats], queue=False, cancels=[sent, retried, edited], **private)
     msg.change(state.preview, [msg], [tokens], queue=False, trigger_mode="always_last",
                show_progress="hidden", **private)
     # On page load too: the Markdown's initial value is frozen at build time ("Loading ...").
