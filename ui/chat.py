@@ -367,9 +367,11 @@ class ChatHandlers:
         finally:
             self.stops.done(key, stop)
         if stopped:
-            # Stop, Undo or Clear: those handlers own the chat now and cancel this event. A last
-            # update sent anyway could land after theirs (restoring a cleared chat, or counting a
-            # stopped reply as the next one), so a stopped reply ends with what it streamed.
+            # Stop, Undo or Clear: those handlers own the chat now and cancel this event. Gradio
+            # sends a generator's last values again when it ends, and that message can land after
+            # theirs if the cancel comes later (restoring a cleared chat, or counting a stopped
+            # reply as the next one): so the last values are "no change" for every output.
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         if reply_at == len(history) or not content_text(history[reply_at].get("content")).strip():
             # nothing visible (no token, or only spaces and newlines before the turn ended): say so
