@@ -50,15 +50,10 @@ def _scratch_tmp(tmp_path_factory):
     import tempfile
 
     scratch = str(tmp_path_factory.mktemp("tmp", numbered=False))
-    before = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"] = scratch
-    tempfile.tempdir = scratch
-    yield scratch
-    if before[0] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before[0]
-    tempfile.tempdir = before[1]
+    with pytest.MonkeyPatch.context() as mp:  # both put back at the end of the session
+        mp.setenv("TMPDIR", scratch)
+        mp.setattr(tempfile, "tempdir", scratch)
+        yield scratch
 
 
 @pytest.fixture(scope="session", autouse=True)
