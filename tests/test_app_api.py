@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -493,28 +494,59 @@ def test_undo_and_clear_stop_the_reply_before_they_change_the_chat():
     assert chat.clear(None) == ([], "")
 
 
-def test_a_stopped_reply_sends_no_update_after_the_stop(lm4):
-    """What Clear, Undo or Stop set ends the reply's updates at once: the chat they leave is the
-    last the page gets, however busy the server (the reply may still be mid-step)."""
+def test_clear_returns_only_once_the_stopped_reply_has_ended(lm4, monkeypatch):
+    """Clear stops the reply and empties the chat only once the reply has ended. The update the
+    reply yielded just before (gradio may still be sending it) is then on its way to the page
+    ahead of the empty chat, and after the stop the reply sends nothing but one "no change"."""
     import gradio as gr
 
+    import ui.chat
     from generation.settings import Settings
     from ui.chat import ChatHandlers
     from ui.common import ModelSlot, session_key
 
+    monkeypatch.setattr(ui.chat, "REPLY_END_WAIT_S", 600.0)  # no bound reached on a slow machine
     settings = Settings.from_env()
     chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
     try:
         history = [{"role": "user", "content": "Tell me a long story about a dragon."}]
-        assert chat.stops.begin(session_key(None)) is not None  # as Send registers the reply
+        writing = chat.stops.begin(session_key(None))  # as Send registers the reply
         turn = chat.bot_turn(True, history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
-        streamed, *_ = next(turn)
+        streamed, *_ = next(turn)  # the reply waits at its yield, as while gradio sends this update
         assert streamed[-1]["role"] == "assistant"
-        chat.clear(None)
-        # one last update that changes nothing (gradio sends a generator's last values again at its end)
+        cleared = []
+        clearing = threading.Thread(target=lambda: cleared.append(chat.clear(None)))
+        clearing.start()
+        assert writing.wait(60)  # Clear has set the stop ...
+        clearing.join(timeout=1.0)
+        assert clearing.is_alive() and not cleared, "Clear returned before the reply's last update was sent"
+        # ... and gradio takes the next value: one last update that changes nothing (gradio sends
+        # a generator's last values again at its end)
         assert list(turn) == [(gr.skip(),) * 4]
+        clearing.join(timeout=60)
+        assert cleared == [([], "")]
     finally:
         chat.backend.close()
+
+
+def test_stop_waits_for_a_streaming_reply_only():
+    from ui.chat import StopRegistry
+
+    reg = StopRegistry()
+    queued = reg.begin("alice")  # Send registered a reply that is still queued, not streaming
+    reg.stop("alice", wait_s=600)  # returns at once (a cancelled queued reply never ends by itself)
+    assert queued.is_set()
+    reg.stop("nobody", wait_s=600)  # nothing registered: at once too
+    with reg.streaming("bob") as stop:
+        stopping = threading.Thread(target=reg.stop, args=("bob",), kwargs={"wait_s": 600})
+        stopping.start()
+        assert stop.wait(60)
+        stopping.join(timeout=1.0)
+        assert stopping.is_alive()  # the reply is still streaming: Stop waits for its end
+    stopping.join(timeout=60)
+    assert not stopping.is_alive()
+    with reg.streaming("bob") as again:  # a new reply: a fresh stop event
+        assert again is not stop and not again.is_set()
 
 
 def test_stop_registry_is_per_session():

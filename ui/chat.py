@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,9 @@ CHARS_PER_TOKEN_LIMIT = 8
 # update costs the server a worker-thread hop, gradio's diff and an SSE message, and each browser
 # a re-render of the message. 30 users at once: rounds ~4% shorter than with every token sent.
 STREAM_INTERVAL_S = 0.1
+# Undo and Clear wait this long at most for the reply they stop to end (within one decode step,
+# as a rule), so that its last update reaches the page before their shorter chat, not after it.
+REPLY_END_WAIT_S = 10.0
 BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
 
 
@@ -153,7 +157,9 @@ class StopRegistry:
 
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
+        self._streaming: dict[str, threading.Event] = {}  # the stop event of the reply each session streams now
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
 
     def new(self, key: str) -> threading.Event:
         """Register a fresh stop event for `key` (replacing any) and return it."""
@@ -171,17 +177,28 @@ class StopRegistry:
             ev = self._events[key] = threading.Event()
         return ev
 
-    def current(self, key: str) -> threading.Event:
-        """The event `begin` registered for `key` (a fresh one if none), for the generation itself."""
+    @contextmanager
+    def streaming(self, key: str) -> Iterator[threading.Event]:
+        """The reply's own side: its stop event (the one `begin` registered, a fresh one if none),
+        marked as streaming until the block ends, however it ends (finished, stopped, or closed by
+        a cancel)."""
         with self._lock:
-            return self._events.setdefault(key, threading.Event())
+            ev = self._streaming[key] = self._events.setdefault(key, threading.Event())
+        try:
+            yield ev
+        finally:
+            self.done(key, ev)
 
-    def stop(self, key: str) -> None:
-        """Set `key`'s stop event: its generation halts at the next token."""
+    def stop(self, key: str, wait_s: float = 0.0) -> None:
+        """Set `key`'s stop event: its generation halts at the next token. With `wait_s`, also wait
+        (at most that long) until a reply that is streaming has ended: every update it yielded is
+        then already queued for the page, ahead of whatever the caller returns next."""
         with self._lock:
             ev = self._events.get(key)
-        if ev is not None:
+            if ev is None:
+                return
             ev.set()
+            self._ended.wait_for(lambda: self._streaming.get(key) is not ev, timeout=wait_s)
 
     def done(self, key: str, ev: threading.Event) -> None:
         """A generation ended: set its event and forget it (unless a newer one replaced it)."""
@@ -189,6 +206,9 @@ class StopRegistry:
         with self._lock:
             if self._events.get(key) is ev:
                 del self._events[key]
+            if self._streaming.get(key) is ev:
+                del self._streaming[key]
+            self._ended.notify_all()
 
 
 def backend_status(backend: BackendSlot, model: ModelSlot) -> str:
@@ -295,12 +315,9 @@ class ChatHandlers:
         this session's finished replies (the last update carries it, one up)."""
         if not go:
             return
-        key = session_key(request)
-        try:
+        with self.stops.streaming(session_key(request)) as stop:
             yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, min_new_tokens, key)
-        finally:
-            self.stops.done(key, self.stops.current(key))
+                                      repetition_penalty, seed, min_new_tokens, stop)
 
     def continue_turn(self, prefix: str, go: bool, history: list[Any], replies: int, system: str, max_new_tokens: float,
                       temperature: float, top_p: float, top_k: float, repetition_penalty: float, seed: Any,
@@ -309,18 +326,15 @@ class ChatHandlers:
         reply: its start, then another token than the model wrote); the history's last reply is replaced."""
         if not go:
             return
-        key = session_key(request)
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
-        try:
+        with self.stops.streaming(session_key(request)) as stop:
             yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, min_new_tokens, key, prefix=prefix or "")
-        finally:
-            self.stops.done(key, self.stops.current(key))
+                                      repetition_penalty, seed, min_new_tokens, stop, prefix=prefix or "")
 
     def _bot_turn(self, history, replies, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                  min_new_tokens, key: str, prefix: str = "") -> Iterator[tuple[Any, Any, Any]]:
+                  min_new_tokens, stop: threading.Event, prefix: str = "") -> Iterator[tuple[Any, Any, Any]]:
         if not history:
             return
         turns = model_history(history)
@@ -337,7 +351,6 @@ class ChatHandlers:
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Invalid sampling settings")
             return
-        stop = self.stops.current(key)  # registered by user_turn / retry; Stop sets it
         stats = ReplyStats()
         history = list(history)
         reply_at = len(history)
@@ -360,12 +373,10 @@ class ChatHandlers:
                     yield history, gr.skip(), gr.skip(), gr.skip()
             finally:
                 gen.close()  # ends the request within one decode step
-            stopped = stop.is_set()  # before done() below sets it
+            stopped = stop.is_set()
         except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the history
             gr.Warning(error_text(exc), title="No reply")
             return
-        finally:
-            self.stops.done(key, stop)
         if stopped:
             # Stop, Undo or Clear: those handlers own the chat now and cancel this event. Gradio
             # sends a generator's last values again when it ends, and that message can land after
@@ -418,9 +429,10 @@ class ChatHandlers:
 
     def undo(self, history: list[Any], request: gr.Request) -> tuple[list[Any], Any]:
         """Undo: stop this session's reply, remove the last exchange and put the user's message back
-        in the box. The stop is set before the shorter chat is returned, so the reply being written
-        sends nothing after it (a late update would bring the undone exchange back)."""
-        self.stops.stop(session_key(request))
+        in the box. The reply being written is stopped, and has ended, before the shorter chat is
+        returned: its last update reaches the page first (a later one would bring the undone
+        exchange back)."""
+        self.stops.stop(session_key(request), wait_s=REPLY_END_WAIT_S)
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
@@ -432,7 +444,7 @@ class ChatHandlers:
     def clear(self, request: gr.Request) -> tuple[list[Any], str]:
         """Clear: stop this session's reply, then empty the chat and its stats line (in that order,
         as for Undo)."""
-        self.stops.stop(session_key(request))
+        self.stops.stop(session_key(request), wait_s=REPLY_END_WAIT_S)
         return [], ""
 
     def chat_api(
@@ -673,8 +685,8 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                           **lab_kw, **private).then(**bot)
     # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
     stop.click(state.stop, None, None, queue=False, cancels=[sent, retried, edited], **private)
-    # Undo and Clear cancel the reply too, and set its stop event themselves, before they change
-    # the chat: its worker ends, sends nothing after them, and a reply cancelled while still
+    # Undo and Clear cancel the reply too, and stop it themselves and wait for its end before they
+    # change the chat: its worker sends nothing after them, and a reply cancelled while still
     # queued does not leave this session marked as generating.
     undo.click(state.undo, [chatbot], [chatbot, msg], queue=False, cancels=[sent, retried, edited], **private)
     clear.click(state.clear, None, [chatbot, user_stats], queue=False, cancels=[sent, retried, edited], **private)
