@@ -530,7 +530,7 @@ def test_clear_returns_only_once_the_stopped_reply_has_ended(lm4, monkeypatch):
 
 
 def test_stop_waits_for_a_streaming_reply_only():
-    from ui.chat import StopRegistry
+    from ui.stops import StopRegistry
 
     reg = StopRegistry()
     queued = reg.begin("alice")  # Send registered a reply that is still queued, not streaming
@@ -550,7 +550,7 @@ def test_stop_waits_for_a_streaming_reply_only():
 
 
 def test_stop_registry_is_per_session():
-    from ui.chat import StopRegistry
+    from ui.stops import StopRegistry
 
     reg = StopRegistry()
     a, b = reg.new("alice"), reg.new("bob")
