@@ -458,6 +458,27 @@ def test_queue_polls_gently_in_this_gradio_version():
     assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == QUEUE_ANALYTICS_EVERY
 
 
+def test_a_view_drawn_from_widgets_is_drawn_again_for_a_change_made_while_it_draws():
+    """Gradio drops a trigger that comes while the same event is still running ("once", its default
+    for most events). A picture drawn from sliders, lists or clicks must instead be drawn once more
+    after it ("always_last"), or it stays at the earlier setting, and so must what is chained to
+    it. Buttons that start a reply or a run keep "once": a double click is not two requests."""
+    import app
+
+    config = app.build_demo().get_config_file()
+    deps = {d["id"]: d for d in config["dependencies"]}
+    redraws = [d for d in deps.values() if any(event in ("input", "release", "select", "change")
+                                                for _, event in d["targets"])]
+    assert len(redraws) >= 20  # every view's sliders, lists and clickable pictures
+    chained = [d for d in deps.values() if d["trigger_after"] in {r["id"] for r in redraws}]
+    assert len(chained) >= 2  # the lab's step view after its heatmaps, the tokens view after a branch switch
+    assert {d["api_name"]: d["trigger_mode"] for d in redraws + chained} == \
+        {d["api_name"]: "always_last" for d in redraws + chained}
+    sends = [d for d in deps.values() if any(event == "click" for _, event in d["targets"]) and d["api_name"]
+             in ("user_turn", "retry", "read", "check")]
+    assert sends and {d["trigger_mode"] for d in sends} == {"once"}
+
+
 def test_history_sent_to_the_model_alternates():
     import app
     from ui.common import model_history

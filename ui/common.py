@@ -47,6 +47,10 @@ INSPECT_CONCURRENCY = 2
 LAB_EVENTS = dict(concurrency_id=LAB_GROUP, concurrency_limit=LAB_CONCURRENCY)
 INSPECT_EVENTS = dict(concurrency_id=INSPECT_GROUP, concurrency_limit=INSPECT_CONCURRENCY)
 PRIVATE = dict(api_visibility="private")
+# Events that draw a view from the widgets' values. A trigger while the last drawing is still
+# running is run after it: gradio's default for most events drops it, which leaves a picture that
+# no longer matches the widgets (a student moves a second slider while a busy server draws the first).
+REDRAW = dict(trigger_mode="always_last")
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",

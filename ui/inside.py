@@ -23,6 +23,7 @@ from .common import (
     API_TEXT_CHARS,
     INSPECT_EVENTS,
     PRIVATE,
+    REDRAW,
     ModelSlot,
     PlotPayload,
     as_bool,
@@ -313,7 +314,7 @@ class InsideView:
         colourblind = self.lens.colourblind
         show = dict(fn=state.inspect_update,
                     inputs=[self.text, self.layer, self.head, self.hide_special, chatbot, colourblind],
-                    outputs=[self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **PRIVATE)
+                    outputs=[self.grid, self.big, self.notes, self.head], **INSPECT_EVENTS, **REDRAW, **PRIVATE)
         self.files_btn.click(state.inspect_files,
                              [self.text, self.layer, self.head, self.hide_special, chatbot, colourblind],
                              [self.files], **INSPECT_EVENTS, **PRIVATE)

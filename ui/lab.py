@@ -22,6 +22,7 @@ from .common import (
     API_TEXT_CHARS,
     LAB_EVENTS,
     PRIVATE,
+    REDRAW,
     DownloadDir,
     PlotPayload,
     as_bool,
@@ -406,15 +407,15 @@ def build_lab(demo: gr.Blocks, handlers: LabHandlers | None = None, colourblind:
     lab_kw = LAB_EVENTS
     lab_inputs = [text, emb_dim, n_heads, n_kv_heads, dropout, seed, causal, multi_head]
     redraw = dict(fn=state.lab_update, inputs=[*lab_inputs, head, palette],
-                  outputs=[heatmaps, trace, lab_msg, head, lab_result], show_progress="minimal", **lab_kw)
+                  outputs=[heatmaps, trace, lab_msg, head, lab_result], show_progress="minimal", **lab_kw, **REDRAW)
     explain = dict(fn=state.steps_update, inputs=[lab_result, head, palette], outputs=[steps], show_progress="minimal",
-                   api_visibility="private", **lab_kw)
+                   api_visibility="private", **lab_kw, **REDRAW)
     gr.on([text.submit, dropout.release, seed.release, n_kv_heads.release, causal.input,
            multi_head.input, n_heads.input, *([colourblind.input] if colourblind is not None else [])],
           **redraw, **PRIVATE).then(**explain)
     # Handlers that may call gr.Warning go through the queue: toasts travel on its event stream.
     emb_dim.release(state.head_choices, [emb_dim, n_heads], [n_heads], show_progress="hidden",
-                    api_visibility="private", **lab_kw).then(**redraw, api_visibility="private").then(**explain)
+                    api_visibility="private", **lab_kw, **REDRAW).then(**redraw, api_visibility="private").then(**explain)
     head.release(**explain)
     files_btn.click(state.lab_files, [*lab_inputs, head, palette], [files], show_progress="minimal", **lab_kw, **PRIVATE)
     # A shared link's setup first, then the first drawing with it.

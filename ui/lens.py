@@ -45,6 +45,7 @@ from .common import (
     API_TEXT_CHARS,
     INSPECT_EVENTS,
     PRIVATE,
+    REDRAW,
     DownloadDir,
     ModelSlot,
     PlotPayload,
@@ -396,10 +397,11 @@ def _build_logit_lens(state: LensHandlers, text: gr.Textbox, colourblind: gr.Che
     lens_state, layout = gr.State(None), gr.State(None)
     draw = [grid, layout, heading, table, layer, pos, *dls]
     outputs = [lens_state, summary, *draw]
-    gr.on([run.click, text.submit], state.lens_update, [text, colourblind], outputs, **INSPECT_EVENTS, **PRIVATE)
+    gr.on([run.click, text.submit], state.lens_update, [text, colourblind], outputs, **INSPECT_EVENTS, **REDRAW,
+          **PRIVATE)
     gr.on([layer.release, pos.release, colourblind.input], state.lens_pick, [lens_state, layer, pos, colourblind],
-          draw, **INSPECT_EVENTS, **PRIVATE)
-    grid.select(state.lens_select, [lens_state, layout, colourblind], draw, **INSPECT_EVENTS, **PRIVATE)
+          draw, **INSPECT_EVENTS, **REDRAW, **PRIVATE)
+    grid.select(state.lens_select, [lens_state, layout, colourblind], draw, **INSPECT_EVENTS, **REDRAW, **PRIVATE)
     gr.api(typed_api(state.logit_lens_api), api_name="logit_lens", **INSPECT_EVENTS)
     return [text, colourblind], outputs
 

@@ -19,7 +19,7 @@ import gradio as gr
 from attention.plot import csv_cell
 from generation.inside import LESSONS, FullPrecisionCache, Lesson, Reveal, get_lesson, run_step
 
-from .common import INSPECT_EVENTS, PRIVATE, DownloadDir, ModelSlot, as_int, as_text, download_buttons, error_text
+from .common import INSPECT_EVENTS, PRIVATE, REDRAW, DownloadDir, ModelSlot, as_int, as_text, download_buttons, error_text
 from .common import quote, ready_button, typed_api
 
 LESSONS_HELP = """
@@ -186,7 +186,7 @@ def build_lessons(demo: gr.Blocks, handlers: LessonsHandlers) -> LessonsView:
     progress = gr.State(first)
 
     step_widgets = [head, question, choice, reveal, evidence, table_csv, check, nxt, progress, score]
-    pick.input(handlers.pick, [pick, progress], step_widgets, queue=False, **PRIVATE)
+    pick.input(handlers.pick, [pick, progress], step_widgets, queue=False, **REDRAW, **PRIVATE)
     check.click(handlers.check, [progress, choice], [reveal, evidence, table_csv, choice, check, nxt, progress, score],
                 **INSPECT_EVENTS, **PRIVATE)
     nxt.click(handlers.next_step, [progress], [pick, *step_widgets], queue=False, **PRIVATE)

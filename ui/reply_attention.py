@@ -23,6 +23,7 @@ from generation.inside import REPLY_MAX_TOKENS, ReplyAttention, reply_attention
 from .common import (
     INSPECT_EVENTS,
     PRIVATE,
+    REDRAW,
     DownloadDir,
     ModelSlot,
     as_int,
@@ -222,8 +223,8 @@ def build_reply_attention(state: ReplyAttentionHandlers, colourblind: gr.Checkbo
     read_state = gr.State(None)
     outputs = [read_state, token, marked, strip, notes, head, *dls]
     show = [read_state, token, head, hide, colourblind]
-    gr.on([token.input, head.input, hide.input, colourblind.input], state.show, show, outputs, **INSPECT_EVENTS, **PRIVATE)
-    marked.select(state.select, [read_state, head, hide, colourblind], outputs, **INSPECT_EVENTS, **PRIVATE)
-    gr.on([layer.release, mode.input], state.reread, [read_state, layer, head, mode, hide, colourblind], outputs,
-          **INSPECT_EVENTS, **PRIVATE)
+    redraw = dict(outputs=outputs, **INSPECT_EVENTS, **REDRAW, **PRIVATE)
+    gr.on([token.input, head.input, hide.input, colourblind.input], state.show, show, **redraw)
+    marked.select(state.select, [read_state, head, hide, colourblind], **redraw)
+    gr.on([layer.release, mode.input], state.reread, [read_state, layer, head, mode, hide, colourblind], **redraw)
     return dict(button=read, inputs=[layer, head, mode, hide, colourblind], outputs=outputs, sliders=[layer])

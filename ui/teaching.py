@@ -52,6 +52,7 @@ from .common import (
     API_TEXT_CHARS,
     INSPECT_EVENTS,
     PRIVATE,
+    REDRAW,
     DownloadDir,
     ModelSlot,
     PlotPayload,
@@ -409,7 +410,7 @@ class TeachingView:
                                **INSPECT_EVENTS, **PRIVATE)
         for chain in replies:  # a new reply is read at once by users who have read one before
             chain.then(state.writing.follow, [self.following, *read_in], [*self.writing_outputs, self.following],
-                       show_progress="hidden", **INSPECT_EVENTS, **PRIVATE)
+                       show_progress="hidden", **INSPECT_EVENTS, **REDRAW, **PRIVATE)
         shared_mv, shared_ab = gr.State(False), gr.State(False)
         loaded = self.demo.load(state.apply_setup, None,
                                 [*self.inputs, self.mv_accordion, self.ablate_accordion, shared_mv, shared_ab],
@@ -453,10 +454,11 @@ def _build_model_view(state: TeachingHandlers, colourblind: gr.Checkbox) -> dict
     draw = [grid, big, big_summary, notes, cells, layer, head, grid_dl[0], grid_dl[1], *big_dl]
     outputs = [mv_state, *draw]
     gr.on([show.click, text.submit, hide.input, colourblind.input], state.model_view_update, inputs, outputs,
-          **INSPECT_EVENTS, **PRIVATE)
-    grid.select(state.model_view_select, [mv_state, cells, scale, colourblind], draw, **INSPECT_EVENTS, **PRIVATE)
+          **INSPECT_EVENTS, **REDRAW, **PRIVATE)
+    grid.select(state.model_view_select, [mv_state, cells, scale, colourblind], draw, **INSPECT_EVENTS, **REDRAW,
+                **PRIVATE)
     gr.on([layer.release, head.release, scale.input], state.model_view_pick, [mv_state, scale, layer, head, colourblind], draw,
-          **INSPECT_EVENTS, **PRIVATE)
+          **INSPECT_EVENTS, **REDRAW, **PRIVATE)
     # The API takes plain typed values with defaults and checks them itself (widgets would check
     # API input against their build-time bounds first, with no message).
     gr.api(typed_api(state.model_view_api), api_name="model_view", **INSPECT_EVENTS)
@@ -501,11 +503,10 @@ def _build_ablation(state: TeachingHandlers) -> dict[str, Any]:
             gr.Markdown(ABLATE_READ)
     inputs = [prompt, heads, new_tokens]
     outputs = [summary, plain, off, plain_cont, off_cont]
-    gr.on([run.click, prompt.submit, heads.submit], state.ablate_update, inputs, outputs, **INSPECT_EVENTS, **PRIVATE)
-    layer_btn.click(state.preset_layer, [p_layer], [heads], queue=False, **PRIVATE).then(
-        state.ablate_update, inputs, outputs, **INSPECT_EVENTS, **PRIVATE)
-    head_btn.click(state.preset_head, [p_head], [heads], queue=False, **PRIVATE).then(
-        state.ablate_update, inputs, outputs, **INSPECT_EVENTS, **PRIVATE)
+    ablate = dict(fn=state.ablate_update, inputs=inputs, outputs=outputs, **INSPECT_EVENTS, **REDRAW, **PRIVATE)
+    gr.on([run.click, prompt.submit, heads.submit], **ablate)
+    layer_btn.click(state.preset_layer, [p_layer], [heads], queue=False, **PRIVATE).then(**ablate)
+    head_btn.click(state.preset_head, [p_head], [heads], queue=False, **PRIVATE).then(**ablate)
     gr.api(typed_api(state.ablate_api), api_name="ablate", **INSPECT_EVENTS)
     return dict(prompt=prompt, heads=heads, inputs=inputs, outputs=outputs, sliders=[p_layer, p_head])
 

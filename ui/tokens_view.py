@@ -25,7 +25,7 @@ from generation import build_prompt
 from generation.inside import ReplyTokens, next_token_candidates, reply_token_probs
 
 from .chat import BUSY_MESSAGE, UI_NAMES, ChatHandlers, ChatView, next_token_table, sampling_params
-from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, DownloadDir, as_text, content_text
+from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, REDRAW, DownloadDir, as_text, content_text
 from .common import download_buttons, error_text, message_role, model_history, pct, ready_button, session_key, typed_api
 
 ALTERNATIVES = 10
@@ -243,12 +243,12 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
     temperature, top_p, top_k, rep = chat.sampling[2], chat.sampling[3], chat.sampling[4], chat.sampling[5]
     refresh = dict(fn=state.refresh, inputs=[on, chatbot, system, branches, colourblind],
                    outputs=[tokens, rt, notes, csv_file, branches, radio],
-                   show_progress="minimal", **INSPECT_EVENTS, **PRIVATE)
+                   show_progress="minimal", **INSPECT_EVENTS, **REDRAW, **PRIVATE)
     gr.on([on.change, colourblind.input], **refresh)
     for chain in chat.replies:
         chain.then(**refresh)
     tokens.select(state.pick, [rt, temperature, top_p, top_k, rep], [table, head, choice, picked],
-                  **INSPECT_EVENTS, **PRIVATE)
+                  **INSPECT_EVENTS, **REDRAW, **PRIVATE)
     branched = go_branch.click(state.branch_start, [rt, picked, choice, chatbot, branches],
                                [chatbot, prefix, chat.bot["inputs"][0], branches], show_progress="hidden",
                                **LAB_EVENTS, **PRIVATE)
@@ -257,6 +257,6 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
     branched.then(state.branch_done, [chat.bot["inputs"][0], chatbot, branches], [branches, radio], queue=False, **PRIVATE).then(**refresh)
     gr.on([b.click for b in chat.stoppers], None, None, None, queue=False, cancels=[branched], **PRIVATE)
     radio.input(state.branch_switch, [radio, chatbot, branches], [chatbot, branches], queue=False,
-                **PRIVATE).then(**refresh)
+                **REDRAW, **PRIVATE).then(**refresh)
     gr.api(typed_api(state.reply_tokens_api), api_name="reply_tokens", **INSPECT_EVENTS)
 
