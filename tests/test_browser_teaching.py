@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from apputil import open_app, send_chat, set_number, wait_changed
-from apputil import wait_reply_done
+from apputil import wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -166,12 +166,17 @@ def test_reply_tokens_show_what_they_looked_at(page):
     # The list is the other way to choose; one head instead of the average.
     before = src(page, "#writing-strip img")
     token_box.click()
-    page.get_by_role("option").nth(2).click()  # the third reply token, from the list
-    wait_changed(lambda: src(page, "#writing-strip img"), before)
+    third = page.get_by_role("option").nth(2)  # the third reply token, from the list
+    label = third.inner_text().strip()
+    third.click()
+    wait_until(lambda: (token_box.input_value(), src(page, "#writing-strip img")),
+               lambda now: now[0] == label and now[1] != before)
     before = src(page, "#writing-strip img")
     page.locator("#writing-head input").click()
     page.get_by_role("option", name="head 2").click()
-    wait_changed(lambda: src(page, "#writing-strip img"), before)
+    wait_until(lambda: (token_box.input_value(), page.locator("#writing-notes").inner_text()),
+               lambda now: now[0] == label and "(writing it, head 2)" in now[1])
+    assert src(page, "#writing-strip img") != before
 
     name, data = download(page, "writing-png")
     assert name.startswith("reply_attention_layer5_pos") and data.startswith(b"\x89PNG\r\n\x1a\n")

@@ -154,8 +154,33 @@ def test_handlers_warn_while_the_model_is_not_there():
         assert all(_is_skip(v) for v in h.writing.show(None, 0, -1, True))
         assert all(_is_skip(v) for v in h.writing.reread(None, 5, -1, "writing", True))
         assert all(_is_skip(v) for v in h.model_view_pick(None, "each", 5, 0))
-        assert all(_is_skip(v) for v in h.writing.follow(True, history, "", 5, -1, "writing", True))
+        assert all(_is_skip(v) for v in h.writing.follow(True, None, history, "", 5, -1, "writing", True))
         assert all(_is_skip(v) for v in h.fit_sliders())
+
+
+@pytest.mark.slow
+def test_a_new_reply_is_followed_and_the_one_shown_is_left_as_the_user_left_it(lm4):
+    """After a chat reply, a user who reads replies gets the new one read at once; the end of the
+    reply already shown (it can reach the page after the user has chosen another token) changes
+    nothing."""
+    from generation.settings import Settings
+    from ui.common import ModelSlot
+    from ui.teaching import TeachingHandlers
+
+    settings = Settings.from_env()
+    h = TeachingHandlers(settings, ModelSlot(settings, lm=lm4)).writing
+    history = [{"role": "user", "content": "What is the capital of France?"},
+               {"role": "assistant", "content": "The capital of France is Paris."}]
+    shown, *_, following = h.read(history, "", 5, -1, "writing", True)
+    assert following is True and shown.r == 0
+    h.show(shown, 2, 1, True)  # the user chose the third token, head 1
+    assert shown.r == 2
+    assert all(_is_skip(v) for v in h.follow(True, shown, history, "", 5, -1, "writing", True))
+    assert all(_is_skip(v) for v in h.follow(False, None, history, "", 5, -1, "writing", True))  # never read
+    newer = history + [{"role": "user", "content": "And of Italy?"},
+                       {"role": "assistant", "content": "The capital of Italy is Rome."}]
+    read, *_, following = h.follow(True, shown, newer, "", 5, -1, "writing", True)
+    assert read.reply == "The capital of Italy is Rome." and read.r == 0 and following is True
 
 
 def test_last_reply_is_the_last_answered_turn_with_the_turns_before_it():

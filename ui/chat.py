@@ -256,9 +256,10 @@ class ChatHandlers:
         this session's finished replies (the last update carries it, one up)."""
         if not go:
             return
-        with self.stops.streaming(session_key(request)) as stop:
+        key = session_key(request)
+        with self.stops.streaming(key) as stop:
             yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, min_new_tokens, stop)
+                                      repetition_penalty, seed, min_new_tokens, key, stop)
 
     def continue_turn(self, prefix: str, go: bool, history: list[Any], replies: int, system: str, max_new_tokens: float,
                       temperature: float, top_p: float, top_k: float, repetition_penalty: float, seed: Any,
@@ -270,12 +271,13 @@ class ChatHandlers:
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
-        with self.stops.streaming(session_key(request)) as stop:
+        key = session_key(request)
+        with self.stops.streaming(key) as stop:
             yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, min_new_tokens, stop, prefix=prefix or "")
+                                      repetition_penalty, seed, min_new_tokens, key, stop, prefix=prefix or "")
 
     def _bot_turn(self, history, replies, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                  min_new_tokens, stop: threading.Event, prefix: str = "") -> Iterator[tuple[Any, Any, Any]]:
+                  min_new_tokens, key: str, stop: threading.Event, prefix: str = "") -> Iterator[tuple[Any, Any, Any]]:
         if not history:
             return
         turns = model_history(history)
@@ -318,6 +320,9 @@ class ChatHandlers:
         except (ValueError, RuntimeError) as exc:  # bad input / generation failed: say so, keep the history
             gr.Warning(error_text(exc), title="No reply")
             return
+        finally:
+            # the reply has ended: before its last update, so that a Send right after it is not refused
+            self.stops.done(key, stop)
         if stopped:
             # Stop, Undo or Clear: those handlers own the chat now and cancel this event. Gradio
             # sends a generator's last values again when it ends, and that message can land after

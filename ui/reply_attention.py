@@ -159,10 +159,20 @@ class ReplyAttentionHandlers:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 10
 
-    def follow(self, following: bool, history: list[Any], system: str, layer: Any, head: Any, mode: str,
-               hide_special: bool, colourblind: bool = False) -> tuple:
-        """After a chat reply: read it at once if this user has read replies before (else nothing)."""
+    def follow(self, following: bool, shown: ReadReply | None, history: list[Any], system: str, layer: Any,
+               head: Any, mode: str, hide_special: bool, colourblind: bool = False) -> tuple:
+        """After a chat reply: read it at once if this user has read replies before (else nothing).
+        A reply already shown stays as the user left it (its token and head): a reply's end can
+        reach the page after the user has read it and chosen another token."""
         if not following or not self.model.ready:
+            return (gr.skip(),) * 10
+        try:
+            user, earlier, reply = last_reply(history)
+            prompt = build_prompt(self.model.lm.tokenizer, user, earlier, system=(system or "").strip() or None,
+                                  max_input_tokens=self.settings.max_input_tokens)
+        except ValueError:
+            return (gr.skip(),) * 10
+        if shown is not None and shown.reply == reply and shown.prompt.text == prompt.text:
             return (gr.skip(),) * 10
         return self.read(history, system, layer, head, mode, hide_special, colourblind)
 

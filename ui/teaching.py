@@ -409,7 +409,8 @@ class TeachingView:
         self.writing_btn.click(state.writing.read, read_in, [*self.writing_outputs, self.following],
                                **INSPECT_EVENTS, **PRIVATE)
         for chain in replies:  # a new reply is read at once by users who have read one before
-            chain.then(state.writing.follow, [self.following, *read_in], [*self.writing_outputs, self.following],
+            chain.then(state.writing.follow, [self.following, self.writing_outputs[0], *read_in],
+                       [*self.writing_outputs, self.following],
                        show_progress="hidden", **INSPECT_EVENTS, **REDRAW, **PRIVATE)
         shared_mv, shared_ab = gr.State(False), gr.State(False)
         loaded = self.demo.load(state.apply_setup, None,
