@@ -142,19 +142,26 @@ class ReplyAttentionHandlers:
                 gr.Dropdown(choices=head_choices, value=AVERAGE if head is None else head),
                 *(ready_button(p) for p in paths))
 
+    def _source(self, history: list[Any], system: str) -> tuple[Prompt, str]:
+        """The chat's last reply and the prompt it was written under (ValueError if there is none)."""
+        user, earlier, reply = last_reply(history)
+        prompt = build_prompt(self.model.require().tokenizer, user, earlier, system=(system or "").strip() or None,
+                              max_input_tokens=self.settings.max_input_tokens)
+        return prompt, reply
+
+    def _read_reply(self, prompt: Prompt, reply: str, layer: Any, head: Any, mode: str, hide_special: bool,
+                    colourblind: bool) -> tuple:
+        ra = self._read(prompt, reply, layer, mode)
+        read = ReadReply(prompt=prompt, reply=reply, ra=ra, remote=self.settings.chat_backend_url is not None)
+        return (*self._outputs(read, 0, head, hide_special, colourblind), True)
+
     def read(self, history: list[Any], system: str, layer: Any, head: Any, mode: str,
              hide_special: bool, colourblind: bool = False) -> tuple:
         """UI: read the chat's last reply (one forward over its prompt + reply) and show its first token.
 
         Outputs: (state, token list, clickable reply, strip, notes, head choices, 3 downloads, following)."""
         try:
-            lm = self.model.require()
-            user, earlier, reply = last_reply(history)
-            prompt = build_prompt(lm.tokenizer, user, earlier, system=(system or "").strip() or None,
-                                  max_input_tokens=self.settings.max_input_tokens)
-            ra = self._read(prompt, reply, layer, mode)
-            read = ReadReply(prompt=prompt, reply=reply, ra=ra, remote=self.settings.chat_backend_url is not None)
-            return (*self._outputs(read, 0, head, hide_special, colourblind), True)
+            return self._read_reply(*self._source(history, system), layer, head, mode, hide_special, colourblind)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 10
@@ -167,14 +174,16 @@ class ReplyAttentionHandlers:
         if not following or not self.model.ready:
             return (gr.skip(),) * 10
         try:
-            user, earlier, reply = last_reply(history)
-            prompt = build_prompt(self.model.lm.tokenizer, user, earlier, system=(system or "").strip() or None,
-                                  max_input_tokens=self.settings.max_input_tokens)
-        except ValueError:
+            prompt, reply = self._source(history, system)
+        except (ValueError, gr.Error):
             return (gr.skip(),) * 10
         if shown is not None and shown.reply == reply and shown.prompt.text == prompt.text:
             return (gr.skip(),) * 10
-        return self.read(history, system, layer, head, mode, hide_special, colourblind)
+        try:
+            return self._read_reply(prompt, reply, layer, head, mode, hide_special, colourblind)
+        except (ValueError, gr.Error) as exc:
+            gr.Warning(error_text(exc), title="What did it look at?")
+            return (gr.skip(),) * 10
 
     def reread(self, read: ReadReply | None, layer: Any, head: Any, mode: str, hide_special: bool,
                colourblind: bool = False) -> tuple:
