@@ -8,7 +8,6 @@ model loads only when an inside-the-model view asks for it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 
 import pytest
@@ -96,35 +95,42 @@ def test_the_api_key_is_never_shown(client, remote_app):
     assert SECRET not in remote_app.log()
 
 
-def test_wrong_key_and_dead_server_are_clear_messages_and_the_app_keeps_serving(proxy, openai_server):  # noqa: F811
+def test_a_wrong_key_is_a_clear_message_in_the_chat_and_the_status(proxy, caplog, capfd):
+    """The app's own handlers (what /chat and the page call), in-process, with a key the server
+    refuses: a gr.Error and a status that say so, and the key nowhere in what the app prints."""
+    import gradio as gr
+
+    import app
+    from generation.settings import Settings
+
+    state = app.AppState.create(Settings(chat_backend_url=proxy.url, chat_backend_api_key="sk-wrong-key-000"))
+    with pytest.raises(gr.Error, match="refused the API key") as err:
+        list(state.chat.chat_api(QUESTION, max_new_tokens=4, temperature=0.0))
+    st = state.chat.model_status_api()
+    assert st["ready"] is False and "refused the API key" in st["error"]
+    printed = capfd.readouterr()
+    for text in (str(err.value), str(st), caplog.text, printed.out, printed.err):
+        assert "sk-wrong-key-000" not in text
+
+
+def test_a_dead_server_is_a_clear_message_and_the_app_keeps_serving(openai_server):  # noqa: F811
     # A server that dies mid-reply: the proxy forwards a few events, then the kernel closes its socket.
     dying = start_proxy(openai_server.root, api_key=SECRET, model=openai_server.model, after_events=3, then="end")
-    # Both apps start at once: a start is mostly one core's imports.
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        starting = [pool.submit(start_app, {"CHAT_BACKEND_URL": url, "CHAT_BACKEND_API_KEY": key}, wait_model=False)
-                    for url, key in ((proxy.url, "sk-wrong-key-000"), (dying.url, SECRET))]
-        concurrent.futures.wait(starting)
-    apps = [f.result() for f in starting if f.exception() is None]
     try:
-        wrong, app = (f.result() for f in starting)
-        c = Client(wrong.url, verbose=False)
-        with pytest.raises(AppError, match="refused the API key"):
-            c.predict(QUESTION, max_new_tokens=4, temperature=0.0, api_name="/chat")
-        assert "sk-wrong-key-000" not in wrong.log()
-        assert status(c)["ready"] is False and "refused the API key" in status(c)["error"]
-        wrong.stop()
-        c = Client(app.url, verbose=False)
-        with pytest.raises(AppError, match="before the reply was finished|closed the connection|ended"):
-            c.predict("Tell me a long story about a dragon.", max_new_tokens=40, temperature=0.0, api_name="/chat")
-        dying.kill()
-        with pytest.raises(AppError, match="unreachable"):
-            c.predict(QUESTION, max_new_tokens=4, temperature=0.0, api_name="/chat")
-        # the app itself is fine: the lab answers, the status says why the chat cannot
-        assert c.predict(api_name="/attention")["type"] == "matplotlib"
-        wait_for(lambda: "unreachable" in (status(c)["error"] or ""), 20, "the status to say unreachable")
+        app = start_app({"CHAT_BACKEND_URL": dying.url, "CHAT_BACKEND_API_KEY": SECRET}, wait_model=False)
+        try:
+            c = Client(app.url, verbose=False)
+            with pytest.raises(AppError, match="before the reply was finished|closed the connection|ended"):
+                c.predict("Tell me a long story about a dragon.", max_new_tokens=40, temperature=0.0, api_name="/chat")
+            dying.kill()
+            with pytest.raises(AppError, match="unreachable"):
+                c.predict(QUESTION, max_new_tokens=4, temperature=0.0, api_name="/chat")
+            # the app itself is fine: the lab answers, the status says why the chat cannot
+            assert c.predict(api_name="/attention")["type"] == "matplotlib"
+            wait_for(lambda: "unreachable" in (status(c)["error"] or ""), 20, "the status to say unreachable")
+        finally:
+            app.stop()
     finally:
-        for server in apps:
-            server.stop()
         dying.stop()
 
 
