@@ -584,11 +584,11 @@ def test_stop_registry_is_per_session():
     from ui.stops import StopRegistry
 
     reg = StopRegistry()
-    a, b = reg.new("alice"), reg.new("bob")
+    a, b = reg.begin("alice"), reg.begin("bob")
     reg.stop("alice")
     assert a.is_set() and not b.is_set()
     reg.done("bob", b)  # a finished generation's event is set and forgotten
     assert b.is_set()
-    c = reg.new("bob")
+    c = reg.begin("bob")
     reg.stop("carol")  # someone else's Stop never reaches bob
     assert not c.is_set()

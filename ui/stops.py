@@ -17,13 +17,6 @@ class StopRegistry:
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
 
-    def new(self, key: str) -> threading.Event:
-        """Register a fresh stop event for `key` (replacing any) and return it."""
-        ev = threading.Event()
-        with self._lock:
-            self._events[key] = ev
-        return ev
-
     def begin(self, key: str) -> threading.Event | None:
         """Register a generation for `key`; None while one is still live there (registered, not stopped)."""
         with self._lock:
