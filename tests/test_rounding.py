@@ -155,6 +155,87 @@ def test_refuses_shapes_the_format_cannot_hold():
         GptqConfig(rounds=0)
 
 
+# --- the norm weights, tuned end to end after the rounding ------------------------------------------
+
+
+@pytest.mark.parametrize("v,d,p", [(40, 8, 1), (97, 16, 3)])
+def test_fisher_metric_is_the_kl_s_second_derivative(v, d, p):
+    """With every token kept, the metric is the Hessian of KL(p(h) || p(h')) in h' at h' = h."""
+    from generation.rounding import fisher_metric
+
+    g = torch.Generator().manual_seed(v)
+    e = torch.randn(v, d, generator=g, dtype=torch.float64)
+    hidden = torch.randn(p, d, generator=g, dtype=torch.float64)
+
+    def kl(h0: torch.Tensor, h1: torch.Tensor) -> torch.Tensor:
+        ref = (e @ h0).log_softmax(-1)
+        return (ref.exp() * (ref - (e @ h1).log_softmax(-1))).sum()
+
+    want = sum(torch.autograd.functional.hessian(lambda h1, h0=h0: kl(h0, h1), h0) for h0 in hidden) / p
+    torch.testing.assert_close(fisher_metric(e, hidden, top_k=v).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def tiny_gemma(seed: int = 0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                              max_position_embeddings=64)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def next_token_kl(full, other, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        ref = full(input_ids=ids).logits.double().log_softmax(-1)
+        got = other(input_ids=ids).logits.double().log_softmax(-1)
+    return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tuned_norms_take_back_what_wrong_norms_cost(seed):
+    """Where only the norms are off, tuning them on some rows brings the next-token distributions of
+    other rows most of the way back, and nothing but the norm weights changes."""
+    import copy
+
+    from generation.rounding import NormTuning, final_hidden, norm_modules, tune_norms
+
+    full = tiny_gemma(seed)
+    off = copy.deepcopy(full)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in norm_modules(off).values():
+            mod.weight.add_(torch.randn(mod.weight.shape, generator=g) * 0.3)
+    before = {k: v.clone() for k, v in off.state_dict().items()}
+    ids = torch.randint(0, 96, (16, 24), generator=g)
+    train, held_out = ids[:8], ids[8:]
+    kl_before = next_token_kl(full, off, held_out)
+    tuned = tune_norms(off, train, final_hidden(full, train),
+                       NormTuning(steps=40, rows=4, lr=2e-2, metric_positions=64, top_k=96, seed=seed))
+    assert next_token_kl(full, off, held_out) < 0.5 * kl_before
+    assert sorted(tuned) == sorted(norm_modules(off)) and len(tuned) == 2 * 6  # pre, post, q/k norms
+    after = off.state_dict()
+    for k, v in before.items():
+        is_norm = k.removesuffix(".weight") in tuned
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v) != is_norm, k
+    assert all(p.requires_grad for p in off.parameters())  # as the caller left them
+
+
+def test_norm_tuning_refuses_what_it_cannot_do():
+    from generation.rounding import NormTuning, tune_norms
+
+    with pytest.raises(ValueError, match="steps"):
+        NormTuning(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        NormTuning(lr=0)
+    model = tiny_gemma()
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not match"):
+        tune_norms(model, ids, torch.zeros(2, 7, 64))
+    with pytest.raises(ValueError, match="no RMSNorm"):
+        tune_norms(torch.nn.Sequential(torch.nn.Linear(4, 4)), ids, torch.zeros(2, 8, 4))
+
+
 # --- the real default model -----------------------------------------------------------------------
 
 PROMPTS = ["What is the capital of Italy?", "How many legs does a spider have?", "Why is the sky blue?",
@@ -198,3 +279,10 @@ def test_calibrated_rounding_moves_the_next_token_distribution_less_than_plain(l
         return total / len(PROMPTS)
 
     assert kl(lm4) < 0.8 * kl(plain)
+    # the norms were tuned after the rounding: some moved, and only by a little
+    from generation.rounding import norm_modules
+
+    full_norms = norm_modules(lm_full.model)
+    moved = [(mod.weight.float() - full_norms[name].weight.float()).abs().max()
+             for name, mod in norm_modules(lm4.model).items()]
+    assert len(moved) == len(full_norms) and 0 < max(moved) < 1
