@@ -1,5 +1,6 @@
 """NF4 rounding chosen for each layer's output (GPTQ on the NF4 grid, least-squares block scales),
-then the norm weights tuned end to end; stored as standard bitsandbytes Linear4bit weights."""
+stored as standard bitsandbytes Linear4bit weights; and the norm weights tuned end to end after it
+(`normtune`, measured by bench/norm_tuning.py, not in the app's snapshot)."""
 
 from .calibrate import Rounded, calibrate
 from .nf4grid import (

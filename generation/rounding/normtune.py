@@ -1,5 +1,9 @@
 """After the codes and scales: the rounded model's norm weights, tuned end to end.
 
+Not in the app's snapshot: it lowers the perplexity on held-out text and the KL on prompts with the
+example exchanges, and costs answers to short questions (README.md, "The norm weights, tuned end to
+end"); bench/norm_tuning.py measures it.
+
 GPTQ and the scale refit see one linear layer at a time; a learner sees the last layer's
 distribution over the vocabulary. The RMSNorm weights are per-channel scales in front of (in Gemma
 also behind) every rounded linear layer, kept in full precision by any NF4 checkpoint: a few tens of

@@ -13,20 +13,17 @@ import torch
 
 from .calibrate import calibrate
 from .nf4grid import GptqConfig
-from .normtune import NormTuning, final_hidden, tune_norms
 from .pack import install
 
 # Bump when the method changes: the folder name carries it (with a hash of the calibration text and
 # METHOD's settings), so a changed method never reads an old cache.
-ROUNDING_FORMAT = 3  # 2: blocks of 32 weights; 3: the norm weights tuned after the rounding
+ROUNDING_FORMAT = 2  # 2: blocks of 32 weights
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.json")
 SEQ_TOKENS = 256  # tokens per calibration sequence (BOS + 255 of the text)
 # Damping 0.3 (not GPTQ's usual 0.01): the calibration text is the model's own, not the text a
 # learner types; a stronger pull towards plain rounding generalises better. Two rounds: the codes
 # chosen again under the refit scales, then the scales again (README.md has what each buys).
 METHOD = GptqConfig(damp=0.3, batch=128, act_order=True, rounds=2)
-# Then the norm weights, end to end, on the rows of calibration text it takes (normtune.py).
-NORMS = NormTuning(steps=10, rows=4, lr=6e-3, metric_positions=256, top_k=512, seed=0)
 
 
 def calibration_texts(path: Path = CALIBRATION_TEXT) -> list[str]:
@@ -49,7 +46,7 @@ def calibration_ids(tokenizer, texts: list[str], seq_tokens: int = SEQ_TOKENS) -
 
 def snapshot_name(base: str, path: Path = CALIBRATION_TEXT) -> str:
     """Folder name of the calibrated NF4 snapshot of the full-precision snapshot `base`."""
-    digest = hashlib.sha256(path.read_bytes() + repr((METHOD, NORMS, SEQ_TOKENS)).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(path.read_bytes() + repr((METHOD, SEQ_TOKENS)).encode()).hexdigest()[:10]
     return f"{base}-nf4-calibrated-v{ROUNDING_FORMAT}-{digest}"
 
 
@@ -63,20 +60,14 @@ def build_calibrated(full_dir: Path, out_dir: Path, bnb_config, *,
     tokenizer = AutoTokenizer.from_pretrained(full_dir, local_files_only=True)
     full = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16, local_files_only=True).eval()
     ids = calibration_ids(tokenizer, calibration_texts())
-    tune_ids = ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(NORMS.seed))[: NORMS.steps * NORMS.rows]]
-    target = final_hidden(full, tune_ids)  # what the full-precision model gives, before rounding
     chosen = calibrate(full, ids, METHOD, progress=progress)
-    norms = tune_norms(full, tune_ids, target, NORMS, progress=progress)
     del full
     quant = AutoModelForCausalLM.from_pretrained(
         full_dir, quantization_config=bnb_config, dtype=torch.bfloat16, local_files_only=True
     )
     for name, r in chosen.items():
         install(quant.get_submodule(name), r.index, r.scales)
-    with torch.no_grad():
-        for name, w in norms.items():
-            quant.get_submodule(name).weight.copy_(w)
     quant.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"calibration_tokens": int(ids.numel()), "layers_rounded": len(chosen), "norms_tuned": len(norms),
+    return {"calibration_tokens": int(ids.numel()), "layers_rounded": len(chosen),
             "build_seconds": round(time.perf_counter() - t0, 1)}
