@@ -23,8 +23,6 @@ KL needs a vocabulary-wide softmax and its backward pass at each position it use
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +81,7 @@ def final_hidden(model: torch.nn.Module, ids: Tensor) -> Tensor:
         return model.model(input_ids=ids, use_cache=False).last_hidden_state.detach().clone()
 
 
-def tune_norms(model: torch.nn.Module, ids: Tensor, target: Tensor, cfg: NormTuning = NormTuning(), *,
-               progress: Callable[[str], None] | None = None) -> dict[str, Tensor]:
+def tune_norms(model: torch.nn.Module, ids: Tensor, target: Tensor, cfg: NormTuning = NormTuning()) -> dict[str, Tensor]:
     """Tune the decoder layers' norm weights of `model` (already rounded) in place so its final hidden
     states on token ids (N, T) come towards `target` (N, T, D), the full-precision model's
     (`final_hidden`), in the Fisher metric of the full model's next-token distributions. The first
@@ -94,7 +91,6 @@ def tune_norms(model: torch.nn.Module, ids: Tensor, target: Tensor, cfg: NormTun
     if ids.shape[1] < 2:
         raise ValueError("each row needs at least two tokens")
     norms = norm_modules(model)
-    t0 = time.perf_counter()
     g = torch.Generator().manual_seed(cfg.seed)
     head = model.get_output_embeddings().weight
     later = target[:, 1:].reshape(-1, target.shape[-1])  # (N * (T - 1), D)
@@ -125,6 +121,4 @@ def tune_norms(model: torch.nn.Module, ids: Tensor, target: Tensor, cfg: NormTun
             mod.weight = torch.nn.Parameter(mod.weight.detach().to(dtype), requires_grad=grad)
         for p in frozen:
             p.requires_grad_(True)
-    if progress:
-        progress(f"norms tuned ({time.perf_counter() - t0:.0f} s)")
     return {name: mod.weight.detach() for name, mod in norms.items()}
