@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchutil import describe  # noqa: E402
-from chat_quality import QUESTIONS, ZERO_SHOT, load_questions, perplexity  # noqa: E402
+from chat_quality import QUESTIONS, ZERO_SHOT, last_logprobs, load_questions, perplexity  # noqa: E402
 
 
 def parse_config(text: str):
@@ -51,7 +51,7 @@ def main() -> None:
 
     from generation import Settings
     from generation.model import default_snapshot
-    from generation.prompt import DEFAULT_SYSTEM, build_prompt
+    from generation.prompt import DEFAULT_SYSTEM
     from generation.rounding import (
         NormTuning, calibrate, calibration_ids, calibration_texts, final_hidden, norm_modules, tune_norms,
     )
@@ -63,15 +63,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16, local_files_only=True).eval()
     lm = SimpleNamespace(model=model, tokenizer=tok)
     questions = [q for q, _ in load_questions(QUESTIONS)]
-    prompts = {name: [build_prompt(tok, q, system=system).input_ids for q in questions]
-               for name, system in (("zero-shot", ZERO_SHOT), ("examples", DEFAULT_SYSTEM))}
-
-    def first_token_logprobs() -> dict:
-        with torch.inference_mode():
-            return {name: torch.stack([model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
-                                       for ids in rows]) for name, rows in prompts.items()}
-
-    ref = first_token_logprobs()
+    systems = {"zero-shot": ZERO_SHOT, "examples": DEFAULT_SYSTEM}
+    ref = last_logprobs(lm, systems, questions)
     ids = calibration_ids(tok, calibration_texts())
     # every tuning's rows, in each seed's order, through the full model before it is rounded
     targets = {}
@@ -84,7 +77,7 @@ def main() -> None:
     start = {name: mod.weight.detach().clone() for name, mod in norm_modules(model).items()}
 
     def row(label: str, seconds: str) -> str:
-        got = first_token_logprobs()
+        got = last_logprobs(lm, systems, questions)
         kl = {n: float((ref[n].exp() * (ref[n] - got[n])).sum(-1).mean()) for n in ref}
         return f"| {label} | {seconds} | {perplexity(lm):.2f} | {kl['zero-shot']:.4f} | {kl['examples']:.4f} |"
 
