@@ -19,9 +19,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # start, use one thread: two workers then fill two cores, where two threads each make the workers
 # wait on each other (README.md, "Tests", has the times). A test of what threads do, or of the
 # OpenMP kernels, asks for more with `@pytest.mark.torch_threads(n)`.
+# A test that asks for two threads shares the cores with the other worker: OpenMP threads that spin
+# while they wait for a descheduled partner then cost more than they compute, so they sleep instead
+# (README.md, "Tests").
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TORCH_NUM_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", os.environ["TORCH_NUM_THREADS"])
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
