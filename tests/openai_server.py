@@ -237,6 +237,14 @@ class Proxy:
     def stop(self) -> None:
         _kill_group(self.proc)
 
+    def relaunch(self, upstream: str, **options) -> None:
+        """Stop this proxy and start another in its place, on the same port, with `options` as
+        start_proxy takes them: a server restarted at the same address, perhaps misbehaving."""
+        port = int(self.root.rsplit(":", 1)[1])
+        self.stop()
+        new = start_proxy(upstream, port=port, **options)
+        self.proc, self.log_path = new.proc, new.log_path
+
 
 def start_proxy(
     upstream: str,

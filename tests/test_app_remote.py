@@ -113,25 +113,24 @@ def test_a_wrong_key_is_a_clear_message_in_the_chat_and_the_status(proxy, caplog
         assert "sk-wrong-key-000" not in text
 
 
-def test_a_dead_server_is_a_clear_message_and_the_app_keeps_serving(openai_server):  # noqa: F811
-    # A server that dies mid-reply: the proxy forwards a few events, then the kernel closes its socket.
-    dying = start_proxy(openai_server.root, api_key=SECRET, model=openai_server.model, after_events=3, then="end")
+def test_a_dead_server_is_a_clear_message_and_the_app_keeps_serving(client, proxy, openai_server):  # noqa: F811
+    """The server behind the running app dies mid-reply (the proxy forwards a few events, then the
+    kernel closes its socket), then is gone, then comes back at the same address."""
+    served = dict(api_key=SECRET, model=openai_server.model)
+    proxy.relaunch(openai_server.root, after_events=3, then="end", **served)
     try:
-        app = start_app({"CHAT_BACKEND_URL": dying.url, "CHAT_BACKEND_API_KEY": SECRET}, wait_model=False)
-        try:
-            c = Client(app.url, verbose=False)
-            with pytest.raises(AppError, match="before the reply was finished|closed the connection|ended"):
-                c.predict("Tell me a long story about a dragon.", max_new_tokens=40, temperature=0.0, api_name="/chat")
-            dying.kill()
-            with pytest.raises(AppError, match="unreachable"):
-                c.predict(QUESTION, max_new_tokens=4, temperature=0.0, api_name="/chat")
-            # the app itself is fine: the lab answers, the status says why the chat cannot
-            assert c.predict(api_name="/attention")["type"] == "matplotlib"
-            wait_for(lambda: "unreachable" in (status(c)["error"] or ""), 20, "the status to say unreachable")
-        finally:
-            app.stop()
+        with pytest.raises(AppError, match="before the reply was finished|closed the connection|ended"):
+            client.predict("Tell me a long story about a dragon.", max_new_tokens=40, temperature=0.0, api_name="/chat")
+        proxy.kill()
+        with pytest.raises(AppError, match="unreachable"):
+            client.predict(QUESTION, max_new_tokens=4, temperature=0.0, api_name="/chat")
+        # the app itself is fine: the lab answers, the status says why the chat cannot
+        assert client.predict(api_name="/attention")["type"] == "matplotlib"
+        wait_for(lambda: "unreachable" in (status(client)["error"] or ""), 20, "the status to say unreachable")
     finally:
-        dying.stop()
+        proxy.relaunch(openai_server.root, **served)  # the module's server, back in its place
+    assert client.predict(QUESTION, max_new_tokens=4, temperature=0.0, api_name="/chat").strip()
+    assert status(client)["error"] is None
 
 
 def test_inside_views_load_the_local_model_on_first_use(client, remote_app):
