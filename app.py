@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from ui.common import CSS, LAB_CONCURRENCY, THEME, TITLE, ModelSlot, tune_queue  # sets GRADIO_ANALYTICS_ENABLED first
@@ -131,7 +132,11 @@ def main() -> int:
         # The local chat engine's decode loop runs here, in the main thread, from the moment the
         # model has loaded (its small ops are cheapest here; see ChatEngine.run_here).
         demo.app_state.chat.backend.serve_here()
-        demo.block_thread()  # a remote backend, or a model that failed to load
+        # A remote backend, or a model that failed to load: wait here rather than in gradio's
+        # block_thread, which on Ctrl+C closes the server before the clients' heartbeat streams are
+        # told to end and then waits seconds for them; demo.close() below tells them first.
+        while demo.is_running:
+            time.sleep(0.1)
     except KeyboardInterrupt:
         pass
     finally:

@@ -46,8 +46,9 @@ class AppServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
-        """Kill the server's process group (idempotent)."""
+    def stop(self) -> int:
+        """Stop the server's process group as a container stop does (SIGTERM, then SIGKILL after
+        10 s); idempotent. -> the app's exit status (0: it closed cleanly)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -58,6 +59,7 @@ class AppServer:
                 except ProcessLookupError:
                     pass
                 self.proc.wait(10)
+        return self.proc.returncode
 
 
 def start_app(env: dict[str, str] | None = None, *, wait_model: bool = True,

@@ -38,7 +38,7 @@ def proxy(openai_server):  # noqa: F811
 def remote_app(proxy):
     server = start_app({"CHAT_BACKEND_URL": proxy.url, "CHAT_BACKEND_API_KEY": SECRET}, wait_model=False)
     yield server
-    server.stop()
+    assert server.stop() == 0 and "Traceback" not in server.log(), server.log()[-4000:]  # a clean stop
 
 
 @pytest.fixture(scope="module")
