@@ -46,6 +46,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.browser)
 
 
+# pytest.ini hands whole test files to the two workers (`--dist loadfile`), so a module's app, server
+# or browser starts once. Files that share a costly session fixture go to one worker together, so
+# that it starts there only.
+SAME_WORKER = {"tests/test_remote.py": "openai_server", "tests/test_app_remote.py": "openai_server"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SAME_WORKER.get(file, file)
+
+    return FileScheduling(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _scratch_tmp(tmp_path_factory):
     """Temporary files of this session, and of the apps, servers and browser it starts (their logs,

@@ -268,14 +268,14 @@ def test_calibrated_rounding_moves_the_next_token_distribution_less_than_plain(l
     plain = load_model(settings=dataclasses.replace(Settings.from_env(), nf4_rounding="plain"))
     assert plain.rounding == "plain"
 
+    def next_token(lm, ids) -> torch.Tensor:
+        with torch.inference_mode():
+            return lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1].double().log_softmax(-1)
+
+    prompts = [build_prompt(lm4.tokenizer, p).input_ids for p in PROMPTS]
+    refs = [next_token(lm_full, ids) for ids in prompts]
+
     def kl(lm) -> float:
-        total = 0.0
-        for p in PROMPTS:
-            ids = build_prompt(lm.tokenizer, p).input_ids
-            with torch.inference_mode():
-                ref = lm_full.model(input_ids=ids, logits_to_keep=1).logits[0, -1].double().log_softmax(-1)
-                got = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1].double().log_softmax(-1)
-            total += float((ref.exp() * (ref - got)).sum())
-        return total / len(PROMPTS)
+        return sum(float((ref.exp() * (ref - next_token(lm, ids))).sum()) for ids, ref in zip(prompts, refs)) / len(refs)
 
     assert kl(lm4) < 0.8 * kl(plain)
