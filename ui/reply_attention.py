@@ -106,6 +106,7 @@ class ReplyAttentionHandlers:
         n_rows = len(ra.reply_tokens)
         r = min(max(as_int(r, "reply token"), 0), n_rows - 1)
         head = as_int(head, "head")
+        kept = head == AVERAGE or 0 <= head < ra.n_heads
         head = None if head < 0 or head >= ra.n_heads else head
         n = ra.context(r)
         tokens = ra.tokens[:n]
@@ -137,9 +138,12 @@ class ReplyAttentionHandlers:
         if ra.notice:
             notes.append(html.escape(ra.notice))
         head_choices = [("average of all heads", AVERAGE)] + [(f"head {h}", h) for h in range(ra.n_heads)]
+        # The head box keeps its value unless this model has no such head: a drawing still running
+        # when the student picks another head must not put the old one back (the pick's own
+        # drawing, queued behind it, reads the box when it starts).
+        head_box = gr.Dropdown(choices=head_choices) if kept else gr.Dropdown(choices=head_choices, value=AVERAGE)
         read.r = r
-        return (read, gr.Dropdown(choices=choices, value=r), marked, paths[0], " ".join(notes),
-                gr.Dropdown(choices=head_choices, value=AVERAGE if head is None else head),
+        return (read, gr.Dropdown(choices=choices, value=r), marked, paths[0], " ".join(notes), head_box,
                 *(ready_button(p) for p in paths))
 
     def _source(self, history: list[Any], system: str) -> tuple[Prompt, str]:
