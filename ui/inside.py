@@ -174,7 +174,11 @@ class InsideHandlers:
             for kv in sorted(set(att.kv_groups))
         )
         notes += f"  \nGrouped-query attention: {share}.  \n{html.escape(head_summary(att, h))}"
-        return grid, big, notes, gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
+        # The head slider keeps its value unless it was out of this model's range (a drawing still
+        # running when the student moves it must not put the old head back).
+        kept = h == as_int(head, "head")
+        slider = gr.Slider(maximum=max(att.n_heads - 1, 1)) if kept else gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
+        return grid, big, notes, slider
 
     def inspect_files(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any],
                       colourblind: bool = False) -> Any:
