@@ -107,6 +107,13 @@ def tune_queue(demo: gr.Blocks) -> list[str]:
     return missing
 
 
+def written_back(widget: type[gr.components.Component], value: Any, moved: bool, **props: Any) -> Any:
+    """The update of a widget that is also its event's input: `props`, and `value` only where the
+    handler had to move it (out of the model's range). A drawing still running when the student
+    changes the widget must not put the old value back."""
+    return widget(**props, value=value) if moved else widget(**props)
+
+
 def dot(colour: str) -> str:
     """A coloured status dot as HTML."""
     # A coloured status dot that needs no emoji font (projectors and CI browsers often lack one).

@@ -36,6 +36,7 @@ from .common import (
     plot_payload,
     quote,
     typed_api,
+    written_back,
 )
 from .lens import LENS_FIELDS, LensHandlers, LensView, build_lens
 from .share import Field, bool_field, clamp_index, int_field, query_of, read_fields, text_field, warn
@@ -174,11 +175,7 @@ class InsideHandlers:
             for kv in sorted(set(att.kv_groups))
         )
         notes += f"  \nGrouped-query attention: {share}.  \n{html.escape(head_summary(att, h))}"
-        # The head slider keeps its value unless it was out of this model's range (a drawing still
-        # running when the student moves it must not put the old head back).
-        kept = h == as_int(head, "head")
-        slider = gr.Slider(maximum=max(att.n_heads - 1, 1)) if kept else gr.Slider(maximum=max(att.n_heads - 1, 1), value=h)
-        return grid, big, notes, slider
+        return grid, big, notes, written_back(gr.Slider, h, h != as_int(head, "head"), maximum=max(att.n_heads - 1, 1))
 
     def inspect_files(self, text: str, layer: Any, head: Any, hide_special: bool, history: list[Any],
                       colourblind: bool = False) -> Any:

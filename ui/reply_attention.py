@@ -32,6 +32,7 @@ from .common import (
     model_history,
     palette_of,
     ready_button,
+    written_back,
 )
 
 DEFAULT_LAYER = 5  # the default model's first global layer
@@ -138,10 +139,7 @@ class ReplyAttentionHandlers:
         if ra.notice:
             notes.append(html.escape(ra.notice))
         head_choices = [("average of all heads", AVERAGE)] + [(f"head {h}", h) for h in range(ra.n_heads)]
-        # The head box keeps its value unless this model has no such head: a drawing still running
-        # when the student picks another head must not put the old one back (the pick's own
-        # drawing, queued behind it, reads the box when it starts).
-        head_box = gr.Dropdown(choices=head_choices) if kept else gr.Dropdown(choices=head_choices, value=AVERAGE)
+        head_box = written_back(gr.Dropdown, AVERAGE, not kept, choices=head_choices)
         read.r = r
         return (read, gr.Dropdown(choices=choices, value=r), marked, paths[0], " ".join(notes), head_box,
                 *(ready_button(p) for p in paths))
