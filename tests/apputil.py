@@ -188,6 +188,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 VIEWPORT = {"width": 1400, "height": 1000}
 
 
+QUEUE_JOIN = "**/gradio_api/queue/join*"  # where the page sends each event for the server's queue
+
+
 def launch_chromium(playwright):
     """The system chromium, headless, with nothing phoning home."""
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -230,6 +233,34 @@ def app_page(browser, url: str, ready_js: str | None = None):
     finally:
         context.close()
     assert off_host == [], f"the page made requests off this machine: {off_host}"
+
+
+@contextlib.contextmanager
+def held_event(page, trigger, timeout_s: float = 60.0):
+    """Hold the event `trigger()` sends to the server's queue until the block ends, as a server busy
+    with other users holds it: what the block does happens while that event has not yet run and the
+    page counts it as running (a redraw the student keeps moving sliders through). Events sent
+    meanwhile go through (the page itself defers one of the same kind until the held one ends)."""
+    held: list = []
+
+    def hold(route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(QUEUE_JOIN, hold)
+    try:
+        trigger()
+        deadline = time.monotonic() + timeout_s
+        while not held:  # route callbacks run only inside Playwright calls: wait in one
+            assert time.monotonic() < deadline, f"the page sent no event within {timeout_s} s"
+            page.wait_for_timeout(50)
+        yield
+    finally:
+        for route in held:
+            route.continue_()
+        page.unroute(QUEUE_JOIN, hold)
 
 
 def wait_until(get, ok, timeout_s: float = 120.0):

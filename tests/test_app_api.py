@@ -278,6 +278,25 @@ def test_lab_update_non_numbers_warn_with_the_field(field, value, expected):
     assert expected in notice and result is None
 
 
+@pytest.mark.parametrize(("n_heads", "head", "shown"), [(4, 2, None), (4, 0, None), (2, 3, 1), (4, None, 0)])
+def test_lab_redraw_moves_the_head_slider_only_when_it_must(n_heads, head, shown):
+    """A redraw leaves the head slider as the student left it (they may have moved it while it ran);
+    a head the new head count does not have, or none, is corrected."""
+    from ui.lab import DEFAULT_SENTENCE, LabHandlers
+
+    *_, slider, _ = LabHandlers().lab_update(DEFAULT_SENTENCE, 32, n_heads, 1, 0.0, 0, False, True, head)
+    assert slider.constructor_args.get("value") == shown and slider.constructor_args["maximum"] == n_heads - 1
+
+
+@pytest.mark.parametrize(("emb_dim", "n_heads", "shown"), [(12, 4, None), (12, 6, None), (16, 6, 4), (12, 8, 6)])
+def test_head_count_choices_keep_a_count_that_still_divides(emb_dim, n_heads, shown):
+    from attention.lab import valid_head_counts
+    from ui.lab import LabHandlers
+
+    box = LabHandlers().head_choices(emb_dim, n_heads)
+    assert box.constructor_args.get("value") == shown and box.constructor_args["choices"] == valid_head_counts(emb_dim)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [

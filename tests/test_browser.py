@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import bot_texts, open_app, send_chat, set_number
+from apputil import bot_texts, held_event, open_app, send_chat, set_number
 from apputil import replies_done, user_texts, wait_changed, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
@@ -73,6 +73,16 @@ def test_moving_a_slider_redraws_the_heatmaps(page):
     page.locator("#n-heads input").click()
     options = page.get_by_role("option").all_inner_texts()
     assert [o.replace("✓", "").strip() for o in options] == ["1", "2", "3", "4", "6", "12"]  # ✓ marks 4
+
+
+def test_a_head_picked_while_the_maps_redraw_is_kept(page):
+    """A redraw that ends after the student picked another head must not put the old head back.
+    Forced: the redraw (a new seed) is held at the server's queue until the pick is made."""
+    before = heatmap_src(page)
+    with held_event(page, lambda: set_number(page, "lab-seed", 7)):
+        set_number(page, "lab-head", 2)
+    wait_changed(lambda: heatmap_src(page), before)  # the held redraw has ended (one update, head included)
+    assert page.locator("#lab-head input[type=number]").input_value() == "2"
 
 
 def test_invalid_combination_shows_a_message(page):
@@ -262,6 +272,11 @@ def test_inside_the_chat_model_renders_and_follows_a_layer_change(page):
         timeout=120_000,
     )
     wait_changed(lambda: page.locator("#inspect-grid img").get_attribute("src"), before)
+    # A head picked while the drawing of another layer waits (held at the server's queue) is kept.
+    with held_event(page, lambda: set_number(page, "inspect-layer", 11)):
+        set_number(page, "inspect-head", 2)
+    wait_until(lambda: page.locator("#inspect-notes").inner_text(), lambda t: "Layer 11, head 2 " in t)
+    assert page.locator("#inspect-head input[type=number]").input_value() == "2"
 
 
 def test_next_token_table_follows_the_chat_sliders(page):

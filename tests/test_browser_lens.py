@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from apputil import open_app, set_number, wait_changed
+from apputil import held_event, open_app, set_number, wait_changed, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -63,6 +63,15 @@ def test_logit_lens_from_a_shared_link_a_cell_and_the_files(browser, app_server)
         wait_changed(lambda: src(pg, "#lens-grid img"), before)
         heading = pg.locator("#lens-cell").inner_text()
         assert "After layer 3" in heading and "position 1" in heading
+
+        # A position picked while the drawing of another layer waits (held at the server's queue) is
+        # kept: that drawing leaves the sliders as the student left them, and the page's deferred
+        # redraw then lists the cell they say.
+        with held_event(pg, lambda: set_number(pg, "lens-layer", 10)):
+            set_number(pg, "lens-pos", 4)
+        wait_until(lambda: pg.locator("#lens-cell").inner_text(),
+                   lambda h: "After layer 10" in h and "position 4" in h)
+        assert pg.locator("#lens-pos input[type=number]").input_value() == "4"
 
         name, data = download(pg, "lens-png")
         assert name == "logit_lens.png" and data.startswith(b"\x89PNG\r\n\x1a\n")

@@ -173,8 +173,18 @@ def test_a_new_reply_is_followed_and_the_one_shown_is_left_as_the_user_left_it(l
                {"role": "assistant", "content": "The capital of France is Paris."}]
     shown, *_, following = h.read(history, "", 5, -1, "writing", True)
     assert following is True and shown.r == 0
-    h.show(shown, 2, 1, True)  # the user chose the third token, head 1
+    out = h.show(shown, 2, 1, True)  # the user chose the third token, head 1
     assert shown.r == 2
+    # A redraw leaves the token list and the Head box as the user left them (they may have moved
+    # again while it ran: writing back what it drew would undo that); out of range, it corrects them.
+    token_box, head_box = out[1], out[5]
+    assert "value" not in token_box.constructor_args and "value" not in head_box.constructor_args
+    assert len(token_box.constructor_args["choices"]) == len(shown.ra.reply_tokens)
+    out = h.reread(shown, 3, 1, "writing", True)
+    assert "value" not in out[1].constructor_args and "value" not in out[5].constructor_args
+    out = h.show(shown, 99, 7, True)  # no such token, no such head in this model
+    assert out[1].constructor_args["value"] == len(shown.ra.reply_tokens) - 1
+    assert out[5].constructor_args["value"] == -1  # the average of all heads
     assert all(_is_skip(v) for v in h.follow(True, shown, history, "", 5, -1, "writing", True))
     assert all(_is_skip(v) for v in h.follow(False, None, history, "", 5, -1, "writing", True))  # never read
     newer = history + [{"role": "user", "content": "And of Italy?"},

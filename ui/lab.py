@@ -33,6 +33,7 @@ from .common import (
     palette_of,
     plot_payload,
     typed_api,
+    written_back,
 )
 from .share import Field, bool_field, clamp_index, float_field, int_field, query_of, read_fields, text_field, warn
 
@@ -238,9 +239,10 @@ class LabHandlers:
             current = as_int(n_heads, "n_heads")
         except ValueError:
             current = choices[0]
-        if current not in choices:
+        kept = current in choices
+        if not kept:
             current = min(choices, key=lambda c: (abs(c - current), c))
-        return gr.Dropdown(choices=choices, value=current)
+        return written_back(gr.Dropdown, current, not kept, choices=choices)
 
     def lab_update(
         self,
@@ -269,12 +271,13 @@ class LabHandlers:
             gr.Warning(error_text(exc), title="Invalid settings")
             return gr.skip(), gr.skip(), f"**Not drawn:** {error_text(exc)}", gr.skip(), None
         n_heads_out = int(result.weights.shape[0])
+        shown = min(max(head_i, 0), n_heads_out - 1)
         return (
             heat,
             trace_rows(result.trace),
             lab_notice(cfg, result),
-            gr.Slider(maximum=max(n_heads_out - 1, 1), value=min(max(head_i, 0), n_heads_out - 1),
-                      interactive=n_heads_out > 1),
+            written_back(gr.Slider, shown, shown != head or head is None, maximum=max(n_heads_out - 1, 1),
+                         interactive=n_heads_out > 1),
             result,
         )
 

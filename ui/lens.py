@@ -58,6 +58,7 @@ from .common import (
     plot_payload,
     ready_button,
     typed_api,
+    written_back,
 )
 from .share import Field, bool_field, query_of, read_fields, text_field, warn
 
@@ -187,16 +188,20 @@ class LensHandlers:
         rows = [[str(i), csv_cell(c.token), pct(c.prob)] for i, c in enumerate(cell, 1)]
         return rows, f"**After layer {layer}, guessing {_md(nxt)}:**"
 
-    def _lens_outputs(self, lens: LogitLens, layer: Any, pos: Any, colourblind: Any) -> tuple:
-        """(grid image, layout, cell heading, cell table, layer slider, position slider, PNG, SVG, CSV)."""
+    def _lens_outputs(self, lens: LogitLens, layer: Any, pos: Any, colourblind: Any, picked: bool = False) -> tuple:
+        """(grid image, layout, cell heading, cell table, layer slider, position slider, PNG, SVG, CSV).
+        `picked`: layer and pos are the sliders' own values, written back only where out of range."""
+        asked = (layer, pos)
         layer = min(max(as_int(layer, "layer"), 0), lens.n_layers - 1)
         pos = min(max(as_int(pos, "position"), 0), len(lens.tokens) - 1)
         fig, layout = lens_figure(lens, palette_of(colourblind), (layer, pos))
         paths = self.files.write({"logit_lens.png": figure_bytes(fig, "png"), "logit_lens.svg": figure_bytes(fig, "svg"),
                                   "logit_lens.csv": lens_csv(lens)})
         rows, heading = self.cell_table(lens, layer, pos)
-        return (paths[0], layout, heading, rows, gr.Slider(maximum=max(lens.n_layers - 1, 1), value=layer),
-                gr.Slider(maximum=max(len(lens.tokens) - 1, 1), value=pos), *(ready_button(p) for p in paths))
+        return (paths[0], layout, heading, rows,
+                written_back(gr.Slider, layer, not picked or layer != asked[0], maximum=max(lens.n_layers - 1, 1)),
+                written_back(gr.Slider, pos, not picked or pos != asked[1], maximum=max(len(lens.tokens) - 1, 1)),
+                *(ready_button(p) for p in paths))
 
     def lens_update(self, text: str, colourblind: bool) -> tuple:
         """UI: the lens of the text, the last layer's last cell listed. Outputs: (lens state, summary,
@@ -214,7 +219,7 @@ class LensHandlers:
         if lens is None:
             return (gr.skip(),) * 9
         try:
-            return self._lens_outputs(lens, layer, pos, colourblind)
+            return self._lens_outputs(lens, layer, pos, colourblind, picked=True)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="The logit lens")
             return (gr.skip(),) * 9

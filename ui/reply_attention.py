@@ -101,11 +101,13 @@ class ReplyAttentionHandlers:
             mode = "writing"
         return reply_attention(lm, prompt, reply, layer=as_int(layer, "layer"), mode=mode)
 
-    def _outputs(self, read: ReadReply, r: Any, head: Any, hide_special: bool, colourblind: Any = False) -> tuple:
-        """(state, token list, clickable reply, strip, notes, head choices, 3 download buttons)."""
+    def _outputs(self, read: ReadReply, r: Any, head: Any, hide_special: bool, colourblind: Any = False,
+                 picked: bool = False) -> tuple:
+        """(state, token list, clickable reply, strip, notes, head choices, 3 download buttons).
+        `picked`: r is the token list's own value, written back only where out of range."""
         ra = read.ra
         n_rows = len(ra.reply_tokens)
-        r = min(max(as_int(r, "reply token"), 0), n_rows - 1)
+        asked, r = r, min(max(as_int(r, "reply token"), 0), n_rows - 1)
         head = as_int(head, "head")
         kept = head == AVERAGE or 0 <= head < ra.n_heads
         head = None if head < 0 or head >= ra.n_heads else head
@@ -141,8 +143,8 @@ class ReplyAttentionHandlers:
         head_choices = [("average of all heads", AVERAGE)] + [(f"head {h}", h) for h in range(ra.n_heads)]
         head_box = written_back(gr.Dropdown, AVERAGE, not kept, choices=head_choices)
         read.r = r
-        return (read, gr.Dropdown(choices=choices, value=r), marked, paths[0], " ".join(notes), head_box,
-                *(ready_button(p) for p in paths))
+        token_box = written_back(gr.Dropdown, r, not picked or r != asked, choices=choices)
+        return (read, token_box, marked, paths[0], " ".join(notes), head_box, *(ready_button(p) for p in paths))
 
     def _source(self, history: list[Any], system: str) -> tuple[Prompt, str]:
         """The chat's last reply and the prompt it was written under (ValueError if there is none)."""
@@ -195,17 +197,19 @@ class ReplyAttentionHandlers:
         try:
             ra = self._read(read.prompt, read.reply, layer, mode)
             new = ReadReply(prompt=read.prompt, reply=read.reply, ra=ra, remote=read.remote)
-            return self._outputs(new, read.r, head, hide_special, colourblind)
+            return self._outputs(new, read.r, head, hide_special, colourblind, picked=True)
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 9
 
-    def show(self, read: ReadReply | None, r: Any, head: Any, hide_special: bool, colourblind: bool = False) -> tuple:
-        """UI: another reply token, head or <bos> setting: redraw from the rows already read (no forward)."""
+    def show(self, read: ReadReply | None, r: Any, head: Any, hide_special: bool, colourblind: bool = False,
+             picked: bool = True) -> tuple:
+        """UI: another reply token, head or <bos> setting: redraw from the rows already read (no forward).
+        `picked`: r is the token list's own value (else a click on the reply chose it)."""
         if read is None or r is None:
             return (gr.skip(),) * 9
         try:
-            return self._outputs(read, r, head, hide_special, colourblind)
+            return self._outputs(read, r, head, hide_special, colourblind, picked=picked)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="What did it look at?")
             return (gr.skip(),) * 9
@@ -216,7 +220,7 @@ class ReplyAttentionHandlers:
         index = getattr(evt, "index", None)
         if read is None or not isinstance(index, int):
             return (gr.skip(),) * 9
-        return self.show(read, index, head, hide_special, colourblind)
+        return self.show(read, index, head, hide_special, colourblind, picked=False)
 
 
 def build_reply_attention(state: ReplyAttentionHandlers, colourblind: gr.Checkbox) -> dict[str, Any]:

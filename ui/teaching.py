@@ -66,6 +66,7 @@ from .common import (
     plot_payload,
     ready_button,
     typed_api,
+    written_back,
 )
 from .reply_attention import DEFAULT_LAYER, ReplyAttentionHandlers, build_reply_attention
 from .share import MAX_TEXT_CHARS, Field, query_of, read_fields, text_field, warn
@@ -171,8 +172,10 @@ class TeachingHandlers:
         return model_view(lm, text, max_tokens=max_tokens, hide_special=hide_special)
 
     def _model_view_outputs(self, mv: ModelView, layer: Any, head: Any, scale: str, notes: str | None,
-                            colourblind: Any = False) -> tuple:
-        """(grid, large map, its summary, notes, cells, layer slider, head slider, 5 download buttons)."""
+                            colourblind: Any = False, picked: bool = False) -> tuple:
+        """(grid, large map, its summary, notes, cells, layer slider, head slider, 5 download buttons).
+        `picked`: layer and head are the sliders' own values, written back only where out of range."""
+        asked = (layer, head)
         layer = min(max(as_int(layer, "layer"), 0), mv.n_layers - 1)
         head = min(max(as_int(head, "head"), 0), mv.n_heads - 1)
         scale = scale if scale in ("each", "shared") else "each"
@@ -194,8 +197,8 @@ class TeachingHandlers:
         summary = (f"Layer {layer}, head {head} "
                    f"{describe_map(mv.head(layer, head), mv.hidden_mass[layer, head])}.")
         return (paths[0], paths[2], summary, gr.skip() if notes is None else notes, cells,
-                gr.Slider(maximum=max(mv.n_layers - 1, 1), value=layer),
-                gr.Slider(maximum=max(mv.n_heads - 1, 1), value=head),
+                written_back(gr.Slider, layer, not picked or layer != asked[0], maximum=max(mv.n_layers - 1, 1)),
+                written_back(gr.Slider, head, not picked or head != asked[1], maximum=max(mv.n_heads - 1, 1)),
                 *(ready_button(p) for p in paths))
 
     def model_view_update(self, text: str, hide_special: bool, scale: str, layer: Any, head: Any,
@@ -210,7 +213,7 @@ class TeachingHandlers:
             notes = (f"**{t} tokens × {l_} layers × {h} heads from one forward pass** ({secs:.2f} s): weights of "
                      f"shape (layers, heads, tokens, tokens) = ({l_}, {h}, {t}, {t}). Click a thumbnail to see it "
                      f"large. {html.escape(mv.notice)}").strip()
-            return (mv, *self._model_view_outputs(mv, layer, head, scale, notes, colourblind))
+            return (mv, *self._model_view_outputs(mv, layer, head, scale, notes, colourblind, picked=True))
         except (ValueError, gr.Error) as exc:
             gr.Warning(error_text(exc), title="Every layer at once")
             return (gr.skip(),) * 13
@@ -231,7 +234,7 @@ class TeachingHandlers:
         if mv is None:
             return (gr.skip(),) * 12
         try:
-            return self._model_view_outputs(mv, layer, head, scale, None, colourblind)
+            return self._model_view_outputs(mv, layer, head, scale, None, colourblind, picked=True)
         except ValueError as exc:
             gr.Warning(error_text(exc), title="Every layer at once")
             return (gr.skip(),) * 12
