@@ -52,6 +52,9 @@ def test_reply_tokens_open_up_and_a_branch_keeps_the_original(page):
                            timeout=120_000)
     statuses = [s.strip() for s in page.locator("#token-alts [role='gridcell'][data-col='4']").all_inner_texts()]
     assert statuses[0] == "kept" and "not taken (greedy)" in statuses
+    # The line above the table quotes the table's own probability of that token (one of its rows).
+    said = re.search(r"the model gave it ([\d.]+ %)", page.locator("#token-alts-head").inner_text()).group(1)
+    assert said in [p.strip() for p in page.locator("#token-alts [role='gridcell'][data-col='1']").all_inner_texts()]
     # Continue with the most likely other token: a new branch, written by the chat engine.
     page.click("#branch-btn")
     branch = wait_reply_done(page, before + 1)

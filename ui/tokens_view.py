@@ -166,7 +166,10 @@ class TokensHandlers:
             gr.Warning(error_text(exc), title="Reply tokens")
             return skip
         tok = rt.tokens[r]
-        head = (f"Token {r + 1}, **{html.escape(repr(tok.token))}**: the model gave it {pct(tok.prob)} "
+        # The table comes from a pass over the text up to this token, the colours from one pass over
+        # the whole reply; in bf16 the two differ in the last digits, so this line quotes the table.
+        listed = next((c.prob for c in nt.candidates if c.token_id == tok.token_id), tok.prob)
+        head = (f"Token {r + 1}, **{html.escape(repr(tok.token))}**: the model gave it {pct(listed)} "
                 f"(rank {tok.rank + 1}). Under temperature {nt.temperature:g}, top-p {nt.top_p:g}, "
                 f"top-k {nt.top_k or 'off'}: {html.escape(nt.notice)}")
         choices = [(f"{c.token} · {pct(c.prob)}", c.token_id) for c in nt.candidates if c.token_id != tok.token_id]
