@@ -260,6 +260,22 @@ def test_empty_message_warns_and_clear_empties_the_chat(page):
     page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0")
 
 
+def test_text_typed_while_a_message_is_sent_stays_in_the_box(page):
+    """Send clears the box, but not the next question a student types while the server takes the
+    first one. Forced: the send is held at the server's queue while they type."""
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 8)
+    before = replies_done(page)
+    with held_event(page, lambda: send_chat(page, "Hello!")):
+        page.fill("#chat-input textarea", "And what is the capital of Peru?")
+    wait_reply_done(page, before)
+    assert user_texts(page) == ["Hello!"]
+    assert page.locator("#chat-input textarea").input_value() == "And what is the capital of Peru?"
+    # A message sent and not typed over is cleared, as ever.
+    wait_reply_done(page, send_chat(page, "Thanks!"))
+    assert page.locator("#chat-input textarea").input_value() == ""
+
+
 def test_inside_the_chat_model_renders_and_follows_a_layer_change(page):
     page.click("#inspect-btn")
     page.wait_for_selector("#inspect-big img", timeout=120_000)

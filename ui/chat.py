@@ -77,6 +77,10 @@ STREAM_INTERVAL_S = 0.1
 # as a rule), so that its last update reaches the page before their shorter chat, not after it.
 REPLY_END_WAIT_S = 10.0
 BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
+# After a send is taken, in the page: clear the box only if it still holds the sent text. The
+# server answers after a queue that a class can make long, and a student may be typing the next
+# question by then; clearing from the server would throw that away.
+CLEAR_IF_SENT = "(box, sent) => (sent !== '' && box === sent) ? '' : box"
 
 
 def sampling_params(
@@ -219,23 +223,26 @@ class ChatHandlers:
         return message
 
     def user_turn(self, message: str, history: list[Any], request: gr.Request) -> tuple[Any, Any, Any, bool]:
-        """Send: validate, append the user turn, clear the box. Returns (box, history, preview, go).
+        """Send: validate, append the user turn. Returns (sent, history, preview, go): `sent` is the
+        message as it was sent ("" when refused), for the page to clear the box only if it still
+        holds that text (`CLEAR_IF_SENT`).
 
         Refused (gr.Warning, text kept) while this session's previous reply is still being written.
         """
         if not self.backend.ready():
             gr.Warning(self.backend.not_ready_message(), title="Model loading")
-            return gr.skip(), gr.skip(), gr.skip(), False
+            return "", gr.skip(), gr.skip(), False
         try:
             text = self._check_message(message or "")
         except ValueError as exc:
             gr.Warning(error_text(exc))
-            return gr.skip(), gr.skip(), gr.skip(), False
+            return "", gr.skip(), gr.skip(), False
         if self.stops.begin(session_key(request)) is None:
             gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
-            return gr.skip(), gr.skip(), gr.skip(), False
+            return "", gr.skip(), gr.skip(), False
         history = list(history or []) + [{"role": "user", "content": text}]
-        return "", history, token_preview_html(self.model.lm, text, sent=True, remote=self.backend.is_remote), True
+        preview = token_preview_html(self.model.lm, text, sent=True, remote=self.backend.is_remote)
+        return message, history, preview, True
 
     def bot_turn(
         self,
@@ -614,6 +621,7 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                                 label="min new tokens", elem_id="min-new",
                                 info="the reply cannot end before (0 = the model decides)")
     go = gr.State(False)
+    sent_text = gr.Textbox(visible=False)  # the message a send took, held in the page for CLEAR_IF_SENT
 
     private = PRIVATE
     lab_kw = LAB_EVENTS  # turn bookkeeping is instant: it must not wait for a chat slot
@@ -622,8 +630,9 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                outputs=[chatbot, status, user_stats, bar.replies],
                show_progress="minimal", concurrency_id=CHAT_GROUP,
                concurrency_limit=state.settings.chat_concurrency, **private)
-    sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [msg, chatbot, tokens, go],
-                 show_progress="hidden", **lab_kw, **private).then(**bot)
+    sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [sent_text, chatbot, tokens, go],
+                 show_progress="hidden", **lab_kw, **private).then(
+        None, [msg, sent_text], [msg], js=CLEAR_IF_SENT, queue=False, **private).then(**bot)
     retried = retry.click(state.retry, [chatbot], [chatbot, go], show_progress="hidden",
                           **lab_kw, **private).then(**bot)
     # A sent message edited in place (the pencil under it): the chat from there is answered again.
