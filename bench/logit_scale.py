@@ -31,12 +31,6 @@ SCALES = (0.9, 0.95, 1.0, 1.03, 1.06, 1.1, 1.2)
 CHUNK = 128  # positions a time through the 262k-wide head
 
 
-def final_hidden(lm, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids -> (B, T, D) the last decoder layer's normed output."""
-    with torch.inference_mode():
-        return lm.model.model(input_ids=ids).last_hidden_state
-
-
 def scan(full, low, h_full: torch.Tensor, h_low: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
     """(N, D) hidden states of both models at the same N positions -> mean KL and NLL per scale, entropies."""
     kl = dict.fromkeys(SCALES, 0.0)
@@ -74,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from generation import Settings, load_model
     from generation.prompt import build_prompt
-    from generation.rounding.snapshot import calibration_ids, calibration_texts
+    from generation.rounding import calibration_ids, calibration_texts, final_hidden
 
     print(describe())
     full = load_model(load_4bit=False)
@@ -86,20 +80,20 @@ def main() -> None:
 
     ids = calibration_ids(tok, calibration_texts())[: args.rows]  # (rows, 256), <bos> first
     d = full.model.config.get_text_config().hidden_size
-    hf, hl = (final_hidden(m, ids)[:, 1:].reshape(-1, d) for m in (full, low))
+    hf, hl = (final_hidden(m.model, ids)[:, 1:].reshape(-1, d) for m in (full, low))
     print(row(f"calibration text ({hf.shape[0]} positions)", scan(full, low, hf, hl)), flush=True)
 
     questions = [q for q, _ in load_questions()]
     for prompt in ("zero-shot", "examples"):
         system = system_text(prompt)
-        last = [[final_hidden(m, build_prompt(tok, q, system=system).input_ids)[0, -1] for q in questions]
+        last = [[final_hidden(m.model, build_prompt(tok, q, system=system).input_ids)[0, -1] for q in questions]
                 for m in (full, low)]
         print(row(f"{len(questions)} question prompts, {prompt}", scan(full, low, *map(torch.stack, last))),
               flush=True)
 
     if SHAKESPEARE.is_file():
         x = tok(SHAKESPEARE.read_text(encoding="utf-8")[:PPL_CHARS], return_tensors="pt").input_ids[:, :PPL_TOKENS]
-        hf, hl = (final_hidden(m, x)[0, :-1] for m in (full, low))
+        hf, hl = (final_hidden(m.model, x)[0, :-1] for m in (full, low))
         print(row(f"tinyshakespeare, first {x.shape[1]} tokens", scan(full, low, hf, hl, x[0, 1:]), ppl=True))
 
 
