@@ -126,6 +126,73 @@ def test_each_round_ends_with_the_least_squares_scales_of_its_codes(rounds):
     assert output_error(w, dequantize(r.index, r.scales), h) < output_error(w, plain, h)
 
 
+@pytest.mark.parametrize("damp", [0.01, 0.3])
+@pytest.mark.parametrize("out,d", [(8, 64), (16, 128)])
+def test_the_full_output_target_is_the_least_squares_weight_for_the_full_output(out, d, damp):
+    """W* = w (C + lam I)(H + lam I)^-1 minimises |X w - X~ q|^2 / n + lam |w - q|^2 over q, and that
+    objective is GPTQ's damped one around W* plus a constant: so rounding W* rounds for the full output."""
+    from generation.rounding import toward_full_output
+
+    x = correlated_inputs(4 * d, d, seed=5).double()
+    drift = correlated_inputs(4 * d, d, seed=6).double() * 0.3
+    xt = x + drift  # the rounded model's input: the full model's, moved by earlier layers' rounding
+    n = x.shape[0]
+    h, cross = xt.T @ xt / n, x.T @ xt / n
+    w = torch.randn(out, d, dtype=torch.float64) * 0.05
+    lam = damp * float(h.diagonal().mean())
+    target = toward_full_output(w, h, cross, damp=damp, toward=1.0).double()
+
+    def objective(q: torch.Tensor) -> float:  # summed over rows
+        return float(((x @ w.T - xt @ q.T) ** 2).sum() / n + lam * ((w - q) ** 2).sum())
+
+    a = h + lam * torch.eye(d, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    gaps = []
+    for _ in range(3):
+        q = w + torch.randn(out, d, generator=g, dtype=torch.float64) * 0.02
+        assert objective(target) <= objective(q)
+        gaps.append(objective(q) - output_error(target, q, a))
+    # the gap is the same constant for every q (fp32 precision of the returned target)
+    assert max(gaps) - min(gaps) <= 1e-4 * objective(w)
+    # no drift (the same input in both models): the target is the weight itself, whatever `toward`;
+    # up to an fp32 solve's error, which grows with the damped Hessian's condition number
+    atol = 10 * float(torch.linalg.cond(a)) * torch.finfo(torch.float32).eps * float(w.abs().max())
+    same = toward_full_output(w.float(), h.float(), h.float(), damp=damp, toward=0.7)
+    torch.testing.assert_close(same, w.float(), rtol=0, atol=atol)
+    half = toward_full_output(w.float(), h.float(), cross.float(), damp=damp, toward=0.5)
+    torch.testing.assert_close(half, (w.float() + target.float()) / 2, rtol=0, atol=atol)
+
+
+def test_calibration_toward_the_full_output_changes_only_layers_whose_input_drifted(tmp_path):
+    """In the first decoder layer both models see the same input, so moving the target towards the
+    full model's output changes nothing there; after it, the rounded model's input has drifted and
+    the codes of the linears that read the (normalised) residual stream follow the full model's
+    output instead; o_proj and down_proj keep their targets."""
+    from conftest import save_tiny_lm
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from generation.rounding import calibrate
+
+    save_tiny_lm(tmp_path, Gemma3TextConfig, Gemma3ForCausalLM, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 query_pre_attn_scalar=32)
+    ids = torch.randint(3, 60, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    def rounded(toward: float):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        return calibrate(model, ids, GptqConfig(damp=0.1, rounds=2, toward_full=toward))
+
+    plain, full = rounded(0.0), rounded(1.0)
+    assert plain.keys() == full.keys() and len(plain) == 14
+    for name in plain:
+        changed = float((plain[name].index != full[name].index).float().mean())
+        reads_the_residual_stream = name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+        if name.startswith("model.layers.0.") or not reads_the_residual_stream:
+            assert changed == 0, name  # the same problem, the same inputs
+        else:
+            assert changed > 0.02, name
+
+
 def test_installed_codes_make_a_standard_linear4bit():
     import bitsandbytes as bnb
 
@@ -153,6 +220,8 @@ def test_refuses_shapes_the_format_cannot_hold():
         GptqConfig(damp=0)
     with pytest.raises(ValueError, match="rounds"):
         GptqConfig(rounds=0)
+    with pytest.raises(ValueError, match="toward_full"):
+        GptqConfig(toward_full=1.5)
 
 
 # --- the norm weights tuned end to end after the rounding (bench/norm_tuning.py) --------------------

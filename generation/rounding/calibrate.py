@@ -5,7 +5,9 @@ layer: the inputs of its linear layers give each one's Hessian H = X^T X / n; ev
 onto the NF4 grid (nf4grid.gptq_nf4, then nf4grid.refit_scales, in turn `rounds` times; the linears
 that share an input in one pass); the layer's weights are replaced by
 what the codes stand for, and the layer runs again so the next layer calibrates on the inputs the
-*rounded* model gives it (errors are corrected, not compounded: GPTQ's sequential order).
+*rounded* model gives it (errors are corrected, not compounded: GPTQ's sequential order). With
+`toward_full`, the full model's hidden states run beside them, and each linear's target moves towards
+the weight that maps the rounded model's inputs onto the full model's outputs (nf4grid.toward_full_output).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .nf4grid import BLOCK, GptqConfig, block_absmax, dequantize, double_quantize, gptq_factor, gptq_nf4, refit_scales
+from .nf4grid import (
+    BLOCK, GptqConfig, block_absmax, dequantize, double_quantize, gptq_factor, gptq_nf4, refit_scales, toward_full_output,
+)
 
 
 @dataclass(frozen=True)
@@ -66,39 +70,97 @@ def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: mod for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
 
 
-def _hessians(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> list[tuple[list[str], Tensor]]:
-    """The layer's linears grouped by the input they share (q/k/v; gate/up), each group with that
-    input's Hessian X^T X / n."""
-    groups: dict[tuple, tuple[list[str], Tensor]] = {}
+@dataclass
+class _Group:
+    """Linears that share one input (q/k/v; gate/up): their names, the input's Hessian X~^T X~ / n
+    in the rounded model, and X^T X~ / n against the full model's input X (where that is tracked)."""
+
+    names: list[str]
+    h: Tensor  # (in, in)
+    cross: Tensor | None = None  # (in, in)
+
+
+def _grouped_inputs(layer: torch.nn.Module, hidden: Tensor, kwargs: dict,
+                    visit: Callable[[int, Tensor, list[str], bool], None]) -> Tensor:
+    """Run `layer` on `hidden`, calling visit(group number, input (..., in), names, normed) once per
+    distinct linear input (in the order the layer reads them; `normed`: the input is a norm's
+    output, the residual stream as q/k/v and gate/up read it) and appending each further reader's
+    name to that list. Returns the layer's output."""
+    names: dict[tuple, list[str]] = {}
+    normed: set[tuple] = set()
     seen: list[Tensor] = []  # held until the end: a freed input's address could be reused by another
+
+    def key(x: Tensor) -> tuple:
+        return x.data_ptr(), tuple(x.shape)
+
+    def norm_out(_mod, _args, out):
+        seen.append(out)
+        normed.add(key(out))
 
     def hook(name: str):
         def fn(_mod, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in groups:
+            k = key(x)
+            if k not in names:
                 seen.append(x)
-                flat = x.reshape(-1, x.shape[-1]).float()  # (n, in)
-                groups[key] = ([], flat.T @ flat / flat.shape[0])  # (in, in)
-            groups[key][0].append(name)
+                names[k] = [name]
+                visit(len(names) - 1, x, names[k], k in normed)
+            else:
+                names[k].append(name)
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in _linears(layer).items()]
+    handles += [mod.register_forward_hook(norm_out) for mod in layer.modules() if type(mod).__name__.endswith("Norm")]
     try:
-        layer(hidden, **kwargs)
+        out = layer(hidden, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return list(groups.values())
+    return out[0] if isinstance(out, tuple) else out
 
 
-def round_linears(weights: list[Tensor], h: Tensor, cfg: GptqConfig = GptqConfig()) -> list[Rounded]:
+def _groups(layer: torch.nn.Module, hidden: Tensor, kwargs: dict,
+            full: list[Tensor | None] | None = None) -> list[_Group]:
+    """The layer's linears grouped by shared input, each with its Hessian; with `full` (the full
+    model's inputs, group by group, None where not tracked), those groups' cross terms too."""
+    groups: list[_Group] = []
+
+    def visit(i: int, x: Tensor, names: list[str], _normed: bool) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
+        n = x.shape[0]
+        f = None if full is None else full[i]
+        groups.append(_Group(names, x.T @ x / n, None if f is None else f.T @ x / n))  # (in, in)
+
+    _grouped_inputs(layer, hidden, kwargs, visit)
+    return groups
+
+
+def _full_inputs(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> tuple[list[Tensor | None], Tensor]:
+    """The full-precision layer on the full model's hidden states: the inputs of the groups that
+    read the normalised residual stream (None for the others), and the layer's output. Only those
+    targets move towards the full model's output: moving the others too (o_proj, down_proj) fitted
+    the calibration text too closely (README.md)."""
+    inputs: list[Tensor | None] = []
+
+    def visit(_i: int, x: Tensor, _names: list[str], normed: bool) -> None:
+        inputs.append(x.reshape(-1, x.shape[-1]).float() if normed else None)
+
+    out = _grouped_inputs(layer, hidden, kwargs, visit)
+    return inputs, out
+
+
+def round_linears(weights: list[Tensor], h: Tensor, cfg: GptqConfig = GptqConfig(), *,
+                  cross: Tensor | None = None) -> list[Rounded]:
     """Round linears that share their input (Hessian h) together: starting from plain NF4's
     (double-quantized) scales, `cfg.rounds` times the codes by GPTQ under the scales bitsandbytes
     will multiply by, then the scales by least squares for those codes (both on the damped
     objective). Each row is its own problem, so the rows of all the weights go through at once;
-    double quantization stays per weight, as stored."""
+    double quantization stays per weight, as stored. With `cross` (X^T X~ / n, the full model's
+    input against the rounded one's) and cfg.toward_full, the target moves towards the full model's
+    output (nf4grid.toward_full_output)."""
     w = torch.cat([x.float() for x in weights])  # (sum of outs, in)
+    if cross is not None and cfg.toward_full:
+        w = toward_full_output(w, h, cross, damp=cfg.damp, toward=cfg.toward_full)
     cuts = [x.shape[0] for x in weights]
 
     def stored(scales: Tensor) -> Tensor:  # what bitsandbytes will multiply by, weight by weight
@@ -124,15 +186,24 @@ def calibrate(model: torch.nn.Module, ids: Tensor, cfg: GptqConfig = GptqConfig(
             raise ValueError(f"{name}: in_features {mod.in_features} is not a multiple of the NF4 block ({BLOCK})")
     t0 = time.perf_counter()
     hidden, kwargs = _layer_inputs(model, ids)
+    hidden_full = hidden if cfg.toward_full else None  # the full model's stream, where targets need it
     prefix = next(n for n, m in model.named_modules() if m is layers)
     chosen: dict[str, Rounded] = {}
     for i, layer in enumerate(layers):
         linears = _linears(layer)
-        for names, h in _hessians(layer, hidden, kwargs[i]):
-            for name, r in zip(names, round_linears([linears[n].weight for n in names], h, cfg)):
+        full = None
+        if hidden_full is not None:  # before this layer is rounded
+            same = hidden_full is hidden  # no layer rounded yet: the targets are the weights themselves
+            full, hidden_full = _full_inputs(layer, hidden_full, kwargs[i])
+            if same:
+                full = None
+        for g in _groups(layer, hidden, kwargs[i], full):
+            rounded = round_linears([linears[n].weight for n in g.names], g.h, cfg, cross=g.cross)
+            for name, r in zip(g.names, rounded):
                 scales = double_quantize(r.scales)[0]  # what bitsandbytes will multiply by
                 linears[name].weight.copy_(dequantize(r.index, scales).to(linears[name].weight.dtype))
                 chosen[f"{prefix}.{i}.{name}"] = r
+        del full
         out = layer(hidden, **kwargs[i])
         hidden = out[0] if isinstance(out, tuple) else out
         if progress:

@@ -83,13 +83,16 @@ def round_to_nearest(w: Tensor, scales: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class GptqConfig:
     """GPTQ's knobs: damping as a fraction of the mean Hessian diagonal, columns per lazy batch,
-    whether columns go in order of decreasing Hessian diagonal (scales stay per block), and how many
-    times codes (GPTQ) and block scales (least squares) are chosen in turn, each for the other."""
+    whether columns go in order of decreasing Hessian diagonal (scales stay per block), how many
+    times codes (GPTQ) and block scales (least squares) are chosen in turn, each for the other, and
+    `toward_full`: how far each weight's target moves from the full-precision weight towards the one
+    that maps the rounded model's inputs onto the full-precision model's outputs (calibrate.py)."""
 
     damp: float = 0.01
     batch: int = 128
     act_order: bool = True
     rounds: int = 1
+    toward_full: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -98,6 +101,8 @@ class GptqConfig:
             raise ValueError(f"batch must be positive, got {self.batch!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be positive, got {self.rounds!r}")
+        if not 0 <= self.toward_full <= 1:
+            raise ValueError(f"toward_full must be in [0, 1], got {self.toward_full!r}")
 
 
 def _damped(h: Tensor, damp: float) -> Tensor:
@@ -111,6 +116,24 @@ def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ uses it."""
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(_damped(h, damp)))
     return torch.linalg.cholesky(hinv, upper=True)
+
+
+def toward_full_output(w: Tensor, h: Tensor, cross: Tensor, *, damp: float, toward: float) -> Tensor:
+    """The weight to round in place of w (out, in), for a layer whose input in the rounded model, X~
+    (Hessian h = X~^T X~ / n), differs from the full-precision model's X (cross = X^T X~ / n): the
+    rows W* minimising |X w - X~ W*|^2 + damping's pull towards w, with the damping GPTQ uses,
+    W* = w (cross + lam I)(h + lam I)^-1, lam = damp * mean(diag h); then w + toward * (W* - w).
+    Around W*, GPTQ's damped objective differs from the error against the full model's output by a
+    constant only, so the codes and scales chosen for it need nothing else (GPTAQ's asymmetric
+    calibration, Li et al. 2025; `toward` < 1 because the whole way fits the calibration text too
+    closely: README.md)."""
+    w = w.float()
+    h = h.float()
+    lam = damp * h.diagonal().mean()
+    rhs = cross.float().T @ w.T + lam * w.T  # (in, out): (C^T + lam I) w^T
+    chol = torch.linalg.cholesky(_damped(h, damp))  # H + lam I is symmetric positive definite
+    star = torch.cholesky_solve(rhs, chol).T  # (out, in): w (C + lam I)(H + lam I)^-1
+    return w + toward * (star - w)  # (out, in)
 
 
 @dataclass(frozen=True)
