@@ -85,8 +85,9 @@ class GptqConfig:
     """GPTQ's knobs: damping as a fraction of the mean Hessian diagonal, columns per lazy batch,
     whether columns go in order of decreasing Hessian diagonal (scales stay per block), how many
     times codes (GPTQ) and block scales (least squares) are chosen in turn, each for the other, and
-    `toward_full`: how far each weight's target moves from the full-precision weight towards the one
-    that maps the rounded model's inputs onto the full-precision model's outputs (calibrate.py)."""
+    `toward_full`: how far the target of each linear that reads the residual stream moves from its
+    full-precision weight towards the one that maps the rounded model's inputs onto the
+    full-precision model's outputs (calibrate.py; 0: GPTQ's usual target)."""
 
     damp: float = 0.01
     batch: int = 128
