@@ -137,6 +137,11 @@ def last_logprobs(lm, systems: dict[str, str], questions: list[str]):
     return out
 
 
+def mean_kl(ref: dict, got: dict) -> dict[str, float]:
+    """{prompt: mean KL(ref || got)} over the questions, for last_logprobs' outputs (prompts in both)."""
+    return {p: float((ref[p].exp() * (ref[p] - got[p])).sum(-1).mean()) for p in ref if p in got}
+
+
 def run_variant(variant: str, prompts: list[str], seeds: int, ref_path: Path, questions: Path = QUESTIONS) -> dict:
     """Load `variant` as the app would, answer every question, measure perplexity and KL."""
     import torch
@@ -157,7 +162,7 @@ def run_variant(variant: str, prompts: list[str], seeds: int, ref_path: Path, qu
         torch.save(lp, ref_path)
     elif ref_path.is_file():
         ref = torch.load(ref_path)
-        res["kl"] = {p: float((ref[p].exp() * (ref[p] - lp[p])).sum(-1).mean()) for p in prompts if p in ref}
+        res["kl"] = mean_kl({p: ref[p] for p in prompts if p in ref}, lp)
     engine = ChatEngine(lm, max_batch=32)
     try:
         for p in prompts:

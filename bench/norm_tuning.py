@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchutil import describe  # noqa: E402
-from chat_quality import QUESTIONS, ZERO_SHOT, last_logprobs, load_questions, perplexity  # noqa: E402
+from chat_quality import QUESTIONS, ZERO_SHOT, last_logprobs, load_questions, mean_kl, perplexity  # noqa: E402
 
 
 def parse_config(text: str):
@@ -78,7 +78,7 @@ def main() -> None:
 
     def row(label: str, seconds: str) -> str:
         got = last_logprobs(lm, systems, questions)
-        kl = {n: float((ref[n].exp() * (ref[n] - got[n])).sum(-1).mean()) for n in ref}
+        kl = mean_kl(ref, got)
         return f"| {label} | {seconds} | {perplexity(lm):.2f} | {kl['zero-shot']:.4f} | {kl['examples']:.4f} |"
 
     print("\n| norm weights | tuning time | perplexity | KL vs bf16, zero-shot | KL vs bf16, example exchanges |")

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchutil import describe  # noqa: E402
-from chat_quality import QUESTIONS, ZERO_SHOT, last_logprobs, load_questions, perplexity  # noqa: E402
+from chat_quality import QUESTIONS, ZERO_SHOT, last_logprobs, load_questions, mean_kl, perplexity  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         lm = SimpleNamespace(model=model, tokenizer=tok)
         got = last_logprobs(lm, systems, questions)
-        kl = {n: float((ref[n].exp() * (ref[n] - got[n])).sum(-1).mean()) for n in ref}
+        kl = mean_kl(ref, got)
         print(f"| {value:g} | {seconds:.0f} s | {perplexity(lm):.2f} | {kl['zero-shot']:.4f} | {kl['examples']:.4f} |",
               flush=True)
 

@@ -121,9 +121,10 @@ def _grouped_inputs(layer: torch.nn.Module, hidden: Tensor, kwargs: dict,
 
 
 def _groups(layer: torch.nn.Module, hidden: Tensor, kwargs: dict,
-            full: list[Tensor | None] | None = None) -> list[_Group]:
+            full: list[Tensor | None] | None = None) -> tuple[list[_Group], Tensor]:
     """The layer's linears grouped by shared input, each with its Hessian; with `full` (the full
-    model's inputs, group by group, None where not tracked), those groups' cross terms too."""
+    model's inputs, group by group, None where not tracked), those groups' cross terms too. And
+    the layer's output (as it is, before rounding)."""
     groups: list[_Group] = []
 
     def visit(i: int, x: Tensor, names: list[str], _normed: bool) -> None:
@@ -132,8 +133,8 @@ def _groups(layer: torch.nn.Module, hidden: Tensor, kwargs: dict,
         f = None if full is None else full[i]
         groups.append(_Group(names, x.T @ x / n, None if f is None else f.T @ x / n))  # (in, in)
 
-    _grouped_inputs(layer, hidden, kwargs, visit)
-    return groups
+    out = _grouped_inputs(layer, hidden, kwargs, visit)
+    return groups, out
 
 
 def _full_inputs(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> tuple[list[Tensor | None], Tensor]:
@@ -192,13 +193,16 @@ def calibrate(model: torch.nn.Module, ids: Tensor, cfg: GptqConfig = GptqConfig(
     chosen: dict[str, Rounded] = {}
     for i, layer in enumerate(layers):
         linears = _linears(layer)
+        # Until a layer is rounded both models' inputs are the same: the targets are the weights
+        # themselves, and the full model's output is the one the Hessians' pass computes.
+        same = hidden_full is hidden
         full = None
-        if hidden_full is not None:  # before this layer is rounded
-            same = hidden_full is hidden  # no layer rounded yet: the targets are the weights themselves
+        if hidden_full is not None and not same:  # before this layer is rounded
             full, hidden_full = _full_inputs(layer, hidden_full, kwargs[i])
-            if same:
-                full = None
-        for g in _groups(layer, hidden, kwargs[i], full):
+        groups, unrounded_out = _groups(layer, hidden, kwargs[i], full)
+        if same:
+            hidden_full = unrounded_out
+        for g in groups:
             rounded = round_linears([linears[n].weight for n in g.names], g.h, cfg, cross=g.cross)
             for name, r in zip(g.names, rounded):
                 scales = double_quantize(r.scales)[0]  # what bitsandbytes will multiply by
