@@ -134,6 +134,20 @@ _TINY_CORPUS = [
 ]
 
 
+def native_kernel(load, name: str, detail: str):
+    """The native kernel `load()` gives (a kernels module's loader), asserting that it runs natively
+    with status `detail`; the test is skipped where no C compiler exists."""
+    import shutil
+
+    from generation.kernels import KernelStatus
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("needs a C compiler")
+    kernel, status = load()
+    assert status == KernelStatus(name, True, detail), str(status)
+    return kernel
+
+
 def build_tiny_tokenizer():
     """A byte-level BPE (~300 tokens) trained offline on a few sentences, with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

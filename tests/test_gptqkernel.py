@@ -4,12 +4,11 @@ differs, cannot be built or is switched off, torch's ops run and the status says
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from generation.kernels import KernelStatus
+from generation.kernels import build as kbuild
 from generation.kernels import gptq as kgptq
 from generation.rounding import (
     NF4_CODE,
@@ -22,6 +21,7 @@ from generation.rounding import (
     nf4grid,
 )
 
+from conftest import native_kernel
 from test_rounding import correlated_inputs
 
 pytestmark = pytest.mark.torch_threads(2)  # the OpenMP kernels run on two threads, as in the app
@@ -29,11 +29,7 @@ pytestmark = pytest.mark.torch_threads(2)  # the OpenMP kernels run on two threa
 
 @pytest.fixture(scope="module")
 def native():
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("needs a C compiler")
-    loop, status = kgptq.gptq_batch()
-    assert status == KernelStatus(kgptq.NATIVE, True, "torch's bits, checked here"), str(status)
-    return loop
+    return native_kernel(kgptq.gptq_batch, kgptq.NATIVE, "torch's bits, checked here")
 
 
 @pytest.mark.parametrize("bn,out", [(1, 1), (2, 7), (16, 65), (128, 640), (128, 1536)])
@@ -80,7 +76,7 @@ def test_a_loop_that_differs_from_torch_is_not_used(monkeypatch):
 
     assert "errors" in kgptq.check_against_torch(off_by_one_ulp)
     monkeypatch.setattr(kgptq, "_state", {})
-    monkeypatch.setattr(kgptq, "load_library", lambda *a, **k: (off_by_one_ulp, KernelStatus(kgptq.NATIVE, True)))
+    monkeypatch.setattr(kbuild, "load_library", lambda *a, **k: (off_by_one_ulp, KernelStatus(kgptq.NATIVE, True)))
     loop, status = kgptq.gptq_batch()
     assert loop is kgptq.torch_batch and not status.native and status.short == "torch ops"
     assert "differs from torch in the errors" in status.detail

@@ -1,6 +1,6 @@
 """The small C kernels: the fast decode's int8 LM head (int8_head.c) and per-layer norms, residual
-adds and RoPE (norms.c), the calibrated rounding's GPTQ column loop (gptq.c), their ctypes
-bindings, and the one module that builds, caches and loads them (build.py). Each reports a
+adds and RoPE (norms.c), the calibrated rounding's GPTQ column loop (gptq.c) and block-scale refit
+(refit.c), their ctypes bindings, and the one module that builds, caches and loads them (build.py). Each reports a
 `KernelStatus`: what runs (the kernel or its torch fallback) and why."""
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ from .build import KernelBuildError, KernelStatus, build_library, kernel_cache_d
 from .gptq import GptqBatch, gptq_batch
 from .int8_head import Int8HeadKernel, native_int8_kernel, native_int8_status
 from .norms import NormKernels, check_against_torch, norm_kernels, torch_qk_norm_rope, torch_rms
+from .refit import BlockGram, block_gram
 
 __all__ = [
+    "BlockGram",
     "GptqBatch",
     "Int8HeadKernel",
     "KernelBuildError",
     "KernelStatus",
     "NormKernels",
+    "block_gram",
     "build_library",
     "check_against_torch",
     "gptq_batch",

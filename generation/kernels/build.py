@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 from ..settings import Settings
 
 __all__ = ["BASE_FLAGS", "OFF_REASON", "KernelBuildError", "KernelStatus", "build_library", "cpu_flags",
-           "kernel_cache_dir", "load_library", "native_enabled", "read_source"]
+           "kernel_cache_dir", "load_checked", "load_library", "native_enabled", "read_source"]
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +176,24 @@ def load_library(name: str, source: str, *, native: str, fallback: str, extra_fl
     except Exception as exc:  # no compiler, a failed build, load or bind: the fallback runs, and says why
         return None, KernelStatus(fallback, False, f"native kernel unavailable: {exc}")
     return bound, KernelStatus(native, True, str(so))
+
+
+def load_checked(state: dict, lock: threading.Lock, name: str, *, native: str, fallback: str, bind: Callable[[ct.CDLL], T],
+                 check: Callable[[T], str | None], agrees: str, differs: str,
+                 extra_flags: Sequence[str] = ()) -> tuple[T | None, KernelStatus]:
+    """`load_library` for the C file `name`.c once per process (kept in `state`, under `lock`), then
+    `check(kernel)`: None where it agrees with torch (the status says `agrees`), else what differed
+    (the kernel is not used; the status says "the native `differs` from torch in the ..."). (None,
+    the fallback's status) where ATTN_LAB_NATIVE=0 (read at every call) or it cannot be built."""
+    if not native_enabled():
+        return None, KernelStatus(fallback, False, OFF_REASON)
+    with lock:
+        if "kernel" not in state:
+            kernel, status = load_library(name, read_source(f"{name}.c"), native=native, fallback=fallback,
+                                          extra_flags=extra_flags, bind=bind)
+            if kernel is not None and (diff := check(kernel)) is not None:
+                kernel, status = None, KernelStatus(fallback, False, f"the native {differs} differs from torch in the {diff}")
+            elif kernel is not None:
+                status = KernelStatus(native, True, agrees)
+            state["kernel"], state["status"] = kernel, status
+        return state["kernel"], state["status"]  # type: ignore[return-value]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .build import OFF_REASON, KernelStatus, load_library, native_enabled, read_source
+from .build import KernelStatus, load_checked
 
 __all__ = ["GptqBatch", "check_against_torch", "gptq_batch", "torch_batch"]
 
@@ -104,16 +104,7 @@ def gptq_batch() -> tuple[GptqBatch, KernelStatus]:
     """What runs one lazy batch here: the C loop where it is built and gives torch's bits, else
     `torch_batch`; and why. ATTN_LAB_NATIVE is read at every call; the build and the check happen
     once per process."""
-    if not native_enabled():
-        return torch_batch, KernelStatus(FALLBACK, False, OFF_REASON)
-    with _lock:
-        if "kernel" not in _state:
-            kernel, status = load_library("gptq", read_source("gptq.c"), native=NATIVE, fallback=FALLBACK,
-                                          extra_flags=("-ffp-contract=off", "-fno-fast-math"), bind=_bind)
-            if kernel is not None and (diff := check_against_torch(kernel)) is not None:
-                kernel, status = None, KernelStatus(FALLBACK, False, f"the native GPTQ loop differs from torch in the {diff}")
-            elif kernel is not None:
-                status = KernelStatus(NATIVE, True, "torch's bits, checked here")
-            _state["kernel"], _state["status"] = kernel, status
-        kernel, status = _state["kernel"], _state["status"]
-    return (kernel or torch_batch), status  # type: ignore[return-value]
+    kernel, status = load_checked(_state, _lock, "gptq", native=NATIVE, fallback=FALLBACK, bind=_bind,
+                                  check=check_against_torch, agrees="torch's bits, checked here", differs="GPTQ loop",
+                                  extra_flags=("-ffp-contract=off", "-fno-fast-math"))
+    return (kernel or torch_batch), status

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels import gptq_batch
+from ..kernels import block_gram, gptq_batch
 
 # The calibrated snapshot's NF4 blocksize: bitsandbytes' smallest, half its default of 64 (which plain
 # NF4 keeps). Each scale is chosen for the output, so more of them buy more; they cost 1/8 bit more a
@@ -191,14 +191,12 @@ def refit_scales(w: Tensor, h: Tensor, index: Tensor, *, damp: float = 0.0, rows
     code = NF4_CODE.to(w.device)[index]  # (out, in)
     scales = torch.empty(out, g)
     ridge = 1e-6 * h.diagonal().mean()
+    gram, _ = block_gram()  # C^T H C per row: C where it is within rounding of torch's einsum
     for r0 in range(0, out, rows_per_chunk):
         c = code[r0 : r0 + rows_per_chunk]  # (r, in)
         hw = w[r0 : r0 + rows_per_chunk] @ h  # (r, in)
         rhs = (c * hw).reshape(-1, g, BLOCK).sum(-1)  # (r, G): C^T H w
-        # C^T H C per row: blocks of (c h c^T) summed; (r, G, G)
-        ch = c.reshape(-1, g, BLOCK)  # (r, G, B)
-        hb = h.reshape(g, BLOCK, g, BLOCK)  # (G, B, G, B)
-        a = torch.einsum("rgi,gihj,rhj->rgh", ch, hb, ch)  # (r, G, G)
+        a = gram(c, h, BLOCK)  # (r, G, G): the blocks of H weighted by the row's codes, summed
         a.diagonal(dim1=1, dim2=2).add_(ridge)
         scales[r0 : r0 + rows_per_chunk] = torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)
     return scales
