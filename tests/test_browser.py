@@ -276,6 +276,20 @@ def test_text_typed_while_a_message_is_sent_stays_in_the_box(page):
     assert page.locator("#chat-input textarea").input_value() == ""
 
 
+def test_a_message_sent_while_the_previous_send_is_at_the_server_is_answered(page):
+    """A student who presses Enter again before the server has taken the previous Send (an empty
+    one, refused with a warning) gets the new message answered, not silently dropped. Forced: the
+    first Send is held at the server's queue while they type and send the second."""
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 8)
+    before = replies_done(page)
+    with held_event(page, lambda: send_chat(page, "   ")):
+        send_chat(page, "Hello!")
+        wait_reply_done(page, before)
+    assert user_texts(page) == ["Hello!"]
+    page.get_by_text("Type a message first").first.wait_for(timeout=30_000)  # the held one, refused
+
+
 def test_inside_the_chat_model_renders_and_follows_a_layer_change(page):
     page.click("#inspect-btn")
     page.wait_for_selector("#inspect-big img", timeout=120_000)
