@@ -491,7 +491,9 @@ def test_a_view_drawn_from_widgets_is_drawn_again_for_a_change_made_while_it_dra
     """Gradio drops a trigger that comes while the same event is still running ("once", its default
     for most events). A picture drawn from sliders, lists or clicks must instead be drawn once more
     after it ("always_last"), or it stays at the earlier setting, and so must what is chained to
-    it. Buttons that start a reply or a run keep "once": a double click is not two requests."""
+    it. Buttons that start a run keep "once": a double click is not two requests. Send takes every
+    press ("multiple"): its handler refuses one made while a reply is written, with a warning,
+    where "once" would drop it without a word (tests/test_browser.py forces that case)."""
     import app
 
     config = app.build_demo().get_config_file()
@@ -503,9 +505,11 @@ def test_a_view_drawn_from_widgets_is_drawn_again_for_a_change_made_while_it_dra
     assert len(chained) >= 2  # the lab's step view after its heatmaps, the tokens view after a branch switch
     assert {d["api_name"]: d["trigger_mode"] for d in redraws + chained} == \
         {d["api_name"]: "always_last" for d in redraws + chained}
-    sends = [d for d in deps.values() if any(event == "click" for _, event in d["targets"]) and d["api_name"]
-             in ("user_turn", "retry", "read", "check")]
-    assert sends and {d["trigger_mode"] for d in sends} == {"once"}
+    runs = [d for d in deps.values() if any(event == "click" for _, event in d["targets"]) and d["api_name"]
+            in ("retry", "read", "check")]
+    assert len(runs) >= 3 and {d["trigger_mode"] for d in runs} == {"once"}
+    (send,) = [d for d in deps.values() if d["api_name"] == "user_turn"]
+    assert send["trigger_mode"] == "multiple"
 
 
 def test_history_sent_to_the_model_alternates():

@@ -630,10 +630,11 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
                outputs=[chatbot, status, user_stats, bar.replies],
                show_progress="minimal", concurrency_id=CHAT_GROUP,
                concurrency_limit=state.settings.chat_concurrency, **private)
-    # Every Send reaches user_turn, which refuses what it must with a warning: with gradio's default
-    # ("once") the page drops a Send made while the previous one is still at the server, silently,
-    # and a warning arrives before its event counts as ended (a student retyping after "Type a
-    # message first" on a busy server would see nothing happen).
+    # Every Send reaches user_turn, which refuses what it must with a warning (a double press: one
+    # reply and "still being written"). With gradio's default ("once") the page drops a Send made
+    # while the previous one is still at the server, silently, and a warning arrives before its
+    # event counts as ended: a student retyping after "Type a message first" on a busy server saw
+    # nothing happen.
     sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [sent_text, chatbot, tokens, go],
                  show_progress="hidden", trigger_mode="multiple", **lab_kw, **private).then(
         None, [msg, sent_text], [msg], js=CLEAR_IF_SENT, queue=False, **private).then(**bot)
