@@ -235,16 +235,25 @@ def app_page(browser, url: str, ready_js: str | None = None):
     assert off_host == [], f"the page made requests off this machine: {off_host}"
 
 
+def event_id(page, api_name: str) -> int:
+    """The id of the app's event `api_name` (what the page's queue join names as fn_index)."""
+    config = page.request.get(page.url.split("?")[0].rstrip("/") + "/config").json()
+    (dep,) = [d for d in config["dependencies"] if d.get("api_name") == api_name]
+    return dep["id"]
+
+
 @contextlib.contextmanager
-def held_event(page, trigger, timeout_s: float = 60.0):
+def held_event(page, trigger, timeout_s: float = 60.0, only: int | None = None):
     """Hold the event `trigger()` sends to the server's queue until the block ends, as a server busy
     with other users holds it: what the block does happens while that event has not yet run and the
     page counts it as running (a redraw the student keeps moving sliders through). Events sent
-    meanwhile go through (the page itself defers one of the same kind until the held one ends)."""
+    meanwhile go through (the page itself defers one of the same kind until the held one ends).
+    `only`: hold the first join of that event id (`event_id`), not whatever event joins first."""
     held: list = []
 
     def hold(route) -> None:
-        if held:
+        body = route.request.post_data_json if only is not None else None
+        if held or (only is not None and (not isinstance(body, dict) or body.get("fn_index") != only)):
             route.continue_()
         else:
             held.append(route)

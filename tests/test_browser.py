@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import bot_texts, held_event, open_app, send_chat, set_number
+from apputil import bot_texts, event_id, held_event, open_app, send_chat, set_number
 from apputil import replies_done, user_texts, wait_changed, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
@@ -79,7 +79,7 @@ def test_a_head_picked_while_the_maps_redraw_is_kept(page):
     """A redraw that ends after the student picked another head must not put the old head back.
     Forced: the redraw (a new seed) is held at the server's queue until the pick is made."""
     before = heatmap_src(page)
-    with held_event(page, lambda: set_number(page, "lab-seed", 7)):
+    with held_event(page, lambda: set_number(page, "lab-seed", 7), only=event_id(page, "lab_update")):
         set_number(page, "lab-head", 2)
     wait_changed(lambda: heatmap_src(page), before)  # the held redraw has ended (one update, head included)
     assert page.locator("#lab-head input[type=number]").input_value() == "2"
@@ -266,7 +266,7 @@ def test_text_typed_while_a_message_is_sent_stays_in_the_box(page):
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 8)
     before = replies_done(page)
-    with held_event(page, lambda: send_chat(page, "Hello!")):
+    with held_event(page, lambda: send_chat(page, "Hello!"), only=event_id(page, "user_turn")):
         page.fill("#chat-input textarea", "And what is the capital of Peru?")
     wait_reply_done(page, before)
     assert user_texts(page) == ["Hello!"]
@@ -283,7 +283,7 @@ def test_a_message_sent_while_the_previous_send_is_at_the_server_is_answered(pag
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 8)
     before = replies_done(page)
-    with held_event(page, lambda: send_chat(page, "   ")):
+    with held_event(page, lambda: send_chat(page, "   "), only=event_id(page, "user_turn")):
         send_chat(page, "Hello!")
         wait_reply_done(page, before)
     assert user_texts(page) == ["Hello!"]
@@ -303,7 +303,7 @@ def test_inside_the_chat_model_renders_and_follows_a_layer_change(page):
     )
     wait_changed(lambda: page.locator("#inspect-grid img").get_attribute("src"), before)
     # A head picked while the drawing of another layer waits (held at the server's queue) is kept.
-    with held_event(page, lambda: set_number(page, "inspect-layer", 11)):
+    with held_event(page, lambda: set_number(page, "inspect-layer", 11), only=event_id(page, "inspect_update")):
         set_number(page, "inspect-head", 2)
     wait_until(lambda: page.locator("#inspect-notes").inner_text(), lambda t: "Layer 11, head 2 " in t)
     assert page.locator("#inspect-head input[type=number]").input_value() == "2"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from apputil import held_event, open_app, set_number, wait_changed, wait_until
+from apputil import event_id, held_event, open_app, set_number, wait_changed, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -67,7 +67,7 @@ def test_logit_lens_from_a_shared_link_a_cell_and_the_files(browser, app_server)
         # A position picked while the drawing of another layer waits (held at the server's queue) is
         # kept: that drawing leaves the sliders as the student left them, and the page's deferred
         # redraw then lists the cell they say.
-        with held_event(pg, lambda: set_number(pg, "lens-layer", 10)):
+        with held_event(pg, lambda: set_number(pg, "lens-layer", 10), only=event_id(pg, "lens_pick")):
             set_number(pg, "lens-pos", 4)
         wait_until(lambda: pg.locator("#lens-cell").inner_text(),
                    lambda h: "After layer 10" in h and "position 4" in h)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from apputil import held_event, open_app, send_chat, set_number, wait_changed
+from apputil import event_id, held_event, open_app, send_chat, set_number, wait_changed
 from apputil import wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
@@ -90,7 +90,7 @@ def test_model_view_click_a_thumbnail_and_download(page):
     # A head picked while the drawing of another layer waits (held at the server's queue) is kept:
     # that drawing, when it ends, leaves the sliders as the student left them, and the page's
     # deferred redraw then draws what they say.
-    with held_event(page, lambda: set_number(page, "mv-layer", 7)):
+    with held_event(page, lambda: set_number(page, "mv-layer", 7), only=event_id(page, "model_view_pick")):
         set_number(page, "mv-head", 1)
     wait_until(lambda: page.locator("#mv-summary").inner_text(), lambda t: t.startswith("Layer 7, head 1 "))
     assert (slider_value(page, "mv-layer"), slider_value(page, "mv-head")) == ("7", "1")
