@@ -141,7 +141,7 @@ def _full_inputs(layer: torch.nn.Module, hidden: Tensor, kwargs: dict) -> tuple[
     """The full-precision layer on the full model's hidden states: the inputs of the groups that
     read the normalised residual stream (None for the others), and the layer's output. Only those
     targets move towards the full model's output: moving o_proj's and down_proj's too bought no
-    measurable perplexity for ~30 s more of first start, and alone they raised the KL (README.md)."""
+    measurable perplexity for ~30 s more of first start, and alone they raised the KL (bench/README.md)."""
     inputs: list[Tensor | None] = []
 
     def visit(_i: int, x: Tensor, _names: list[str], normed: bool) -> None:

@@ -29,7 +29,7 @@ from ..kernels import block_gram, gptq_batch
 
 # The calibrated snapshot's NF4 blocksize: bitsandbytes' smallest, half its default of 64 (which plain
 # NF4 keeps). Each scale is chosen for the output, so more of them buy more; they cost 1/8 bit more a
-# weight (README.md, "What was measured on the way").
+# weight (bench/README.md, "What was measured on the way").
 BLOCK = 32
 NESTED_BLOCK = 256  # bitsandbytes' blocksize for the double-quantized scales
 
@@ -127,7 +127,7 @@ def toward_full_output(w: Tensor, h: Tensor, cross: Tensor, *, damp: float, towa
     Around W*, GPTQ's damped objective differs from the error against the full model's output by a
     constant only, so the codes and scales chosen for it need nothing else (GPTAQ's asymmetric
     calibration, Li et al. 2025; `toward` < 1 because the whole way fits the calibration text too
-    closely: README.md)."""
+    closely: bench/README.md)."""
     w = w.float()
     h = h.float()
     lam = damp * h.diagonal().mean()

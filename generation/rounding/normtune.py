@@ -1,7 +1,7 @@
 """After the codes and scales: the rounded model's norm weights, tuned end to end.
 
 Not in the app's snapshot: it lowers the perplexity on held-out text and the KL on prompts with the
-example exchanges, and costs answers to short questions (README.md, "The norm weights, tuned end to
+example exchanges, and costs answers to short questions (bench/README.md, "The norm weights, tuned end to
 end"); bench/norm_tuning.py measures it.
 
 GPTQ and the scale refit see one linear layer at a time; a learner sees the last layer's

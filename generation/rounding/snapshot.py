@@ -24,7 +24,7 @@ SEQ_TOKENS = 256  # tokens per calibration sequence (BOS + 255 of the text)
 # learner types; a stronger pull towards plain rounding generalises better. Two rounds: the codes
 # chosen again under the refit scales, then the scales again. The target of each linear that reads
 # the residual stream half way towards the weight that maps the rounded model's inputs onto the
-# full model's outputs: the whole way fits the calibration text too closely (README.md has what each buys).
+# full model's outputs: the whole way fits the calibration text too closely (bench/README.md has what each buys).
 METHOD = GptqConfig(damp=0.3, batch=128, act_order=True, rounds=2, toward_full=0.5)
 
 
