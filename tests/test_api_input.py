@@ -7,8 +7,10 @@ model), then the real app through gradio_client and raw HTTP (httpx).
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from collections.abc import Iterator
 
 import gradio as gr
@@ -62,6 +64,28 @@ def test_quote_writes_huge_integers_as_powers_of_ten():
     assert quote(10**308) == "1.00e+308 (an integer of 309 digits)"
     assert quote(-(10**20)).startswith("-1.00e+20")
     assert quote(10**15 - 1) == str(10**15 - 1)  # 15 digits are still written out
+
+
+@pytest.mark.parametrize("text", [
+    " Paris. The capital of France is Paris.",
+    " *bold* _it_ `code` [link](http://x) # head - item 1. > quote ~~gone~~ \\ back",
+    " a | b || c",
+    " <b>tag</b> &amp; <script>alert(1)</script>",
+    "\nFirst line\r\nsecond line\n",
+    " $$x^2$$ and {braces} (parens) !bang +plus",
+])
+def test_model_text_in_a_table_cell_shows_as_written(text):
+    """What a model writes goes into the Markdown table of "What 4-bit costs": rendered as a table
+    cell, it must read as the model's own characters (a line break as ↵), never as markup."""
+    from markdown_it import MarkdownIt
+
+    from ui.inside import table_text
+
+    page = MarkdownIt("commonmark").enable("table").render(f"| a | b |\n|---|---|\n| {table_text(text)} | end |\n")
+    cells = re.findall(r"<td>(.*?)</td>", page, flags=re.S)
+    assert cells[1] == "end", page  # the text stayed inside its own cell
+    assert "<" not in cells[0].replace("&lt;", ""), page  # no element made of the text
+    assert html.unescape(cells[0]) == text.replace("\r", "").replace("\n", " ↵ ").strip()
 
 
 def test_safe_text_strips_markup_and_cuts_long_runs():

@@ -330,6 +330,9 @@ def test_what_4bit_costs_loads_full_precision_on_demand(page):
     assert 1e-3 < kl < 1.0, summary  # NF4 moves the distribution, measurably but not wildly
     # side by side: the chat's calibrated rounding, bitsandbytes' plain one, full precision
     assert "NF4 4-bit, calibrated" in summary and "NF4 4-bit, plain" in summary and "KL(full ‖ this)" in summary
+    # what each of the three writes next, one cell each (…and the model's own text, never markup)
+    written = page.locator("#quant-summary tr", has_text="writes next (greedy)").locator("td").all_inner_texts()
+    assert len(written) == 4 and all(cell.startswith("…") and len(cell) > 1 for cell in written[1:]), written
     table = page.locator("#quant-table").inner_text()
     assert "Paris" in table and "%" in table
 

@@ -427,6 +427,11 @@ def test_four_bit_vs_full_kl_is_small_but_not_zero(lm4, lm_full):
     assert any(r.rank_full == 1 for r in qc.rows)
     assert 5 <= len(qc.rows) <= 10
     assert qc.top1_agree == (top4.rank_full == 1)
+    # What each writes next: decode_tokens + 1 greedy tokens, the first the top token of its row.
+    for side, rank in ((qc.quantized, "rank_4bit"), (qc.full, "rank_full")):
+        first = next(r.token_id for r in qc.rows if getattr(r, rank) == 1)
+        assert side.continuation.startswith(lm4.tokenizer.decode([first]))
+        assert side.continuation.strip()
 
 
 def test_full_precision_cache_loads_once_for_concurrent_callers(tiny_qwen_dir, monkeypatch):

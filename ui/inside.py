@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +81,17 @@ to NF4 the other way (the chat's model picks each layer's codes and scales for i
 the nearest code): memory, speed, and how much the next-token distribution moves (KL divergence).
 """
 
+def table_text(text: str) -> str:
+    """Model-written text as a Markdown table cell shows it literally: HTML and Markdown characters
+    escaped, a line break as ↵ (a cell holds one line)."""
+    text = html.escape(text, quote=False).replace("\r", "").replace("\n", " ↵ ")
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text)
+
+
 def quant_markdown(cmp: Any, twin: Any = None) -> str:
     """4-bit vs full precision (a QuantComparison), and where given the same weights rounded the
-    other way (`twin`, compared with the same full-precision copy): bytes, time per token, KL."""
+    other way (`twin`, compared with the same full-precision copy): bytes, time per token, KL, and
+    what each writes next (greedy)."""
     sides = [cmp.quantized] + ([twin.quantized] if twin else []) + [cmp.full]
     head = "| | " + " | ".join(s.label for s in sides) + " |\n|---|" + "---|" * len(sides) + "\n"
     rows = [
@@ -92,6 +101,7 @@ def quant_markdown(cmp: Any, twin: Any = None) -> str:
     ]
     if twin:
         rows.append(("KL(full ‖ this)", [f"{cmp.kl_full_to_4bit:.4f}", f"{twin.kl_full_to_4bit:.4f}", "0"]))
+    rows.append(("writes next (greedy)", [f"…{table_text(s.continuation)}" for s in sides]))
     table = head + "".join(f"| {name} | " + " | ".join(cells) + " |\n" for name, cells in rows)
     other = (f" · {twin.quantized.label}: KL {twin.kl_full_to_4bit:.4f} nats, most likely token "
              f"{'the same' if twin.top1_agree else 'differs'}") if twin else ""
@@ -373,7 +383,7 @@ def build_inside(demo: gr.Blocks, handlers: InsideHandlers, colourblind: gr.Chec
             quant_btn = gr.Button("Compare 4-bit with full precision", elem_id="quant-btn")
         with gr.Column(scale=3):
             quant_md = gr.Markdown("The full-precision copy loads on the first click (it takes a while).",
-                                   elem_id="quant-summary")
+                                   elem_id="quant-summary", latex_delimiters=[])  # model text may hold $$
             quant_table = gr.Dataframe(headers=["token", "4-bit p", "other rounding p", "full p", "4-bit rank",
                                                 "full rank"],
                                        show_label=False, interactive=False, elem_id="quant-table")

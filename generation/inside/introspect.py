@@ -480,6 +480,7 @@ class QuantSide:
     weight_bytes: int
     prefill_seconds: float  # one forward over the prompt
     seconds_per_token: float  # median of the timed decode steps (one token each, with the KV cache)
+    continuation: str = ""  # the greedy tokens of those steps, as text: what this model writes next
 
 
 @dataclass(frozen=True)
@@ -513,8 +514,9 @@ class QuantComparison:
         return self.full.weight_bytes / max(self.quantized.weight_bytes, 1)
 
 
-def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, float, float]:
-    """(next-token logits (V,) float32, prefill seconds, median seconds per decode step).
+def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, float, float, list[int]]:
+    """(next-token logits (V,) float32, prefill seconds, median seconds per decode step, the greedy
+    token ids: decode_tokens + 1, the prefill's choice first).
 
     Decode steps feed the greedy token back with the KV cache, as generation does; the median
     drops the first step's one-off costs and stray stalls from other threads.
@@ -534,16 +536,17 @@ def _timed_logits(model: Any, ids: Tensor, decode_tokens: int) -> tuple[Tensor, 
         prefill = clock() - t0
         logits = out.logits[0, -1].float().cpu()  # (V,)
         past, nxt = out.past_key_values, greedy_ids(out.logits[:, -1:])  # (1, 1)
-        steps = []
+        steps, written = [], [int(nxt)]
         for _ in range(decode_tokens):
             t0 = clock()
             out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
             steps.append(clock() - t0)
             past, nxt = out.past_key_values, greedy_ids(out.logits[:, -1:])
-    return logits, prefill, statistics.median(steps)
+            written.append(int(nxt))
+    return logits, prefill, statistics.median(steps), written
 
 
-def _side(lm: Any, prefill: float, per_token: float) -> QuantSide:
+def _side(lm: Any, prefill: float, per_token: float, written: list[int]) -> QuantSide:
     quant = str(getattr(lm, "quantization", "none"))
     dtype = str(getattr(lm, "dtype", ""))
     rounding = str(getattr(lm, "rounding", "") or "")
@@ -554,6 +557,7 @@ def _side(lm: Any, prefill: float, per_token: float) -> QuantSide:
         weight_bytes=int(getattr(lm, "weight_bytes", 0)),
         prefill_seconds=prefill,
         seconds_per_token=per_token,
+        continuation=lm.tokenizer.decode(written, skip_special_tokens=True),
     )
 
 
@@ -563,14 +567,17 @@ def compare_quantization(
     prompt: str | Tensor,
     k: int = 10,
     *,
-    decode_tokens: int = 8,
+    decode_tokens: int = 12,
     max_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
 ) -> QuantComparison:
-    """The 4-bit and full-precision models on the same prompt: bytes, time per token, top-k, KL.
+    """The 4-bit and full-precision models on the same prompt: bytes, time per token, top-k, KL,
+    and how each continues the prompt.
 
     Both must share the tokenizer (same vocabulary). Time per token is the median of
     `decode_tokens` single-token decode steps with the KV cache after one prefill forward (what a
-    chat spends per generated token); other requests running at the same time slow it down.
+    chat spends per generated token); other requests running at the same time slow it down. Those
+    steps decode greedily, so each side's `continuation` is the text of its decode_tokens + 1
+    greedy tokens: where the two models part, the rounding changed what the model says.
     """
     check_int("k", k, 1, MAX_CANDIDATES)
     check_int("decode_tokens", decode_tokens, 1, 64)
@@ -578,8 +585,8 @@ def compare_quantization(
     if lm4.tokenizer.get_vocab() != lm_full.tokenizer.get_vocab():
         raise ValueError("the two models use different tokenizers; compare a model with its own full-precision copy")
     ids = prompt_token_ids(lm4.tokenizer, prompt)[:, -max_tokens:]  # (1, T)
-    l4, pre4, tok4 = _timed_logits(lm4.model, ids, decode_tokens)
-    lf, pref, tokf = _timed_logits(lm_full.model, ids, decode_tokens)
+    l4, pre4, tok4, out4 = _timed_logits(lm4.model, ids, decode_tokens)
+    lf, pref, tokf, outf = _timed_logits(lm_full.model, ids, decode_tokens)
     if l4.shape != lf.shape:
         raise ValueError(f"vocabulary sizes differ: {l4.shape[-1]} vs {lf.shape[-1]}")
     logp4, logpf = l4.double().log_softmax(-1), lf.double().log_softmax(-1)  # (V,)
@@ -603,8 +610,8 @@ def compare_quantization(
         for i in union
     ]
     return QuantComparison(
-        quantized=_side(lm4, pre4, tok4),
-        full=_side(lm_full, pref, tokf),
+        quantized=_side(lm4, pre4, tok4, out4),
+        full=_side(lm_full, pref, tokf, outf),
         rows=rows,
         kl_full_to_4bit=kl,
         top1_agree=bool(rank4[0] == rankf[0]),
