@@ -567,7 +567,7 @@ def compare_quantization(
     prompt: str | Tensor,
     k: int = 10,
     *,
-    decode_tokens: int = 12,
+    decode_tokens: int = 8,
     max_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
 ) -> QuantComparison:
     """The 4-bit and full-precision models on the same prompt: bytes, time per token, top-k, KL,
