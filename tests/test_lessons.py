@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from generation.inside import compare_quantization, head_roles, model_attention, next_token_candidates
-from generation.inside.lessons import HEADS_TEXT, LESSONS, PROMPT, SIZE_CHOICES, _bin, get_lesson, run_step
+from generation.inside.lessons import HEADS_TEXT, LESSONS, PROMPT, SIZE_CHOICES, WRITTEN, _bin, get_lesson, run_step
 from generation.sampling import SamplingParams
 
 
@@ -74,12 +74,23 @@ def test_temperature_lesson(lm4):
 
 @pytest.mark.slow
 def test_four_bit_lesson(lm4, lm_full):
-    cmp = compare_quantization(lm4, lm_full, PROMPT)
+    cmp = compare_quantization(lm4, lm_full, PROMPT, decode_tokens=WRITTEN - 1)
     size = run_step(lm4, "four_bit", 0, lambda: lm_full)
     nearest = min(range(len(SIZE_CHOICES)), key=lambda i: abs(math.log(SIZE_CHOICES[i] / cmp.size_ratio)))
     assert size.answer == nearest
     same = run_step(lm4, "four_bit", 1, lambda: lm_full)
     assert same.answer == (0 if cmp.top1_agree else 1)
+    # The written tokens: the first is each model's top token (the step before), then the greedy
+    # steps; the answer counts the tokens before the first that differs.
+    assert cmp.quantized.written[0] == next(r.token_id for r in cmp.rows if r.rank_4bit == 1)
+    assert cmp.full.written[0] == next(r.token_id for r in cmp.rows if r.rank_full == 1)
+    pairs = list(zip(cmp.quantized.written, cmp.full.written))
+    assert len(pairs) == WRITTEN
+    agree = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+    written = run_step(lm4, "four_bit", 2, lambda: lm_full)
+    assert written.answer == (0 if agree == WRITTEN else 2 if agree == 0 else 1)
+    assert f"first **{agree} of {WRITTEN}**" in written.explanation
+    assert [row[3] for row in written.rows] == ["same" if a == b else "differs" for a, b in pairs]
     with pytest.raises(ValueError, match="full-precision"):
         run_step(lm4, "four_bit", 1)
 

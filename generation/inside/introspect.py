@@ -480,7 +480,8 @@ class QuantSide:
     weight_bytes: int
     prefill_seconds: float  # one forward over the prompt
     seconds_per_token: float  # median of the timed decode steps (one token each, with the KV cache)
-    continuation: str = ""  # the greedy tokens of those steps, as text: what this model writes next
+    written: tuple[int, ...] = ()  # the greedy token ids of those steps (the prefill's choice first)
+    continuation: str = ""  # the same as text: what this model writes next
 
 
 @dataclass(frozen=True)
@@ -557,6 +558,7 @@ def _side(lm: Any, prefill: float, per_token: float, written: list[int]) -> Quan
         weight_bytes=int(getattr(lm, "weight_bytes", 0)),
         prefill_seconds=prefill,
         seconds_per_token=per_token,
+        written=tuple(written),
         continuation=lm.tokenizer.decode(written, skip_special_tokens=True),
     )
 
@@ -576,8 +578,8 @@ def compare_quantization(
     Both must share the tokenizer (same vocabulary). Time per token is the median of
     `decode_tokens` single-token decode steps with the KV cache after one prefill forward (what a
     chat spends per generated token); other requests running at the same time slow it down. Those
-    steps decode greedily, so each side's `continuation` is the text of its decode_tokens + 1
-    greedy tokens: where the two models part, the rounding changed what the model says.
+    steps decode greedily, so each side's `written` holds its decode_tokens + 1 greedy tokens and
+    `continuation` their text: where the two models part, the rounding changed what the model says.
     """
     check_int("k", k, 1, MAX_CANDIDATES)
     check_int("decode_tokens", decode_tokens, 1, 64)

@@ -230,6 +230,29 @@ def _same_top_token(lm: Any, full: Callable[[], Any]) -> Reveal:
                   ("token", "4-bit p", "full p", "4-bit rank", "full rank"), rows)
 
 
+WRITTEN = 9  # tokens each model writes in the last step
+AGREE_CHOICES = ("all of them", "the first few, then they part", "they differ from the first token on")
+
+
+def _how_long_they_agree(lm: Any, full: Callable[[], Any]) -> Reveal:
+    cmp = compare_quantization(lm, full(), PROMPT, decode_tokens=WRITTEN - 1)
+    mine, theirs = cmp.quantized.written, cmp.full.written
+    agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    answer = 0 if agree == len(mine) else 2 if agree == 0 else 1
+    rows = [[str(i + 1), token_label(lm.tokenizer, a), token_label(lm.tokenizer, b), "same" if a == b else "differs"]
+            for i, (a, b) in enumerate(zip(mine, theirs))]
+    parted = ("They write the same tokens all the way." if agree == len(mine) else
+              f"They part at token {agree + 1}." if agree else "They part at the very first token.")
+    explanation = (
+        f"Greedy, {len(mine)} tokens each: the two agree on the first **{agree} of {len(mine)}**. {parted} "
+        "Each token is chosen from the ones before it, so after the first token that differs, the two "
+        "models continue two different texts: a small change in one next-token distribution can change "
+        "everything a chat writes after it. (What 4-bit costs, in the Attention Lab tab, shows this for "
+        "your own text, and for bitsandbytes' plain rounding too.)"
+    )
+    return Reveal(answer, explanation, ("token", cmp.quantized.label, cmp.full.label, "same?"), rows)
+
+
 FOUR_BIT = Lesson(
     "four_bit", "What 4-bit costs",
     "The chat's model stores its layers' weights in 4 bits (NF4) instead of 16. The lesson loads a "
@@ -242,6 +265,10 @@ FOUR_BIT = Lesson(
              "full-precision one?",
              ("yes, the same token", "no, another token"),
              _same_top_token),
+        Step(f"Both models now write on after *{PROMPT}*, always taking their most likely token. Of "
+             f"the next {WRITTEN} tokens, how many are the same?",
+             AGREE_CHOICES,
+             _how_long_they_agree),
     ),
 )
 
