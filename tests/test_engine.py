@@ -8,8 +8,10 @@ real 4-bit default model (the notebook's prompts, 30 users at once).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,6 +357,44 @@ def test_close_fails_pending_requests(tiny_qwen):
         engine.submit(reqs[0].prompt_ids)
     with pytest.raises(RuntimeError, match="closed"):
         next(engine.stream_reply("hello"))
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading
+import torch
+
+def at_exit():
+    # Registered before generation is imported, so it runs after the engine module's own handler.
+    alive = [t.name for t in threading.enumerate() if t.name == "chat_engine" and t.is_alive()]
+    print("engine threads at exit:", alive, flush=True)
+
+atexit.register(at_exit)
+from generation import ChatEngine, SamplingParams, load_model
+
+lm = load_model(sys.argv[1], load_4bit=False, dtype=torch.float32)
+greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+with ChatEngine(lm) as first:
+    list(first.stream_reply("hello", params=greedy))
+left = ChatEngine(lm)  # never closed, as a short script forgets to
+print("reply:", list(left.stream_reply("hello", params=greedy))[-1] is not None, flush=True)
+"""
+
+
+def test_an_engine_left_running_is_closed_as_the_interpreter_exits(tiny_qwen_dir, tmp_path):
+    """A script that never closes its engine: the loop thread (a daemon, inside torch at any time)
+    must be gone before the interpreter tears torch down, or the process may abort on exit
+    ("terminate called without an active exception", status 134)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(EXIT_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script), str(tiny_qwen_dir)], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reply: True" in done.stdout and "engine threads at exit: []" in done.stdout, done.stdout
+    assert "terminate called" not in done.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

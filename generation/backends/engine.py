@@ -38,12 +38,14 @@ forward, and two threads doing that at once crash one of them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -76,6 +78,20 @@ WARMUP_PARAMS = SamplingParams(temperature=0.0, max_new_tokens=1)
 POLL_S = 0.5
 # Bound for a closed consumer waiting until the loop has removed its request (one step).
 CANCEL_WAIT_S = 30.0
+# How long the interpreter's exit waits for each engine thread still running to end its loop.
+EXIT_WAIT_S = 5.0
+
+# Engines whose loop runs in a thread of their own (start()). That thread is a daemon, so a script
+# that never calls close() still exits; but a daemon thread inside torch while the interpreter
+# tears torch down can abort the process ("terminate called without an active exception", exit
+# status 134). So every such loop is ended before that, as the interpreter begins to exit.
+_threaded_engines: weakref.WeakSet[ChatEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_threaded_engines() -> None:
+    for engine in list(_threaded_engines):
+        engine.close(timeout=EXIT_WAIT_S)
 
 
 class ChatEngine:
@@ -155,6 +171,7 @@ class ChatEngine:
                 self._loop_exited.clear()
                 self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD_NAME, daemon=True)
                 self._thread.start()
+                _threaded_engines.add(self)
 
     def run_here(self, until_idle: bool = False) -> None:
         """Run the decode loop in the calling thread until `close()` (instead of `start()`'s thread);
