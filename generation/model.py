@@ -141,11 +141,12 @@ def is_complete(folder: Path) -> bool:
 def ensure_snapshot(
     cache_dir: Path,
     name: str,
-    build: Callable[[Path], None],
+    build: Callable[[Path], Any],
     *,
     info: dict[str, Any] | None = None,
 ) -> tuple[Path, bool]:
-    """Return (`cache_dir/name`, built_now), calling `build(tmp_dir)` only if no complete copy exists.
+    """Return (`cache_dir/name`, built_now), calling `build(tmp_dir)` only if no complete copy exists
+    (a dict it returns, facts such as how long it took, goes into the completeness marker with `info`).
 
     Atomic publish: `build` writes into a temp dir in the same parent, the marker is written last,
     then one rename makes it visible. A lock serialises concurrent first runs (the second waits
@@ -167,8 +168,9 @@ def ensure_snapshot(
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}.tmp-"))
         try:
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-            build(tmp)
-            marker = {"format": CACHE_FORMAT, "created": time.time(), **(info or {})}
+            facts = build(tmp)
+            marker = {"format": CACHE_FORMAT, "created": time.time(), **(info or {}),
+                      **(facts if isinstance(facts, dict) else {})}
             with open(tmp / COMPLETE_MARKER, "w") as fh:
                 json.dump(marker, fh)
                 fh.flush()
@@ -184,15 +186,32 @@ def ensure_snapshot(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_snapshot(settings: Settings) -> tuple[Path, bool]:
-    """The converted default model under `settings.cache_dir` (converting it on first use)."""
+# What a first start tells the user (LoadProgress) while it builds the cached snapshots.
+CONVERTING = "first start: converting the GGUF into a Hugging Face snapshot"
+ROUNDING = "first start: rounding each layer to 4 bits for its output"
+LOADING = "loading the weights"
+
+LoadProgress = Callable[[str], None]  # called with one line: the stage a load is at
+
+
+def _say(progress: LoadProgress | None, stage: str) -> None:
+    if progress is not None:
+        progress(stage)
+
+
+def default_snapshot(settings: Settings, progress: LoadProgress | None = None) -> tuple[Path, bool]:
+    """The converted default model under `settings.cache_dir` (converting it on first use; then
+    `progress` hears CONVERTING)."""
     import transformers
 
     src = gguf_path()
     info = {"source": str(src), "transformers": transformers.__version__}
-    return ensure_snapshot(
-        settings.cache_dir, snapshot_name(), lambda tmp: convert_gguf(src, tmp), info=info
-    )
+
+    def build(tmp: Path) -> None:
+        _say(progress, CONVERTING)
+        convert_gguf(src, tmp)
+
+    return ensure_snapshot(settings.cache_dir, snapshot_name(), build, info=info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,27 +318,32 @@ def from_pretrained_kwargs(
     return kw
 
 
-def calibrated_snapshot(settings: Settings) -> tuple[Path, bool]:
+def calibrated_snapshot(settings: Settings, progress: LoadProgress | None = None) -> tuple[Path, bool]:
     """The default model in calibrated NF4 (generation/rounding/) under `settings.cache_dir`,
-    rounded from the full-precision snapshot on first use."""
+    rounded from the full-precision snapshot on first use (then `progress` hears ROUNDING, with
+    each decoder layer as it is done)."""
     from .rounding import ROUNDING_FORMAT, build_calibrated
     from .rounding import snapshot_name as calibrated_name
 
-    full, _ = default_snapshot(settings)
-    return ensure_snapshot(
-        settings.cache_dir, calibrated_name(full.name),
-        lambda tmp: build_calibrated(full, tmp, bnb_config()),
-        info={"source": str(full), "rounding_format": ROUNDING_FORMAT},
-    )
+    full, _ = default_snapshot(settings, progress)
+
+    def build(tmp: Path) -> dict:
+        _say(progress, ROUNDING)
+        return build_calibrated(full, tmp, bnb_config(),
+                                progress=None if progress is None else lambda done: progress(f"{ROUNDING} · {done}"))
+
+    return ensure_snapshot(settings.cache_dir, calibrated_name(full.name), build,
+                           info={"source": str(full), "rounding_format": ROUNDING_FORMAT})
 
 
-def _source(model_id: str, settings: Settings, load_4bit: bool = False) -> tuple[str, bool]:
+def _source(model_id: str, settings: Settings, load_4bit: bool = False,
+            progress: LoadProgress | None = None) -> tuple[str, bool]:
     """(path-or-id for from_pretrained, local_files_only)."""
     if model_id == DEFAULT_MODEL_ID:
         if load_4bit and settings.nf4_rounding == "calibrated":
-            folder, _ = calibrated_snapshot(settings)
+            folder, _ = calibrated_snapshot(settings, progress)
         else:
-            folder, _ = default_snapshot(settings)
+            folder, _ = default_snapshot(settings, progress)
         return str(folder), True
     path = Path(model_id).expanduser()
     if path.is_dir():
@@ -335,13 +359,16 @@ def load_model(
     load_4bit: bool = True,
     settings: Settings | None = None,
     dtype: torch.dtype | None = None,
+    progress: LoadProgress | None = None,
 ) -> LoadedModel:
     """Load `model_id` (default: settings.model_id, i.e. the embedded Gemma 3 270m) for generation.
 
     4-bit NF4 through bitsandbytes unless `load_4bit=False`; `device_map="auto"` when CUDA is present.
     `dtype` picks the full-precision dtype (default bf16 on CUDA, CPU_FULL_DTYPE on CPU); it is an
     error together with load_4bit=True, where the non-quantised parts follow the bf16 compute dtype.
-    Raises ValueError with a one-line reason when the model cannot be found or loaded.
+    Raises ValueError with a one-line reason when the model cannot be found or loaded. `progress`,
+    where given, hears each stage as one line: the first start's conversion and rounding (CONVERTING,
+    then ROUNDING with each decoder layer), then "loading the weights".
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -353,7 +380,8 @@ def load_model(
     model_id = (model_id or settings.model_id).strip()
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    source, local_only = _source(model_id, settings, load_4bit)
+    source, local_only = _source(model_id, settings, load_4bit, progress)
+    _say(progress, LOADING)
     kwargs = from_pretrained_kwargs(
         load_4bit=load_4bit, cuda=cuda, trust_remote_code=settings.trust_remote_code, dtype=dtype
     )

@@ -211,16 +211,21 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
     return save_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
 
 
+# The stages the session's load of the default 4-bit model went through (load_model's progress).
+LM4_STAGES: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def lm4():
     """The default model (embedded Gemma 3 270m) in 4-bit NF4, loaded once per session.
 
     Uses the real cache (ATTN_LAB_CACHE or ~/.cache/attention-lab): the first run ever converts the
-    GGUF (~1 min), later sessions load in seconds. Shared: treat as read-only.
+    GGUF and rounds it (~1.5 min), later sessions load in seconds (LM4_STAGES: what it went
+    through). Shared: treat as read-only.
     """
     from generation import DEFAULT_MODEL_ID, Settings, load_model
 
-    return load_model(DEFAULT_MODEL_ID, load_4bit=True, settings=Settings.from_env())
+    return load_model(DEFAULT_MODEL_ID, load_4bit=True, settings=Settings.from_env(), progress=LM4_STAGES.append)
 
 
 @pytest.fixture(scope="session")

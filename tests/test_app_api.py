@@ -453,6 +453,13 @@ def test_chat_says_loading_while_the_model_loads():
         box, history, _, go = state.chat.user_turn("Hello", [], None)
     assert go is False
     assert "Loading" in state.chat.status_markdown()
+    # where the first start is, as load_model reports it, in both the status line and the message
+    from generation.model import ROUNDING
+
+    state.model._at_stage(f"{ROUNDING} · layer 7/18 rounded (31 s)")
+    assert f"{ROUNDING} · layer 7/18 rounded (31 s)" in state.chat.status_markdown()
+    with pytest.raises(gr.Error, match=re.escape(f"so far). Now: {ROUNDING} · layer 7/18")):
+        list(state.chat.chat_api("Hello"))
     # the Attention Lab works meanwhile
     heat, rows, notice, _, result = state.lab.lab_update(DEFAULT_SENTENCE, 32, 4, 4, 0.0, 0, False, True, 0)
     assert heat is not None and [r[0] for r in rows][:3] == ["Q", "K", "V"]

@@ -178,11 +178,14 @@ def test_calibration_toward_the_full_output_changes_only_layers_whose_input_drif
                  query_pre_attn_scalar=32)
     ids = torch.randint(3, 60, (8, 32), generator=torch.Generator().manual_seed(0))
 
+    heard: list[str] = []
+
     def rounded(toward: float):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-        return calibrate(model, ids, GptqConfig(damp=0.1, rounds=2, toward_full=toward))
+        return calibrate(model, ids, GptqConfig(damp=0.1, rounds=2, toward_full=toward), progress=heard.append)
 
     plain, full = rounded(0.0), rounded(1.0)
+    assert [h.split(" (")[0] for h in heard] == ["layer 1/2 rounded", "layer 2/2 rounded"] * 2  # the first start's progress
     assert plain.keys() == full.keys() and len(plain) == 14
     for name in plain:
         changed = float((plain[name].index != full[name].index).float().mean())

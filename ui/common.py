@@ -135,6 +135,7 @@ class ModelSlot:
     # Set when the local chat engine's loop owns the main thread (`python app.py`): the views then
     # run the model on one thread each, so that they do not slow every chat (see require()).
     views_one_thread: bool = False
+    stage: str = ""  # where loading is (generation.model's LoadProgress), for the status line
     _ready: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -150,7 +151,8 @@ class ModelSlot:
         what = f"{self.settings.model_id} ({'4-bit NF4' if self.load_4bit else 'full precision'})"
         print(f"Loading model {what} in the background ...", flush=True)
         try:
-            self.lm = load_model(self.settings.model_id, load_4bit=self.load_4bit, settings=self.settings)
+            self.lm = load_model(self.settings.model_id, load_4bit=self.load_4bit, settings=self.settings,
+                                 progress=self._at_stage)
         except Exception as exc:  # any failure must become a message in the UI, not a dead thread
             self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
             print(f"Model failed to load: {self.error}", flush=True)
@@ -158,6 +160,10 @@ class ModelSlot:
             print(f"Model ready: {self.lm.summary()}", flush=True)
         finally:
             self._ready.set()
+
+    def _at_stage(self, stage: str) -> None:
+        self.stage = stage
+        print(f"  {stage}", flush=True)
 
     @property
     def ready(self) -> bool:
@@ -192,9 +198,11 @@ class ModelSlot:
         if self.started_at is None:
             return "The chat model is not loaded (the app was started without loading it)."
         secs = time.perf_counter() - self.started_at
+        now = f" Now: {self.stage}." if self.stage else ""
         return (
-            f"The {'local ' if self.lazy else 'chat '}model is still loading ({secs:.0f} s so far; the first "
-            "run converts it once, about a minute). The Attention Lab works meanwhile."
+            f"The {'local ' if self.lazy else 'chat '}model is still loading ({secs:.0f} s so far).{now} A first "
+            "start on two CPU cores takes about a minute and a half, a later one seconds. The Attention "
+            "Lab works meanwhile."
         )
 
     def status(self) -> str:
@@ -212,7 +220,9 @@ class ModelSlot:
             if self.lazy:
                 return f"{dot('#9ca3af')} local model **{self.settings.model_id}**: loads on first use of the inside views"
             return f"{dot('#9ca3af')} Model not loaded"
-        return f"{dot('#d97706')} Loading **{self.settings.model_id}** … ({time.perf_counter() - self.started_at:.0f} s)"
+        now = f" · {self.stage}" if self.stage else ""
+        return (f"{dot('#d97706')} Loading **{self.settings.model_id}** … "
+                f"{time.perf_counter() - self.started_at:.0f} s{now}")
 
 
 # ---------------------------------------------------------------------------------------------
