@@ -12,7 +12,9 @@ Prompts:
   zero-shot        one instruction line (the app's system text until 2026-12)
   examples         generation.prompt.DEFAULT_SYSTEM: the instruction and a few example exchanges
   file:PATH        a system text of your own to compare (--prompts examples,file:mine.txt)
-Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds.
+Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds. The
+sampled figure is their mean ± its standard error: one seed's count moves by up to ~10 of 111 from
+the next, so to tell two models apart by their sampled answers, use --seeds 10.
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
 never among the system text's examples. bench/questions_heldout.tsv (--questions) holds 40 more of
@@ -47,6 +49,16 @@ PPL_CHARS, PPL_TOKENS = 20_000, 2000  # the first 2,000 tokens: never calibrated
 VARIANTS = ("nf4-plain", "nf4-calibrated", "bf16")
 PROMPTS = ("zero-shot", "examples")
 MAX_NEW_TOKENS = 48  # a short answer's length; a reply that has not named it by then is wrong anyway
+
+
+def standard_error(values: list[int]) -> float:
+    """The standard error of the mean of `values` (one seed's count each): how far the mean of this
+    many seeds may sit from the mean over many; 0 for a single value."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 def load_questions(path: Path = QUESTIONS) -> list[tuple[str, list[str]]]:
@@ -208,7 +220,7 @@ def main() -> None:
             results.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     n = results[0][prompts[0]]["n"]
-    print("\n| model | perplexity | " + " | ".join(f"{p}: KL vs bf16 | {p}: greedy /{n} | {p}: sampled /{n} (mean of {args.seeds})"
+    print("\n| model | perplexity | " + " | ".join(f"{p}: KL vs bf16 | {p}: greedy /{n} | {p}: sampled /{n} (mean of {args.seeds} ± its standard error)"
                                               for p in prompts) + " |")
     print("|---|---:|" + "---:|---:|---:|" * len(prompts))
     for r in results:
@@ -216,7 +228,8 @@ def main() -> None:
         for p in prompts:
             kl = r.get("kl", {}).get(p)
             cells += ["–" if kl is None else f"{kl:.4f}", str(r[p]["greedy"]),
-                      f"{r[p]['sampled']:.1f} ({', '.join(map(str, r[p]['sampled_each']))})"]
+                      f"{r[p]['sampled']:.1f} ± {standard_error(r[p]['sampled_each']):.1f} "
+                      f"({', '.join(map(str, r[p]['sampled_each']))})"]
         ppl = "–" if r["ppl"] is None else f"{r['ppl']:.2f}"
         print(f"| {r['variant']} | {ppl} | " + " | ".join(cells) + " |")
 
