@@ -13,8 +13,9 @@ Prompts:
   examples         generation.prompt.DEFAULT_SYSTEM: the instruction and a few example exchanges
   file:PATH        a system text of your own to compare (--prompts examples,file:mine.txt)
 Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds. The
-sampled figure is their mean ± its standard error: one seed's count moves by up to ~10 of 111 from
-the next, so to tell two models apart by their sampled answers, use --seeds 10.
+sampled figure is their mean ± its standard error: ten seeds' counts for the app's model spread
+from 46 to 63 of 111 (bench/README.md), so to tell two models apart by their sampled answers, use
+--seeds 10.
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
 never among the system text's examples. bench/questions_heldout.tsv (--questions) holds 40 more of
