@@ -117,3 +117,26 @@ def test_dtype_with_4bit_is_an_error(tiny_qwen_dir):
         load_model(str(tiny_qwen_dir), dtype=torch.float32)
     with pytest.raises(ValueError, match="dtype must be"):
         load_model(str(tiny_qwen_dir), load_4bit=False, dtype=torch.int8)
+
+
+@pytest.mark.slow
+def test_the_conversions_gguf_reader_reads_what_ggufs_own_reads():
+    """The conversion reads the GGUF through a plain view of its memmap (faster); every metadata
+    field and every tensor must be the same as through gguf's own reader."""
+    import gguf
+    import numpy as np
+
+    from generation.model import _plain_array_reader, gguf_path
+
+    path = gguf_path()
+    own, plain = gguf.GGUFReader(path), _plain_array_reader(gguf)(path)
+    assert type(plain.data) is np.ndarray and isinstance(own.data, np.memmap)
+    assert list(plain.fields) == list(own.fields)
+    for name, field in own.fields.items():
+        other = plain.fields[name]
+        assert (other.offset, other.name, other.types, other.data) == (field.offset, field.name, field.types, field.data)
+        assert len(other.parts) == len(field.parts)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(other.parts, field.parts)), name
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in plain.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in own.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(plain.tensors, own.tensors))
