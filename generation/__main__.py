@@ -79,6 +79,15 @@ def answer(lm, message: str, *, system: str | None, params, fast: bool = True):
     return stats
 
 
+def say_first_start(stage: str) -> None:
+    """load_model's progress for the CLI: stderr stays quiet on a later start, while a first start
+    (the conversion and the rounding, about a minute and a half) says on stderr where it is."""
+    from .model import LOADING
+
+    if stage != LOADING:
+        print(stage, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 failure)."""
     args = parse_args(argv)
@@ -110,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_new_tokens=args.min_new_tokens,
         )
         settings = Settings.from_env()
-        lm = load_model(args.model, load_4bit=settings.load_4bit and not args.no_4bit, settings=settings)
+        lm = load_model(args.model, load_4bit=settings.load_4bit and not args.no_4bit, settings=settings,
+                        progress=say_first_start)
         if args.info:
             print(lm.report(), flush=True)
         if args.message is None:

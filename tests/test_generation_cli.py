@@ -87,3 +87,13 @@ def test_cli_errors_are_one_clear_line(args, env, msg, monkeypatch, capsys):
 def test_cli_errors_from_the_command_line(args, env, msg):
     r = run_cli(*args, env=env, timeout=60)
     assert_one_clear_line(r.returncode, r.stdout, r.stderr, msg)
+
+
+def test_a_first_start_says_where_it_is_on_stderr_and_a_later_one_nothing(capsys):
+    from generation.__main__ import say_first_start
+    from generation.model import CONVERTING, LOADING, ROUNDING
+
+    for stage in (CONVERTING, ROUNDING, f"{ROUNDING} · layer 1/18 rounded (4 s)", LOADING):
+        say_first_start(stage)
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [CONVERTING, ROUNDING, f"{ROUNDING} · layer 1/18 rounded (4 s)"]
