@@ -307,7 +307,10 @@ def bot_texts(page) -> list[str]:
 
 
 def user_texts(page) -> list[str]:
-    return page.locator("#chatbot [data-testid='user']").all_inner_texts()
+    """The user messages as a reader sees them. The app sends and shows them stripped; a bubble's
+    innerText can still end in a line break of the bubble's own layout while the chatbot re-renders
+    (seen once on a busy machine: 'Hello!\n'), which is not part of the message."""
+    return [text.strip() for text in page.locator("#chatbot [data-testid='user']").all_inner_texts()]
 
 
 def replies_done(page) -> int:
