@@ -81,6 +81,7 @@ to NF4 the other way (the chat's model picks each layer's codes and scales for i
 the nearest code): memory, speed, and how much the next-token distribution moves (KL divergence).
 """
 
+
 def table_text(text: str) -> str:
     """Model-written text as a Markdown table cell shows it literally: HTML and Markdown characters
     escaped, a line break as ↵ (a cell holds one line)."""
