@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,11 +56,7 @@ MAX_NEW_TOKENS = 48  # a short answer's length; a reply that has not named it by
 def standard_error(values: list[int]) -> float:
     """The standard error of the mean of `values` (one seed's count each): how far the mean of this
     many seeds may sit from the mean over many; 0 for a single value."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
 def load_questions(path: Path = QUESTIONS) -> list[tuple[str, list[str]]]:
