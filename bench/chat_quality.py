@@ -19,8 +19,11 @@ from 46 to 63 of 111 (bench/README.md), so to tell two models apart by their sam
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
 never among the system text's examples. bench/questions_heldout.tsv (--questions) holds 40 more of
-the same kinds that were never used to choose the examples. A reply counts when one of the accepted answers appears in
-it as a whole word (case-insensitive): "The capital of France is Paris." answers "Paris".
+the same kinds that were never used to choose the examples; bench/questions_arithmetic.tsv 24 sums
+and products with other numbers (what 4-bit rounding loses most: --changes lists, question by
+question, what each 4-bit variant loses and gains against bf16). A reply counts when one of the
+accepted answers appears in it as a whole word (case-insensitive): "The capital of France is Paris."
+answers "Paris".
 Also per variant: perplexity on held-out text and KL(bf16 || variant) of the next-token
 distribution at the end of every question's prompt (the bf16 run writes its distributions first).
 """
@@ -97,7 +100,8 @@ def replies(engine, questions: list[str], system: str, params) -> list[str]:
 
 
 def score(engine, system: str, seeds: int, questions=None) -> dict:
-    """{"greedy": right answers, "sampled": mean over seeds, "sampled_each": [...], "wrong_greedy": [...]}."""
+    """{"greedy": right answers, "sampled": mean over seeds, "sampled_each": [...], "greedy_replies": [...],
+    "greedy_right": [...] (one per question, in order)}."""
     from generation import SamplingParams
 
     qa = questions or load_questions()
@@ -110,7 +114,18 @@ def score(engine, system: str, seeds: int, questions=None) -> dict:
         got = replies(engine, qs, system, params)
         each.append(sum(answered(r, a) for r, (_, a) in zip(got, qa)))
     return {"greedy": sum(right), "sampled": sum(each) / max(len(each), 1), "sampled_each": each,
-            "n": len(qa), "wrong_greedy": [[q, r] for (q, _), r, ok in zip(qa, greedy, right) if not ok][:12]}
+            "n": len(qa), "greedy_replies": greedy, "greedy_right": right}
+
+
+def changes(ref: dict, got: dict, questions: list[str]) -> tuple[list, list]:
+    """The questions `got` answers differently from `ref` greedily (two score() results on the same
+    questions): (lost: ref right, got wrong; gained: the other way), each [question, ref's reply, got's]."""
+    pairs = zip(questions, ref["greedy_right"], got["greedy_right"], ref["greedy_replies"], got["greedy_replies"])
+    lost, gained = [], []
+    for q, a, b, ra, rb in pairs:
+        if a != b:
+            (lost if a else gained).append([q, ra.strip(), rb.strip()])
+    return lost, gained
 
 
 def perplexity(lm) -> float | None:
@@ -188,7 +203,10 @@ def main() -> None:
     ap.add_argument("--prompts", default=",".join(PROMPTS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--questions", type=Path, default=QUESTIONS,
-                    help="the question set (default questions.tsv; questions_heldout.tsv: 40 never used to choose the examples)")
+                    help="the question set (default questions.tsv; questions_heldout.tsv: 40 never used to choose the examples; "
+                         "questions_arithmetic.tsv: 24 sums and products)")
+    ap.add_argument("--changes", action="store_true",
+                    help="list each question a 4-bit variant answers differently from bf16 (greedy; needs bf16 among --variants)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -230,6 +248,26 @@ def main() -> None:
                       f"({', '.join(map(str, r[p]['sampled_each']))})"]
         ppl = "–" if r["ppl"] is None else f"{r['ppl']:.2f}"
         print(f"| {r['variant']} | {ppl} | " + " | ".join(cells) + " |")
+    print_changes(results, prompts, [q for q, _ in load_questions(args.questions)], args.changes)
+
+
+def print_changes(results: list[dict], prompts: list[str], questions: list[str], listed: bool) -> None:
+    """How many greedy answers each 4-bit variant loses and gains against bf16 (the net is the
+    table's difference; the two apart show how much of it is churn), and with `listed` which."""
+    ref = next((r for r in results if r["variant"] == "bf16"), None)
+    if ref is None:
+        return
+    print()
+    for r in results:
+        if r is ref:
+            continue
+        for p in prompts:
+            lost, gained = changes(ref[p], r[p], questions)
+            print(f"{r['variant']}, {p}, greedy against bf16: lost {len(lost)}, gained {len(gained)}")
+            if listed:
+                for tag, rows in (("lost", lost), ("gained", gained)):
+                    for q, a, b in rows:
+                        print(f"  {tag}: {q} | bf16: {a!r} | {r['variant']}: {b!r}")
 
 
 if __name__ == "__main__":
