@@ -1,16 +1,24 @@
 """Write a calibration text for the calibrated NF4 rounding: what the full-precision model writes itself.
 
-    python bench/calibration_text.py --out mine.json                      # as shipped: temperature 1
+    python bench/calibration_text.py --out mine.json                      # the first part: from <bos>
     python bench/calibration_text.py --temperature 0.8 --out mine.json    # a variant to measure
+    python bench/calibration_text.py --arithmetic --out sums.json         # the second part: sums
 
-Each text is sampled from `<bos>` by the default model in bf16 (the GGUF dequantized), with no
-top-k, `--tokens` new tokens long (a few more than the 255 the rounding reads, as the decoded text
-tokenizes again into about as many). The file has the shape of `generation/rounding/calibration.json`;
-to measure a text, copy it over that file in a scratch checkout: the calibrated snapshot's cache
-name includes the file's digest, so the next start rounds a new snapshot with it, and
-`python bench/logit_scale.py` or `python bench/chat_quality.py` measure that snapshot. The shipped
-file was sampled this way at temperature 1 (64 samples of 256 tokens); its seed was not kept, so
-this writes another sample of the same kind, not the same bytes.
+Each text is sampled by the default model in bf16 (the GGUF dequantized), with no top-k, about
+`--tokens` tokens long (a few more than the 255 the rounding reads, as the decoded text tokenizes
+again into about as many). The output is one part of `generation/rounding/calibration.json`
+({"notes", "texts"}); to measure a text, put it into that file's "parts" in a scratch checkout: the
+calibrated snapshot's cache name includes the file's digest, so the next start rounds a new snapshot
+with it, and `python bench/logit_scale.py` or `python bench/chat_quality.py` measure that snapshot.
+
+The shipped file's first part was sampled from `<bos>` at temperature 1 (64 samples of 256 tokens);
+its seed was not kept, so this writes another sample of the same kind, not the same bytes. That text
+is web pages and code with almost no arithmetic, and the 4-bit model calibrated on it alone lost
+bf16's sums and products more than anything else (bench/README.md, "What the 4-bit model loses").
+The second part is `--arithmetic` as its defaults stand: the model continues each of
+ARITHMETIC_OPENINGS (a title and one worked line of our own, none of them a question the quality
+bench asks) twice at temperature 0.7, and writes its own worksheets, right or wrong: the rounding
+keeps what the full-precision model computes, whatever that is.
 """
 
 from __future__ import annotations
@@ -28,41 +36,92 @@ sys.path.insert(0, str(REPO))
 
 from benchutil import describe  # noqa: E402
 
+ARITHMETIC_OPENINGS = (
+    "Addition practice\n\n1. 12 + 5 = 17\n2. ",
+    "Subtraction practice\n\n1. 15 - 7 = 8\n2. ",
+    "Multiplication practice\n\n1. 7 x 4 = 28\n2. ",
+    "Division practice\n\n1. 18 / 6 = 3\n2. ",
+    "Word problems with answers\n\nProblem 1: Sam has 5 apples and buys 6 more. How many apples does he have now?\n"
+    "Answer: 11 apples.\n\nProblem 2:",
+    "Counting by fives: 5, 10, 15, 20,",
+    "Quick sums\n\n9 + 4 = 13\n",
+    "Math facts to remember\n\n- Double 6 is 12.\n- ",
+)
+
+
+def from_bos(lm, samples: int, tokens: int, temperature: float, top_p: float, batch: int) -> list[str]:
+    """`samples` texts sampled from <bos>, `tokens` new tokens each."""
+    tok, model = lm.tokenizer, lm.model
+    texts: list[str] = []
+    t0 = time.perf_counter()
+    while len(texts) < samples:
+        n = min(batch, samples - len(texts))
+        ids = torch.full((n, 1), tok.bos_token_id)  # (n, 1)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=tokens, min_new_tokens=tokens)  # (n, 1 + tokens)
+        texts += [tok.decode(row[1:], skip_special_tokens=True) for row in out]
+        print(f"{len(texts)}/{samples} texts, {time.perf_counter() - t0:.0f} s", flush=True)
+    return texts
+
+
+def from_openings(lm, openings: tuple[str, ...], per_opening: int, tokens: int, temperature: float,
+                  top_p: float) -> list[str]:
+    """`per_opening` continuations of each opening (after <bos>), the opening included, `tokens`
+    tokens each with the opening's."""
+    tok, model = lm.tokenizer, lm.model
+    texts: list[str] = []
+    t0 = time.perf_counter()
+    for opening in openings:
+        ids = tok(opening, return_tensors="pt").input_ids.repeat(per_opening, 1)  # (n, P), <bos> first
+        new = tokens + 1 - ids.shape[1]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=new, min_new_tokens=new)  # (n, P + new)
+        texts += [opening + tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+        print(f"{len(texts)}/{len(openings) * per_opening} texts, {time.perf_counter() - t0:.0f} s", flush=True)
+    return texts
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--arithmetic", action="store_true",
+                    help="continue ARITHMETIC_OPENINGS (defaults then: temperature 0.7, 2 per opening, seed 4321)")
+    ap.add_argument("--temperature", type=float)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=64, help="texts from <bos>")
+    ap.add_argument("--per-opening", type=int, default=2, help="texts per opening, with --arithmetic")
     ap.add_argument("--tokens", type=int, default=272)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int)
     args = ap.parse_args()
-    if not (args.temperature > 0 and 0 < args.top_p <= 1 and args.samples > 0 and args.tokens >= 256):
-        raise SystemExit("need temperature > 0, 0 < top-p <= 1, samples > 0 and tokens >= 256")
+    temperature = args.temperature if args.temperature is not None else (0.7 if args.arithmetic else 1.0)
+    seed = args.seed if args.seed is not None else (4321 if args.arithmetic else 1234)
+    if not (temperature > 0 and 0 < args.top_p <= 1 and args.samples > 0 and args.per_opening > 0
+            and args.tokens >= 256):
+        raise SystemExit("need temperature > 0, 0 < top-p <= 1, samples > 0, per-opening > 0 and tokens >= 256")
     torch.set_num_threads(2)
     from generation import load_model
 
     print(describe())
     lm = load_model(load_4bit=False)
-    tok, model = lm.tokenizer, lm.model
-    torch.manual_seed(args.seed)
-    texts: list[str] = []
-    t0 = time.perf_counter()
-    while len(texts) < args.samples:
-        n = min(args.batch, args.samples - len(texts))
-        ids = torch.full((n, 1), tok.bos_token_id)  # (n, 1)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                 max_new_tokens=args.tokens, min_new_tokens=args.tokens)  # (n, 1 + tokens)
-        texts += [tok.decode(row[1:], skip_special_tokens=True) for row in out]
-        print(f"{len(texts)}/{args.samples} texts, {time.perf_counter() - t0:.0f} s", flush=True)
-    notes = (f"Calibration text for the calibrated NF4 rounding (generation/rounding/). Every text was written by the "
-             f"full-precision default model itself (google/gemma-3-270m from the GGUF, bf16), sampled from <bos> at "
-             f"temperature {args.temperature:g}, top-p {args.top_p:g}, no top-k, {args.tokens} tokens each "
-             f"(bench/calibration_text.py, seed {args.seed}): nothing here is evaluation text.")
+    torch.manual_seed(seed)
+    how = f"temperature {temperature:g}, top-p {args.top_p:g}, no top-k, {args.tokens} tokens each"
+    if args.arithmetic:
+        texts = from_openings(lm, ARITHMETIC_OPENINGS, args.per_opening, args.tokens, temperature, args.top_p)
+        notes = (f"Arithmetic worksheets written by the full-precision default model itself (google/gemma-3-270m "
+                 f"from the GGUF, bf16): each begins with one of {len(ARITHMETIC_OPENINGS)} openings (a title and "
+                 f"one worked line), {args.per_opening} continuations each, {how} with the opening "
+                 f"(bench/calibration_text.py --arithmetic, seed {seed}). The model's own sums, right or wrong; "
+                 f"no question the quality bench asks.")
+    else:
+        texts = from_bos(lm, args.samples, args.tokens, temperature, args.top_p, args.batch)
+        notes = (f"Text the full-precision default model wrote itself (google/gemma-3-270m from the GGUF, bf16), "
+                 f"sampled from <bos> at {how} (bench/calibration_text.py, seed {seed}): nothing here is "
+                 f"evaluation text.")
     args.out.write_text(json.dumps({"notes": notes, "texts": texts}, ensure_ascii=False, indent=0), encoding="utf-8")
     print(f"wrote {args.out}")
 

@@ -351,3 +351,27 @@ def test_calibrated_rounding_moves_the_next_token_distribution_less_than_plain(l
         return sum(float((ref.exp() * (ref - next_token(lm, ids))).sum()) for ids, ref in zip(prompts, refs)) / len(refs)
 
     assert kl(lm4) < 0.8 * kl(plain)
+
+
+def test_the_calibration_text_is_the_models_own_and_never_a_question_the_quality_bench_asks():
+    """The rounding is calibrated on text the full-precision model wrote (each part of
+    calibration.json says how), never on evaluation text: no question of bench/'s sets is in it."""
+    import json
+    from pathlib import Path
+
+    from generation.rounding import calibration_texts
+    from generation.rounding.snapshot import CALIBRATION_TEXT
+
+    parts = json.loads(CALIBRATION_TEXT.read_text(encoding="utf-8"))["parts"]
+    assert parts and all("model itself" in p["notes"] and p["texts"] for p in parts)
+    assert calibration_texts() == [t for p in parts for t in p["texts"]]
+    bench = Path(__file__).parents[1] / "bench"
+    asked = [
+        line.split("\t")[0].strip().lower().rstrip("?")
+        for name in ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")
+        for line in (bench / name).read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    text = "\n".join(calibration_texts()).lower()
+    assert len(asked) >= 170
+    assert [q for q in asked if q in text] == []

@@ -29,9 +29,10 @@ METHOD = GptqConfig(damp=0.3, batch=128, act_order=True, rounds=2, toward_full=0
 
 
 def calibration_texts(path: Path = CALIBRATION_TEXT) -> list[str]:
-    """The calibration texts: what the full-precision default model wrote itself (see calibration.json's notes)."""
+    """The calibration texts, every part's in order: what the full-precision default model wrote
+    itself (each part's notes say how; bench/calibration_text.py writes a part)."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    return list(data["texts"])
+    return [text for part in data["parts"] for text in part["texts"]]
 
 
 def calibration_ids(tokenizer, texts: list[str], seq_tokens: int = SEQ_TOKENS) -> torch.Tensor:
