@@ -11,8 +11,9 @@ again into about as many). The output is one part of `generation/rounding/calibr
 calibrated snapshot's cache name includes the file's digest, so the next start rounds a new snapshot
 with it, and `python bench/logit_scale.py` or `python bench/chat_quality.py` measure that snapshot.
 
-The shipped file's first part was sampled from `<bos>` at temperature 1 (64 samples of 256 tokens);
-its seed was not kept, so this writes another sample of the same kind, not the same bytes. That text
+The shipped file's first part was sampled from `<bos>` at temperature 1 (64 samples of 256 tokens;
+it keeps the 44 that still fill 255 tokens when tokenized again, and the rounding reads the first
+191 of each: generation/rounding/snapshot.py, SEQ_TOKENS); its seed was not kept, so this writes another sample of the same kind, not the same bytes. That text
 is web pages and code with almost no arithmetic, and the 4-bit model calibrated on it alone lost
 bf16's sums and products more than anything else (bench/README.md, "What the 4-bit model loses").
 The second part is `--arithmetic` as its defaults stand: the model continues each of

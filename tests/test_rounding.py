@@ -363,7 +363,7 @@ def test_the_calibration_text_is_the_models_own_and_never_a_question_the_quality
     from generation.rounding.snapshot import CALIBRATION_TEXT
 
     parts = json.loads(CALIBRATION_TEXT.read_text(encoding="utf-8"))["parts"]
-    assert parts and all("model itself" in p["notes"] and p["texts"] for p in parts)
+    assert parts and all("full-precision default model" in p["notes"] and p["texts"] for p in parts)
     assert calibration_texts() == [t for p in parts for t in p["texts"]]
     bench = Path(__file__).parents[1] / "bench"
     asked = [
