@@ -63,7 +63,7 @@ def row(name: str, res: dict, ppl: bool = False) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounding", default="calibrated", choices=("calibrated", "plain"))
-    ap.add_argument("--rows", type=int, default=16, help="calibration rows of 256 tokens")
+    ap.add_argument("--rows", type=int, default=16, help="calibration rows (SEQ_TOKENS tokens each)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from generation import Settings, load_model
@@ -78,7 +78,7 @@ def main() -> None:
     print("| text | entropy bf16 / NF4 | " + " | ".join(f"s = {s}" for s in SCALES) + " | lowest KL at |")
     print("|---|---|" + "---:|" * len(SCALES) + "---|")
 
-    ids = calibration_ids(tok, calibration_texts())[: args.rows]  # (rows, 256), <bos> first
+    ids = calibration_ids(tok, calibration_texts())[: args.rows]  # (rows, SEQ_TOKENS), <bos> first
     d = full.model.config.get_text_config().hidden_size
     hf, hl = (final_hidden(m.model, ids)[:, 1:].reshape(-1, d) for m in (full, low))
     print(row(f"calibration text ({hf.shape[0]} positions)", scan(full, low, hf, hl)), flush=True)
