@@ -5,21 +5,22 @@
     python bench/calibration_text.py --arithmetic --out sums.json         # the second part: sums
 
 Each text is sampled by the default model in bf16 (the GGUF dequantized), with no top-k, about
-`--tokens` tokens long (a few more than the 255 the rounding reads, as the decoded text tokenizes
-again into about as many). The output is one part of `generation/rounding/calibration.json`
-({"notes", "texts"}); to measure a text, put it into that file's "parts" in a scratch checkout: the
-calibrated snapshot's cache name includes the file's digest, so the next start rounds a new snapshot
-with it, and `python bench/logit_scale.py` or `python bench/chat_quality.py` measure that snapshot.
+`--tokens` tokens long (more than the rounding reads: SEQ_TOKENS in generation/rounding/snapshot.py,
+and a decoded text tokenizes again into a few tokens more or fewer). The output is one part of
+`generation/rounding/calibration.json` ({"notes", "texts"}); to measure a text, put it into that
+file's "parts" in a scratch checkout: the calibrated snapshot's cache name includes the file's
+digest, so the next start rounds a new snapshot with it, and `python bench/logit_scale.py` or
+`python bench/chat_quality.py` measure that snapshot.
 
 The shipped file's first part was sampled from `<bos>` at temperature 1 (64 samples of 256 tokens;
-it keeps the 44 that still fill 255 tokens when tokenized again, and the rounding reads the first
-191 of each: generation/rounding/snapshot.py, SEQ_TOKENS); its seed was not kept, so this writes another sample of the same kind, not the same bytes. That text
-is web pages and code with almost no arithmetic, and the 4-bit model calibrated on it alone lost
-bf16's sums and products more than anything else (bench/README.md, "What the 4-bit model loses").
-The second part is `--arithmetic` as its defaults stand: the model continues each of
-ARITHMETIC_OPENINGS (a title and one worked line of our own, none of them a question the quality
-bench asks) twice at temperature 0.7, and writes its own worksheets, right or wrong: the rounding
-keeps what the full-precision model computes, whatever that is.
+it keeps the 44 that still fill 255 tokens when tokenized again); its seed was not kept, so this
+writes another sample of the same kind, not the same bytes. That text is web pages and code with
+almost no arithmetic, and the 4-bit model calibrated on it alone lost bf16's sums and products more
+than anything else (bench/README.md, "What the 4-bit model loses"). The second part is
+`--arithmetic` as its defaults stand: the model continues each of ARITHMETIC_OPENINGS (a title and
+one worked line of our own, none of them a question the quality bench asks) twice at temperature
+0.7, and writes its own worksheets, right or wrong: the rounding keeps what the full-precision model
+computes, whatever that is.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def from_bos(lm, samples: int, tokens: int, temperature: float, top_p: float, ba
 
 def from_openings(lm, openings: tuple[str, ...], per_opening: int, tokens: int, temperature: float,
                   top_p: float) -> list[str]:
-    """`per_opening` continuations of each opening (after <bos>), the opening included, `tokens`
-    tokens each with the opening's."""
+    """`per_opening` continuations of each opening (after <bos>), each `tokens` tokens long with
+    its opening, which the text keeps."""
     tok, model = lm.tokenizer, lm.model
     texts: list[str] = []
     t0 = time.perf_counter()
