@@ -51,19 +51,22 @@ ARITHMETIC_OPENINGS = (
 )
 
 
+def continue_sampled(lm, ids: torch.Tensor, new: int, temperature: float, top_p: float) -> list[str]:
+    """Exactly `new` tokens sampled after each row of ids (n, P) (no top-k), decoded without the prompt."""
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                temperature=temperature, top_p=top_p, top_k=0,
+                                max_new_tokens=new, min_new_tokens=new)  # (n, P + new)
+    return [lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+
+
 def from_bos(lm, samples: int, tokens: int, temperature: float, top_p: float, batch: int) -> list[str]:
     """`samples` texts sampled from <bos>, `tokens` new tokens each."""
-    tok, model = lm.tokenizer, lm.model
     texts: list[str] = []
     t0 = time.perf_counter()
     while len(texts) < samples:
-        n = min(batch, samples - len(texts))
-        ids = torch.full((n, 1), tok.bos_token_id)  # (n, 1)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=tokens, min_new_tokens=tokens)  # (n, 1 + tokens)
-        texts += [tok.decode(row[1:], skip_special_tokens=True) for row in out]
+        ids = torch.full((min(batch, samples - len(texts)), 1), lm.tokenizer.bos_token_id)  # (n, 1)
+        texts += continue_sampled(lm, ids, tokens, temperature, top_p)
         print(f"{len(texts)}/{samples} texts, {time.perf_counter() - t0:.0f} s", flush=True)
     return texts
 
@@ -72,17 +75,11 @@ def from_openings(lm, openings: tuple[str, ...], per_opening: int, tokens: int, 
                   top_p: float) -> list[str]:
     """`per_opening` continuations of each opening (after <bos>), each `tokens` tokens long with
     its opening, which the text keeps."""
-    tok, model = lm.tokenizer, lm.model
     texts: list[str] = []
     t0 = time.perf_counter()
     for opening in openings:
-        ids = tok(opening, return_tensors="pt").input_ids.repeat(per_opening, 1)  # (n, P), <bos> first
-        new = tokens + 1 - ids.shape[1]
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=new, min_new_tokens=new)  # (n, P + new)
-        texts += [opening + tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+        ids = lm.tokenizer(opening, return_tensors="pt").input_ids.repeat(per_opening, 1)  # (n, P), <bos> first
+        texts += [opening + t for t in continue_sampled(lm, ids, tokens + 1 - ids.shape[1], temperature, top_p)]
         print(f"{len(texts)}/{len(openings) * per_opening} texts, {time.perf_counter() - t0:.0f} s", flush=True)
     return texts
 

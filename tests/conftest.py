@@ -148,6 +148,21 @@ def native_kernel(load, name: str, detail: str):
     return kernel
 
 
+BENCH_QUESTION_SETS = ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")
+
+
+def bench_questions() -> list[str]:
+    """Every question bench/chat_quality.py asks (its three sets), lowercased: what neither the
+    system text's examples nor the calibration text may contain."""
+    bench = Path(__file__).parents[1] / "bench"
+    return [
+        line.split("\t")[0].strip().lower()
+        for name in BENCH_QUESTION_SETS
+        for line in (bench / name).read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
 def build_tiny_tokenizer():
     """A byte-level BPE (~300 tokens) trained offline on a few sentences, with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

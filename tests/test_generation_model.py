@@ -119,7 +119,6 @@ def test_dtype_with_4bit_is_an_error(tiny_qwen_dir):
         load_model(str(tiny_qwen_dir), load_4bit=False, dtype=torch.int8)
 
 
-
 def _tiny_gguf(path):
     """A small GGUF file of every kind of field the real one has (strings, arrays of strings,
     numbers and flags, tensors of two dtypes), written by gguf-py itself."""

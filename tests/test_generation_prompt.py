@@ -53,13 +53,9 @@ def test_example_exchanges_in_the_system_text_continue_as_one_transcript(tiny_to
 
 def test_the_example_exchanges_are_not_questions_the_quality_bench_asks():
     # the examples teach the form of an answer; one that is also an evaluated question would flatter it
-    bench = Path(__file__).parents[1] / "bench"
-    asked = {
-        line.split("\t")[0].strip().lower()
-        for name in ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")
-        for line in (bench / name).read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    }
+    from conftest import bench_questions
+
+    asked = set(bench_questions())
     examples = [line.removeprefix("User:").strip().lower() for line in DEFAULT_SYSTEM.splitlines() if line.startswith("User:")]
     assert len(asked) >= 170 and len(examples) >= 3
     assert not asked & set(examples)

@@ -357,7 +357,8 @@ def test_the_calibration_text_is_the_models_own_and_never_a_question_the_quality
     """The rounding is calibrated on text the full-precision model wrote (each part of
     calibration.json says how), never on evaluation text: no question of bench/'s sets is in it."""
     import json
-    from pathlib import Path
+
+    from conftest import bench_questions
 
     from generation.rounding import calibration_texts
     from generation.rounding.snapshot import CALIBRATION_TEXT
@@ -365,13 +366,7 @@ def test_the_calibration_text_is_the_models_own_and_never_a_question_the_quality
     parts = json.loads(CALIBRATION_TEXT.read_text(encoding="utf-8"))["parts"]
     assert parts and all("full-precision default model" in p["notes"] and p["texts"] for p in parts)
     assert calibration_texts() == [t for p in parts for t in p["texts"]]
-    bench = Path(__file__).parents[1] / "bench"
-    asked = [
-        line.split("\t")[0].strip().lower().rstrip("?")
-        for name in ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")
-        for line in (bench / name).read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    asked = [q.rstrip("?") for q in bench_questions()]
     text = "\n".join(calibration_texts()).lower()
     assert len(asked) >= 170
     assert [q for q in asked if q in text] == []
