@@ -196,6 +196,70 @@ def test_calibration_toward_the_full_output_changes_only_layers_whose_input_drif
             assert changed > 0.02, name
 
 
+@pytest.mark.parametrize("n,d", [(7, 64), (300, 96), (50, 2048)])
+def test_the_calibrations_gram_matrix_is_x_transposed_x(n, d):
+    """Built band by band and mirrored: symmetric to the bit, and x^T x within what summing n
+    products in another order can move it (2 gamma_n times the sums of magnitudes)."""
+    from generation.rounding.calibrate import _gram
+
+    x = correlated_inputs(n, d).bfloat16().float()  # (n, d), as the calibration's bf16 activations
+    h = _gram(x)
+    assert torch.equal(h, h.T)
+    exact = x.double().T @ x.double()
+    u = torch.finfo(torch.float32).eps / 2
+    bound = 2 * (n * u / (1 - n * u)) * (x.abs().double().T @ x.abs().double())
+    assert bool(((h.double() - exact).abs() <= bound).all())
+
+
+def test_the_calibration_runs_its_norms_natively_and_rounds_the_same(tmp_path, monkeypatch):
+    """While the calibration runs, the layers' bf16 RMSNorms (4 per Gemma 3 layer and the q/k norms)
+    run as the decode step's C kernel, which gives their own bits: the model's logits are the same
+    to the bit, and with torch's norms (no norm kernel to be had) the calibration chooses the same
+    codes and scales."""
+    import importlib
+
+    calibrate_module = importlib.import_module("generation.rounding.calibrate")  # the package's name is the function
+    from conftest import save_tiny_lm
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from generation.rounding import calibrate
+    from generation.rounding.calibrate import _native_norms, decoder_layers
+
+    save_tiny_lm(tmp_path, Gemma3TextConfig, Gemma3ForCausalLM, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 query_pre_attn_scalar=32)
+    ids = torch.randint(3, 60, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = GptqConfig(damp=0.1, rounds=2, toward_full=0.5)
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        with torch.no_grad():  # norm weights of a trained model, not the zeros of a fresh one
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
+        return model
+
+    def native_count() -> int:
+        model = load()
+        with torch.no_grad():
+            want = model(ids).logits
+            with _native_norms(decoder_layers(model)) as n:
+                assert torch.equal(model(ids).logits, want)
+        return n
+
+    monkeypatch.setenv("ATTN_LAB_NATIVE", "1")
+    assert native_count() == 2 * 6
+    native = calibrate(load(), ids, cfg)
+    kernels = calibrate_module.norm_kernels
+    monkeypatch.setattr(calibrate_module, "norm_kernels", lambda *a, **k: (None, kernels(*a, **k)[1]))
+    assert native_count() == 0
+    torch_ops = calibrate(load(), ids, cfg)
+    assert native.keys() == torch_ops.keys() and len(native) == 14
+    for name in native:
+        assert torch.equal(native[name].index, torch_ops[name].index), name
+        assert torch.equal(native[name].scales, torch_ops[name].scales), name
+
+
 def test_installed_codes_make_a_standard_linear4bit():
     import bitsandbytes as bnb
 
