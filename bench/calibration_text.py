@@ -3,6 +3,7 @@
     python bench/calibration_text.py --out mine.json                      # the first part: from <bos>
     python bench/calibration_text.py --temperature 0.8 --out mine.json    # a variant to measure
     python bench/calibration_text.py --arithmetic --out sums.json         # the second part: sums
+    python bench/calibration_text.py --facts --out facts.json             # fact sheets (measured, not kept)
 
 Each text is sampled by the default model in bf16 (the GGUF dequantized), with no top-k, about
 `--tokens` tokens long (more than the rounding reads: SEQ_TOKENS in generation/rounding/snapshot.py,
@@ -20,7 +21,11 @@ than anything else (bench/README.md, "What the 4-bit model loses"). The second p
 `--arithmetic` as its defaults stand: the model continues each of ARITHMETIC_OPENINGS (a title and
 one worked line of our own, none of them a question the quality bench asks) twice at temperature
 0.7, and writes its own worksheets, right or wrong: the rounding keeps what the full-precision model
-computes, whatever that is.
+computes, whatever that is. `--facts` writes fact sheets the same way from FACT_OPENINGS (three
+continuations each, seed 5678; `--seed 5679` the second draw) and keeps the first two per opening
+that fill a row and hold no question of the bench: measured as a third part in two draws and not
+kept, as it moved the answers no further than the same text in another row order does
+(bench/README.md, "Facts the model wrote itself").
 """
 
 from __future__ import annotations
@@ -49,6 +54,34 @@ ARITHMETIC_OPENINGS = (
     "Quick sums\n\n9 + 4 = 13\n",
     "Math facts to remember\n\n- Double 6 is 12.\n- ",
 )
+
+FACT_OPENINGS = (
+    "General knowledge quiz with answers\n\nQ: What is the largest island in the world?\nA: Greenland.\n\nQ:",
+    "Science facts\n\n- Sound travels faster in water than in air.\n- ",
+    "Famous inventions and their inventors\n\n- The light bulb: Thomas Edison\n- ",
+    "Animal facts for kids\n\n1. An octopus has three hearts.\n2. ",
+    "History quiz\n\nQ: In which year did the Second World War end?\nA: 1945.\n\nQ:",
+    "Geography facts\n\n1. The Amazon River flows through South America.\n2. ",
+    "Word meanings\n\n- Enormous means very large.\n- ",
+    "Facts about the human body\n\n- The skin is the largest organ of the body.\n- ",
+)
+BENCH_QUESTIONS = ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")
+
+
+def clean_rows(tokenizer, texts: list[str], per_opening: int, keep: int) -> list[str]:
+    """Of each opening's `per_opening` texts (in order), the first `keep` that fill a calibration row
+    (SEQ_TOKENS - 1 tokens when tokenized again) and hold no question of the bench."""
+    from chat_quality import load_questions
+    from generation.rounding.snapshot import SEQ_TOKENS
+
+    asked = [q.rstrip("?").lower() for name in BENCH_QUESTIONS for q, _ in load_questions(REPO / "bench" / name)]
+    kept: list[str] = []
+    for start in range(0, len(texts), per_opening):
+        fit = [t for t in texts[start:start + per_opening]
+               if len(tokenizer(t, add_special_tokens=False).input_ids) >= SEQ_TOKENS - 1
+               and not any(q in t.lower() for q in asked)]
+        kept += fit[:keep]
+    return kept
 
 
 def continue_sampled(lm, ids: torch.Tensor, new: int, temperature: float, top_p: float) -> list[str]:
@@ -89,17 +122,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--arithmetic", action="store_true",
                     help="continue ARITHMETIC_OPENINGS (defaults then: temperature 0.7, 2 per opening, seed 4321)")
+    ap.add_argument("--facts", action="store_true",
+                    help="continue FACT_OPENINGS (defaults then: temperature 0.7, 3 per opening, 2 kept, seed 5678)")
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=64, help="texts from <bos>")
-    ap.add_argument("--per-opening", type=int, default=2, help="texts per opening, with --arithmetic")
+    ap.add_argument("--per-opening", type=int, help="texts per opening (--arithmetic: 2, --facts: 3)")
     ap.add_argument("--tokens", type=int, default=272)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int)
     args = ap.parse_args()
-    temperature = args.temperature if args.temperature is not None else (0.7 if args.arithmetic else 1.0)
-    seed = args.seed if args.seed is not None else (4321 if args.arithmetic else 1234)
-    if not (temperature > 0 and 0 < args.top_p <= 1 and args.samples > 0 and args.per_opening > 0
+    if args.arithmetic and args.facts:
+        raise SystemExit("--arithmetic or --facts, not both")
+    openings = args.arithmetic or args.facts
+    temperature = args.temperature if args.temperature is not None else (0.7 if openings else 1.0)
+    seed = args.seed if args.seed is not None else (4321 if args.arithmetic else 5678 if args.facts else 1234)
+    per_opening = args.per_opening if args.per_opening is not None else (3 if args.facts else 2)
+    if not (temperature > 0 and 0 < args.top_p <= 1 and args.samples > 0 and per_opening > 0
             and args.tokens >= 256):
         raise SystemExit("need temperature > 0, 0 < top-p <= 1, samples > 0, per-opening > 0 and tokens >= 256")
     torch.set_num_threads(2)
@@ -110,12 +149,20 @@ def main() -> None:
     torch.manual_seed(seed)
     how = f"temperature {temperature:g}, top-p {args.top_p:g}, no top-k, {args.tokens} tokens each"
     if args.arithmetic:
-        texts = from_openings(lm, ARITHMETIC_OPENINGS, args.per_opening, args.tokens, temperature, args.top_p)
+        texts = from_openings(lm, ARITHMETIC_OPENINGS, per_opening, args.tokens, temperature, args.top_p)
         notes = (f"Arithmetic worksheets written by the full-precision default model itself (google/gemma-3-270m "
                  f"from the GGUF, bf16): each begins with one of {len(ARITHMETIC_OPENINGS)} openings (a title and "
-                 f"one worked line), {args.per_opening} continuations each, {how} with the opening "
+                 f"one worked line), {per_opening} continuations each, {how} with the opening "
                  f"(bench/calibration_text.py --arithmetic, seed {seed}). The model's own sums, right or wrong; "
                  f"no question the quality bench asks.")
+    elif args.facts:
+        texts = clean_rows(lm.tokenizer, from_openings(lm, FACT_OPENINGS, per_opening, args.tokens, temperature,
+                                                       args.top_p), per_opening, keep=2)
+        notes = (f"Fact sheets written by the full-precision default model itself (google/gemma-3-270m from the "
+                 f"GGUF, bf16): each begins with one of {len(FACT_OPENINGS)} openings (a title and one line), "
+                 f"{per_opening} continuations each, {how} with the opening (bench/calibration_text.py --facts, "
+                 f"seed {seed}); of each opening's, the first two that fill a row and hold no question the "
+                 f"quality bench asks.")
     else:
         texts = from_bos(lm, args.samples, args.tokens, temperature, args.top_p, args.batch)
         notes = (f"Text the full-precision default model wrote itself (google/gemma-3-270m from the GGUF, bf16), "
