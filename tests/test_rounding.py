@@ -248,6 +248,9 @@ def test_the_calibration_runs_its_norms_natively_and_rounds_the_same(tmp_path, m
         return n
 
     monkeypatch.setenv("ATTN_LAB_NATIVE", "1")
+    kern, status = calibrate_module.norm_kernels(64, 1, 64, 1e-6)
+    if kern is None:
+        pytest.skip(f"no native norm kernel here: {status.detail}")
     assert native_count() == 2 * 6
     native = calibrate(load(), ids, cfg)
     kernels = calibrate_module.norm_kernels

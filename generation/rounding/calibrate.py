@@ -165,8 +165,8 @@ def _native_norm(mod: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
 @contextmanager
 def _native_norms(layers: torch.nn.Module) -> Iterator[int]:
     """While the calibration runs the layers over its whole batch, their bf16 RMSNorms run as the
-    decode step's C kernel, one pass over memory where torch makes ~10 (~5x faster at the
-    calibration's rows), and only where it gives each module's own bits: the rounding is the same.
+    decode step's C kernel, one pass over memory where torch makes ~10 (bench/README.md has the
+    first start's time), and only where it gives each module's own bits: the rounding is the same.
     Yields how many norms run natively (none where the kernels are off or cannot be built)."""
     patched = []
     try:
