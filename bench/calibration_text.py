@@ -65,16 +65,15 @@ FACT_OPENINGS = (
     "Word meanings\n\n- Enormous means very large.\n- ",
     "Facts about the human body\n\n- The skin is the largest organ of the body.\n- ",
 )
-BENCH_QUESTIONS = ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")
 
 
 def clean_rows(tokenizer, texts: list[str], per_opening: int, keep: int) -> list[str]:
     """Of each opening's `per_opening` texts (in order), the first `keep` that fill a calibration row
     (SEQ_TOKENS - 1 tokens when tokenized again) and hold no question of the bench."""
-    from chat_quality import load_questions
+    from chat_quality import QUESTION_SETS, load_questions
     from generation.rounding.snapshot import SEQ_TOKENS
 
-    asked = [q.rstrip("?").lower() for name in BENCH_QUESTIONS for q, _ in load_questions(REPO / "bench" / name)]
+    asked = [q.rstrip("?").lower() for name in QUESTION_SETS for q, _ in load_questions(REPO / "bench" / name)]
     kept: list[str] = []
     for start in range(0, len(texts), per_opening):
         fit = [t for t in texts[start:start + per_opening]

@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from benchutil import describe  # noqa: E402
 
 QUESTIONS = Path(__file__).with_name("questions.tsv")
+QUESTION_SETS = ("questions.tsv", "questions_heldout.tsv", "questions_arithmetic.tsv")  # every question asked
 ZERO_SHOT = "The following is a conversation with a helpful assistant that answers questions accurately and concisely."
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PPL_CHARS, PPL_TOKENS = 20_000, 2000  # the first 2,000 tokens: never calibrated on

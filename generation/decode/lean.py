@@ -37,10 +37,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import KernelStatus, norm_kernels, torch_qk_norm_rope, torch_rms
+from ..kernels import KernelStatus, norm_kernels, norm_weight, torch_qk_norm_rope, torch_rms
 from .cache import decode_attention_rows
 from .family import describe
-from .nf4 import FusedNF4Linear, fast_path_supported, norm_weight, prepare_layers, rope_tables
+from .nf4 import FusedNF4Linear, fast_path_supported, prepare_layers, rope_tables
 
 __all__ = ["MANY_THREADS_ROWS", "BatchDecodeStep", "one_thread_here", "openmp_runtime", "single_threaded"]
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import norm_weight
+
 __all__ = [
     "DecoderLayer",
     "FusedNF4Linear",
@@ -305,15 +307,6 @@ class DecoderLayer:
     post_ff_norm: torch.Tensor | None
     qk_norm: torch.Tensor | None  # (H + KV, head_dim) fp32: q_norm for the query rows, k_norm for the key rows
     sliding: bool
-
-
-def norm_weight(norm: torch.nn.Module | None, form: str) -> torch.Tensor | None:
-    """A norm module's weight as the lean step applies it: fp32 1 + w (form "gemma") or the
-    weight's own values in fp32 ("llama")."""
-    if norm is None:
-        return None
-    w = norm.weight.detach().float()
-    return 1.0 + w if form == "gemma" else w
 
 
 def prepare_layers(model: torch.nn.Module, linear: Callable | None = None) -> list[DecoderLayer]:

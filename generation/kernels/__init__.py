@@ -8,7 +8,9 @@ from __future__ import annotations
 from .build import KernelBuildError, KernelStatus, build_library, kernel_cache_dir, load_library, native_enabled
 from .gptq import GptqBatch, gptq_batch
 from .int8_head import Int8HeadKernel, native_int8_kernel, native_int8_status
-from .norms import NORM_FORMS, NormKernels, check_against_torch, norm_kernels, torch_qk_norm_rope, torch_rms
+from .norms import (
+    NORM_FORMS, NormKernels, check_against_torch, norm_kernels, norm_weight, torch_qk_norm_rope, torch_rms,
+)
 from .refit import BlockGram, block_gram
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "native_int8_kernel",
     "native_int8_status",
     "norm_kernels",
+    "norm_weight",
     "torch_qk_norm_rope",
     "torch_rms",
 ]

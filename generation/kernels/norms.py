@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from .build import OFF_REASON, KernelStatus, load_library, native_enabled, read_source
 
-__all__ = ["NORM_FORMS", "NormKernels", "check_against_torch", "norm_kernels", "torch_qk_norm_rope", "torch_rms"]
+__all__ = ["NORM_FORMS", "NormKernels", "check_against_torch", "norm_kernels", "norm_weight", "torch_qk_norm_rope",
+           "torch_rms"]
 
 NATIVE = "native norm kernels"
 FALLBACK = "torch ops"
@@ -114,6 +115,15 @@ def _load() -> tuple[NormKernels | None, KernelStatus]:
 
 
 # --- torch's own ops: what the kernels must equal ----------------------------------------------
+
+
+def norm_weight(norm: torch.nn.Module | None, form: str) -> torch.Tensor | None:
+    """A norm module's weight as these kernels and `torch_rms` take it: fp32 1 + w (form "gemma")
+    or the weight's own values in fp32 ("llama")."""
+    if norm is None:
+        return None
+    w = norm.weight.detach().float()
+    return 1.0 + w if form == "gemma" else w
 
 
 def torch_rms(x: torch.Tensor, w: torch.Tensor, eps: float, form: str = "gemma") -> torch.Tensor:

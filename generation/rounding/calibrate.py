@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ..kernels import NORM_FORMS, NormKernels, norm_kernels
+from ..kernels import NORM_FORMS, NormKernels, norm_kernels, norm_weight
 from .nf4grid import (
     BLOCK, GptqConfig, block_absmax, dequantize, double_quantize, gptq_factor, gptq_nf4, refit_scales, toward_full_output,
 )
@@ -156,7 +156,7 @@ def _native_norm(mod: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
     want = mod(x)
     for form in NORM_FORMS:
         kern, _status = norm_kernels(d, 1, d, eps, form)
-        w = weight.detach().float() + (1.0 if form == "gemma" else 0.0)
+        w = norm_weight(mod, form)
         if kern is not None and torch.equal(_native_rms(kern, w, eps, x), want):
             return partial(_native_rms, kern, w, eps)
     return None
