@@ -11,6 +11,7 @@ marker; tests that start their own app or load the model themselves carry the ma
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,41 @@ from apputil import app_page, app_server, browser  # noqa: E402,F401  (fixtures,
 # Fixtures that load the real default model (here or in a `transformers serve` process) or start the real app.
 SLOW_FIXTURES = frozenset({"lm4", "lm_full", "fast_model", "int8_head", "app_server", "remote_app", "openai_server"})
 BROWSER_FIXTURES = frozenset({"browser"})
+
+
+# What the default 4-bit model went through before this process loaded it: the controller's first
+# start (below), handed to the workers through the environment they inherit.
+_FIRST_START_ENV = "ATTN_LAB_TEST_FIRST_START"
+
+
+def pytest_sessionstart(session):
+    """On a machine without the default model's cached snapshots (a fresh clone, as in CI), build them
+    here, in the xdist controller, before the workers start, on every core. Otherwise the first
+    worker to need the model builds them on its one thread while every other test that needs the
+    model, in the other worker or the app it starts, waits on the cache's lock with its core idle.
+    Nothing is built for a run without the real model (`-m "not slow"`), a collection only, or one
+    process (`-n 0`: its own first load builds them, on every core)."""
+    config = session.config
+    if (os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", default=None)
+            or config.getoption("collectonly") or "not slow" in (config.getoption("markexpr") or "")):
+        return
+    from generation import Settings
+    from generation.model import calibrated_snapshot, default_snapshot
+
+    settings = Settings.from_env()
+    stages: list[str] = []
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(stage: str) -> None:
+        stages.append(stage)
+        if reporter is not None:
+            reporter.write_line(f"the default model, {stage}")
+
+    if settings.nf4_rounding == "calibrated":
+        calibrated_snapshot(settings, progress=say)
+    else:
+        default_snapshot(settings, progress=say)
+    os.environ[_FIRST_START_ENV] = json.dumps(stages)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -227,7 +263,9 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
 
 
 # The stages the session's load of the default 4-bit model went through (load_model's progress).
-LM4_STAGES: list[str] = []
+# The stages this session's first load of the default 4-bit model went through: the controller's
+# first start where it built the snapshots (pytest_sessionstart), then this worker's own load.
+LM4_STAGES: list[str] = json.loads(os.environ.get(_FIRST_START_ENV, "[]"))
 
 
 @pytest.fixture(scope="session")
