@@ -62,7 +62,8 @@ def test_model_status_reports_the_loaded_model(client):
     while not (status["fast_decode"] or "").startswith(("on:", "off:")) and time.monotonic() < deadline:
         time.sleep(0.5)
         status = client.predict(api_name="/model_status")
-    assert status["fast_decode"].startswith("on: lean batched step (gemma3_text, native norm kernels), int8 LM head"), \
+    assert status["fast_decode"].startswith(
+        "on: lean batched step (gemma3_text, native norm kernels, native attention kernel), int8 LM head"), \
         status["fast_decode"]
     assert "fast CPU decode" in status["backend"]
 

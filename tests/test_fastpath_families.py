@@ -4,11 +4,11 @@ through the app's NF4 loading path (`load_model(folder, load_4bit=True)`).
 
 As test_batchstep.py does for the default model: the lean step's logits (its hidden state
 through the bf16 head) and the keys/values it writes equal the engine's model path bit for bit
-(the exact per-row attention); the default packed attention call gives the same next-token
-distributions within a small KL divergence; the engine's greedy replies through the fast path
-and the int8 head equal transformers' generate(). The int8 head for vocabularies that are not a
-multiple of 16, hidden sizes above 1024 and a separate (untied) head; and architectures outside
-the list keep the model's forward, saying why.
+(the exact per-row attention); the default attention (the native kernel) gives the same
+next-token distributions within a small KL divergence; the engine's greedy replies through the
+fast path and the int8 head equal transformers' generate(), or part from it only at a tie of its
+logits. The int8 head for vocabularies that are not a multiple of 16, hidden sizes above 1024 and
+a separate (untied) head; and architectures outside the list keep the model's forward, saying why.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tr
 
-from conftest import copy_cache, decode_side_by_side, prefilled_cache, save_tiny_lm
+from conftest import assert_flip_is_a_tie, copy_cache, decode_side_by_side, prefilled_cache, save_tiny_lm
 from generation import SamplingParams, load_model
 from generation.backends import ChatEngine
 from generation.decode import (
@@ -97,13 +97,14 @@ def test_the_family_takes_the_fast_path(lm):
 def test_step_equals_the_model_path_bit_for_bit(lm):
     """A batch of three prompts of mixed lengths, 12 greedy steps through the model path and the
     lean step (exact attention): the same logits and the same keys/values written, every step
-    (Gemma's and Mistral's sliding windows of 8 move all the time); the packed attention (the
-    default) on a third copy: the same next-token distributions within a small KL divergence."""
+    (Gemma's and Mistral's sliding windows of 8 move all the time); the default attention (the
+    native kernel) and its fallback (sdpa per row, query heads packed), each on a third copy: the
+    same next-token distributions within a small KL divergence."""
     slow = ModelStep(lm)
     step = BatchDecodeStep(lm.model, exact_attention=True)
-    packed = BatchDecodeStep(lm.model)
-    worst, _ = decode_side_by_side(slow, step, packed, _prompts(lm), 12, lm.model.get_output_embeddings().weight)
-    assert worst < 0.02, worst
+    for packed in (BatchDecodeStep(lm.model), BatchDecodeStep(lm.model, native_attention=False)):
+        worst, _ = decode_side_by_side(slow, step, packed, _prompts(lm), 12, lm.model.get_output_embeddings().weight)
+        assert worst < 0.02, (worst, packed.attention_status)
 
 
 def test_native_norm_kernels_change_no_bit(lm):
@@ -127,7 +128,9 @@ def test_native_norm_kernels_change_no_bit(lm):
 
 def test_greedy_replies_equal_generate(lm):
     """The engine with the fast decode on (lean step, int8 head with exact greedy): every decode
-    step takes it, and each prompt's greedy reply, alone and in a batch, is generate()'s."""
+    step takes it, and each prompt's greedy reply, alone and in a batch, is generate()'s, or parts
+    from it only where the model's own bf16 logits tie (its attention kernel sums in fp32 in
+    another order than the model's sdpa call)."""
     prompts = _prompts(lm)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW)
     with torch.inference_mode():
@@ -146,8 +149,10 @@ def test_greedy_replies_equal_generate(lm):
         assert lm.model.config.model_type in engine.fast_status
         assert engine.counters["fast_steps"] == engine.counters["steps"] > 0
     assert sum(map(len, refs)) >= 2 * NEW  # not all ended at once by an end-of-sequence token
-    assert alone == refs
-    assert [r.token_ids for r in reqs] == refs
+    for p, got_alone, got_batched, want in zip(prompts, alone, [r.token_ids for r in reqs], refs):
+        for got in (got_alone, got_batched):  # random weights tie often
+            if assert_flip_is_a_tie(lm, p, got, want):
+                assert got == want
 
 
 # -- the int8 head: any vocabulary, wide hidden sizes, a separate head -------------------------------

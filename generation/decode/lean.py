@@ -13,10 +13,12 @@ cache (`SlotKVCache`), without the model's per-step machinery:
 * each layer's RMSNorms, residual adds, q/k norms and RoPE in three C calls that give torch's
   bits in the family's norm form (`generation.kernels`, checked against torch first; torch's ops where they cannot be
   built or differ);
-* attention row by row with exactly the sdpa call the engine's model path makes
+* attention (the default) for every row in one C call per layer (`generation.kernels.attention`,
+  fp32 within its error bound of the exact attention; where it cannot run, torch's sdpa row by
+  row with the query heads of a key/value head packed into one call), or, with
+  `exact_attention`, row by row with exactly the sdpa call the engine's model path makes
   (`decode_attention_rows`), so a row's numbers are the model path's, bit for bit, whatever else
-  is in the batch (the tests compare the two paths' logits), or (the default) the query heads of
-  a key/value head packed into one call per row.
+  is in the batch (the tests compare the two paths' logits).
 
 Its output is the final hidden state; `generation.decode.head.pick_tokens` turns it into tokens
 through the int8 LM head. Prefill stays on the model's own forward (long prompts are where the
@@ -37,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import KernelStatus, norm_kernels, norm_weight, torch_qk_norm_rope, torch_rms
+from ..kernels import KernelStatus, attention_kernel, norm_kernels, norm_weight, torch_qk_norm_rope, torch_rms
 from .cache import decode_attention_rows
 from .family import describe
 from .nf4 import FusedNF4Linear, fast_path_supported, prepare_layers, rope_tables
@@ -60,7 +62,8 @@ class BatchDecodeStep:
     `generation.decode.SlotKVCache` has them.
     """
 
-    def __init__(self, model: torch.nn.Module, *, exact_attention: bool = False, native_norms: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, *, exact_attention: bool = False, native_norms: bool = True,
+                 native_attention: bool = True) -> None:
         from transformers.activations import ACT2FN
 
         why = fast_path_supported(model)
@@ -94,6 +97,14 @@ class BatchDecodeStep:
             norm_kernels(self.hidden_size, self.n_heads + self.n_kv, self.head_dim, self.eps, self.norm_form)
             if native_norms
             else (None, KernelStatus("torch ops", False, "native norms not asked for")))
+        # attention_status: what computes the packed attention (KernelStatus), and why; the exact
+        # attention is always torch's own call
+        self._attention, self.attention_status = (
+            attention_kernel(self.n_heads // self.n_kv, self.head_dim)
+            if native_attention and not exact_attention
+            else (None, KernelStatus("torch sdpa per row", False,
+                                     "the model's own attention call asked for" if exact_attention
+                                     else "native attention not asked for")))
         self.max_len = 0
         self._cos: dict = {}
         self._sin_signed: dict = {}
@@ -112,6 +123,7 @@ class BatchDecodeStep:
         self._gu = torch.empty(n, 2 * self.intermediate, dtype=torch.bfloat16)
         self._down = torch.empty(n, d, dtype=torch.bfloat16)
         self._h = torch.empty(n, d, dtype=torch.bfloat16)
+        self._attn = torch.empty(n, nh, hd, dtype=torch.bfloat16)
         self._rows = n
 
     def _grow_positions(self, n: int) -> None:
@@ -141,12 +153,19 @@ class BatchDecodeStep:
         v_out = qkv[:, qd + kd :]  # q | k | v side by side, as the fused projection writes them
         gate_out, up_out = gu[:, :inter], gu[:, inter:]
         kern = self._kernels
+        attend = self._attention
+        if attend is not None:  # each row's keys [first, end) on the full and the sliding layers
+            end_t = pos + 1
+            spans = {False: torch.zeros_like(end_t),
+                     True: (end_t - self.window).clamp_(min=0) if self.window else torch.zeros_like(end_t)}
+            attn_out = self._attn[:n]
         if kern is None:
             # (n, 1, hd) cos and signed sin per layer kind
             rope = {s: (self._cos[s][pos].unsqueeze(1), self._sin_signed[s][pos].unsqueeze(1)) for s in (True, False)}
         layers = self.layers
         with single_threaded() as serial:
             matmul_threads = serial.all_threads(n >= MANY_THREADS_ROWS)  # big batches' matmuls share out
+            threads = serial.count(n >= MANY_THREADS_ROWS)  # and so does the attention kernel's work
             x = F.embedding(tokens.reshape(-1), self.embed)  # (n, D), this step's own
             if self.embed_scale is not None:
                 x = x * self.embed_scale
@@ -166,7 +185,10 @@ class BatchDecodeStep:
                     qk = torch_qk_norm_rope(qk, L.qk_norm, eps, *rope[L.sliding], form)
                 keys, values = cache.update(qk[:, nh:].unsqueeze(2), v_out.view(n, nkv, 1, hd), li)  # (n, KV, S, hd)
                 window = self.window if L.sliding else None
-                if self.exact_attention:
+                if attend is not None:
+                    attn = attend(qk[:, :nh], keys, values, spans[L.sliding], end_t, self.scaling, attn_out,
+                                  threads)  # (n, H, hd)
+                elif self.exact_attention:
                     attn = decode_attention_rows(qk[:, :nh].unsqueeze(2), keys, values, ends, window, nh // nkv,
                                                  self.scaling)  # (n, H, 1, hd)
                 else:
@@ -261,6 +283,11 @@ class single_threaded:
     def __exit__(self, *exc: object) -> None:
         if self._before > 1:
             self._lib.omp_set_num_threads(self._before)
+
+    def count(self, when: bool = True) -> int:
+        """The threads for a kernel that takes its own count (OpenMP's num_threads): those from
+        before where `when`, else this thread's present count."""
+        return self._before if when and self._before > 1 else torch.get_num_threads()
 
     def all_threads(self, when: bool = True) -> _ThreadsRestored:
         """Context inside: the thread count from before, for the kernels that pay for it (a no-op

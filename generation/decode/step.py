@@ -202,7 +202,8 @@ def lean_step(base: ModelStep) -> tuple[DecodeStep, str]:
     except Exception as exc:  # the model's own path serves instead
         log.warning("fast CPU decode unavailable, using the model's forward", exc_info=True)
         return base, f"off: {type(exc).__name__}: {exc}"
-    status = (f"on: lean batched step ({batch_step.arch.family.model_type}, {batch_step.norm_status.short}), "
+    status = (f"on: lean batched step ({batch_step.arch.family.model_type}, {batch_step.norm_status.short}, "
+              f"{batch_step.attention_status.short}), "
               f"int8 LM head ({head.nbytes / 2**20:.0f} MiB, {native_int8_status().short}), "
               f"ready in {time.perf_counter() - t0:.1f} s")
     return LeanStep(lm, batch_step, head), status
