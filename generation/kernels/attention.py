@@ -3,7 +3,8 @@ error bound it is held to, and the check against torch that comes before any use
 
 A decode step attends one new query per row to that row's cached keys. torch's
 `scaled_dot_product_attention` takes one call per row (the rows' lengths differ), each set up
-anew and run on one thread: at 30 rows most of a layer's attention time is those calls' setup.
+anew, with a single query row to share out among threads: at a class's 30 rows most of a layer's
+attention time is those calls' setup, on one core.
 The kernel makes one call per layer: a task per (row, key/value head) over the threads, the
 query heads that share the key/value head together (each key read once), in fp32 from the exact
 widening of the bf16 inputs to one bf16 rounding of the result.
