@@ -103,7 +103,7 @@ def error_bound(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, f
     exact one times e^delta_j, |delta_j| <= D, which moves the normalised average by at most
     (e^(2D) - 1) sum_j p_j |v_j|; the weighted sum and the sum of the weights are fp32 sums of
     len terms (gamma_(len+1) each, all weights positive), the division one rounding more; then the
-    result rounds to bf16 (half a bf16 ulp of it)."""
+    result rounds to bf16 (by at most 2^-8 of it)."""
     n, h, hd = query.shape
     kv = keys.shape[1]
     bounds = []
@@ -114,11 +114,11 @@ def error_bound(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, f
         q = query[b].double().view(kv, h // kv, hd)
         s = scale * q @ k.transpose(-1, -2)  # (KV, G, S)
         mass = scale * q.abs() @ k.abs().transpose(-1, -2)  # (KV, G, S)
-        d = scale * _gamma(hd + 1) * mass + 2 * U * (s - s.amax(-1, keepdim=True)).abs() + 2 * U
+        d = _gamma(hd + 1) * mass + 2 * U * (s - s.amax(-1, keepdim=True)).abs() + 2 * U
         p = torch.softmax(s, -1)
         spread = (p @ v.abs()).view(h, hd)  # sum_j p_j |v_j|
         grow = torch.expm1(2 * d.amax(-1)).reshape(h, 1)  # (H, 1)
-        err = (grow + 2 * _gamma(length + 2)) * spread
+        err = (grow + 2 * _gamma(length + 2) * (1 + grow)) * spread  # the sums over weights up to e^(2D) p_j
         o = (p @ v).view(h, hd).abs()
         bounds.append(err + _BF16_U * (o + err))
     return torch.stack(bounds)
