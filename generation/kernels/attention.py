@@ -155,13 +155,17 @@ def attention_kernel(group: int, hd: int) -> tuple[AttentionKernel | None, Kerne
     cannot be built here, or lies outside its error bound."""
     if not native_enabled():
         return None, KernelStatus(FALLBACK, False, OFF_REASON)
+    key = ("checked", group, hd)
+
+    def first_check(k: AttentionKernel) -> str | None:  # the first shape asked for; kept for the next asks
+        _state[key] = check_against_exact(k, group, hd)
+        return _state[key]
+
     kernel, status = load_checked(_state, _lock, "attention", native=NATIVE, fallback=FALLBACK, bind=_bind,
-                                  check=lambda k: check_against_exact(k, 4, 64), agrees="within its error bound",
-                                  differs="attention kernel")
+                                  check=first_check, agrees="within its error bound", differs="attention kernel")
     if kernel is None:
         return None, status
     with _lock:
-        key = ("checked", group, hd)
         if key not in _state:
             _state[key] = check_against_exact(kernel, group, hd)
         diff = _state[key]
