@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 from apputil import REPO, assert_same_picture, plot_png, start_app
@@ -538,6 +539,30 @@ def test_history_sent_to_the_model_alternates():
     chat = app.AppState.create().chat
     assert chat.retry(history[:3], None) == (history[:2], True)
     assert chat.undo(history[:3], None) == (history[:1], "second")
+
+
+@pytest.mark.parametrize("case", ["send refused", "empty chat", "last turn answered", "model not loaded",
+                                  "branch refused"])
+def test_a_reply_step_with_nothing_to_write_changes_nothing(case):
+    """gradio ends a generator that yielded nothing with None for every output (the chat emptied):
+    each reply step that writes nothing yields one "no change" instead."""
+    import gradio as gr
+
+    import app
+
+    chat = app.AppState.create().chat  # the model is not loaded
+    answered = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    sampling = ("", 8, 0.7, 0.95, 0, 1.0, -1, 0, None)  # system, max new, temperature, ..., request
+    steps = {
+        "send refused": lambda: chat.bot_turn(False, answered, 1, *sampling),
+        "empty chat": lambda: chat.bot_turn(True, [], 0, *sampling),
+        "last turn answered": lambda: chat.bot_turn(True, answered, 1, *sampling),
+        "model not loaded": lambda: chat.bot_turn(True, answered[:1], 0, *sampling),
+        "branch refused": lambda: chat.continue_turn("Hel", False, answered, 1, *sampling),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gr.Warning outside a request
+        assert list(steps[case]()) == [(gr.skip(),) * 4]
 
 
 def test_undo_and_clear_stop_the_reply_before_they_change_the_chat():

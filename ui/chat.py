@@ -82,6 +82,21 @@ BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
 # question by then; clearing from the server would throw that away.
 CLEAR_IF_SENT = "(box, sent) => (sent !== '' && box === sent) ? '' : box"
 
+# A reply's outputs (chatbot, status line, user stats, reply count) left as they are. gradio ends a
+# generator that yielded nothing with None for every output, which empties the chat: each reply
+# generator yields at least once, this where it has nothing to show.
+NO_CHANGE = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+
+
+def at_least_once(updates: Iterator[Any]) -> Iterator[Any]:
+    """`updates`, or NO_CHANGE when there are none (a reply refused or ended before its first token)."""
+    empty = True
+    for update in updates:
+        empty = False
+        yield update
+    if empty:
+        yield NO_CHANGE
+
 
 def sampling_params(
     max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any,
@@ -262,11 +277,12 @@ class ChatHandlers:
         """Stream the assistant's reply to the last user turn into the chatbot; `replies` counts
         this session's finished replies (the last update carries it, one up)."""
         if not go:
+            yield NO_CHANGE
             return
         key = session_key(request)
         with self.stops.streaming(key) as stop:
-            yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, min_new_tokens, key, stop)
+            yield from at_least_once(self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p,
+                                                    top_k, repetition_penalty, seed, min_new_tokens, key, stop))
 
     def continue_turn(self, prefix: str, go: bool, history: list[Any], replies: int, system: str, max_new_tokens: float,
                       temperature: float, top_p: float, top_k: float, repetition_penalty: float, seed: Any,
@@ -274,14 +290,16 @@ class ChatHandlers:
         """Stream a new reply to the last user turn that begins with `prefix` (a branch of the last
         reply: its start, then another token than the model wrote); the history's last reply is replaced."""
         if not go:
+            yield NO_CHANGE
             return
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
         key = session_key(request)
         with self.stops.streaming(key) as stop:
-            yield from self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p, top_k,
-                                      repetition_penalty, seed, min_new_tokens, key, stop, prefix=prefix or "")
+            yield from at_least_once(self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p,
+                                                    top_k, repetition_penalty, seed, min_new_tokens, key, stop,
+                                                    prefix=prefix or ""))
 
     def _bot_turn(self, history, replies, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                   min_new_tokens, key: str, stop: threading.Event, prefix: str = "") -> Iterator[tuple[Any, Any, Any]]:
@@ -335,7 +353,7 @@ class ChatHandlers:
             # sends a generator's last values again when it ends, and that message can land after
             # theirs if the cancel comes later (restoring a cleared chat, or counting a stopped
             # reply as the next one): so the last values are "no change" for every output.
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield NO_CHANGE
             return
         if reply_at == len(history) or not content_text(history[reply_at].get("content")).strip():
             # nothing visible (no token, or only spaces and newlines before the turn ended): say so
