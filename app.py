@@ -1,9 +1,8 @@
 """Attention Lab: build self-attention from sliders, then chat with a 4-bit quantized LM.
 
 This file only assembles the views of `ui/` (one module per view) and serves them; every tensor
-operation lives in `attention/` and `generation/`. `import app` does nothing but define things:
-`build_demo()` makes the Blocks and `main()` (run by `python app.py`) starts the model loading in
-the background and serves.
+operation lives in `attention/` and `generation/`. `import app` only defines: `build_demo()` makes
+the Blocks, `main()` (`python app.py`) starts loading the model in the background and serves.
 """
 
 from __future__ import annotations
@@ -113,9 +112,8 @@ def main() -> int:
         footer_links=["api"],
         prevent_thread_lock=True,
         quiet=True,
-        # Only public endpoints answer to their names, an unknown one is a 404, and a raw call's
-        # omitted values get their documented defaults (ui/apigate.py); a page's event stream
-        # stays open, so no event's updates are left unread (ui/eventstream.py).
+        # Only public endpoints answer by name, with their defaults (ui/apigate.py); a page's event
+        # stream stays open, so no event's updates go unread (ui/eventstream.py).
         app_kwargs={"middleware": [*gate_middleware(demo), *stream_middleware(demo)]},
         state_session_capacity=SESSION_CAPACITY,
     )
