@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402,I001
 
 from generation import Settings  # noqa: E402
 from ui.apigate import gate_middleware  # noqa: E402
-from ui.eventstream import stream_middleware  # noqa: E402
+from ui.eventstream import stream_head  # noqa: E402
 from ui.chat import ChatHandlers, build_chat, build_status  # noqa: E402
 from ui.inside import INSIDE_FIELDS, InsideHandlers, build_inside  # noqa: E402
 from ui.lab import LAB_FIELDS, LabHandlers, build_lab  # noqa: E402
@@ -112,9 +112,9 @@ def main() -> int:
         footer_links=["api"],
         prevent_thread_lock=True,
         quiet=True,
-        # Only public endpoints answer by name, with their defaults (ui/apigate.py); a page's event
-        # stream stays open, so no event's updates go unread (ui/eventstream.py).
-        app_kwargs={"middleware": [*gate_middleware(demo), *stream_middleware(demo)]},
+        head=stream_head(),  # no event's updates left unread at the server (ui/eventstream.py)
+        # Only public endpoints answer by name, and get their documented defaults (ui/apigate.py).
+        app_kwargs={"middleware": gate_middleware(demo)},
         state_session_capacity=SESSION_CAPACITY,
     )
     print(f"Attention Lab is serving on http://{settings.server_name}:{settings.server_port}", flush=True)

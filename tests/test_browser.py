@@ -291,20 +291,6 @@ def test_a_message_sent_while_the_previous_send_is_at_the_server_is_answered(pag
     page.get_by_text("Type a message first").first.wait_for(timeout=30_000)  # the held one, refused
 
 
-def test_the_page_reads_every_event_from_the_one_stream_it_opened(page):
-    """The page opened its event stream when it loaded and keeps it: gradio, left alone, ends it
-    whenever the session has no event left, and a Send whose join is answered before that end
-    reaches the page is never read (ui/eventstream.py). Two chats later: no stream opened again."""
-    opened: list[str] = []
-    page.on("request", lambda r: opened.append(r.url) if "/gradio_api/queue/data" in r.url else None)
-    page.get_by_role("tab", name="4-bit Chat").click()
-    set_number(page, "max-new", 8)
-    wait_reply_done(page, send_chat(page, "Hello!"))
-    wait_reply_done(page, send_chat(page, "What is the capital of France?"))
-    assert opened == []
-    assert user_texts(page) == ["Hello!", "What is the capital of France?"]
-
-
 def test_an_empty_message_mid_chat_keeps_the_chat(page):
     """An empty Send is refused with a warning and changes nothing: its reply step, which has
     nothing to write, must not empty the chat (a generator that yields nothing ends with None for
