@@ -159,17 +159,20 @@
   }
 
   async function noteJoin(response, init) {
+    let hash = null;
+    let id = null;
     try {
-      const sent = JSON.parse(typeof init?.body === "string" ? init.body : "{}");
-      const { event_id: id } = await response.clone().json();
-      if (!sent.session_hash || !id) return;
-      const s = session(sent.session_hash);
-      if (s.done.has(id)) return; // its updates were read already
-      s.pending.add(id);
-      connect(s);
+      hash = JSON.parse(typeof init?.body === "string" ? init.body : "{}").session_hash || null;
+      id = (await response.clone().json()).event_id || null;
     } catch (_) {
-      // not a join this wrapper understands: the page goes on as gradio would
+      // read below as a join of unknown event
     }
+    if (!hash && sessions.size === 1) hash = sessions.keys().next().value;
+    if (!hash) return;
+    const s = session(hash);
+    if (id && s.done.has(id)) return; // its updates were read already
+    if (id) s.pending.add(id);
+    connect(s); // an unknown join still gets a server stream, as gradio's client would open one
   }
 
   window.fetch = async (input, init) => {
