@@ -83,8 +83,8 @@ BUSY_MESSAGE = "A reply is still being written: wait for it or press Stop"
 CLEAR_IF_SENT = "(box, sent) => (sent !== '' && box === sent) ? '' : box"
 
 # A reply's outputs (chatbot, status line, user stats, reply count) left as they are. gradio ends a
-# generator that yielded nothing with None for every output, which empties the chat: each reply
-# generator yields at least once, this where it has nothing to show.
+# generator that yielded nothing with None for every output, which empties the chat, so each reply
+# generator yields at least once: this, where it has nothing to show.
 NO_CHANGE = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
 
 
