@@ -27,5 +27,6 @@ SCRIPT = Path(__file__).with_name("eventstream.js")
 
 
 def stream_head() -> str:
-    """For `demo.launch(head=...)`: the script, inline (the page runs it before its first event)."""
+    """For `demo.launch(head=...)`: the script, inline. gradio's page adds its head before it draws
+    the app, so the script wraps `fetch` before the page's first event."""
     return f"<script>\n{SCRIPT.read_text()}</script>\n"
