@@ -9,6 +9,8 @@ join answered first, then the held stream with its end.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from apputil import QUEUE_JOIN, VIEWPORT, event_id, replies_done, send_chat, set_number, user_texts, wait_reply_done
 
@@ -17,10 +19,13 @@ pytestmark = pytest.mark.timeout(600)
 QUEUE_DATA = "**/gradio_api/queue/data*"
 
 
+IDLE = "!window.__keptEventStream.connected && window.__keptEventStream.waitingFor === 0"
+
+
 def kept(page) -> dict:
-    """The page script's counts: page streams (what gradio's client opened), server streams (the
-    connections under them), reopenedForAnEvent (server streams opened for an event a close left)."""
-    return page.evaluate("window.__keptEventStream")
+    """The page script's counts (ui/eventstream.js): pageStreams, serverStreams, reopenedForAnEvent,
+    connected (a server stream open now), waitingFor (events joined and not yet read)."""
+    return page.evaluate("({...window.__keptEventStream})")
 
 
 def test_a_message_sent_as_the_last_stream_ends_is_answered(page):
@@ -44,7 +49,9 @@ def test_a_message_sent_as_the_last_stream_ends_is_answered(page):
     page.route(QUEUE_DATA, hold)
     try:
         before = send_chat(page, "Hello!")
+        deadline = time.monotonic() + 120  # only ends a broken run
         while not held:  # route callbacks run only inside Playwright calls
+            assert time.monotonic() < deadline, "no server stream was opened after the reply's last event"
             page.wait_for_timeout(50)
         held_stream = held[0].fetch()  # the server's whole stream: the last events, then close_stream
         assert held_stream.text().rstrip().endswith('"msg":"close_stream","event_id":null}')
@@ -61,11 +68,22 @@ def test_a_message_sent_as_the_last_stream_ends_is_answered(page):
 
 
 def test_the_page_keeps_one_stream_and_connects_only_while_events_run(page):
-    """gradio's client never sees its stream end; the server streams under it come and go."""
+    """gradio's client never sees its stream end; the server streams under it come and go: once
+    every event is read (the end signal), no server stream is held, also after a stopped reply."""
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 8)
     wait_reply_done(page, send_chat(page, "Hello!"))
+    page.wait_for_function(IDLE, timeout=120_000)
+    set_number(page, "max-new", 512)
+    set_number(page, "min-new", 512)  # a reply that cannot end by itself: Stop ends it
+    send_chat(page, "Tell me a long story about a dragon who learns to fly.")
+    page.wait_for_function("window.__keptEventStream.connected", timeout=120_000)
+    page.click("#stop-btn")
+    page.wait_for_function(IDLE, timeout=120_000)
+    set_number(page, "min-new", 0)
+    set_number(page, "max-new", 8)
     wait_reply_done(page, send_chat(page, "What is the capital of France?"))
+    page.wait_for_function(IDLE, timeout=120_000)
     counts = kept(page)
     assert counts["pageStreams"] == 1 and counts["serverStreams"] > 2, counts
 

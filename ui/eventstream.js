@@ -15,7 +15,20 @@
   const JOIN = /\/gradio_api\/queue\/join\/?(\?|$)/;
   const encoder = new TextEncoder();
   const sessions = new Map();
-  const stats = { pageStreams: 0, serverStreams: 0, reopenedForAnEvent: 0 };
+  // Counts for the tests: page streams (what gradio's client opened), server streams (the
+  // connections under them), those opened for an event a server stream's end left unread, and
+  // whether a server stream is open now, for how many events the page waits.
+  const stats = {
+    pageStreams: 0,
+    serverStreams: 0,
+    reopenedForAnEvent: 0,
+    get connected() {
+      return [...sessions.values()].some((s) => s.upstream !== null);
+    },
+    get waitingFor() {
+      return [...sessions.values()].reduce((n, s) => n + s.pending.size, 0);
+    },
+  };
   window.__keptEventStream = stats;
 
   const urlOf = (input) => (typeof input === "string" ? input : input instanceof URL ? input.href : input.url);
