@@ -242,6 +242,14 @@ def event_id(page, api_name: str) -> int:
     return dep["id"]
 
 
+def joins_event(request, fn_index: int) -> bool:
+    """Whether a request of the page is its queue join of event `fn_index` (`event_id`)."""
+    if request.method != "POST" or "/gradio_api/queue/join" not in request.url:
+        return False
+    body = request.post_data_json
+    return isinstance(body, dict) and body.get("fn_index") == fn_index
+
+
 @contextlib.contextmanager
 def held_event(page, trigger, timeout_s: float = 60.0, only: int | None = None):
     """Hold the event `trigger()` sends to the server's queue until the block ends, as a server busy
@@ -252,8 +260,7 @@ def held_event(page, trigger, timeout_s: float = 60.0, only: int | None = None):
     held: list = []
 
     def hold(route) -> None:
-        body = route.request.post_data_json if only is not None else None
-        if held or (only is not None and (not isinstance(body, dict) or body.get("fn_index") != only)):
+        if held or (only is not None and not joins_event(route.request, only)):
             route.continue_()
         else:
             held.append(route)

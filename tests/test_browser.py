@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import bot_texts, event_id, held_event, open_app, send_chat, set_number
+from apputil import bot_texts, event_id, held_event, joins_event, open_app, send_chat, set_number
 from apputil import replies_done, user_texts, wait_changed, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.timeout(600)
 
-QUEUE_JOIN_PATH = "/gradio_api/queue/join"
 LONG_PROMPT = "Tell me a long story about a dragon who learns to fly."
 
 
@@ -300,9 +299,7 @@ def test_an_empty_message_mid_chat_keeps_the_chat(page):
     wait_reply_done(page, send_chat(page, "Hello!"))
     reply = bot_texts(page)
     after_reply = event_id(page, "follow")  # runs .then() after every reply step, so after this one
-    joined = (lambda r: QUEUE_JOIN_PATH in r.url and r.method == "POST"
-              and (r.post_data_json or {}).get("fn_index") == after_reply)
-    with page.expect_request(joined, timeout=60_000):
+    with page.expect_request(lambda r: joins_event(r, after_reply), timeout=60_000):
         send_chat(page, "   ")
     page.get_by_text("Type a message first").first.wait_for(timeout=30_000)
     assert user_texts(page) == ["Hello!"] and bot_texts(page) == reply

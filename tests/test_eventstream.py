@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from apputil import QUEUE_JOIN, VIEWPORT, event_id, replies_done, send_chat, set_number, user_texts, wait_reply_done
+from apputil import QUEUE_JOIN, VIEWPORT, event_id, joins_event, replies_done, send_chat, set_number, user_texts
+from apputil import wait_reply_done
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,9 +36,8 @@ def test_a_message_sent_as_the_last_stream_ends_is_answered(page):
     seen_last, held = [], []
 
     def note(request) -> None:
-        if request.method == "POST" and "/gradio_api/queue/join" in request.url:
-            if (request.post_data_json or {}).get("fn_index") == last:
-                seen_last.append(request)
+        if joins_event(request, last):
+            seen_last.append(request)
 
     def hold(route) -> None:  # the first server stream opened after the last event's join
         if seen_last and not held:
