@@ -15,7 +15,9 @@ Prompts:
 Decoding: greedy, and the notebook's sampling (temperature 0.7, top-p 0.95) over --seeds seeds. The
 sampled figure is their mean ± its standard error: ten seeds' counts for the app's model spread
 from 46 to 63 of 111 (bench/README.md), so to tell two models apart by their sampled answers, use
---seeds 10.
+--seeds 10. Below the table, for each 4-bit variant against bf16: the greedy answers it loses and
+gains, with an exact sign test of whether the net is more than that churn, and the sampled answers'
+difference seed by seed (the same seeds for both: much of a seed's luck is shared).
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
 never among the system text's examples. bench/questions_heldout.tsv (--questions) holds 40 more of
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -61,6 +64,26 @@ def standard_error(values: list[int]) -> float:
     """The standard error of the mean of `values` (one seed's count each): how far the mean of this
     many seeds may sit from the mean over many; 0 for a single value."""
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def sign_test_p(lost: int, gained: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of the questions one model answers and the
+    other not: the chance that, were the two equally good on questions of this kind, those questions
+    would split between them at least as unevenly as `lost` against `gained`. 1.0 when none differ."""
+    n, k = lost + gained, min(lost, gained)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_difference(got: list[int], ref: list[int]) -> tuple[float, float]:
+    """The mean over seeds of got[i] - ref[i] (each seed's right answers, the same seed for both
+    models) and its standard error: sampled answers move by ~10 of 111 from seed to seed, largely
+    the same way for both models, so the paired difference tells them apart with fewer seeds."""
+    if len(got) != len(ref) or not got:
+        raise ValueError(f"need the same seeds for both: {len(got)} and {len(ref)} counts")
+    diffs = [a - b for a, b in zip(got, ref)]
+    return statistics.fmean(diffs), standard_error(diffs)
 
 
 def load_questions(path: Path = QUESTIONS) -> list[tuple[str, list[str]]]:
@@ -254,7 +277,8 @@ def main() -> None:
 
 def print_changes(results: list[dict], prompts: list[str], questions: list[str], listed: bool) -> None:
     """How many greedy answers each 4-bit variant loses and gains against bf16 (the net is the
-    table's difference; the two apart show how much of it is churn), and with `listed` which."""
+    table's difference; the two apart show how much of it is churn, and the sign test whether the
+    net is more than churn), the sampled difference seed by seed, and with `listed` which."""
     ref = next((r for r in results if r["variant"] == "bf16"), None)
     if ref is None:
         return
@@ -264,7 +288,11 @@ def print_changes(results: list[dict], prompts: list[str], questions: list[str],
             continue
         for p in prompts:
             lost, gained = changes(ref[p], r[p], questions)
-            print(f"{r['variant']}, {p}, greedy against bf16: lost {len(lost)}, gained {len(gained)}")
+            print(f"{r['variant']}, {p}, greedy against bf16: lost {len(lost)}, gained {len(gained)} "
+                  f"(exact sign test p = {sign_test_p(len(lost), len(gained)):.2f})")
+            if len(r[p]["sampled_each"]) > 1:
+                mean, se = paired_difference(r[p]["sampled_each"], ref[p]["sampled_each"])
+                print(f"{r['variant']}, {p}, sampled against bf16, seed by seed: {mean:+.1f} ± {se:.1f} a seed")
             if listed:
                 for tag, rows in (("lost", lost), ("gained", gained)):
                     for q, a, b in rows:
