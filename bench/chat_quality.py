@@ -17,7 +17,7 @@ sampled figure is their mean ± its standard error: ten seeds' counts for the ap
 from 46 to 63 of 111 (bench/README.md), so to tell two models apart by their sampled answers, use
 --seeds 10. Below the table, for each 4-bit variant against bf16: the greedy answers it loses and
 gains, with an exact sign test of whether the net is more than that churn, and the sampled answers'
-difference seed by seed (the same seeds for both: much of a seed's luck is shared).
+difference seed by seed (the same seeds for both, so what a seed's luck shares between them cancels).
 
 The questions (bench/questions.tsv, 111 of them: capitals, science, arithmetic, words, people) are
 never among the system text's examples. bench/questions_heldout.tsv (--questions) holds 40 more of
@@ -78,8 +78,8 @@ def sign_test_p(lost: int, gained: int) -> float:
 
 def paired_difference(got: list[int], ref: list[int]) -> tuple[float, float]:
     """The mean over seeds of got[i] - ref[i] (each seed's right answers, the same seed for both
-    models) and its standard error: sampled answers move by ~10 of 111 from seed to seed, largely
-    the same way for both models, so the paired difference tells them apart with fewer seeds."""
+    models) and its standard error. A seed's count moves by up to ~17 of 111 from the next; where a
+    seed's draws suit both models alike, the difference seed by seed leaves that shared part out."""
     if len(got) != len(ref) or not got:
         raise ValueError(f"need the same seeds for both: {len(got)} and {len(ref)} counts")
     diffs = [a - b for a, b in zip(got, ref)]
