@@ -242,6 +242,19 @@ def event_id(page, api_name: str) -> int:
     return dep["id"]
 
 
+def event_ids(page, api_name: str) -> set[int]:
+    """The ids of every event of the app named `api_name`, and of those gradio named `api_name_1`,
+    `api_name_2`, ... (one handler wired after several events)."""
+    config = page.request.get(page.url.split("?")[0].rstrip("/") + "/config").json()
+    named = re.compile(rf"{re.escape(api_name)}(_\d+)?")
+    return {d["id"] for d in config["dependencies"] if named.fullmatch(d.get("api_name") or "")}
+
+
+# The page has read every update the server sent for its events (ui/eventstream.js): the end signal
+# to wait for before asserting that nothing more arrives.
+PAGE_IDLE = "!window.__keptEventStream.connected && window.__keptEventStream.waitingFor === 0"
+
+
 def joins_event(request, fn_index: int) -> bool:
     """Whether a request of the page is its queue join of event `fn_index` (`event_id`)."""
     if request.method != "POST" or "/gradio_api/queue/join" not in request.url:

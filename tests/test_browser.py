@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import bot_texts, event_id, held_event, joins_event, open_app, send_chat, set_number
+from apputil import PAGE_IDLE, bot_texts, event_id, event_ids, held_event, joins_event, open_app, send_chat, set_number
 from apputil import replies_done, user_texts, wait_changed, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
@@ -182,8 +182,17 @@ def test_inspect_text_follows_the_chat_unless_the_user_typed(page):
     page.get_by_role("tab", name="Attention Lab").click()
     inspect_box.fill("My own sentence.")
     page.get_by_role("tab", name="4-bit Chat").click()
-    wait_reply_done(page, send_chat(page, "Write a haiku about transformers."))
-    time.sleep(1.5)  # the follow-up event has run (or would have)
+    fills = event_ids(page, "fill_inspect")  # runs after every reply step, outside the queue
+
+    def is_fill(response) -> bool:
+        body = response.request.post_data_json if "/run/predict" in response.url else None
+        return isinstance(body, dict) and body.get("fn_index") in fills
+
+    with page.expect_response(is_fill, timeout=120_000) as filled:
+        wait_reply_done(page, send_chat(page, "Write a haiku about transformers."))
+    # the end signal: the server's answer after this reply, which leaves the text box as it is
+    answer = filled.value.json()["data"][0]
+    assert answer == {"__type__": "update"}, f"the server wrote into the user's text: {answer!r}"
     assert inspect_box.input_value() == "My own sentence."
 
 
@@ -198,15 +207,14 @@ def test_stop_halts_a_long_reply_and_the_next_message_works(page):
     assert live_generations(page) == 0, "the request kept generating after Stop"
     written = model_status(page)["tokens_generated"] - before
     assert 0 < written < 512, "the reply ran to its end: Stop did not stop it"
-    time.sleep(1.0)  # an update already on its way may still land
+    page.wait_for_function(PAGE_IDLE, timeout=120_000)  # every update the server sent has been read
     stopped = bot_texts(page)[-1]
-    time.sleep(3.0)
-    assert bot_texts(page)[-1] == stopped, "the reply kept growing after Stop"
-    # the worker is free again: a new message gets its own reply
+    # the worker is free again: a new message gets its own reply, and the stopped one stays as it was
     short_replies(page, 12)
     reply = wait_reply_done(page, send_chat(page, "What is the capital of France?"), timeout_s=120)
     assert reply.strip() and reply != stopped
     assert user_texts(page)[-1] == "What is the capital of France?"
+    assert bot_texts(page)[-2] == stopped, "the reply kept growing after Stop"
 
 
 def test_clear_while_a_reply_streams_stays_cleared(page):
@@ -216,7 +224,7 @@ def test_clear_while_a_reply_streams_stays_cleared(page):
     deadline = time.monotonic() + 120
     while live_generations(page) and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(3.0)
+    page.wait_for_function(PAGE_IDLE, timeout=120_000)  # every update the server sent has been read
     assert user_texts(page) == [] and bot_texts(page) == [], "the cleared chat came back"
     short_replies(page, 8)
     before = send_chat(page, "What is the capital of France?")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from apputil import PAGE_IDLE as IDLE
 from apputil import QUEUE_JOIN, VIEWPORT, event_id, joins_event, replies_done, send_chat, set_number, user_texts
 from apputil import wait_reply_done
 
@@ -19,8 +20,6 @@ pytestmark = pytest.mark.timeout(600)
 
 QUEUE_DATA = "**/gradio_api/queue/data*"
 
-
-IDLE = "!window.__keptEventStream.connected && window.__keptEventStream.waitingFor === 0"
 
 
 def kept(page) -> dict:
