@@ -235,19 +235,22 @@ def app_page(browser, url: str, ready_js: str | None = None):
     assert off_host == [], f"the page made requests off this machine: {off_host}"
 
 
+def _app_events(page) -> list[dict]:
+    """The app's events as the page's config lists them."""
+    return page.request.get(page.url.split("?")[0].rstrip("/") + "/config").json()["dependencies"]
+
+
 def event_id(page, api_name: str) -> int:
     """The id of the app's event `api_name` (what the page's queue join names as fn_index)."""
-    config = page.request.get(page.url.split("?")[0].rstrip("/") + "/config").json()
-    (dep,) = [d for d in config["dependencies"] if d.get("api_name") == api_name]
+    (dep,) = [d for d in _app_events(page) if d.get("api_name") == api_name]
     return dep["id"]
 
 
 def event_ids(page, api_name: str) -> set[int]:
     """The ids of every event of the app named `api_name`, and of those gradio named `api_name_1`,
     `api_name_2`, ... (one handler wired after several events)."""
-    config = page.request.get(page.url.split("?")[0].rstrip("/") + "/config").json()
     named = re.compile(rf"{re.escape(api_name)}(_\d+)?")
-    return {d["id"] for d in config["dependencies"] if named.fullmatch(d.get("api_name") or "")}
+    return {d["id"] for d in _app_events(page) if named.fullmatch(d.get("api_name") or "")}
 
 
 # The page has read every update the server sent for its events (ui/eventstream.js): the end signal

@@ -12,14 +12,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from apputil import PAGE_IDLE as IDLE
-from apputil import QUEUE_JOIN, VIEWPORT, event_id, joins_event, replies_done, send_chat, set_number, user_texts
-from apputil import wait_reply_done
+from apputil import PAGE_IDLE, QUEUE_JOIN, VIEWPORT, event_id, joins_event, replies_done, send_chat, set_number
+from apputil import user_texts, wait_reply_done
 
 pytestmark = pytest.mark.timeout(600)
 
 QUEUE_DATA = "**/gradio_api/queue/data*"
-
 
 
 def kept(page) -> dict:
@@ -72,17 +70,17 @@ def test_the_page_keeps_one_stream_and_connects_only_while_events_run(page):
     page.get_by_role("tab", name="4-bit Chat").click()
     set_number(page, "max-new", 8)
     wait_reply_done(page, send_chat(page, "Hello!"))
-    page.wait_for_function(IDLE, timeout=120_000)
+    page.wait_for_function(PAGE_IDLE, timeout=120_000)
     set_number(page, "max-new", 512)
     set_number(page, "min-new", 512)  # a reply that cannot end by itself: Stop ends it
     send_chat(page, "Tell me a long story about a dragon who learns to fly.")
     page.wait_for_function("window.__keptEventStream.connected", timeout=120_000)
     page.click("#stop-btn")
-    page.wait_for_function(IDLE, timeout=120_000)
+    page.wait_for_function(PAGE_IDLE, timeout=120_000)
     set_number(page, "min-new", 0)
     set_number(page, "max-new", 8)
     wait_reply_done(page, send_chat(page, "What is the capital of France?"))
-    page.wait_for_function(IDLE, timeout=120_000)
+    page.wait_for_function(PAGE_IDLE, timeout=120_000)
     counts = kept(page)
     assert counts["pageStreams"] == 1 and counts["serverStreams"] > 2, counts
 
