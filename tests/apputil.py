@@ -258,12 +258,23 @@ def event_ids(page, api_name: str) -> set[int]:
 PAGE_IDLE = "!window.__keptEventStream.connected && window.__keptEventStream.waitingFor === 0"
 
 
-def joins_event(request, fn_index: int) -> bool:
-    """Whether a request of the page is its queue join of event `fn_index` (`event_id`)."""
-    if request.method != "POST" or "/gradio_api/queue/join" not in request.url:
+def _calls_event(request, path: str, fn_indices: set[int]) -> bool:
+    """Whether a request of the page POSTs to `path` for one of the events `fn_indices`."""
+    if request.method != "POST" or path not in request.url:
         return False
     body = request.post_data_json
-    return isinstance(body, dict) and body.get("fn_index") == fn_index
+    return isinstance(body, dict) and body.get("fn_index") in fn_indices
+
+
+def joins_event(request, fn_index: int) -> bool:
+    """Whether a request of the page is its queue join of event `fn_index` (`event_id`)."""
+    return _calls_event(request, "/gradio_api/queue/join", {fn_index})
+
+
+def runs_event(request, fn_indices: set[int]) -> bool:
+    """Whether a request of the page runs one of the events `fn_indices` outside the queue (an
+    event wired with queue=False: the page posts it to /run/predict and the answer is its outputs)."""
+    return _calls_event(request, "/run/predict", fn_indices)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from apputil import PAGE_IDLE, bot_texts, event_id, event_ids, held_event, joins_event, open_app, send_chat, set_number
-from apputil import replies_done, user_texts, wait_changed, wait_reply_done, wait_until
+from apputil import replies_done, runs_event, user_texts, wait_changed, wait_reply_done, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -183,12 +183,7 @@ def test_inspect_text_follows_the_chat_unless_the_user_typed(page):
     inspect_box.fill("My own sentence.")
     page.get_by_role("tab", name="4-bit Chat").click()
     fills = event_ids(page, "fill_inspect")  # runs after every reply step, outside the queue
-
-    def is_fill(response) -> bool:
-        body = response.request.post_data_json if "/run/predict" in response.url else None
-        return isinstance(body, dict) and body.get("fn_index") in fills
-
-    with page.expect_response(is_fill, timeout=120_000) as filled:
+    with page.expect_response(lambda r: runs_event(r.request, fills), timeout=120_000) as filled:
         wait_reply_done(page, send_chat(page, "Write a haiku about transformers."))
     # the end signal: the server's answer after this reply, which leaves the text box as it is
     answer = filled.value.json()["data"][0]
