@@ -80,11 +80,11 @@ def chat_first_token(state: app.AppState, repeats: int) -> list[tuple[float, flo
 
     out = []
     for prompt in EXAMPLE_PROMPTS[:repeats]:
-        history = [{"role": "user", "content": prompt}]
+        _, history, _ = state.chat.user_turn(prompt, [], _Req())  # Send: registers the reply
         t0 = time.perf_counter()
         first = None
         stats = ""
-        for hist, _, user_stats, _ in state.chat.bot_turn(True, history, 0, "", 48, 0.0, 0.95, 0, 1.0, -1, 0, _Req()):
+        for hist, _, user_stats, _ in state.chat.bot_turn(history, 0, "", 48, 0.0, 0.95, 0, 1.0, -1, 0, _Req()):
             if first is None and len(hist) > 1:
                 first = time.perf_counter() - t0
             if isinstance(user_stats, str):

@@ -445,6 +445,7 @@ def test_chat_says_loading_while_the_model_loads():
     import gradio as gr
 
     import app
+    from ui.common import session_key
     from ui.lab import DEFAULT_SENTENCE
 
     state = app.AppState.create()
@@ -452,8 +453,9 @@ def test_chat_says_loading_while_the_model_loads():
     with pytest.raises(gr.Error, match="still loading"):
         list(state.chat.chat_api("Hello"))
     with pytest.warns(UserWarning, match="still loading"):
-        box, history, _, go = state.chat.user_turn("Hello", [], None)
-    assert go is False
+        box, history, _ = state.chat.user_turn("Hello", [], None)
+    assert box == "" and history == gr.skip()
+    assert state.chat.stops.begin(session_key(None)) is not None  # no reply was registered
     assert "Loading" in state.chat.status_markdown()
     # where the first start is, as load_model reports it, in both the status line and the message
     from generation.model import ROUNDING
@@ -537,32 +539,42 @@ def test_history_sent_to_the_model_alternates():
         {"role": "user", "content": "third"},
     ]
     chat = app.AppState.create().chat
-    assert chat.retry(history[:3], None) == (history[:2], True)
+    assert chat.retry(history[:3], None) == history[:2]
     assert chat.undo(history[:3], None) == (history[:1], "second")
 
 
 @pytest.mark.parametrize("case", ["send refused", "empty chat", "last turn answered", "model not loaded",
-                                  "branch refused"])
+                                  "branch refused", "branch step after a send"])
 def test_a_reply_step_with_nothing_to_write_changes_nothing(case):
     """gradio ends a generator that yielded nothing with None for every output (the chat emptied):
-    each reply step that writes nothing yields one "no change" instead."""
+    each reply step that writes nothing yields one "no change" instead, and leaves no reply
+    registered (a Send after it is taken)."""
     import gradio as gr
 
     import app
+    from ui.common import session_key
 
     chat = app.AppState.create().chat  # the model is not loaded
     answered = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     sampling = ("", 8, 0.7, 0.95, 0, 1.0, -1, 0, None)  # system, max new, temperature, ..., request
-    steps = {
-        "send refused": lambda: chat.bot_turn(False, answered, 1, *sampling),
-        "empty chat": lambda: chat.bot_turn(True, [], 0, *sampling),
-        "last turn answered": lambda: chat.bot_turn(True, answered, 1, *sampling),
-        "model not loaded": lambda: chat.bot_turn(True, answered[:1], 0, *sampling),
-        "branch refused": lambda: chat.continue_turn("Hel", False, answered, 1, *sampling),
+    steps = {  # each step, and the reply registered before it (by Send, Retry, an edit or a branch)
+        "send refused": (None, lambda: chat.bot_turn(answered, 1, *sampling)),
+        "empty chat": ("reply", lambda: chat.bot_turn([], 0, *sampling)),
+        "last turn answered": ("reply", lambda: chat.bot_turn(answered, 1, *sampling)),
+        "model not loaded": ("reply", lambda: chat.bot_turn(answered[:1], 0, *sampling)),
+        "branch refused": (None, lambda: chat.continue_turn("Hel", answered, 1, *sampling)),
+        "branch step after a send": ("reply", lambda: chat.continue_turn("Hel", answered, 1, *sampling)),
     }
+    kind, step = steps[case]
+    if kind is not None:
+        assert chat.stops.begin(session_key(None), kind=kind) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gr.Warning outside a request
-        assert list(steps[case]()) == [(gr.skip(),) * 4]
+        assert list(step()) == [(gr.skip(),) * 4]
+    if case == "branch step after a send":  # not its reply to write: still registered for the Send's step
+        assert chat.stops.begin(session_key(None)) is None
+        assert list(chat.bot_turn([], 0, *sampling)) == [(gr.skip(),) * 4]
+    assert chat.stops.begin(session_key(None)) is not None
 
 
 def test_undo_and_clear_stop_the_reply_before_they_change_the_chat():
@@ -598,7 +610,7 @@ def test_clear_returns_only_once_the_stopped_reply_has_ended(lm4, monkeypatch):
     try:
         history = [{"role": "user", "content": "Tell me a long story about a dragon."}]
         writing = chat.stops.begin(session_key(None))  # as Send registers the reply
-        turn = chat.bot_turn(True, history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
+        turn = chat.bot_turn(history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
         streamed, *_ = next(turn)  # the reply waits at its yield, as while gradio sends this update
         assert streamed[-1]["role"] == "assistant"
         cleared = []
@@ -616,6 +628,33 @@ def test_clear_returns_only_once_the_stopped_reply_has_ended(lm4, monkeypatch):
         chat.backend.close()
 
 
+def test_a_send_refused_while_the_reply_waits_in_the_queue_leaves_that_reply_to_be_written(lm4):
+    """A student presses Enter again while the server, busy with the class, has not yet started
+    their reply: the second Send is refused, and the first reply is still written when its turn
+    comes (the refusal does not cancel it, nor leave the chat refusing every Send after)."""
+    import gradio as gr
+
+    from generation.settings import Settings
+    from ui.chat import BUSY_MESSAGE, ChatHandlers
+    from ui.common import ModelSlot
+
+    settings = Settings.from_env()
+    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
+    sampling = ("", 6, 0.0, 1.0, 0, 1.0, -1, 0, None)  # system, max new, temperature, ..., request
+    try:
+        sent, history, _ = chat.user_turn("What is the capital of France?", [], None)
+        assert sent and history[-1]["role"] == "user"
+        with pytest.warns(UserWarning, match=BUSY_MESSAGE.split(":")[0]):
+            assert chat.user_turn("And of Peru?", history, None)[:2] == ("", gr.skip())
+        refused_step = list(chat.bot_turn(history, 0, *sampling))  # the refused Send's own step ...
+        *_, (written, _, _, replies) = refused_step  # ... may be the one that writes the reply
+        assert written[-1]["role"] == "assistant" and replies == 1
+        assert list(chat.bot_turn(history, 0, *sampling)) == [(gr.skip(),) * 4]  # and only once
+        assert chat.user_turn("And of Peru?", written, None)[0] == "And of Peru?"  # the next Send is taken
+    finally:
+        chat.backend.close()
+
+
 def test_stop_waits_for_a_streaming_reply_only():
     from ui.stops import StopRegistry
 
@@ -623,8 +662,12 @@ def test_stop_waits_for_a_streaming_reply_only():
     queued = reg.begin("alice")  # Send registered a reply that is still queued, not streaming
     reg.stop("alice", wait_s=600)  # returns at once (a cancelled queued reply never ends by itself)
     assert queued.is_set()
+    with reg.streaming("alice") as late:  # its step, run after the Stop: nothing to write
+        assert late is None
     reg.stop("nobody", wait_s=600)  # nothing registered: at once too
+    first = reg.begin("bob")
     with reg.streaming("bob") as stop:
+        assert stop is first
         stopping = threading.Thread(target=reg.stop, args=("bob",), kwargs={"wait_s": 600})
         stopping.start()
         assert stop.wait(60)
@@ -632,6 +675,7 @@ def test_stop_waits_for_a_streaming_reply_only():
         assert stopping.is_alive()  # the reply is still streaming: Stop waits for its end
     stopping.join(timeout=60)
     assert not stopping.is_alive()
+    reg.begin("bob")
     with reg.streaming("bob") as again:  # a new reply: a fresh stop event
         assert again is not stop and not again.is_set()
 
@@ -648,3 +692,18 @@ def test_stop_registry_is_per_session():
     c = reg.begin("bob")
     reg.stop("carol")  # someone else's Stop never reaches bob
     assert not c.is_set()
+
+
+def test_a_send_is_refused_while_the_reply_is_queued_or_streaming():
+    from ui.stops import StopRegistry
+
+    reg = StopRegistry()
+    queued = reg.begin("alice")
+    assert reg.begin("alice") is None  # the reply a Send registered has not started yet
+    with reg.streaming("alice", kind="branch") as other:  # a step of another kind does not write it
+        assert other is None
+    with reg.streaming("alice") as writing:
+        assert writing is queued and reg.begin("alice") is None  # it is being written
+        with reg.streaming("alice") as twice:  # and by one step only
+            assert twice is None
+    assert reg.begin("alice") is not None  # it has ended: the next Send is taken

@@ -237,31 +237,32 @@ class ChatHandlers:
             )
         return message
 
-    def user_turn(self, message: str, history: list[Any], request: gr.Request) -> tuple[Any, Any, Any, bool]:
-        """Send: validate, append the user turn. Returns (sent, history, preview, go): `sent` is the
-        message as it was sent ("" when refused), for the page to clear the box only if it still
-        holds that text (`CLEAR_IF_SENT`).
+    def user_turn(self, message: str, history: list[Any], request: gr.Request) -> tuple[Any, Any, Any]:
+        """Send: validate, append the user turn and register its reply (`stops`), which the reply
+        step chained after it writes. Returns (sent, history, preview): `sent` is the message as it
+        was sent ("" when refused), for the page to clear the box only if it still holds that text
+        (`CLEAR_IF_SENT`).
 
         Refused (gr.Warning, text kept) while this session's previous reply is still being written.
         """
+        refused = ("", gr.skip(), gr.skip())
         if not self.backend.ready():
             gr.Warning(self.backend.not_ready_message(), title="Model loading")
-            return "", gr.skip(), gr.skip(), False
+            return refused
         try:
             text = self._check_message(message or "")
         except ValueError as exc:
             gr.Warning(error_text(exc))
-            return "", gr.skip(), gr.skip(), False
+            return refused
         if self.stops.begin(session_key(request)) is None:
             gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
-            return "", gr.skip(), gr.skip(), False
+            return refused
         history = list(history or []) + [{"role": "user", "content": text}]
         preview = token_preview_html(self.model.lm, text, sent=True, remote=self.backend.is_remote)
-        return message, history, preview, True
+        return message, history, preview
 
     def bot_turn(
         self,
-        go: bool,
         history: list[Any],
         replies: int,
         system: str,
@@ -274,29 +275,31 @@ class ChatHandlers:
         min_new_tokens: Any,
         request: gr.Request,
     ) -> Iterator[tuple[Any, Any, Any]]:
-        """Stream the assistant's reply to the last user turn into the chatbot; `replies` counts
-        this session's finished replies (the last update carries it, one up)."""
-        if not go:
-            yield NO_CHANGE
-            return
+        """Stream the assistant's reply to the last user turn into the chatbot, if this session has
+        one registered (by Send, Retry or an edit) for a step to write; `replies` counts this
+        session's finished replies (the last update carries it, one up)."""
         key = session_key(request)
         with self.stops.streaming(key) as stop:
+            if stop is None:  # the Send was refused, or the reply stopped before it began
+                yield NO_CHANGE
+                return
             yield from at_least_once(self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p,
                                                     top_k, repetition_penalty, seed, min_new_tokens, key, stop))
 
-    def continue_turn(self, prefix: str, go: bool, history: list[Any], replies: int, system: str, max_new_tokens: float,
+    def continue_turn(self, prefix: str, history: list[Any], replies: int, system: str, max_new_tokens: float,
                       temperature: float, top_p: float, top_k: float, repetition_penalty: float, seed: Any,
                       min_new_tokens: Any, request: gr.Request) -> Iterator[tuple[Any, Any, Any]]:
         """Stream a new reply to the last user turn that begins with `prefix` (a branch of the last
-        reply: its start, then another token than the model wrote); the history's last reply is replaced."""
-        if not go:
-            yield NO_CHANGE
-            return
+        reply: its start, then another token than the model wrote), if this session has a branch
+        registered (`TokensHandlers.branch_start`); the history's last reply is replaced."""
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
         key = session_key(request)
-        with self.stops.streaming(key) as stop:
+        with self.stops.streaming(key, kind="branch") as stop:
+            if stop is None:
+                yield NO_CHANGE
+                return
             yield from at_least_once(self._bot_turn(history, replies, system, max_new_tokens, temperature, top_p,
                                                     top_k, repetition_penalty, seed, min_new_tokens, key, stop,
                                                     prefix=prefix or ""))
@@ -367,36 +370,36 @@ class ChatHandlers:
         """Stop button: halt this session's generation at the next token (cancels= does the rest)."""
         self.stops.stop(session_key(request))
 
-    def retry(self, history: list[Any], request: gr.Request) -> tuple[Any, bool]:
+    def retry(self, history: list[Any], request: gr.Request) -> Any:
         """Drop the last reply so the last user turn is answered again (refused while one is written)."""
-        if self.stops.begin(session_key(request)) is None:
-            gr.Warning(BUSY_MESSAGE)
-            return gr.skip(), False
         history = list(history or [])
         while history and message_role(history[-1]) == "assistant":
             history.pop()
         if not history:
             gr.Warning("Nothing to retry yet.")
-            return history, False
-        return history, True
+            return gr.skip()
+        if self.stops.begin(session_key(request)) is None:
+            gr.Warning(BUSY_MESSAGE)
+            return gr.skip()
+        return history
 
-    def edit(self, history: list[Any], evt: gr.EditData, request: gr.Request) -> tuple[Any, bool]:
+    def edit(self, history: list[Any], evt: gr.EditData, request: gr.Request) -> Any:
         """A sent message was edited: the chat from it on is replaced by the edited message, which
         is answered again (refused, the chat restored, while a reply is being written)."""
         history = list(history or [])
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not isinstance(index, int) or not 0 <= index < len(history) or message_role(history[index]) != "user":
-            return gr.skip(), False
+            return gr.skip()
         text = content_text(evt.value).strip()
         if not text:
             gr.Warning("An empty message has nothing to answer: the message is kept as it was.")
             history[index] = {"role": "user", "content": content_text(evt.previous_value)}
-            return history, False
+            return history
         if self.stops.begin(session_key(request)) is None:
             gr.Warning(BUSY_MESSAGE)
             history[index] = {"role": "user", "content": content_text(evt.previous_value)}
-            return history, False
-        return history[:index] + [{"role": "user", "content": text}], True
+            return history
+        return history[:index] + [{"role": "user", "content": text}]
 
     def undo(self, history: list[Any], request: gr.Request) -> tuple[list[Any], Any]:
         """Undo: stop this session's reply, remove the last exchange and put the user's message back
@@ -638,13 +641,12 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
             min_new = gr.Slider(0, MAX_NEW_TOKENS, value=DEFAULT_PARAMS.min_new_tokens, step=1,
                                 label="min new tokens", elem_id="min-new",
                                 info="the reply cannot end before (0 = the model decides)")
-    go = gr.State(False)
     sent_text = gr.Textbox(visible=False)  # the message a send took, held in the page for CLEAR_IF_SENT
 
     private = PRIVATE
     lab_kw = LAB_EVENTS  # turn bookkeeping is instant: it must not wait for a chat slot
     sampling = [system, max_new, temperature, top_p, top_k, rep, seed_chat, min_new]
-    bot = dict(fn=state.bot_turn, inputs=[go, chatbot, bar.replies, *sampling],
+    bot = dict(fn=state.bot_turn, inputs=[chatbot, bar.replies, *sampling],
                outputs=[chatbot, status, user_stats, bar.replies],
                show_progress="minimal", concurrency_id=CHAT_GROUP,
                concurrency_limit=state.settings.chat_concurrency, **private)
@@ -653,13 +655,13 @@ def build_chat(demo: gr.Blocks, handlers: ChatHandlers, bar: StatusBar) -> ChatV
     # while the previous one is still at the server, silently, and a warning arrives before its
     # event counts as ended: a student retyping after "Type a message first" on a busy server saw
     # nothing happen.
-    sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [sent_text, chatbot, tokens, go],
+    sent = gr.on([msg.submit, send.click], state.user_turn, [msg, chatbot], [sent_text, chatbot, tokens],
                  show_progress="hidden", trigger_mode="multiple", **lab_kw, **private).then(
         None, [msg, sent_text], [msg], js=CLEAR_IF_SENT, queue=False, **private).then(**bot)
-    retried = retry.click(state.retry, [chatbot], [chatbot, go], show_progress="hidden",
+    retried = retry.click(state.retry, [chatbot], [chatbot], show_progress="hidden",
                           **lab_kw, **private).then(**bot)
     # A sent message edited in place (the pencil under it): the chat from there is answered again.
-    edited = chatbot.edit(state.edit, [chatbot], [chatbot, go], show_progress="hidden",
+    edited = chatbot.edit(state.edit, [chatbot], [chatbot], show_progress="hidden",
                           **lab_kw, **private).then(**bot)
     # Stop sets this session's stop event at once (queue=False: not behind anything) and cancels.
     stop.click(state.stop, None, None, queue=False, cancels=[sent, retried, edited], **private)

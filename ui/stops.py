@@ -1,5 +1,6 @@
-"""Per-session stop events for the chat: Stop, Undo and Clear halt *this* user's reply at the next
-token, and Undo and Clear wait for its end before they change the chat."""
+"""Per-session replies and their stop events: a Send (Retry, an edit, a branch) registers the reply
+it asks for, the reply step chained after it writes it, and Stop, Undo and Clear halt *this* user's
+reply at the next token (Undo and Clear wait for its end before they change the chat)."""
 
 from __future__ import annotations
 
@@ -9,34 +10,48 @@ from contextlib import contextmanager
 
 
 class StopRegistry:
-    """Per-session stop events, so Stop halts *this* user's generation at the next token."""
+    """Each session's registered reply (at most one live), its kind and its stop event.
+
+    The registry, not a gr.State, tells a reply step whether it has a reply to write: a session's
+    State is one value, and a refused Send writes it while the accepted Send's reply step may still
+    wait in the server's queue (a busy class).
+    """
 
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
+        self._kinds: dict[str, str] = {}  # what each registered reply is: "reply", "branch"
         self._streaming: dict[str, threading.Event] = {}  # the stop event of the reply each session streams now
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
 
-    def begin(self, key: str) -> threading.Event | None:
-        """Register a generation for `key`; None while one is still live there (registered, not stopped)."""
+    def begin(self, key: str, kind: str = "reply") -> threading.Event | None:
+        """Register a reply of `kind` for `key`; None while one is still live there (registered,
+        not stopped, not ended)."""
         with self._lock:
             ev = self._events.get(key)
             if ev is not None and not ev.is_set():
                 return None
             ev = self._events[key] = threading.Event()
+            self._kinds[key] = kind
         return ev
 
     @contextmanager
-    def streaming(self, key: str) -> Iterator[threading.Event]:
-        """The reply's own side: its stop event (the one `begin` registered, a fresh one if none),
-        marked as streaming until the block ends, however it ends (finished, stopped, or closed by
-        a cancel)."""
+    def streaming(self, key: str, kind: str = "reply") -> Iterator[threading.Event | None]:
+        """The reply step's side: the stop event of the reply of `kind` registered for `key`, marked
+        as streaming until the block ends, however it ends (finished, stopped, or closed by a
+        cancel); None when there is none to write (its Send was refused, it was stopped before it
+        began, or another step writes it already)."""
         with self._lock:
-            ev = self._streaming[key] = self._events.setdefault(key, threading.Event())
+            ev = self._events.get(key)
+            if ev is None or ev.is_set() or self._kinds.get(key) != kind or self._streaming.get(key) is ev:
+                ev = None
+            else:
+                self._streaming[key] = ev
         try:
             yield ev
         finally:
-            self.done(key, ev)
+            if ev is not None:
+                self.done(key, ev)
 
     def stop(self, key: str, wait_s: float = 0.0) -> None:
         """Set `key`'s stop event: its generation halts at the next token. With `wait_s`, also wait
@@ -55,6 +70,7 @@ class StopRegistry:
         with self._lock:
             if self._events.get(key) is ev:
                 del self._events[key]
+                del self._kinds[key]
             if self._streaming.get(key) is ev:
                 del self._streaming[key]
             self._ended.notify_all()

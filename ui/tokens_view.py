@@ -178,7 +178,8 @@ class TokensHandlers:
     def branch_start(self, rt: ReplyTokens | None, r: Any, token_id: Any, history: list[Any],
                      branches: Branches | None, request: gr.Request) -> tuple:
         """Continue with another token: the reply up to the clicked token, then the chosen one,
-        becomes the start of a new branch (the original kept). Returns (chat, prefix, go, branches)."""
+        becomes the start of a new branch (the original kept), registered for `ChatHandlers.continue_turn`
+        to write. Returns (chat, prefix, started, branches)."""
         no = (gr.skip(), gr.skip(), False, gr.skip())
         history = list(history or [])
         if rt is None or not isinstance(r, int) or not 0 <= r < len(rt.tokens) or token_id is None:
@@ -187,7 +188,7 @@ class TokensHandlers:
         if not history or message_role(history[-1]) != "assistant":
             return no
         lm = self.model.require()  # before begin(): an error here must not leave the session marked busy
-        if self.chat.stops.begin(session_key(request)) is None:
+        if self.chat.stops.begin(session_key(request), kind="branch") is None:
             gr.Warning(BUSY_MESSAGE)
             return no
         prefix = ("".join(t.token for t in rt.tokens[:r]) + lm.tokenizer.decode([int(token_id)])).lstrip()
@@ -198,9 +199,9 @@ class TokensHandlers:
         return history, prefix, True, branches
 
     @staticmethod
-    def branch_done(go: bool, history: list[Any], branches: Branches | None) -> tuple:
+    def branch_done(started: bool, history: list[Any], branches: Branches | None) -> tuple:
         """A branch's reply is complete: it joins the branches and is the one shown."""
-        if not go or branches is None or not history or branches.at != len(history) - 1:
+        if not started or branches is None or not history or branches.at != len(history) - 1:
             return gr.skip(), gr.skip()
         text = content_text(history[-1].get("content") if isinstance(history[-1], dict) else history[-1].content)
         branches = Branches(branches.at, [*branches.texts, text], len(branches.texts))
@@ -242,6 +243,7 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
                 go_branch = gr.Button("Continue with this token instead", elem_id="branch-btn")
                 radio = gr.Radio(label="Branches of the last reply", choices=[], visible=False, elem_id="branches")
     rt, picked, branches, prefix = gr.State(None), gr.State(None), gr.State(None), gr.State("")
+    started = gr.State(False)  # whether the last Continue started a branch (for branch_done)
     system, chatbot = chat.system, chat.chatbot
     temperature, top_p, top_k, rep = chat.sampling[2], chat.sampling[3], chat.sampling[4], chat.sampling[5]
     refresh = dict(fn=state.refresh, inputs=[on, chatbot, system, branches, colourblind],
@@ -253,11 +255,11 @@ def build_tokens(handlers: TokensHandlers, chat: ChatView, colourblind: gr.Check
     tokens.select(state.pick, [rt, temperature, top_p, top_k, rep], [table, head, choice, picked],
                   **INSPECT_EVENTS, **REDRAW, **PRIVATE)
     branched = go_branch.click(state.branch_start, [rt, picked, choice, chatbot, branches],
-                               [chatbot, prefix, chat.bot["inputs"][0], branches], show_progress="hidden",
+                               [chatbot, prefix, started, branches], show_progress="hidden",
                                **LAB_EVENTS, **PRIVATE)
     branched = branched.then(**{**chat.bot, "fn": handlers.chat.continue_turn,
                                 "inputs": [prefix, *chat.bot["inputs"]]})
-    branched.then(state.branch_done, [chat.bot["inputs"][0], chatbot, branches], [branches, radio], queue=False, **PRIVATE).then(**refresh)
+    branched.then(state.branch_done, [started, chatbot, branches], [branches, radio], queue=False, **PRIVATE).then(**refresh)
     gr.on([b.click for b in chat.stoppers], None, None, None, queue=False, cancels=[branched], **PRIVATE)
     radio.input(state.branch_switch, [radio, chatbot, branches], [chatbot, branches], queue=False,
                 **REDRAW, **PRIVATE).then(**refresh)
