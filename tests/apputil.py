@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import signal
@@ -256,6 +257,13 @@ def event_ids(page, api_name: str) -> set[int]:
 # The page has read every update the server sent for its events (ui/eventstream.js): the end signal
 # to wait for before asserting that nothing more arrives.
 PAGE_IDLE = "!window.__keptEventStream.connected && window.__keptEventStream.waitingFor === 0"
+
+
+def wait_event_read(page, join, timeout_s: float = 120.0) -> None:
+    """Wait until the page has read the server's end of the event its queue `join` (the Playwright
+    response) started: that event's end signal as the page sees it."""
+    event = json.dumps(join.json()["event_id"])
+    page.wait_for_function(f"window.__keptEventStream.completed({event})", timeout=timeout_s * 1000)
 
 
 def _calls_event(request, path: str, fn_indices: set[int]) -> bool:

@@ -17,7 +17,8 @@
   const sessions = new Map();
   // Counts for the tests: page streams (what gradio's client opened), server streams (the
   // connections under them), those opened for an event a server stream's end left unread, and
-  // whether a server stream is open now, for how many events the page waits.
+  // whether a server stream is open now, for how many events the page waits, and whether it has
+  // read the end of a given event.
   const stats = {
     pageStreams: 0,
     serverStreams: 0,
@@ -27,6 +28,9 @@
     },
     get waitingFor() {
       return [...sessions.values()].reduce((n, s) => n + s.pending.size, 0);
+    },
+    completed(eventId) {
+      return [...sessions.values()].some((s) => s.done.has(eventId));
     },
   };
   window.__keptEventStream = stats;
