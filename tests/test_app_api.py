@@ -543,6 +543,18 @@ def test_history_sent_to_the_model_alternates():
     assert chat.undo(history[:3], None) == (history[:1], "second")
 
 
+def test_retry_with_nothing_to_retry_registers_no_reply():
+    import gradio as gr
+
+    import app
+    from ui.common import session_key
+
+    chat = app.AppState.create().chat
+    with pytest.warns(UserWarning, match="Nothing to retry"):
+        assert chat.retry([{"role": "assistant", "content": "Hello"}], None) == gr.skip()
+    assert chat.stops.begin(session_key(None)) is not None  # the next Send is taken
+
+
 @pytest.mark.parametrize("case", ["send refused", "empty chat", "last turn answered", "model not loaded",
                                   "branch refused", "branch step after a send"])
 def test_a_reply_step_with_nothing_to_write_changes_nothing(case):
