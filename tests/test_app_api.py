@@ -564,28 +564,28 @@ def test_a_reply_step_with_nothing_to_write_changes_nothing(case):
     import gradio as gr
 
     import app
-    from ui.common import session_key
+    from ui.common import reply_turn, session_key
 
     chat = app.AppState.create().chat  # the model is not loaded
     answered = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     sampling = ("", 8, 0.7, 0.95, 0, 1.0, -1, 0, None)  # system, max new, temperature, ..., request
-    steps = {  # each step, and the reply registered before it (by Send, Retry, an edit or a branch)
-        "send refused": (None, lambda: chat.bot_turn(answered, 1, *sampling)),
-        "empty chat": ("reply", lambda: chat.bot_turn([], 0, *sampling)),
-        "last turn answered": ("reply", lambda: chat.bot_turn(answered, 1, *sampling)),
-        "model not loaded": ("reply", lambda: chat.bot_turn(answered[:1], 0, *sampling)),
-        "branch refused": (None, lambda: chat.continue_turn("Hel", answered, 1, *sampling)),
-        "branch step after a send": ("reply", lambda: chat.continue_turn("Hel", answered, 1, *sampling)),
+    steps = {  # each step, the reply registered before it (by Send, Retry, an edit or a branch), its chat
+        "send refused": (None, answered, lambda: chat.bot_turn(answered, 1, *sampling)),
+        "empty chat": ("reply", [], lambda: chat.bot_turn([], 0, *sampling)),
+        "last turn answered": ("reply", answered, lambda: chat.bot_turn(answered, 1, *sampling)),
+        "model not loaded": ("reply", answered[:1], lambda: chat.bot_turn(answered[:1], 0, *sampling)),
+        "branch refused": (None, answered, lambda: chat.continue_turn("Hel", answered, 1, *sampling)),
+        "branch step after a send": ("reply", answered, lambda: chat.continue_turn("Hel", answered, 1, *sampling)),
     }
-    kind, step = steps[case]
+    kind, history, step = steps[case]
     if kind is not None:
-        assert chat.stops.begin(session_key(None), kind=kind) is not None
+        assert chat.stops.begin(session_key(None), kind=kind, turn=reply_turn(history)) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gr.Warning outside a request
         assert list(step()) == [(gr.skip(),) * 4]
     if case == "branch step after a send":  # not its reply to write: still registered for the Send's step
         assert chat.stops.begin(session_key(None)) is None
-        assert list(chat.bot_turn([], 0, *sampling)) == [(gr.skip(),) * 4]
+        assert list(chat.bot_turn(answered, 1, *sampling)) == [(gr.skip(),) * 4]
     assert chat.stops.begin(session_key(None)) is not None
 
 
@@ -614,14 +614,14 @@ def test_clear_returns_only_once_the_stopped_reply_has_ended(lm4, monkeypatch):
     import ui.chat
     from generation.settings import Settings
     from ui.chat import ChatHandlers
-    from ui.common import ModelSlot, session_key
+    from ui.common import ModelSlot, reply_turn, session_key
 
     monkeypatch.setattr(ui.chat, "REPLY_END_WAIT_S", 600.0)  # no bound reached on a slow machine
     settings = Settings.from_env()
     chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
     try:
         history = [{"role": "user", "content": "Tell me a long story about a dragon."}]
-        writing = chat.stops.begin(session_key(None))  # as Send registers the reply
+        writing = chat.stops.begin(session_key(None), turn=reply_turn(history))  # as Send registers the reply
         turn = chat.bot_turn(history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
         streamed, *_ = next(turn)  # the reply waits at its yield, as while gradio sends this update
         assert streamed[-1]["role"] == "assistant"
@@ -663,6 +663,31 @@ def test_a_send_refused_while_the_reply_waits_in_the_queue_leaves_that_reply_to_
         assert written[-1]["role"] == "assistant" and replies == 1
         assert list(chat.bot_turn(history, 0, *sampling)) == [(gr.skip(),) * 4]  # and only once
         assert chat.user_turn("And of Peru?", written, None)[0] == "And of Peru?"  # the next Send is taken
+    finally:
+        chat.backend.close()
+
+
+def test_a_stopped_replys_step_reaching_the_server_late_does_not_write_the_next_one(lm4):
+    """Stop before the reply began, then a new Send: the stopped reply's step, should it reach the
+    server only now, writes nothing (not the new Send's reply into the old chat); the new Send's own
+    step writes its reply."""
+    import gradio as gr
+
+    from generation.settings import Settings
+    from ui.chat import ChatHandlers
+    from ui.common import ModelSlot
+
+    settings = Settings.from_env()
+    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
+    sampling = ("", 6, 0.0, 1.0, 0, 1.0, -1, 0, None)
+    try:
+        _, first, _ = chat.user_turn("What is the capital of France?", [], None)
+        chat.stop(None)
+        _, second, _ = chat.user_turn("Hello!", first, None)
+        assert list(chat.bot_turn(first, 0, *sampling)) == [(gr.skip(),) * 4]  # the stopped one, late
+        *_, (written, _, _, replies) = list(chat.bot_turn(second, 0, *sampling))
+        assert [m["content"] for m in written[:2]] == ["What is the capital of France?", "Hello!"]
+        assert written[-1]["role"] == "assistant" and replies == 1
     finally:
         chat.backend.close()
 
@@ -714,6 +739,8 @@ def test_a_send_is_refused_while_the_reply_is_queued_or_streaming():
     assert reg.begin("alice") is None  # the reply a Send registered has not started yet
     with reg.streaming("alice", kind="branch") as other:  # a step of another kind does not write it
         assert other is None
+    with reg.streaming("alice", turn=(3, "earlier")) as stale:  # nor one of another turn
+        assert stale is None
     with reg.streaming("alice") as writing:
         assert writing is queued and reg.begin("alice") is None  # it is being written
         with reg.streaming("alice") as twice:  # and by one step only

@@ -35,6 +35,7 @@ from .common import (
     message_role,
     model_history,
     pct,
+    reply_turn,
     session_key,
     typed_api,
 )
@@ -254,10 +255,10 @@ class ChatHandlers:
         except ValueError as exc:
             gr.Warning(error_text(exc))
             return refused
-        if self.stops.begin(session_key(request)) is None:
+        history = list(history or []) + [{"role": "user", "content": text}]
+        if self.stops.begin(session_key(request), turn=reply_turn(history)) is None:
             gr.Warning(BUSY_MESSAGE)  # the typed text stays in the box
             return refused
-        history = list(history or []) + [{"role": "user", "content": text}]
         preview = token_preview_html(self.model.lm, text, sent=True, remote=self.backend.is_remote)
         return message, history, preview
 
@@ -279,7 +280,7 @@ class ChatHandlers:
         one registered (by Send, Retry or an edit) for a step to write; `replies` counts this
         session's finished replies (the last update carries it, one up)."""
         key = session_key(request)
-        with self.stops.streaming(key) as stop:
+        with self.stops.streaming(key, turn=reply_turn(history)) as stop:
             if stop is None:  # the Send was refused, or the reply stopped before it began
                 yield NO_CHANGE
                 return
@@ -296,7 +297,7 @@ class ChatHandlers:
         while history and message_role(history[-1]) == "assistant":
             history.pop()
         key = session_key(request)
-        with self.stops.streaming(key, kind="branch") as stop:
+        with self.stops.streaming(key, kind="branch", turn=reply_turn(history)) as stop:
             if stop is None:
                 yield NO_CHANGE
                 return
@@ -378,7 +379,7 @@ class ChatHandlers:
         if not history:
             gr.Warning("Nothing to retry yet.")
             return gr.skip()
-        if self.stops.begin(session_key(request)) is None:
+        if self.stops.begin(session_key(request), turn=reply_turn(history)) is None:
             gr.Warning(BUSY_MESSAGE)
             return gr.skip()
         return history
@@ -395,11 +396,12 @@ class ChatHandlers:
             gr.Warning("An empty message has nothing to answer: the message is kept as it was.")
             history[index] = {"role": "user", "content": content_text(evt.previous_value)}
             return history
-        if self.stops.begin(session_key(request)) is None:
+        edited = history[:index] + [{"role": "user", "content": text}]
+        if self.stops.begin(session_key(request), turn=reply_turn(edited)) is None:
             gr.Warning(BUSY_MESSAGE)
             history[index] = {"role": "user", "content": content_text(evt.previous_value)}
             return history
-        return history[:index] + [{"role": "user", "content": text}]
+        return edited
 
     def undo(self, history: list[Any], request: gr.Request) -> tuple[list[Any], Any]:
         """Undo: stop this session's reply, remove the last exchange and put the user's message back

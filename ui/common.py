@@ -489,6 +489,18 @@ def message_role(msg: Any) -> str | None:
     return msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
 
 
+def reply_turn(history: list[Any]) -> tuple[int, str]:
+    """The turn a reply to `history` answers: the chat's length up to its last user message, and
+    that message's text (replies already written after it do not count)."""
+    n = len(history or [])
+    while n and message_role(history[n - 1]) != "user":
+        n -= 1
+    if not n:
+        return 0, ""
+    last = history[n - 1]
+    return n, content_text(last.get("content") if isinstance(last, dict) else getattr(last, "content", ""))
+
+
 def pct(p: float) -> str:
     """A probability as a percentage readable at any size (1e-6 too); a token that cannot be drawn
     at all (cut by top-k/top-p) reads 0 %."""

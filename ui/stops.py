@@ -19,31 +19,32 @@ class StopRegistry:
 
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
-        self._kinds: dict[str, str] = {}  # what each registered reply is: "reply", "branch"
+        self._kinds: dict[str, tuple[str, object]] = {}  # each registered reply's kind and turn
         self._streaming: dict[str, threading.Event] = {}  # the stop event of the reply each session streams now
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
 
-    def begin(self, key: str, kind: str = "reply") -> threading.Event | None:
-        """Register a reply of `kind` for `key`; None while one is still live there (registered,
-        not stopped, not ended)."""
+    def begin(self, key: str, kind: str = "reply", turn: object = None) -> threading.Event | None:
+        """Register a reply of `kind` ("reply", "branch") to `turn` (what it answers) for `key`;
+        None while one is still live there (registered, not stopped, not ended)."""
         with self._lock:
             ev = self._events.get(key)
             if ev is not None and not ev.is_set():
                 return None
             ev = self._events[key] = threading.Event()
-            self._kinds[key] = kind
+            self._kinds[key] = (kind, turn)
         return ev
 
     @contextmanager
-    def streaming(self, key: str, kind: str = "reply") -> Iterator[threading.Event | None]:
-        """The reply step's side: the stop event of the reply of `kind` registered for `key`, marked
-        as streaming until the block ends, however it ends (finished, stopped, or closed by a
-        cancel); None when there is none to write (its Send was refused, it was stopped before it
-        began, or another step writes it already)."""
+    def streaming(self, key: str, kind: str = "reply", turn: object = None) -> Iterator[threading.Event | None]:
+        """The reply step's side: the stop event of the reply of `kind` to `turn` registered for
+        `key`, marked as streaming until the block ends, however it ends (finished, stopped, or
+        closed by a cancel); None when there is none to write (its Send was refused, it was stopped
+        before it began, another step writes it already, or it answers another turn: a step of a
+        stopped Send that reaches the server late must not write the next Send's reply)."""
         with self._lock:
             ev = self._events.get(key)
-            if ev is None or ev.is_set() or self._kinds.get(key) != kind or self._streaming.get(key) is ev:
+            if ev is None or ev.is_set() or self._kinds.get(key) != (kind, turn) or self._streaming.get(key) is ev:
                 ev = None
             else:
                 self._streaming[key] = ev

@@ -26,7 +26,8 @@ from generation.inside import ReplyTokens, next_token_candidates, reply_token_pr
 
 from .chat import BUSY_MESSAGE, UI_NAMES, ChatHandlers, ChatView, next_token_table, sampling_params
 from .common import API_TEXT_CHARS, INSPECT_EVENTS, LAB_EVENTS, PRIVATE, REDRAW, DownloadDir, as_text, content_text
-from .common import download_buttons, error_text, message_role, model_history, pct, ready_button, session_key, typed_api
+from .common import download_buttons, error_text, message_role, model_history, pct, ready_button, reply_turn
+from .common import session_key, typed_api
 
 ALTERNATIVES = 10
 # Colour buckets of a token's probability (the legend names them).
@@ -188,7 +189,7 @@ class TokensHandlers:
         if not history or message_role(history[-1]) != "assistant":
             return no
         lm = self.model.require()  # before begin(): an error here must not leave the session marked busy
-        if self.chat.stops.begin(session_key(request), kind="branch") is None:
+        if self.chat.stops.begin(session_key(request), kind="branch", turn=reply_turn(history)) is None:
             gr.Warning(BUSY_MESSAGE)
             return no
         prefix = ("".join(t.token for t in rt.tokens[:r]) + lm.tokenizer.decode([int(token_id)])).lstrip()
