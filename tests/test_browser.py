@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from apputil import PAGE_IDLE, bot_texts, event_id, event_ids, held_event, joins_event, open_app, send_chat, set_number
 from apputil import replies_done, runs_event, user_texts, wait_changed, wait_event_read, wait_reply_done
-from apputil import wait_until
+from apputil import QUEUE_JOIN, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -173,6 +173,48 @@ def test_send_while_a_reply_is_being_written_is_refused_and_keeps_the_text(page)
     page.click("#send-btn")
     wait_reply_done(page, before)
     assert user_texts(page) == ["What is the capital of France?", "Second question"] and len(bot_texts(page)) == 2
+
+
+def test_stop_while_the_reply_waits_its_turn_frees_the_chat(page):
+    """Stop pressed before the server has started the reply (it waits behind the class), then a
+    new message: the stopped reply's step, reaching the server only after the new Send, writes
+    nothing, and the new message is answered. Forced: both reply steps are held at the queue and
+    let through one after the other."""
+    page.get_by_role("tab", name="4-bit Chat").click()
+    set_number(page, "max-new", 8)
+    stops, send_id, reply_id = event_ids(page, "stop"), event_id(page, "user_turn"), event_id(page, "bot_turn")
+    held: list = []
+
+    def hold(route) -> None:
+        if joins_event(route.request, reply_id):
+            held.append(route)
+        else:
+            route.continue_()
+
+    def wait_held(n: int) -> None:
+        while len(held) < n:  # route callbacks run only inside Playwright calls: wait in one
+            page.wait_for_timeout(50)
+
+    before = replies_done(page)
+    page.route(QUEUE_JOIN, hold)
+    try:
+        send_chat(page, "What is the capital of France?")
+        wait_held(1)
+        with page.expect_response(lambda r: runs_event(r.request, stops), timeout=120_000):
+            page.click("#stop-btn")
+        with page.expect_response(lambda r: joins_event(r.request, send_id), timeout=120_000) as join:
+            send_chat(page, "Hello!")
+        wait_event_read(page, join.value)
+        wait_held(2)
+        with page.expect_response(lambda r: joins_event(r.request, reply_id), timeout=120_000) as late:
+            held[0].continue_()  # the stopped reply's step, after the new Send
+        wait_event_read(page, late.value)
+        assert bot_texts(page) == [] and replies_done(page) == before, "the stopped reply's step wrote a reply"
+        held[1].continue_()
+    finally:
+        page.unroute(QUEUE_JOIN, hold)
+    wait_reply_done(page, before)
+    assert user_texts(page) == ["What is the capital of France?", "Hello!"] and len(bot_texts(page)) == 1
 
 
 def test_inspect_text_follows_the_chat_unless_the_user_typed(page):
