@@ -543,6 +543,24 @@ def test_history_sent_to_the_model_alternates():
     assert chat.undo(history[:3], None) == (history[:1], "second")
 
 
+@pytest.mark.parametrize("message", ["What is the capital of France?", "def f():\n    return 1",
+                                     "  a list:\n\n  - one\n  - two\n", "<b>bold</b> & *stars* 🙂"])
+def test_a_message_is_the_same_turn_after_the_chatbot_hands_it_back(message):
+    """The reply step matches its chat to the reply the Send registered (`reply_turn`); the chat
+    it gets is the Chatbot's value as the page sends it back, which gradio re-indents."""
+    import gradio as gr
+
+    from ui.common import reply_turn
+
+    chatbot = gr.Chatbot()
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+               {"role": "user", "content": message.strip()}]
+    back = chatbot.preprocess(chatbot.postprocess(history))
+    assert reply_turn(back) == reply_turn(history)
+    assert reply_turn(back + [{"role": "assistant", "content": "..."}]) == reply_turn(history)
+    assert reply_turn(history[:1]) != reply_turn(history)
+
+
 def test_retry_with_nothing_to_retry_registers_no_reply():
     import gradio as gr
 

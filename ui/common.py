@@ -491,14 +491,17 @@ def message_role(msg: Any) -> str | None:
 
 def reply_turn(history: list[Any]) -> tuple[int, str]:
     """The turn a reply to `history` answers: the chat's length up to its last user message, and
-    that message's text (replies already written after it do not count)."""
+    that message's text (replies already written after it do not count). Whitespace does not
+    count either: the Chatbot hands a message back to the next step re-indented (gradio passes
+    a string message through `inspect.cleandoc`)."""
     n = len(history or [])
     while n and message_role(history[n - 1]) != "user":
         n -= 1
     if not n:
         return 0, ""
     last = history[n - 1]
-    return n, content_text(last.get("content") if isinstance(last, dict) else getattr(last, "content", ""))
+    text = content_text(last.get("content") if isinstance(last, dict) else getattr(last, "content", ""))
+    return n, "".join(text.split())
 
 
 def pct(p: float) -> str:

@@ -19,7 +19,7 @@ class StopRegistry:
 
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
-        self._kinds: dict[str, tuple[str, object]] = {}  # each registered reply's kind and turn
+        self._replies: dict[str, tuple[str, object]] = {}  # each registered reply's kind and turn
         self._streaming: dict[str, threading.Event] = {}  # the stop event of the reply each session streams now
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
@@ -32,7 +32,7 @@ class StopRegistry:
             if ev is not None and not ev.is_set():
                 return None
             ev = self._events[key] = threading.Event()
-            self._kinds[key] = (kind, turn)
+            self._replies[key] = (kind, turn)
         return ev
 
     @contextmanager
@@ -44,7 +44,7 @@ class StopRegistry:
         stopped Send that reaches the server late must not write the next Send's reply)."""
         with self._lock:
             ev = self._events.get(key)
-            if ev is None or ev.is_set() or self._kinds.get(key) != (kind, turn) or self._streaming.get(key) is ev:
+            if ev is None or ev.is_set() or self._replies.get(key) != (kind, turn) or self._streaming.get(key) is ev:
                 ev = None
             else:
                 self._streaming[key] = ev
@@ -71,7 +71,7 @@ class StopRegistry:
         with self._lock:
             if self._events.get(key) is ev:
                 del self._events[key]
-                del self._kinds[key]
+                del self._replies[key]
             if self._streaming.get(key) is ev:
                 del self._streaming[key]
             self._ended.notify_all()
