@@ -285,6 +285,15 @@ def runs_event(request, fn_indices: set[int]) -> bool:
     return _calls_event(request, "/run/predict", fn_indices)
 
 
+def wait_held(page, held: list, n: int = 1, timeout_s: float = 60.0) -> None:
+    """Wait until a route handler has put `n` requests in `held` (route callbacks run only inside
+    Playwright calls: wait in one)."""
+    deadline = time.monotonic() + timeout_s
+    while len(held) < n:
+        assert time.monotonic() < deadline, f"the page sent {len(held)} of {n} held requests within {timeout_s} s"
+        page.wait_for_timeout(50)
+
+
 @contextlib.contextmanager
 def held_event(page, trigger, timeout_s: float = 60.0, only: int | None = None):
     """Hold the event `trigger()` sends to the server's queue until the block ends, as a server busy
@@ -303,10 +312,7 @@ def held_event(page, trigger, timeout_s: float = 60.0, only: int | None = None):
     page.route(QUEUE_JOIN, hold)
     try:
         trigger()
-        deadline = time.monotonic() + timeout_s
-        while not held:  # route callbacks run only inside Playwright calls: wait in one
-            assert time.monotonic() < deadline, f"the page sent no event within {timeout_s} s"
-            page.wait_for_timeout(50)
+        wait_held(page, held, 1, timeout_s)
         yield
     finally:
         for route in held:

@@ -623,91 +623,85 @@ def test_undo_and_clear_stop_the_reply_before_they_change_the_chat():
     assert chat.clear(None) == ([], "")
 
 
-def test_clear_returns_only_once_the_stopped_reply_has_ended(lm4, monkeypatch):
+@pytest.fixture
+def chat4(lm4):
+    """The chat's handlers on the real 4-bit model, as the app builds them; its engine closed after."""
+    from generation.settings import Settings
+    from ui.chat import ChatHandlers
+    from ui.common import ModelSlot
+
+    settings = Settings.from_env()
+    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
+    yield chat
+    chat.backend.close()
+
+
+SHORT_GREEDY = ("", 6, 0.0, 1.0, 0, 1.0, -1, 0, None)  # a reply step's system, max new, temperature, ..., request
+
+
+def test_clear_returns_only_once_the_stopped_reply_has_ended(chat4, monkeypatch):
     """Clear stops the reply and empties the chat only once the reply has ended. The update the
     reply yielded just before (gradio may still be sending it) is then on its way to the page
     ahead of the empty chat, and after the stop the reply sends nothing but one "no change"."""
     import gradio as gr
 
     import ui.chat
-    from generation.settings import Settings
-    from ui.chat import ChatHandlers
-    from ui.common import ModelSlot, reply_turn, session_key
+    from ui.common import reply_turn, session_key
 
     monkeypatch.setattr(ui.chat, "REPLY_END_WAIT_S", 600.0)  # no bound reached on a slow machine
-    settings = Settings.from_env()
-    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
-    try:
-        history = [{"role": "user", "content": "Tell me a long story about a dragon."}]
-        writing = chat.stops.begin(session_key(None), turn=reply_turn(history))  # as Send registers the reply
-        turn = chat.bot_turn(history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
-        streamed, *_ = next(turn)  # the reply waits at its yield, as while gradio sends this update
-        assert streamed[-1]["role"] == "assistant"
-        cleared = []
-        clearing = threading.Thread(target=lambda: cleared.append(chat.clear(None)))
-        clearing.start()
-        assert writing.wait(60)  # Clear has set the stop ...
-        clearing.join(timeout=1.0)
-        assert clearing.is_alive() and not cleared, "Clear returned before the reply's last update was sent"
-        # ... and gradio takes the next value: one last update that changes nothing (gradio sends
-        # a generator's last values again at its end)
-        assert list(turn) == [(gr.skip(),) * 4]
-        clearing.join(timeout=60)
-        assert cleared == [([], "")]
-    finally:
-        chat.backend.close()
+    chat = chat4
+    history = [{"role": "user", "content": "Tell me a long story about a dragon."}]
+    writing = chat.stops.begin(session_key(None), turn=reply_turn(history))  # as Send registers the reply
+    turn = chat.bot_turn(history, 0, "", 64, 0.0, 1.0, 0, 1.0, -1, 64, None)  # 64 tokens, no early end
+    streamed, *_ = next(turn)  # the reply waits at its yield, as while gradio sends this update
+    assert streamed[-1]["role"] == "assistant"
+    cleared = []
+    clearing = threading.Thread(target=lambda: cleared.append(chat.clear(None)))
+    clearing.start()
+    assert writing.wait(60)  # Clear has set the stop ...
+    clearing.join(timeout=1.0)
+    assert clearing.is_alive() and not cleared, "Clear returned before the reply's last update was sent"
+    # ... and gradio takes the next value: one last update that changes nothing (gradio sends
+    # a generator's last values again at its end)
+    assert list(turn) == [(gr.skip(),) * 4]
+    clearing.join(timeout=60)
+    assert cleared == [([], "")]
 
 
-def test_a_send_refused_while_the_reply_waits_in_the_queue_leaves_that_reply_to_be_written(lm4):
+def test_a_send_refused_while_the_reply_waits_in_the_queue_leaves_that_reply_to_be_written(chat4):
     """A student presses Enter again while the server, busy with the class, has not yet started
     their reply: the second Send is refused, and the first reply is still written when its turn
     comes (the refusal does not cancel it, nor leave the chat refusing every Send after)."""
     import gradio as gr
 
-    from generation.settings import Settings
-    from ui.chat import BUSY_MESSAGE, ChatHandlers
-    from ui.common import ModelSlot
+    from ui.chat import BUSY_MESSAGE
 
-    settings = Settings.from_env()
-    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
-    sampling = ("", 6, 0.0, 1.0, 0, 1.0, -1, 0, None)  # system, max new, temperature, ..., request
-    try:
-        sent, history, _ = chat.user_turn("What is the capital of France?", [], None)
-        assert sent and history[-1]["role"] == "user"
-        with pytest.warns(UserWarning, match=BUSY_MESSAGE.split(":")[0]):
-            assert chat.user_turn("And of Peru?", history, None)[:2] == ("", gr.skip())
-        refused_step = list(chat.bot_turn(history, 0, *sampling))  # the refused Send's own step ...
-        *_, (written, _, _, replies) = refused_step  # ... may be the one that writes the reply
-        assert written[-1]["role"] == "assistant" and replies == 1
-        assert list(chat.bot_turn(history, 0, *sampling)) == [(gr.skip(),) * 4]  # and only once
-        assert chat.user_turn("And of Peru?", written, None)[0] == "And of Peru?"  # the next Send is taken
-    finally:
-        chat.backend.close()
+    chat = chat4
+    sent, history, _ = chat.user_turn("What is the capital of France?", [], None)
+    assert sent and history[-1]["role"] == "user"
+    with pytest.warns(UserWarning, match=BUSY_MESSAGE.split(":")[0]):
+        assert chat.user_turn("And of Peru?", history, None)[:2] == ("", gr.skip())
+    refused_step = list(chat.bot_turn(history, 0, *SHORT_GREEDY))  # the refused Send's own step ...
+    *_, (written, _, _, replies) = refused_step  # ... may be the one that writes the reply
+    assert written[-1]["role"] == "assistant" and replies == 1
+    assert list(chat.bot_turn(history, 0, *SHORT_GREEDY)) == [(gr.skip(),) * 4]  # and only once
+    assert chat.user_turn("And of Peru?", written, None)[0] == "And of Peru?"  # the next Send is taken
 
 
-def test_a_stopped_replys_step_reaching_the_server_late_does_not_write_the_next_one(lm4):
+def test_a_stopped_replys_step_reaching_the_server_late_does_not_write_the_next_one(chat4):
     """Stop before the reply began, then a new Send: the stopped reply's step, should it reach the
     server only now, writes nothing (not the new Send's reply into the old chat); the new Send's own
     step writes its reply."""
     import gradio as gr
 
-    from generation.settings import Settings
-    from ui.chat import ChatHandlers
-    from ui.common import ModelSlot
-
-    settings = Settings.from_env()
-    chat = ChatHandlers(settings, ModelSlot(settings, lm=lm4))
-    sampling = ("", 6, 0.0, 1.0, 0, 1.0, -1, 0, None)
-    try:
-        _, first, _ = chat.user_turn("What is the capital of France?", [], None)
-        chat.stop(None)
-        _, second, _ = chat.user_turn("Hello!", first, None)
-        assert list(chat.bot_turn(first, 0, *sampling)) == [(gr.skip(),) * 4]  # the stopped one, late
-        *_, (written, _, _, replies) = list(chat.bot_turn(second, 0, *sampling))
-        assert [m["content"] for m in written[:2]] == ["What is the capital of France?", "Hello!"]
-        assert written[-1]["role"] == "assistant" and replies == 1
-    finally:
-        chat.backend.close()
+    chat = chat4
+    _, first, _ = chat.user_turn("What is the capital of France?", [], None)
+    chat.stop(None)
+    _, second, _ = chat.user_turn("Hello!", first, None)
+    assert list(chat.bot_turn(first, 0, *SHORT_GREEDY)) == [(gr.skip(),) * 4]  # the stopped one, late
+    *_, (written, _, _, replies) = list(chat.bot_turn(second, 0, *SHORT_GREEDY))
+    assert [m["content"] for m in written[:2]] == ["What is the capital of France?", "Hello!"]
+    assert written[-1]["role"] == "assistant" and replies == 1
 
 
 def test_stop_waits_for_a_streaming_reply_only():

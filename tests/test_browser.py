@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from apputil import PAGE_IDLE, bot_texts, event_id, event_ids, held_event, joins_event, open_app, send_chat, set_number
 from apputil import replies_done, runs_event, user_texts, wait_changed, wait_event_read, wait_reply_done
-from apputil import QUEUE_JOIN, wait_until
+from apputil import QUEUE_JOIN, wait_held, wait_until
 
 pytest.importorskip("playwright.sync_api")
 
@@ -191,21 +191,17 @@ def test_stop_while_the_reply_waits_its_turn_frees_the_chat(page):
         else:
             route.continue_()
 
-    def wait_held(n: int) -> None:
-        while len(held) < n:  # route callbacks run only inside Playwright calls: wait in one
-            page.wait_for_timeout(50)
-
     before = replies_done(page)
     page.route(QUEUE_JOIN, hold)
     try:
         send_chat(page, "What is the capital of France?")
-        wait_held(1)
+        wait_held(page, held, 1)
         with page.expect_response(lambda r: runs_event(r.request, stops), timeout=120_000):
             page.click("#stop-btn")
         with page.expect_response(lambda r: joins_event(r.request, send_id), timeout=120_000) as join:
             send_chat(page, "Hello!")
         wait_event_read(page, join.value)
-        wait_held(2)
+        wait_held(page, held, 2)
         with page.expect_response(lambda r: joins_event(r.request, reply_id), timeout=120_000) as late:
             held[0].continue_()  # the stopped reply's step, after the new Send
         wait_event_read(page, late.value)
